@@ -1,0 +1,63 @@
+"""Shared fixtures: tiny real LLaVA models written to disk, and images made in code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
+
+torch.set_num_threads(1)  # CI has 2 cores; keep one free for the writer threads
+
+
+@pytest.fixture(scope="session")
+def tiny_llava_dir(tmp_path_factory) -> Path:
+    """A tiny LLaVA teacher: 4 heads, d=64, 16 image tokens."""
+    return build_tiny_llava(tmp_path_factory.mktemp("teacher"), TinyLlavaSpec(), seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_student_dir(tmp_path_factory) -> Path:
+    """A smaller student sharing the teacher's tokenizer and image grid: 2 heads, d=32."""
+    spec = TinyLlavaSpec(hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
+    return build_tiny_llava(tmp_path_factory.mktemp("student"), spec, seed=1)
+
+
+def make_image(path: Path, seed: int = 0, size: int = 40) -> Path:
+    """Write a random RGB PNG (generated with numpy) and return its path."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(path)
+    return path
+
+
+def write_manifest(path: Path, records: list[dict], jsonl: bool = False) -> Path:
+    if jsonl:
+        path.write_text("".join(json.dumps(r) + "\n" for r in records))
+    else:
+        path.write_text(json.dumps(records))
+    return path
+
+
+@pytest.fixture
+def small_dataset(tmp_path) -> tuple[Path, Path]:
+    """A six-record LLaVA manifest (single- and multi-turn) with PNGs under images/."""
+    images = tmp_path / "images"
+    records = []
+    answers = ["red", "blue circle", "yes", "no", "green square", "3"]
+    for i, answer in enumerate(answers):
+        make_image(images / f"img{i}.png", seed=i)
+        conv = [
+            {"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
+            {"from": "gpt", "value": answer},
+        ]
+        if i % 3 == 2:  # every third record is multi-turn
+            conv += [{"from": "human", "value": "how many ?"}, {"from": "gpt", "value": "2"}]
+        records.append({"id": f"s{i}", "image": f"img{i}.png", "conversations": conv})
+    return write_manifest(tmp_path / "data.json", records), images
