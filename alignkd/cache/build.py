@@ -1,0 +1,159 @@
+"""`alignkd cache build`: run the teacher once over a manifest and feed the cache writer.
+
+The teacher forward runs in this thread; the writer compresses and writes shards on a
+background thread, so I/O overlaps the next batch. Rows already committed (samples or
+rejects) are skipped, which is all that resume needs: the writer's shard commits are
+atomic, so at most the shard that was in flight when a build died is redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignkd.errors import ConfigError
+
+LOGIT_MODES = ("topk", "sampled")
+POSITION_POLICIES = ("response", "text")
+ATTN_DTYPES = ("float16", "bfloat16", "uint8-sqrt")
+VISION_DTYPES = ("float16", "bfloat16")
+COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+
+# Options that change what is stored. Resuming with any of them different would mix two
+# kinds of sample in one cache, so a resume compares exactly these against cache.json.
+STORED_OPTIONS = (
+    "max_length", "logit_mode", "logit_k", "logit_samples", "logit_positions",
+    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype",
+)
+
+
+@dataclass(frozen=True)
+class BuildConfig:
+    teacher: str
+    data: str
+    images: str
+    out: str
+    batch_size: int = 8
+    max_length: int = 2048
+    shard_size: int = 256
+    limit: int | None = None
+    device: str = "cpu"
+    dtype: str = "float32"
+    seed: int = 0
+    overwrite: bool = False
+    logit_mode: str = "topk"
+    logit_k: int = 32
+    logit_samples: int = 64
+    logit_positions: str = "response"
+    attn_dtype: str = "bfloat16"
+    vision_dtype: str = "bfloat16"
+    store_images: bool = True
+    trust_remote_code: bool = False
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        choices = {
+            "logit_mode": LOGIT_MODES, "logit_positions": POSITION_POLICIES,
+            "attn_dtype": ATTN_DTYPES, "vision_dtype": VISION_DTYPES, "dtype": COMPUTE_DTYPES,
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"not {getattr(self, name)!r}.")
+        for name in ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError("--limit must be at least 1.")
+        if not Path(self.data).is_file():
+            raise ConfigError(f"manifest {self.data} does not exist.")
+        if not Path(self.images).is_dir():
+            raise ConfigError(f"images directory {self.images} does not exist.")
+
+    def stored_options(self) -> dict:
+        return {name: getattr(self, name) for name in STORED_OPTIONS}
+
+
+@dataclass
+class BuildSummary:
+    out: str
+    samples: int
+    rejects: Counter = field(default_factory=Counter)
+    skipped_done: int = 0
+    bytes_on_disk: int = 0
+    seconds: float = 0.0
+
+    @property
+    def bytes_per_sample(self) -> float:
+        return self.bytes_on_disk / max(self.samples, 1)
+
+
+def sample_seed(seed: int, sample_id: str) -> int:
+    """A per-sample RNG seed, so sampled logits do not depend on batching or resume."""
+    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
+    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
+
+
+def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> None:
+    """Refuse to resume a cache written with different stored options or another teacher."""
+    old_opts = existing.get("build_options", {})
+    for name, value in cfg.stored_options().items():
+        if name in old_opts and old_opts[name] != value:
+            raise ConfigError(
+                f"cache {cfg.out} was built with --{name.replace('_', '-')}={old_opts[name]} "
+                f"but this run asks for {value}; rerun with the same option or pass --overwrite."
+            )
+    old_teacher = existing.get("teacher", {})
+    for key in ("config_sha256", "weights_fingerprint", "tokenizer_fingerprint"):
+        if key in old_teacher and old_teacher[key] != identity[key]:
+            raise ConfigError(
+                f"cache {cfg.out} was built by a different teacher ({key} differs); "
+                "use the same teacher or pass --overwrite."
+            )
+
+
+def directory_bytes(path: Path) -> int:
+    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+
+
+def build_cache(cfg: BuildConfig) -> BuildSummary:
+    """Run the teacher over `cfg.data` once and write the cache at `cfg.out`."""
+    from alignkd.cache.teacher_pass import TeacherPass
+    from alignkd.cache.writer import CacheWriter
+    from alignkd.data import read_manifest, split_duplicates
+
+    start = time.perf_counter()
+    records = read_manifest(cfg.data)
+    if cfg.limit is not None:
+        records = records[: cfg.limit]
+    records, duplicates = split_duplicates(records)
+    teacher = TeacherPass(cfg)
+    meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
+            "build_options": cfg.stored_options(), "manifest": str(Path(cfg.data).resolve())}
+    summary = BuildSummary(out=cfg.out, samples=0)
+    with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype,
+                     vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
+                     overwrite=cfg.overwrite) as writer:
+        if writer.existing_meta is not None:
+            check_resume_options(writer.existing_meta, cfg, teacher.identity)
+        done = writer.done_rows
+        summary.skipped_done = len(done)
+        for err in duplicates:
+            if err.row not in done:
+                writer.reject(err.sample_id, err.row, err.reason, str(err))
+                summary.rejects[err.reason] += 1
+        todo = [r for r in records if r.row not in done]
+        for outcome in teacher.run(todo):
+            if outcome.reject is not None:
+                err = outcome.reject
+                writer.reject(err.sample_id, err.row, err.reason, str(err))
+                summary.rejects[err.reason] += 1
+            else:
+                writer.add(outcome.record)
+                summary.samples += 1
+    summary.bytes_on_disk = directory_bytes(Path(cfg.out))
+    summary.seconds = time.perf_counter() - start
+    return summary

@@ -1,0 +1,142 @@
+"""The teacher side of a cache build: render, batch, forward once, and cut per-sample records.
+
+Everything here turns a live teacher forward into `SampleRecord`s; it knows nothing of
+how they are stored. The same function (`records_from_capture`) is what the tests use
+to compare the cache against a live teacher, so there is one definition of "what the
+teacher said about a sample".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from alignkd.cache.identity import teacher_identity
+
+
+@dataclass
+class Outcome:
+    """One manifest row's result: a record to store, or the reason it was rejected."""
+
+    record: object | None = None
+    reject: Exception | None = None
+
+
+def _np(t: torch.Tensor, dtype) -> np.ndarray:
+    return t.detach().to("cpu", torch.float32 if dtype == np.float32 else t.dtype).numpy().astype(dtype)
+
+
+def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, logit_k: int, logit_samples: int,
+                         positions_policy: str, seed: int, store_images: bool) -> list:
+    """Slice a batched teacher capture into one `SampleRecord` per sample.
+
+    The batch is right-padded, so batch positions are also positions in each sample.
+    """
+    from alignkd.cache.build import sample_seed
+    from alignkd.cache.sparse_logits import encode_sampled, encode_topk, teacher_stats
+    from alignkd.cache.writer import SampleRecord
+    from alignkd.distill.losses import select_positions, text_focus
+
+    positions = select_positions(batch["labels"], cap.text_query_mask, batch["attention_mask"],
+                                 positions_policy)
+    records = []
+    for b, sample in enumerate(samples):
+        rows = cap.text_query_mask[b].nonzero().squeeze(-1)
+        attn = cap.attn_text_vision[b][:, rows, :].permute(1, 0, 2).float()  # [T, H, Nv]
+        logit_pos = positions[b].nonzero().squeeze(-1)
+        logits = cap.logits[b, logit_pos].float()
+        if logit_mode == "topk":
+            target = encode_topk(logits, logit_k)
+        else:
+            gen = torch.Generator().manual_seed(sample_seed(seed, sample.sample_id))
+            target = encode_sampled(logits, logit_samples, gen)
+        valid = batch["attention_mask"][b].bool()
+        ce, entropy, tail = teacher_stats(cap.logits[b][valid].float(), batch["labels"][b][valid], target)
+        ids = sample.input_ids
+        records.append(SampleRecord(
+            sample_id=sample.sample_id,
+            manifest_row=sample.row,
+            input_ids=ids.numpy().astype(np.int32),
+            label_mask=(sample.labels != -100).numpy(),
+            vision_positions=cap.vision_positions[b].cpu().numpy().astype(np.int32),
+            text_positions=rows.cpu().numpy().astype(np.int32),
+            attn=_np(attn, np.float32),
+            vision=_np(cap.vision_tokens[b], np.float32),
+            focus=_np(text_focus(attn), np.float32),
+            logit_positions=logit_pos.cpu().numpy().astype(np.int32),
+            logit_ids=target.ids.numpy().astype(np.int64),
+            logit_values=_np(target.values, np.float32),
+            logit_tail=_np(target.tail, np.float32),
+            teacher_ce=float(ce), teacher_entropy=float(entropy), teacher_tail_mass=float(tail),
+            image_path=image_paths[b],
+            image_sha256=sample.image_sha256,
+            image_bytes=sample.image_bytes if store_images else None,
+        ))
+    return records
+
+
+class TeacherPass:
+    """Loads the teacher once and turns manifest records into outcomes, batch by batch."""
+
+    def __init__(self, cfg) -> None:
+        from alignkd.models import load_vlm
+
+        self.cfg = cfg
+        self.vlm = load_vlm(cfg.teacher, dtype=cfg.dtype, device=cfg.device,
+                            trust_remote_code=cfg.trust_remote_code)
+        self.identity = teacher_identity(Path(cfg.teacher))
+        text = self.vlm.model.config.get_text_config()
+        self.shapes = {
+            "num_heads": int(text.num_attention_heads),
+            "hidden_size": int(text.hidden_size),
+            "vocab_size": int(text.vocab_size),
+            "model_type": self.vlm.model.config.model_type,
+        }
+
+    def run(self, records) -> Iterator[Outcome]:
+        from tqdm import tqdm
+
+        from alignkd.data import SampleError, collate, render_sample
+
+        cfg = self.cfg
+        processor = self.vlm.processor
+        pad_id = processor.tokenizer.pad_token_id
+        bar = tqdm(total=len(records), unit="sample", disable=not cfg.progress, desc="cache build")
+        n_rejects = 0
+        for start in range(0, len(records), cfg.batch_size):
+            chunk = records[start:start + cfg.batch_size]
+            rendered, image_paths = [], []
+            for rec in chunk:
+                try:
+                    rendered.append(render_sample(rec, processor, cfg.images, cfg.max_length))
+                    image_paths.append(rec.image)
+                except SampleError as err:
+                    n_rejects += 1
+                    yield Outcome(reject=err)
+            if rendered:
+                yield from (Outcome(record=r) for r in self._forward(rendered, image_paths, pad_id))
+            bar.update(len(chunk))
+            bar.set_postfix(rejects=n_rejects)
+        bar.close()
+
+    def _forward(self, rendered, image_paths, pad_id) -> list:
+        from alignkd.data import collate
+        from alignkd.models import capture_forward
+
+        batch = collate(rendered, pad_token_id=pad_id, padding_side="right")
+        device = self.cfg.device
+        on_device = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
+        if "pixel_values" in on_device:
+            on_device["pixel_values"] = on_device["pixel_values"].to(self.vlm.model.dtype)
+        model_inputs = {k: v for k, v in on_device.items() if k != "labels"}
+        cap = capture_forward(self.vlm.model, model_inputs)
+        cpu_batch = {"labels": batch["labels"], "attention_mask": batch["attention_mask"]}
+        cap_cpu = cap.to("cpu") if hasattr(cap, "to") else cap
+        return records_from_capture(
+            rendered, image_paths, cpu_batch, cap_cpu, logit_mode=self.cfg.logit_mode, logit_k=self.cfg.logit_k,
+            logit_samples=self.cfg.logit_samples, positions_policy=self.cfg.logit_positions,
+            seed=self.cfg.seed, store_images=self.cfg.store_images)
