@@ -1,0 +1,118 @@
+"""One forward that returns what Align-KD distils: logits, layer-0 text→vision attention
+and the projected vision tokens, for a padded batch (left or right padding).
+
+The vision tokens are read from the decoder's `inputs_embeds` at the image positions (a
+forward pre-hook), i.e. exactly what the language model consumed. A hook on the
+projector would be wrong for families that reorder or unpad after projecting.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from alignkd.errors import AlignKDError
+from alignkd.models.attention_probe import install_probe
+from alignkd.models.families import get_family
+
+
+@dataclass
+class CaptureOutput:
+    """Tensors from one captured forward. B batch, L sequence, H heads, Nv vision tokens."""
+
+    logits: torch.Tensor  # [B, L, V]
+    image_mask: torch.Tensor  # [B, L] bool, image-token positions
+    vision_tokens: torch.Tensor  # [B, Nv, d] decoder inputs at the image positions, in order
+    vision_positions: torch.Tensor  # [B, Nv] long
+    text_query_mask: torch.Tensor  # [B, L] bool, valid text positions after the last image token
+    attn_text_vision: torch.Tensor  # [B, H, L, Nv] layer-0 probabilities (softmax over all keys)
+    layer0_attn: torch.Tensor | None = None  # [B, H, L, L] only with return_full_layer0=True
+    loss: torch.Tensor | None = None  # the model's own loss when the batch has labels
+    model_output: Any = None  # the raw transformers output, for anything else
+
+
+def check_gradient_checkpointing(model) -> None:
+    """Refuse reentrant checkpointing: it silently cuts the attention loss's gradient."""
+    for module in model.modules():
+        if not getattr(module, "gradient_checkpointing", False):
+            continue
+        func = getattr(module, "_gradient_checkpointing_func", None)
+        # transformers 5.x stores the kwargs as a functools.partial over torch's checkpoint.
+        if getattr(func, "keywords", {}).get("use_reentrant") is not False:
+            raise AlignKDError(
+                "Gradient checkpointing must be non-reentrant for the attention loss to get a gradient: "
+                "call model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+            )
+
+
+def capture_forward(model, batch: dict, *, keep_graph: bool = False,
+                    return_full_layer0: bool = False) -> CaptureOutput:
+    """Run `model` on `batch` (processor output, optionally labels) and capture the Align-KD tensors.
+
+    keep_graph=False runs under no_grad (teacher); keep_graph=True keeps autograd (student).
+    """
+    family = get_family(model.config)
+    if model.training:
+        check_gradient_checkpointing(model)
+    state = install_probe(model)
+    embeds: dict[str, torch.Tensor] = {}
+
+    def grab_inputs_embeds(_module, args, kwargs):
+        embeds["x"] = kwargs["inputs_embeds"] if "inputs_embeds" in kwargs else args[0]
+
+    handle = family.get_decoder(model).register_forward_pre_hook(grab_inputs_embeds, with_kwargs=True)
+    grad = contextlib.nullcontext() if keep_graph else torch.no_grad()
+    state.active, state.layer0_weights = True, None
+    try:
+        with grad:
+            out = model(**batch, use_cache=False, return_dict=True)
+    finally:
+        state.active = False
+        handle.remove()
+    weights, state.layer0_weights = state.layer0_weights, None
+    if weights is None or "x" not in embeds:
+        raise RuntimeError("capture hooks did not fire; is the text attention routed through the probe?")
+
+    input_ids = batch["input_ids"]
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    image_mask = input_ids == family.get_image_token_id(model.config)
+    positions = vision_positions(image_mask)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+    index = positions[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
+    return CaptureOutput(
+        logits=out.logits,
+        image_mask=image_mask,
+        vision_tokens=embeds["x"][rows, positions],
+        vision_positions=positions,
+        text_query_mask=text_query_mask(image_mask, attention_mask),
+        attn_text_vision=weights.gather(3, index),
+        layer0_attn=weights if return_full_layer0 else None,
+        loss=getattr(out, "loss", None),
+        model_output=out,
+    )
+
+
+def vision_positions(image_mask: torch.Tensor) -> torch.Tensor:
+    """[B, Nv] image-token positions in sequence order; one fixed-size image per sample."""
+    counts = image_mask.sum(dim=1)
+    if counts.numel() == 0 or int(counts.min()) == 0 or int(counts.min()) != int(counts.max()):
+        raise AlignKDError(
+            "every sample in a capture batch needs exactly one image with the same number of image tokens "
+            f"(got image-token counts {counts.tolist()})."
+        )
+    # A stable sort puts the image positions first, each row in increasing order.
+    order = torch.argsort((~image_mask).to(torch.int8), dim=1, stable=True)
+    return order[:, : int(counts[0])]
+
+
+def text_query_mask(image_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Valid (attention_mask 1) positions strictly after each sample's last image token."""
+    length = image_mask.shape[1]
+    idx = torch.arange(length, device=image_mask.device).expand_as(image_mask)
+    last_image = torch.where(image_mask, idx, torch.full_like(idx, -1)).max(dim=1).values
+    return (idx > last_image[:, None]) & attention_mask.bool()

@@ -1,0 +1,62 @@
+"""Load a local VLM directory (weights, processor, family row) the one way alignkd trusts.
+
+Only local directories and only safetensors: a pickle checkpoint can run code on load,
+and the cache records a weights fingerprint that must describe exactly what ran.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from alignkd.errors import AlignKDError
+from alignkd.models.families import VLMFamily, get_family
+
+DTYPES = ("float32", "bfloat16", "float16")
+
+
+@dataclass
+class LoadedVLM:
+    """A loaded model with its processor and family facts. `model` is in eval mode."""
+
+    model: Any
+    processor: Any
+    family: VLMFamily
+    path: Path
+
+
+def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
+             trust_remote_code: bool = False) -> LoadedVLM:
+    """Load the VLM in local directory `path` for capture; the caller switches to train() if it trains."""
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+
+    path = Path(path)
+    _check_model_dir(path)
+    if dtype not in DTYPES:
+        raise AlignKDError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    family = get_family(config)
+    model = AutoModelForImageTextToText.from_pretrained(
+        path,
+        dtype=getattr(torch, dtype),
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        local_files_only=True,
+        attn_implementation="sdpa",
+    )
+    model.to(device).eval()
+    processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    return LoadedVLM(model=model, processor=processor, family=family, path=path)
+
+
+def _check_model_dir(path: Path) -> None:
+    if not path.is_dir():
+        raise AlignKDError(f"model directory {path} does not exist.")
+    if not (path / "config.json").is_file():
+        raise AlignKDError(f"model directory {path} has no config.json.")
+    if not any(path.glob("*.safetensors")):
+        raise AlignKDError(
+            f"model directory {path} has no .safetensors weights (alignkd loads safetensors only)."
+        )
