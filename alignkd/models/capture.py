@@ -43,8 +43,9 @@ def check_gradient_checkpointing(model) -> None:
         # transformers 5.x stores the kwargs as a functools.partial over torch's checkpoint.
         if getattr(func, "keywords", {}).get("use_reentrant") is not False:
             raise AlignKDError(
-                "Gradient checkpointing must be non-reentrant for the attention loss to get a gradient: "
-                "call model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={'use_reentrant': False})."
+                "Gradient checkpointing must be non-reentrant for the layer-0 attention loss to get a "
+                "gradient: enable it with use_reentrant=False (e.g. "
+                "model.activation_checkpointing_enable(activation_checkpointing_kwargs={'use_reentrant': False}))."
             )
 
 
@@ -57,6 +58,9 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     family = get_family(model.config)
     if model.training:
         check_gradient_checkpointing(model)
+    input_ids = batch["input_ids"]
+    image_mask = input_ids == family.get_image_token_id(model.config)
+    positions = vision_positions(image_mask)  # refuses before paying for a forward
     state = install_probe(model)
     embeds: dict[str, torch.Tensor] = {}
 
@@ -76,12 +80,9 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     if weights is None or "x" not in embeds:
         raise RuntimeError("capture hooks did not fire; is the text attention routed through the probe?")
 
-    input_ids = batch["input_ids"]
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
-    image_mask = input_ids == family.get_image_token_id(model.config)
-    positions = vision_positions(image_mask)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
     index = positions[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
     return CaptureOutput(
