@@ -1,0 +1,68 @@
+"""Refusals before any training step: does this student fit this cache?
+
+Training on cached token ids is only meaningful when the student would have produced
+the same ids, has the same vocabulary (the sparse logit ids index it), and sees the
+same number of vision tokens (the attention and vision targets have that width).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from alignkd.cache.identity import tokenizer_fingerprint
+from alignkd.errors import AlignKDError
+
+ROWS_TO_CHECK = 16
+
+
+def student_vision_tokens(processor) -> int:
+    """How many image tokens the student's processor emits for one image."""
+    from PIL import Image
+
+    image = Image.new("RGB", (64, 64))
+    token = processor.image_token
+    enc = processor(text=[token], images=[image], return_tensors="pt")
+    return int((enc["input_ids"] == processor.image_token_id).sum())
+
+
+def check_vocabulary(student_vocab: int, teacher_vocab: int) -> None:
+    if student_vocab != teacher_vocab:
+        raise AlignKDError(
+            f"the student's vocabulary has {student_vocab} entries but the cache's teacher has "
+            f"{teacher_vocab}; sparse logit ids would point at different tokens."
+        )
+
+
+def check_token_ids(tokenizer, reader, student_dir: str) -> None:
+    """Round-trip a sample of cached rows through the student tokenizer and compare ids."""
+    if tokenizer_fingerprint(Path(student_dir)) == reader.meta["teacher"].get("tokenizer_fingerprint"):
+        return
+    rng = np.random.default_rng(0)
+    rows = rng.choice(len(reader), size=min(ROWS_TO_CHECK, len(reader)), replace=False)
+    for index in sorted(int(i) for i in rows):
+        sample = reader[index]
+        cached = [int(t) for t in sample.input_ids]
+        text = tokenizer.decode(cached, skip_special_tokens=False)
+        again = tokenizer(text, add_special_tokens=False)["input_ids"]
+        if again != cached:
+            raise AlignKDError(
+                f"the student tokenizer does not map the cached text of sample {sample.sample_id} "
+                "to the cached token ids; teacher and student must tokenise identically."
+            )
+
+
+def check_student_fits_cache(vlm, reader) -> None:
+    shapes = reader.meta["teacher_shapes"]
+    text = vlm.model.config.get_text_config()
+    check_vocabulary(int(text.vocab_size), int(shapes["vocab_size"]))
+    check_token_ids(vlm.processor.tokenizer, reader, str(vlm.path))
+    if len(reader):
+        cached_nv = len(reader[0].vision_positions)
+        student_nv = student_vision_tokens(vlm.processor)
+        if cached_nv != student_nv:
+            raise AlignKDError(
+                f"the student sees {student_nv} vision tokens per image but the cache holds {cached_nv}; "
+                "use a student with the teacher's image grid."
+            )

@@ -1,0 +1,117 @@
+"""Student batches built purely from the cache: cached token ids plus the student's image inputs.
+
+Nothing is re-tokenised: the teacher's `input_ids` and label mask are the student's
+inputs, which is why the trainer first checks that the student tokenizer agrees with
+them. Images come from the bytes stored in the cache, or from `--images` when the
+cache was built with `--no-store-images`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from alignkd.errors import AlignKDError
+
+
+class CachedDistillDataset(Dataset):
+    """Index i -> one student example with its teacher targets, as tensors."""
+
+    def __init__(self, cache_path: str, processor, images_root: str | None = None) -> None:
+        from alignkd.cache.reader import open_cache
+
+        self.cache_path = str(cache_path)
+        self.reader = open_cache(cache_path)
+        self.processor = processor
+        self.images_root = images_root
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def collate(self, items: list[dict]) -> dict:
+        return collate_distill(items, self.processor.tokenizer.pad_token_id)
+
+    def _image_bytes(self, sample) -> bytes | None:
+        if sample.image_bytes is not None:
+            return sample.image_bytes
+        if sample.image_path is None:
+            return None
+        if self.images_root is None:
+            raise AlignKDError(
+                f"cache {self.cache_path} holds no image bytes for sample {sample.sample_id}; "
+                "pass --images with the directory the cache was built from."
+            )
+        path = Path(self.images_root) / sample.image_path
+        if not path.is_file():
+            raise AlignKDError(f"image {path} for sample {sample.sample_id} does not exist.")
+        return path.read_bytes()
+
+    def __getitem__(self, index: int) -> dict:
+        from alignkd.data import image_inputs_from_bytes
+
+        s = self.reader[index]
+        input_ids = torch.from_numpy(np.asarray(s.input_ids, dtype=np.int64))
+        labels = input_ids.masked_fill(~torch.from_numpy(np.asarray(s.label_mask, dtype=bool)), -100)
+        item = {
+            "input_ids": input_ids,
+            "labels": labels,
+            "t_text_positions": torch.from_numpy(np.asarray(s.text_positions, dtype=np.int64)),
+            "t_attn": torch.from_numpy(np.asarray(s.attn, dtype=np.float32)),          # [T, H, Nv]
+            "t_vision": torch.from_numpy(np.asarray(s.vision, dtype=np.float32)),      # [Nv, D]
+            "t_focus": torch.from_numpy(np.asarray(s.focus, dtype=np.float32)),        # [Nv]
+            "t_logit_positions": torch.from_numpy(np.asarray(s.logit_positions, dtype=np.int64)),
+            "t_logit_ids": torch.from_numpy(np.asarray(s.logit_ids, dtype=np.int64)),  # [P, K]
+            "t_logit_values": torch.from_numpy(np.asarray(s.logit_values, dtype=np.float32)),
+            "t_logit_tail": torch.from_numpy(np.asarray(s.logit_tail, dtype=np.float32)),
+        }
+        image_bytes = self._image_bytes(s)
+        if image_bytes is not None:
+            item.update(image_inputs_from_bytes(self.processor, image_bytes))
+        return item
+
+
+def _pad(tensors: list[torch.Tensor], value, length: int | None = None) -> torch.Tensor:
+    """Right-pad the first axis of each tensor to a common length and stack."""
+    length = length or max(t.shape[0] for t in tensors)
+    out = tensors[0].new_full((len(tensors), length, *tensors[0].shape[1:]), value)
+    for i, t in enumerate(tensors):
+        out[i, : t.shape[0]] = t
+    return out
+
+
+def collate_distill(items: list[dict], pad_token_id: int) -> dict:
+    """Pad a list of examples into one batch; teacher targets get explicit validity masks.
+
+    Sequences are right-padded, so the cached positions are also batch positions.
+    """
+    lengths = [it["input_ids"].shape[0] for it in items]
+    batch = {
+        "input_ids": _pad([it["input_ids"] for it in items], pad_token_id),
+        "labels": _pad([it["labels"] for it in items], -100),
+        "attention_mask": _pad([torch.ones(n, dtype=torch.long) for n in lengths], 0),
+        "t_text_positions": _pad([it["t_text_positions"] for it in items], -1),
+        "t_attn": _pad([it["t_attn"] for it in items], 0.0),
+        "t_vision": torch.stack([it["t_vision"] for it in items]),
+        "t_focus": torch.stack([it["t_focus"] for it in items]),
+        "t_logit_positions": _pad([it["t_logit_positions"] for it in items], -1),
+        "t_logit_ids": _pad([_pad_k(it["t_logit_ids"], items, -1) for it in items], -1),
+        "t_logit_values": _pad([_pad_k(it["t_logit_values"], items, 0.0) for it in items], 0.0),
+        "t_logit_tail": _pad([it["t_logit_tail"] for it in items], 0.0),
+    }
+    image_keys = [k for k in items[0] if k not in batch and not k.startswith("t_")]
+    for key in image_keys:
+        batch[key] = torch.cat([it[key] for it in items if key in it])
+    return batch
+
+
+def _pad_k(t: torch.Tensor, items: list[dict], value) -> torch.Tensor:
+    """Sampled logits have a per-sample width; pad the K axis to the batch's widest."""
+    width = max(it["t_logit_ids"].shape[1] for it in items)
+    if t.shape[1] == width:
+        return t
+    out = t.new_full((t.shape[0], width), value)
+    out[:, : t.shape[1]] = t
+    return out

@@ -1,0 +1,75 @@
+"""The Hugging Face Trainer, taught to log each Align-KD term and to checkpoint tied weights.
+
+Per-term losses come back from the objective's forward; we average them over the
+logging window exactly as the Trainer averages its own `loss`, so the JSONL, the
+TensorBoard scalars and the progress bar all show the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from transformers import Trainer, TrainerCallback
+
+
+class AlignKDTrainer(Trainer):
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._term_sums: dict[str, float] = defaultdict(float)
+        self._term_count = 0
+        self._last_terms: dict[str, float] = {}
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        outputs = model(**inputs)
+        if model.training:
+            for key, value in outputs.items():
+                if key.startswith("loss_"):
+                    self._term_sums[key] += float(value)
+            self._term_count += 1
+        loss = outputs["loss"]
+        return (loss, outputs) if return_outputs else loss
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        if self._term_count and "loss" in logs:
+            terms = {k: v / self._term_count for k, v in self._term_sums.items()}
+            logs.update({k: round(v, 6) for k, v in terms.items()})
+            self._last_terms = terms
+            self._term_sums.clear()
+            self._term_count = 0
+        super().log(logs, start_time)
+
+    def last_terms(self) -> dict[str, float]:
+        return dict(self._last_terms)
+
+    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
+        # Tied embeddings share storage, which safetensors' save_file refuses; save_model
+        # de-duplicates them and the Trainer's non-strict load restores the tie.
+        import safetensors.torch
+
+        output_dir = output_dir or self.args.output_dir
+        if not self.args.should_save:
+            return
+        os.makedirs(output_dir, exist_ok=True)
+        safetensors.torch.save_model(self.accelerator.unwrap_model(self.model),
+                                     os.path.join(output_dir, "model.safetensors"))
+
+
+class JsonlMetrics(TrainerCallback):
+    """Append every logged record (step, lr, each loss term) to metrics.jsonl."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if state.is_world_process_zero and logs:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with self.path.open("a") as fh:
+                fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def build_callbacks(out: Path) -> list[TrainerCallback]:
+    return [JsonlMetrics(Path(out) / "metrics.jsonl")]

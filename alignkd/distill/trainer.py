@@ -1,0 +1,151 @@
+"""`alignkd distill`: train a student from the cache on the Hugging Face Trainer.
+
+The Trainer is the engine so that torchrun/DDP, FSDP, DeepSpeed, gradient
+accumulation, bf16, checkpoint resume and TensorBoard behave as its users expect.
+We only supply the objective (student + adapters), the cached dataset, per-term
+logging and the export of a plain `from_pretrained`-loadable student.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from alignkd.errors import ConfigError
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    student: str
+    cache: str
+    out: str
+    images: str | None = None
+    epochs: float = 1.0
+    max_steps: int = -1
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 1e-4
+    warmup_ratio: float = 0.0
+    weight_decay: float = 0.0
+    seed: int = 0
+    bf16: bool = False
+    resume: bool = False
+    w_ce: float = 1.0
+    w_logit: float = 1.0
+    w_attn: float = 1.0
+    w_vis: float = 1.0
+    temperature: float = 1.0
+    vision_topk: int = 16
+    attn_loss: str = "mse"
+    adapters: str = "trainable"
+    freeze: tuple[str, ...] = ("vision_tower",)
+    log: str = "jsonl"
+    logging_steps: int = 5
+    save_steps: int = 500
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name, allowed in {"attn_loss": ("mse", "kl"), "adapters": ("trainable", "frozen"),
+                              "log": ("jsonl", "tensorboard")}.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
+                                  f"not {getattr(self, name)!r}.")
+        for name in ("w_ce", "w_logit", "w_attn", "w_vis", "lr", "weight_decay"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"--{name.replace('_', '-')} must not be negative.")
+        if not any(getattr(self, f"w_{t}") > 0 for t in ("ce", "logit", "attn", "vis")):
+            raise ConfigError("every loss weight is 0; enable at least one of --w-ce/--w-logit/--w-attn/--w-vis.")
+        for name in ("batch_size", "grad_accum", "vision_topk", "logging_steps", "save_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1.")
+        if self.temperature <= 0:
+            raise ConfigError("--temperature must be positive.")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ConfigError("--warmup-ratio must be in [0, 1).")
+        if not Path(self.student).is_dir():
+            raise ConfigError(f"student model directory {self.student} does not exist.")
+        if not Path(self.cache).is_dir():
+            raise ConfigError(f"cache {self.cache} does not exist.")
+
+
+@dataclass
+class DistillSummary:
+    out: str
+    steps: int
+    final_losses: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _freeze(student, parts: tuple[str, ...]) -> None:
+    """Freeze named submodules of the student (e.g. its vision tower, as MobileVLM does)."""
+    modules = dict(student.named_modules())
+    for part in parts:
+        matches = [m for name, m in modules.items() if name.split(".")[-1] == part]
+        if not matches:
+            raise ConfigError(f"--freeze {part}: the student has no module named {part!r}.")
+        for module in matches:
+            for p in module.parameters():
+                p.requires_grad_(False)
+
+
+def distill(cfg: DistillConfig) -> DistillSummary:
+    """Train `cfg.student` from the teacher cache at `cfg.cache`; never loads the teacher."""
+    import torch
+    from transformers import TrainingArguments
+
+    from alignkd.cache.reader import open_cache
+    from alignkd.distill.checks import check_student_fits_cache
+    from alignkd.distill.dataset import CachedDistillDataset
+    from alignkd.distill.engine import AlignKDTrainer, build_callbacks
+    from alignkd.distill.export import export_student
+    from alignkd.distill.objective import AlignKDObjective, LossWeights
+    from alignkd.models import load_vlm
+
+    start = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    reader = open_cache(cfg.cache)
+    vlm = load_vlm(cfg.student, dtype="float32")
+    check_student_fits_cache(vlm, reader)
+    meta = reader.meta
+    student = vlm.model
+    student.train()
+    _freeze(student, cfg.freeze)
+    weights = LossWeights(ce=cfg.w_ce, logit=cfg.w_logit, vis=cfg.w_vis, attn=cfg.w_attn)
+    objective = AlignKDObjective(
+        student, teacher_heads=meta["teacher_shapes"]["num_heads"],
+        teacher_dim=meta["teacher_shapes"]["hidden_size"], weights=weights,
+        logit_mode=meta["build_options"]["logit_mode"], logit_samples=meta["build_options"]["logit_samples"],
+        temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.attn_loss,
+        adapters=cfg.adapters)
+    dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images)
+    out = Path(cfg.out)
+    args = TrainingArguments(
+        output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
+        per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
+        learning_rate=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
+        save_steps=cfg.save_steps, save_strategy="steps", report_to=["tensorboard"] if cfg.log == "tensorboard" else [],
+        logging_dir=str(out / "tensorboard"), remove_unused_columns=False, disable_tqdm=not cfg.progress,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        ddp_backend=None if torch.cuda.is_available() else "gloo",
+    )
+    trainer = AlignKDTrainer(
+        model=objective, args=args, train_dataset=dataset,
+        data_collator=dataset.collate, callbacks=build_callbacks(out))
+    result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
+    if trainer.is_world_process_zero():
+        export_student(objective, vlm.processor, out, cfg, meta)
+    return DistillSummary(out=str(out), steps=int(result.global_step),
+                          final_losses=trainer.last_terms(), seconds=time.perf_counter() - start)
+
+
+def _last_checkpoint(out: Path) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    ckpt_dir = out / "checkpoints"
+    if not ckpt_dir.is_dir() or get_last_checkpoint(str(ckpt_dir)) is None:
+        raise ConfigError(f"--resume: no checkpoint found under {ckpt_dir}.")
+    return get_last_checkpoint(str(ckpt_dir))
