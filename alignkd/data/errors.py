@@ -1,0 +1,49 @@
+"""Errors of the data layer.
+
+A bad manifest file stops everything (`ManifestError`); a bad sample is recorded as a
+reject and the cache build carries on (`SampleError`). `reason` is a short code that
+lands in the `rejects` table, so the codes below are part of the cache's contract:
+add new ones, never rename them.
+"""
+
+from __future__ import annotations
+
+from alignkd.errors import AlignKDError
+
+REASONS = frozenset({
+    "missing_id",                 # the record has no usable "id"
+    "bad_record",                 # "image" is not a string or "conversations" not a list
+    "duplicate_id",               # a later record repeats an earlier id
+    "bad_conversation",           # empty, wrong order, empty values, misplaced <image>
+    "unknown_role",               # a "from" other than human/user/gpt/assistant
+    "image_without_placeholder",  # "image" is set but no turn has <image>
+    "placeholder_without_image",  # a turn has <image> but "image" is not set
+    "image_outside_root",         # absolute path, ../ or a symlink leaving the images root
+    "missing_image",              # the image file does not exist
+    "corrupt_image",              # PIL cannot decode the image
+    "template_rejected",          # the processor's chat template raised on this sample
+    "image_tokens_truncated",     # max_length would cut through the image tokens
+    "no_answer_tokens",           # no assistant token survives truncation
+})
+
+
+class ManifestError(AlignKDError):
+    """The manifest file as a whole cannot be read."""
+
+
+class ProcessorError(AlignKDError):
+    """The processor or its chat template cannot be used to build label masks."""
+
+
+class SampleError(AlignKDError):
+    """One sample is unusable; the cache stage records it as a reject and carries on."""
+
+    def __init__(self, sample_id: str, row: int | None, reason: str, detail: str):
+        if reason not in REASONS:
+            raise ValueError(f"unknown SampleError reason {reason!r}")
+        self.sample_id, self.row, self.reason, self.detail = sample_id, row, reason, detail
+        where = "" if row is None else f" (manifest row {row})"
+        super().__init__(f"Sample {sample_id!r}{where} {detail}.")
+
+    def __reduce__(self):  # keep the attributes when sent between processes
+        return (type(self), (self.sample_id, self.row, self.reason, self.detail))

@@ -1,0 +1,81 @@
+"""Image files: safe path resolution, decoding, and the processor's image inputs.
+
+The cache may store the raw image bytes, and the distill stage rebuilds the pixel
+inputs from those bytes (`image_inputs_from_bytes`) instead of re-reading the images
+directory, so both stages must decode through the same function.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkd.data.errors import SampleError
+
+# Keys of a processor's output that are per-token, not per-image. mm_token_type_ids
+# (Qwen-VL) can be recomputed from input_ids with `processor.create_mm_token_type_ids`.
+TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets",
+                        "token_type_ids", "mm_token_type_ids"})
+
+
+@dataclass(frozen=True)
+class LoadedImage:
+    image: object  # PIL.Image.Image in RGB
+    data: bytes
+    sha256: str
+
+
+def load_image(images_root: str | Path, rel_path: str, sample_id: str, row: int | None) -> LoadedImage:
+    """Read `rel_path` under `images_root`, refusing anything that leaves the root."""
+    path = resolve_image_path(images_root, rel_path, sample_id, row)
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise SampleError(sample_id, row, "missing_image",
+                          f"has image {rel_path!r} that cannot be read ({err.strerror})") from None
+    return LoadedImage(decode_image(data, sample_id, row, rel_path), data, hashlib.sha256(data).hexdigest())
+
+
+def resolve_image_path(images_root: str | Path, rel_path: str, sample_id: str, row: int | None) -> Path:
+    root = Path(images_root).resolve()
+    if Path(rel_path).is_absolute():
+        raise SampleError(sample_id, row, "image_outside_root",
+                          f"has an absolute image path {rel_path!r}; paths must be relative to the images root")
+    # resolve() follows symlinks, so a link inside the root that points outside is caught too
+    path = (root / rel_path).resolve()
+    if not path.is_relative_to(root):
+        raise SampleError(sample_id, row, "image_outside_root",
+                          f"has image {rel_path!r} that resolves outside the images root {root}")
+    if not path.is_file():
+        raise SampleError(sample_id, row, "missing_image", f"has image {rel_path!r} that does not exist under {root}")
+    return path
+
+
+def decode_image(data: bytes, sample_id: str, row: int | None, name: str = "image"):
+    """Decode image bytes to an RGB PIL image, or raise a `corrupt_image` SampleError."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            img.load()
+            return img.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
+        raise SampleError(sample_id, row, "corrupt_image", f"has {name!r} that cannot be decoded ({err})") from None
+
+
+def image_inputs_from_bytes(processor, image_bytes: bytes, *, sample_id: str = "<unknown>",
+                            row: int | None = None) -> dict:
+    """The processor's image inputs (e.g. pixel_values, batch dim 1) rebuilt from raw bytes.
+
+    Goes through the processor's own __call__ with a lone image token, so every
+    processor-level image kwarg applies exactly as it did when the sample was rendered.
+    """
+    image = decode_image(image_bytes, sample_id, row)
+    out = processor(text=[processor.image_token], images=[image], return_tensors="pt")
+    return image_inputs_of(out)
+
+
+def image_inputs_of(processor_output) -> dict:
+    return {k: v for k, v in processor_output.items() if k not in TOKEN_KEYS}

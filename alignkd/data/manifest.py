@@ -1,0 +1,103 @@
+"""LLaVA-format manifests: a JSON list of records, or JSONL with one record a line.
+
+A file that cannot be parsed stops the build with the line number (`ManifestError`):
+nothing useful can be salvaged from a half-read JSON list. A record whose own fields
+are malformed (no id, an "image" that is not a string) is kept with `problem` set, so
+that `render_sample` rejects just that row and the build carries on. We never invent an
+id for such a row: a made-up id would silently enter the cache.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from alignkd.data.errors import ManifestError, SampleError
+
+
+@dataclass(frozen=True)
+class ManifestRecord:
+    """One manifest entry. `row` is its 0-based position among the records."""
+
+    row: int
+    sample_id: str
+    image: str | None
+    conversations: list[dict]
+    problem: str | None = None  # a SampleError reason found while reading, if any
+
+
+def read_manifest(path: str | Path) -> list[ManifestRecord]:
+    """Read a JSON list or JSONL manifest; see the module docstring for error policy."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} does not exist.")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as err:
+        raise ManifestError(f"manifest {path} is not UTF-8 text (byte {err.start}).") from None
+    if not text.strip():
+        raise ManifestError(f"manifest {path} is empty.")
+    if path.suffix.lower() == ".jsonl" or text.lstrip().startswith("{"):
+        raw = _parse_jsonl(path, text)
+    else:
+        raw = _parse_json_list(path, text)
+    return [_to_record(path, row, where, item) for row, (where, item) in enumerate(raw)]
+
+
+def split_duplicates(records: list[ManifestRecord]) -> tuple[list[ManifestRecord], list[SampleError]]:
+    """Keep the first record of each id; later ones become `duplicate_id` errors."""
+    first_row: dict[str, int] = {}
+    kept, errors = [], []
+    for rec in records:
+        if rec.problem is not None:  # its id is not real; render_sample rejects it
+            kept.append(rec)
+        elif rec.sample_id in first_row:
+            errors.append(SampleError(rec.sample_id, rec.row, "duplicate_id",
+                                      f"repeats the id of manifest row {first_row[rec.sample_id]}"))
+        else:
+            first_row[rec.sample_id] = rec.row
+            kept.append(rec)
+    return kept, errors
+
+
+def _parse_json_list(path: Path, text: str) -> list[tuple[str, object]]:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ManifestError(f"{path} line {err.lineno} is not valid JSON: {err.msg} (column {err.colno}).") from None
+    if not isinstance(value, list):
+        raise ManifestError(f"{path} holds a JSON {type(value).__name__}, not a list of records.")
+    return [(f"record {i}", item) for i, item in enumerate(value)]
+
+
+def _parse_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
+    items = []
+    for lineno, line in enumerate(text.splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            items.append((f"line {lineno}", json.loads(line)))
+        except json.JSONDecodeError as err:
+            raise ManifestError(f"{path} line {lineno} is not valid JSON: {err.msg} (column {err.colno}).") from None
+    return items
+
+
+def _to_record(path: Path, row: int, where: str, item: object) -> ManifestRecord:
+    if not isinstance(item, dict):
+        raise ManifestError(f"{path} {where} is a JSON {type(item).__name__}, not an object.")
+    raw_id, image, conv = item.get("id"), item.get("image"), item.get("conversations")
+    problem = None
+    if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
+        problem, sample_id = "missing_id", f"row{row}"
+    else:
+        sample_id = str(raw_id)  # some LLaVA dumps use integer ids
+    if not (image is None or (isinstance(image, str) and image)) or not isinstance(conv, list):
+        problem = problem or "bad_record"
+    return ManifestRecord(
+        row=row,
+        sample_id=sample_id,
+        image=image if isinstance(image, str) and image else None,
+        conversations=conv if isinstance(conv, list) else [],
+        problem=problem,
+    )
