@@ -153,15 +153,77 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 
 
 @main.command()
-def distill() -> None:
-    """Train a student purely from a teacher cache (not built yet)."""
-    raise NotBuiltError("`alignkd distill` is not built yet (see issue 4).")
+@click.option("--student", required=True, help="Student model directory (Hugging Face, safetensors).")
+@click.option("--cache", "cache_dir", required=True, help="Teacher cache from `alignkd cache build`.")
+@click.option("--out", required=True, help="Output directory for the student, adapters and metrics.")
+@click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
+@click.option("--epochs", default=1.0, show_default=True)
+@click.option("--max-steps", default=-1, show_default=True, help="Overrides --epochs when positive.")
+@click.option("--batch-size", default=8, show_default=True)
+@click.option("--grad-accum", default=1, show_default=True)
+@click.option("--lr", default=1e-4, show_default=True)
+@click.option("--warmup-ratio", default=0.0, show_default=True)
+@click.option("--weight-decay", default=0.0, show_default=True)
+@click.option("--seed", default=0, show_default=True)
+@click.option("--bf16", is_flag=True, help="bf16 mixed precision.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint under OUT.")
+@click.option("--w-ce", default=1.0, show_default=True)
+@click.option("--w-logit", default=1.0, show_default=True)
+@click.option("--w-attn", default=1.0, show_default=True)
+@click.option("--w-vis", default=1.0, show_default=True)
+@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--vision-topk", default=16, show_default=True, help="Vision tokens counted twice by text focus.")
+@click.option("--attn-loss", type=click.Choice(["mse", "kl"]), default="mse", show_default=True)
+@click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default="trainable", show_default=True)
+@click.option("--freeze", default="vision_tower", show_default=True, help="Comma list of modules to freeze.")
+@click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default="jsonl", show_default=True)
+@click.option("--save-steps", default=500, show_default=True)
+@click.option("--logging-steps", default=5, show_default=True)
+@click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
+    """Train a student purely from a teacher cache; the teacher is never loaded.
+
+    \b
+    Example:
+      alignkd distill --student student/ --cache cache/ --out run/ --max-steps 200
+    """
+    from alignkd.distill.trainer import DistillConfig, distill as run_distill
+
+    parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
+    summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, progress=not no_progress, **opts))
+    terms = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in summary.final_losses.items())
+    click.echo(f"distilled {summary.steps} steps in {summary.seconds:.0f}s ({terms}) -> {summary.out}")
 
 
 @main.command(name="eval")
-def eval_() -> None:
-    """Evaluate a saved model on a held-out manifest (not built yet)."""
-    raise NotBuiltError("`alignkd eval` is not built yet (see issue 4).")
+@click.option("--model", required=True, help="Any saved student or teacher directory.")
+@click.option("--data", required=True, help="Held-out LLaVA-format manifest.")
+@click.option("--images", required=True, help="Image root for the manifest.")
+@click.option("--max-length", default=2048, show_default=True)
+@click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--limit", type=int, default=None)
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--no-progress", is_flag=True)
+def eval_(as_json: bool, no_progress: bool, **opts) -> None:
+    """Greedy-answer accuracy (normalised exact match) and answer CE on a manifest.
+
+    \b
+    Example:
+      alignkd eval --model run/ --data test.json --images imgs/
+    """
+    import json
+    from dataclasses import asdict
+
+    from alignkd.distill.evaluate import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(progress=not no_progress, **opts))
+    if as_json:
+        click.echo(json.dumps(asdict(result), indent=2))
+        return
+    click.echo(f"{opts['model']}: accuracy {result.accuracy:.3f} over {result.samples} samples, "
+               f"answer CE {result.answer_ce:.4f}" + (f", {result.skipped} skipped" if result.skipped else ""))
+    for qtype, acc in result.by_type.items():
+        click.echo(f"  {qtype:<12} {acc:.3f}")
 
 
 @main.command()
