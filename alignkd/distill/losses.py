@@ -1,0 +1,231 @@
+"""The four Align-KD loss terms, each a small function with a narrow signature.
+
+Every term accepts padded batches and takes its validity from masks, never from
+equal lengths (the official code's batch-size-1 limitation, docs/ALIGN-KD.md #5).
+
+Position convention (shared with the cache builder through `select_positions`):
+logits at position t are the distribution of token t+1. Labels are unshifted, as in
+transformers: `labels[t]` is the target for `logits[t-1]`. A cached sparse target
+row belongs to a "logit position" t, so the trainer gathers `student_logits[b, t]`
+for the same t. Policies:
+- `response`: positions t with `labels[t+1] != -100` (the CE positions).
+- `text`: text positions after the image (`text_query_mask[t]`) whose next token
+  exists and is not padding.
+
+Temperature convention: the logit losses take q = softmax(z_s / tau) and are
+multiplied by tau^2 (Hinton et al.), so the gradient scale does not shrink as tau
+grows and the weights w_logit stay comparable across temperatures. The cached
+teacher side must have been built at the same tau.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+IGNORE_INDEX = -100
+_MASKED = -1e30  # "minus infinity" that keeps logsumexp gradients finite
+_EPS = 1e-8  # floor for attention rows in the KL variant
+
+
+def _valid_mean(per_row: Tensor, valid: Tensor) -> Tensor:
+    """Mean of per_row over valid rows; 0 (still on the graph) when none are valid."""
+    per_row = torch.where(valid, per_row, torch.zeros_like(per_row))
+    return per_row.sum() / valid.sum().clamp(min=1)
+
+
+def sparse_kl_topk(
+    student_logits: Tensor, ids: Tensor, teacher_logp: Tensor, tail: Tensor, temperature: float = 1.0
+) -> Tensor:
+    """(k+1)-bucket forward KL: sum_S p (log p - log q) + r_p (log r_p - log r_q).
+
+    student_logits [N, V]; ids [N, K] (-1 = padding); teacher_logp [N, K] full-vocab
+    teacher log-probs (not renormalised); tail [N] = r_p. log r_q is the logsumexp of
+    the student's log-probs outside S, exact even when r_q is tiny; a bucket with
+    r_p = 0 contributes 0. Rows whose ids are all padding are excluded from the mean.
+    """
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    valid = ids >= 0
+    safe = ids.clamp(min=0)
+    in_s = torch.zeros_like(logq).scatter_add_(1, safe, valid.float()) > 0
+    log_rq = torch.logsumexp(logq.masked_fill(in_s, _MASKED), dim=-1)
+    logp = teacher_logp.float()
+    head = torch.where(valid, logp.exp() * (logp - logq.gather(1, safe)), 0.0).sum(-1)
+    r_p = tail.float()
+    tail_term = torch.where(r_p > 0, r_p * (r_p.clamp(min=1e-30).log() - log_rq), 0.0)
+    return _valid_mean(head + tail_term, valid.any(-1)) * temperature**2
+
+
+def sparse_kl_sampled(
+    student_logits: Tensor, ids: Tensor, counts: Tensor, n: int | Tensor, temperature: float = 1.0
+) -> Tensor:
+    """RS-KD loss -sum_i (c_i / n) log q_i, an unbiased estimate of CE(p, q).
+
+    Its expectation is KL(p || q) + H(p); H(p) has no gradient, so the gradient is an
+    unbiased estimate of the dense KL gradient. n is an int or a per-row [N] tensor.
+    Padding has id -1 and count 0; rows with no draws are excluded from the mean.
+    """
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    valid = ids >= 0
+    w = torch.where(valid, counts.float(), 0.0)
+    n_rows = torch.as_tensor(n, dtype=logq.dtype, device=logq.device).expand(w.shape[0])
+    per_row = -(w * logq.gather(1, ids.clamp(min=0))).sum(-1) / n_rows.clamp(min=1)
+    return _valid_mean(per_row, w.sum(-1) > 0) * temperature**2
+
+
+def dense_kl(
+    student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """Reference forward KL(p || q) over the full vocabulary, mean over (masked) rows, x tau^2."""
+    logq = torch.log_softmax(student_logits.float() / temperature, dim=-1)
+    logp = torch.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    per_row = (logp.exp() * (logp - logq)).sum(-1)
+    valid = torch.ones_like(per_row, dtype=torch.bool) if mask is None else mask.bool()
+    return _valid_mean(per_row, valid) * temperature**2
+
+
+def ce_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Shifted next-token CE: logits[:, t] against labels[:, t+1], ignoring -100."""
+    logits = student_logits[:, :-1].float()
+    target = labels[:, 1:]
+    valid = target != IGNORE_INDEX
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
+    )
+    return _valid_mean(nll, valid.reshape(-1))
+
+
+def select_positions(
+    labels: Tensor, text_query_mask: Tensor, attention_mask: Tensor, policy: str
+) -> Tensor:
+    """Bool [B, L]: the positions t whose next-token distribution is distilled.
+
+    labels [B, L] unshifted (-100 = no CE); text_query_mask [B, L] true on text
+    positions after the image; attention_mask [B, L] 1 on real tokens. Works for
+    left and right padding alike because it only looks at masks.
+    """
+    real = attention_mask.bool()
+    nxt = torch.zeros_like(real)
+    if policy == "response":
+        nxt[:, :-1] = labels[:, 1:] != IGNORE_INDEX
+        return nxt & real
+    if policy == "text":
+        nxt[:, :-1] = real[:, 1:]
+        return nxt & real & text_query_mask.bool()
+    raise ValueError(f"logit position policy must be 'response' or 'text', got {policy!r}")
+
+
+class HeadAdapter(nn.Module):
+    """W_h: teacher heads -> student heads plus a bias, over the head axis.
+
+    Same map as the official 1x1 Conv2d(H_t, H_s) on [B, H, T, N_v]. Initialised
+    as interval averaging: student head s averages the teacher heads covering
+    [s*H_t/H_s, (s+1)*H_t/H_s), weighted by overlap (plain group averaging when H_s
+    divides H_t, copying when H_t divides H_s), bias 0. Rows sum to 1, so the
+    adapter starts by mapping attention probabilities to attention probabilities
+    instead of a random mix (the official adapters never leave their random init).
+    """
+
+    def __init__(self, teacher_heads: int, student_heads: int):
+        super().__init__()
+        edges = torch.arange(student_heads + 1, dtype=torch.float64) * teacher_heads / student_heads
+        lo, hi = edges[:-1, None], edges[1:, None]
+        t = torch.arange(teacher_heads, dtype=torch.float64)[None]
+        overlap = (torch.minimum(hi, t + 1) - torch.maximum(lo, t)).clamp(min=0)
+        self.weight = nn.Parameter((overlap / overlap.sum(1, keepdim=True)).float())
+        self.bias = nn.Parameter(torch.zeros(student_heads))
+
+    def forward(self, attn: Tensor) -> Tensor:
+        """[B, H_t, T, N_v] -> [B, H_s, T, N_v]."""
+        return torch.einsum("st,btij->bsij", self.weight, attn) + self.bias[:, None, None]
+
+
+class ProjectorAdapter(nn.Module):
+    """P: teacher vision-token width d_t -> student width d_s (nn.Linear's default init)."""
+
+    def __init__(self, teacher_dim: int, student_dim: int):
+        super().__init__()
+        self.proj = nn.Linear(teacher_dim, student_dim)
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.proj(feats)
+
+
+def attention_loss(
+    student_attn: Tensor,
+    teacher_attn: Tensor,
+    row_mask: Tensor,
+    head_adapter: nn.Module | None,
+    mode: str = "mse",
+) -> Tensor:
+    """L_attn between first-layer text-query x vision-key attention maps.
+
+    student_attn [B, H_s, T, N_v], teacher_attn [B, H_t, T, N_v], row_mask [B, T]
+    marks real text query rows. head_adapter None means identity (H_t == H_s).
+    mse: mean((W_h A_T - A_S)^2) over (head, valid row, vision column), the paper's form.
+    kl: both rows renormalised over the vision columns, then KL(teacher || student)
+    averaged over heads and valid rows. The adapted teacher can go negative (it is
+    linear with a bias), so it is clamped at 0 before renormalising; both sides get
+    an eps floor so an all-zero row becomes uniform instead of NaN. Padded rows are
+    selected out with `where`, so their contents (even NaN) never reach the loss.
+    """
+    target = teacher_attn if head_adapter is None else head_adapter(teacher_attn.float())
+    if target.shape != student_attn.shape:
+        raise ValueError(
+            f"attention_loss: adapted teacher {tuple(target.shape)} != student {tuple(student_attn.shape)}"
+        )
+    rows = row_mask.bool()[:, None, :, None].expand_as(student_attn)
+    s = torch.where(rows, student_attn.float(), 0.0)
+    t = torch.where(rows, target.float(), 0.0)
+    B, H, T, Nv = s.shape
+    n_rows = row_mask.bool().sum().clamp(min=1)
+    if mode == "mse":
+        return ((t - s) ** 2).sum() / (n_rows * H * Nv)
+    if mode == "kl":
+        t = t.clamp(min=0) + _EPS
+        s = s.clamp(min=0) + _EPS
+        t = t / t.sum(-1, keepdim=True)
+        s = s / s.sum(-1, keepdim=True)
+        per_row = (t * (t.log() - s.log())).sum(-1)  # [B, H, T]
+        per_row = torch.where(rows[..., 0], per_row, 0.0)
+        return per_row.sum() / (n_rows * H)
+    raise ValueError(f"attention loss mode must be 'mse' or 'kl', got {mode!r}")
+
+
+def text_focus(attn: Tensor, row_mask: Tensor | None = None) -> Tensor:
+    """focus[j] = sum_i mean_h A[h, i, j] over the text query rows i.
+
+    Per-sample cache layout: attn [T, H, N_v] (every row valid) -> [N_v].
+    Batched model layout: attn [B, H, T, N_v] with row_mask [B, T] -> [B, N_v].
+    """
+    if attn.dim() == 3:
+        return attn.float().mean(1).sum(0)
+    if attn.dim() == 4 and row_mask is not None:
+        per_row = attn.float().mean(1)  # [B, T, N_v]
+        return torch.where(row_mask.bool()[..., None], per_row, 0.0).sum(1)
+    raise ValueError(f"text_focus takes [T, H, N_v] or [B, H, T, N_v] + row_mask, got {tuple(attn.shape)}")
+
+
+def vision_loss(
+    student_vis: Tensor,
+    teacher_vis: Tensor,
+    focus: Tensor,
+    projector_adapter: nn.Module | None,
+    topk: int = 16,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
+
+    student_vis [B, N_v, d_s], teacher_vis [B, N_v, d_t], focus [B, N_v]; the top-k
+    tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
+    or text-only samples) from both means.
+    """
+    target = teacher_vis.float() if projector_adapter is None else projector_adapter(teacher_vis.float())
+    B, Nv, _ = student_vis.shape
+    ok = torch.ones(B, dtype=torch.bool, device=student_vis.device) if valid is None else valid.bool()
+    sq = ((target - student_vis.float()) ** 2).mean(-1)  # [B, N_v]
+    k = min(topk, Nv)
+    top = focus.float().topk(k, dim=-1).indices
+    every = _valid_mean(sq.mean(-1), ok)
+    chosen = _valid_mean(sq.gather(1, top).mean(-1), ok)
+    return every + chosen
