@@ -38,7 +38,7 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
         raise ManifestError(f"manifest {path} is not UTF-8 text (byte {err.start}).") from None
     if not text.strip():
         raise ManifestError(f"manifest {path} is empty.")
-    if path.suffix.lower() == ".jsonl" or text.lstrip().startswith("{"):
+    if path.suffix.lower() == ".jsonl" or (text.lstrip().startswith("{") and not _is_wrapper_object(text)):
         raw = _parse_jsonl(path, text)
     else:
         raw = _parse_json_list(path, text)
@@ -61,13 +61,26 @@ def split_duplicates(records: list[ManifestRecord]) -> tuple[list[ManifestRecord
     return kept, errors
 
 
+def _is_wrapper_object(text: str) -> bool:
+    """True for a whole-file JSON object that is not itself a record, e.g. {"data": [...]}.
+
+    Such a file is refused as "not a list" rather than read as a one-line JSONL whose
+    only record lacks every field.
+    """
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        return False
+    return isinstance(value, dict) and "conversations" not in value
+
+
 def _parse_json_list(path: Path, text: str) -> list[tuple[str, object]]:
     try:
         value = json.loads(text)
     except json.JSONDecodeError as err:
         raise ManifestError(f"{path} line {err.lineno} is not valid JSON: {err.msg} (column {err.colno}).") from None
     if not isinstance(value, list):
-        raise ManifestError(f"{path} holds a JSON {type(value).__name__}, not a list of records.")
+        raise ManifestError(f"{path} holds a JSON {_json_type(value)}, not a list of records.")
     return [(f"record {i}", item) for i, item in enumerate(value)]
 
 
@@ -85,7 +98,7 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
 
 def _to_record(path: Path, row: int, where: str, item: object) -> ManifestRecord:
     if not isinstance(item, dict):
-        raise ManifestError(f"{path} {where} is a JSON {type(item).__name__}, not an object.")
+        raise ManifestError(f"{path} {where} is a JSON {_json_type(item)}, not an object.")
     raw_id, image, conv = item.get("id"), item.get("image"), item.get("conversations")
     problem = None
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
@@ -101,3 +114,8 @@ def _to_record(path: Path, row: int, where: str, item: object) -> ManifestRecord
         conversations=conv if isinstance(conv, list) else [],
         problem=problem,
     )
+
+
+def _json_type(value: object) -> str:
+    names = {dict: "object", list: "list", str: "string", bool: "boolean", int: "number", float: "number"}
+    return names.get(type(value), "null")

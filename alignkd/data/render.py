@@ -9,8 +9,9 @@ Label mask method, independent of any particular template:
 2. Tokenise through the processor itself, asking it for the fast tokenizer's offsets and
    for where each image placeholder was expanded. The label mask then comes from the very
    ids the processor produced: there is no second tokenisation that could disagree.
-3. Shift the answer spans past the expanded placeholders and label every token that
-   overlaps a span.
+3. Shift the answer spans past the expanded placeholders (checking that each answer is
+   found in the expanded text where we expect it) and label every token that overlaps a
+   span.
 
 Truncation keeps the head of the sequence (prompt, image, first answers) and cuts the tail,
 but never through image tokens: the model cannot take part of an image.
@@ -27,6 +28,7 @@ from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
 from alignkd.data.images import LoadedImage, image_inputs_of, load_image
 from alignkd.data.manifest import ManifestRecord
+from alignkd.errors import ConfigError
 
 IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
 
@@ -51,12 +53,14 @@ def render_sample(record: ManifestRecord, processor, images_root: str | Path | N
     """Validate, render, tokenise and label `record`; raise SampleError on bad input."""
     sid, row = record.sample_id, record.row
     messages = to_messages(record, getattr(processor, "image_token", None))
+    if record.image is not None and images_root is None:
+        raise ConfigError(f"sample {sid!r} names an image but no images directory was given.")
     loaded = load_image(images_root, record.image, sid, row) if record.image is not None else None
     text, spans = render_with_spans(processor, messages, sid, row)
     out = _encode(processor, text, loaded)
     ids, offsets = out["input_ids"][0].long(), out["offset_mapping"][0]
     replacements = (out.get("text_replacement_offsets") or [[]])[0]
-    spans = [(_expanded(a, replacements), _expanded(b, replacements)) for a, b in spans]
+    spans = _expanded_spans(processor, text, spans, replacements, messages, has_image=loaded is not None)
     labels = _labels(ids, offsets, spans, processor)
     image_pos = _image_positions(ids, offsets, replacements, processor)
     ids, mask, labels, truncated = _truncate(sid, row, ids, out["attention_mask"][0], labels, image_pos, max_length)
@@ -107,6 +111,29 @@ def _encode(processor, text: str, loaded: LoadedImage | None):
             f"{type(processor).__name__} returned no offset mapping; alignkd needs a processor with a fast "
             "tokenizer that passes return_offsets_mapping through.")
     return out
+
+
+def _expanded_spans(processor, text, spans, replacements, messages, has_image: bool) -> list[tuple[int, int]]:
+    """Answer spans moved onto the placeholder-expanded text the offsets refer to.
+
+    The expanded text is rebuilt from the processor's own replacement record and each
+    answer is checked to sit inside its moved span, so a processor that expands images
+    some other way fails loudly instead of shifting every label.
+    """
+    if has_image and not any(rep["type"] == "image" for rep in replacements):
+        raise ProcessorError(f"{type(processor).__name__} did not report where it expanded the image placeholder, "
+                             "so alignkd cannot place the labels.")
+    expanded, last = [], 0
+    for rep in replacements:
+        expanded += [text[last:rep["span"][0]], rep["replacement"]]
+        last = rep["span"][1]
+    expanded = "".join(expanded) + text[last:]
+    answers = [m["content"][0]["text"].strip() for m in messages if m["role"] == "assistant"]
+    moved = [(_expanded(a, replacements), _expanded(b, replacements)) for a, b in spans]
+    if any(answer not in expanded[a:b] for answer, (a, b) in zip(answers, moved)):
+        raise ProcessorError(f"{type(processor).__name__}'s placeholder expansion does not match its text; "
+                             "alignkd cannot place the labels.")
+    return moved
 
 
 def _expanded(pos: int, replacements: list[dict]) -> int:
