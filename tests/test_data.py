@@ -146,6 +146,20 @@ def test_image_in_a_later_turn_and_aliases(processor, images):
     assert labelled_tokens(processor, sample) == ["no", "</s>", "red", "</s>"]
 
 
+def test_labels_follow_another_template(processor, images):
+    """Nothing is specific to the LLaVA-1.5 template: a ChatML-like one with the image
+    after the text and " ." ending each turn labels that ending instead of </s>."""
+    other = copy.copy(processor)
+    other.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}"
+        "{% if c['type'] == 'image' %}<image> {% else %}{{ c['text'] }}{% endif %}{% endfor %} .\n{% endfor %}"
+        "{% if add_generation_prompt %}assistant : {% endif %}")
+    conv = turns("what is the colour ?\n<image>", "red", "how many ?", "2")
+    sample = render_sample(record(conv), other, images, 128)
+    assert labelled_tokens(processor, sample) == ["red", ".", "2", "."]
+    assert (sample.input_ids == processor.image_token_id).sum() == N_IMAGE_TOKENS
+
+
 def test_text_only_record(processor):
     sample = render_sample(record(turns("how many ?", "3"), image=None), processor, None, 64)
     assert labelled_tokens(processor, sample) == ["3", "</s>"]
