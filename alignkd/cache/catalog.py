@@ -1,0 +1,133 @@
+"""The DuckDB catalog: an index over the shards, never the truth.
+
+`catalog.duckdb` holds a `shards` table (one row per committed shard, copied from its
+shard.json) and two views, `samples` and `rejects`, over the shards' Parquet files by an
+absolute glob (`shards/shard-*/...`, which never matches the `.tmp-` directories of
+in-flight shards). A cache with no shard yet gets typed empty views, so queries never
+fail on an empty cache. The writer opens the file read-write only for the moment of a
+commit, because a read-write holder blocks every reader.
+
+`run_sql` does not open catalog.duckdb at all: it builds the same tables and views in an
+in-memory connection from the shard directories where they are *now* (so a moved or
+copied cache still answers, and a running build never blocks a query), and it accepts
+exactly one SELECT statement. Anything else (INSERT, CREATE, COPY, ATTACH, SET, ...)
+is refused before it runs, so the cache cannot change.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+
+from alignkd.cache.shard_format import committed_shards
+from alignkd.errors import AlignKDError
+from alignkd.storage_schemas import (CATALOG_FILE, REJECT_SCHEMA, REJECTS_FILE, SAMPLE_SCHEMA,
+                                     SAMPLES_FILE, SHARD_JSON, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
+
+
+class SQLRefusedError(AlignKDError):
+    """A query that would write, or that DuckDB cannot run."""
+
+
+def shard_row(info: dict) -> dict:
+    """The `shards` table row of one shard.json document."""
+    rows = info["manifest_rows"]
+    return {"name": info["name"], "rank": info["rank"], "shard_index": info["index"],
+            "n_samples": info["n_samples"], "n_rejects": info["n_rejects"],
+            "bytes": sum(f["bytes"] for f in info["files"]),
+            "min_manifest_row": rows["min"], "max_manifest_row": rows["max"],
+            "committed_at": info["committed_at"]}
+
+
+def shards_table(cache: Path) -> pa.Table:
+    rows = [shard_row(json.loads((d / SHARD_JSON).read_text())) for d in committed_shards(cache)]
+    return pa.Table.from_pylist(rows, schema=SHARDS_TABLE_SCHEMA)
+
+
+def _view_sql(con, cache: Path, file_name: str, schema: pa.Schema, have_shards: bool) -> str:
+    if have_shards:
+        glob = str(Path(cache).resolve() / SHARDS_DIR / "shard-*" / file_name).replace("'", "''")
+        return f"SELECT * FROM read_parquet('{glob}')"
+    types = con.from_arrow(schema.empty_table()).dtypes
+    cols = ", ".join(f'CAST(NULL AS {t}) AS "{f.name}"' for f, t in zip(schema, types))
+    return f"SELECT {cols} WHERE false"
+
+
+def _create_views(con, cache: Path, have_shards: bool) -> None:
+    for view, file_name, schema in (("samples", SAMPLES_FILE, SAMPLE_SCHEMA),
+                                    ("rejects", REJECTS_FILE, REJECT_SCHEMA)):
+        con.execute(f"CREATE OR REPLACE VIEW {view} AS {_view_sql(con, cache, file_name, schema, have_shards)}")
+
+
+def _populate(con, cache: Path, table: pa.Table) -> None:
+    con.register("shard_rows", table)
+    con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows")
+    con.unregister("shard_rows")
+    _create_views(con, cache, table.num_rows > 0)
+
+
+def rebuild_catalog(cache) -> Path:
+    """Recreate catalog.duckdb from the shard directories (atomically replaced)."""
+    cache = Path(cache)
+    target = cache / CATALOG_FILE
+    tmp = cache / f"{CATALOG_FILE}.tmp-{os.getpid()}"
+    tmp.unlink(missing_ok=True)
+    con = duckdb.connect(str(tmp))
+    try:
+        _populate(con, cache, shards_table(cache))
+    finally:
+        con.close()
+    os.replace(tmp, target)
+    return target
+
+
+def record_shard(cache: Path, info: dict) -> None:
+    """Add one freshly committed shard to catalog.duckdb (held read-write only briefly)."""
+    con = duckdb.connect(str(Path(cache) / CATALOG_FILE))
+    try:
+        con.execute("DELETE FROM shards WHERE name = ?", [info["name"]])
+        con.register("shard_rows", pa.Table.from_pylist([shard_row(info)], schema=SHARDS_TABLE_SCHEMA))
+        con.execute("INSERT INTO shards SELECT * FROM shard_rows")
+        con.unregister("shard_rows")
+        _create_views(con, cache, True)
+    finally:
+        con.close()
+
+
+def catalog_shards(cache: Path) -> pa.Table:
+    """The `shards` table as catalog.duckdb has it, opened read-only."""
+    con = duckdb.connect(str(Path(cache) / CATALOG_FILE), read_only=True)
+    try:
+        return con.sql("SELECT * FROM shards ORDER BY name").to_arrow_table()
+    finally:
+        con.close()
+
+
+def run_sql(cache, query: str) -> pa.Table:
+    """Run one read-only SELECT over `samples`, `rejects` and `shards`; refuse anything else."""
+    cache = Path(cache)
+    try:
+        statements = duckdb.extract_statements(query)
+    except duckdb.Error as exc:
+        raise SQLRefusedError(f"the query does not parse: {_first_line(exc)}") from None
+    if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
+        kinds = ", ".join(s.type.name for s in statements) or "empty"
+        raise SQLRefusedError(
+            f"alignkd cache sql is read-only and runs exactly one SELECT, so this {kinds} "
+            f"statement was refused and {cache} is unchanged.")
+    con = duckdb.connect(":memory:")
+    try:
+        _populate(con, cache, shards_table(cache))
+        return con.sql(query).to_arrow_table()
+    except duckdb.Error as exc:
+        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}") from None
+    finally:
+        con.close()
+
+
+def _first_line(exc: Exception) -> str:
+    return str(exc).strip().splitlines()[0]

@@ -1,0 +1,181 @@
+"""`verify_cache`: every way a cache can be damaged, as a list of named problems.
+
+Checks, in order: cache.json's format and schema version (nothing else is read when it
+is wrong); per shard, shard.json itself, each listed file's size and sha256, files not
+listed, the rows against the arrays (offsets and shapes within each array's length) and
+every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
+lists exactly the shards on disk with their counts. The sha256 says *which file* is
+damaged, the crc32 says *which samples*.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
+                                        read_array_info, read_index, read_raw)
+from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE,
+                                     SAMPLES_FILE, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR)
+
+
+@dataclass(frozen=True)
+class Problem:
+    shard: str     # shard directory name, "" for the cache itself
+    file: str      # path inside the shard (or the cache), "" for the whole shard
+    message: str
+
+    def __str__(self) -> str:
+        where = "/".join(p for p in (self.shard, self.file) if p) or "cache"
+        return f"{where}: {self.message}"
+
+
+def verify_cache(path) -> list[Problem]:
+    path = Path(path)
+    try:
+        load_cache_json(path)
+    except CacheFormatError as exc:
+        return [Problem("", "cache.json", str(exc))]
+    shard_dirs = committed_shards(path)
+    problems: list[Problem] = []
+    for d in shard_dirs:
+        problems += verify_shard(d)
+    root = path / SHARDS_DIR
+    for d in sorted(root.iterdir()) if root.is_dir() else []:
+        if d.name.startswith("shard-") and d not in shard_dirs:
+            problems.append(Problem(d.name, SHARD_JSON, "missing, so the shard is incomplete"))
+    return problems + verify_catalog(path, shard_dirs)
+
+
+def verify_shard(d: Path) -> list[Problem]:
+    name = d.name
+    try:
+        doc = json.loads((d / SHARD_JSON).read_text())
+    except (OSError, ValueError) as exc:
+        return [Problem(name, SHARD_JSON, f"cannot be read ({exc})")]
+    if doc.get("format") != FORMAT_NAME or doc.get("schema_version") != SCHEMA_VERSION:
+        return [Problem(name, SHARD_JSON, f"format {doc.get('format')!r} version {doc.get('schema_version')}, "
+                                          f"expected {FORMAT_NAME!r} version {SCHEMA_VERSION}")]
+    problems, unreadable = _check_files(d, doc)
+    if SAMPLES_FILE in unreadable or REJECTS_FILE in unreadable:
+        return problems
+    rows = pq.read_table(d / SAMPLES_FILE, columns=None).drop_columns(["image_bytes"]).to_pylist()
+    n_rejects = pq.read_metadata(d / REJECTS_FILE).num_rows
+    if len(rows) != doc["n_samples"] or n_rejects != doc["n_rejects"]:
+        problems.append(Problem(name, SAMPLES_FILE, f"{len(rows)} samples and {n_rejects} rejects, shard.json "
+                                                    f"says {doc['n_samples']} and {doc['n_rejects']}"))
+    for kind in ARRAY_KINDS:
+        if f"{kind}/c/0" not in unreadable and f"{kind}/zarr.json" not in unreadable:
+            problems += _check_array(d, doc, kind, rows)
+    return problems
+
+
+def _check_files(d: Path, doc: dict) -> tuple[list[Problem], set[str]]:
+    """Size and sha256 of each listed file; returns problems and the files too short to read."""
+    problems, unreadable = [], set()
+    listed = {f["path"] for f in doc["files"]}
+    for f in doc["files"]:
+        p = d / f["path"]
+        if not p.is_file():
+            problems.append(Problem(d.name, f["path"], "missing"))
+            unreadable.add(f["path"])
+            continue
+        size = p.stat().st_size
+        if size != f["bytes"]:
+            problems.append(Problem(d.name, f["path"], f"size {size} bytes, shard.json says {f['bytes']} (truncated?)"))
+            unreadable.add(f["path"])
+        elif _sha256(p) != f["sha256"]:
+            problems.append(Problem(d.name, f["path"], "sha256 does not match shard.json (corrupted)"))
+    for p in sorted(d.rglob("*")):
+        rel = p.relative_to(d).as_posix()
+        if p.is_file() and rel != SHARD_JSON and rel not in listed:
+            problems.append(Problem(d.name, rel, "not listed in shard.json"))
+    return problems, unreadable
+
+
+def _sha256(p: Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _sizes(row: dict) -> dict[str, int]:
+    e, p = row["logit_entries"], row["n_logit_positions"]
+    return {"attn": row["n_text"] * row["n_heads"] * row["n_vision"],
+            "vision": row["n_vision"] * row["vision_dim"], "focus": row["n_vision"],
+            "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
+
+
+def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Problem]:
+    rel = f"{kind}/c/0"
+    try:
+        info = read_array_info(d, kind)
+    except CacheFormatError as exc:
+        return [Problem(d.name, f"{kind}/zarr.json", str(exc))]
+    expected = doc["arrays"].get(kind, {}).get("length")
+    if info.length != expected:
+        return [Problem(d.name, f"{kind}/zarr.json", f"length {info.length}, shard.json says {expected}")]
+    if not info.length:
+        return []
+    fd = os.open(info.path, os.O_RDONLY)
+    try:
+        index = read_index(fd, info)
+        bad = []
+        for row in rows:
+            off, n = row[f"{kind}_offset"], _sizes(row)[kind]
+            if off < 0 or off + n > info.length:
+                bad.append(f"{row['sample_id']} (offset {off}+{n} beyond length {info.length})")
+                continue
+            try:
+                raw = read_raw(fd, info, index, off, n)
+            except CacheFormatError:
+                bad.append(f"{row['sample_id']} (undecodable chunk)")
+                continue
+            if (zlib.crc32(memoryview(raw).cast("B")) if n else 0) != row[f"{kind}_crc32"]:
+                bad.append(f"{row['sample_id']} (crc32 mismatch)")
+    except CacheFormatError as exc:
+        return [Problem(d.name, rel, str(exc))]
+    finally:
+        os.close(fd)
+    if not bad:
+        return []
+    more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+    return [Problem(d.name, rel, f"{len(bad)} damaged sample(s): {', '.join(bad[:3])}{more}")]
+
+
+def verify_catalog(path: Path, shard_dirs: list[Path]) -> list[Problem]:
+    import duckdb
+
+    from alignkd.cache.catalog import catalog_shards
+
+    if not (path / CATALOG_FILE).is_file():
+        return [Problem("", CATALOG_FILE, "missing; rebuild it with alignkd.cache.rebuild_catalog")]
+    try:
+        listed = {r["name"]: r for r in catalog_shards(path).to_pylist()}
+    except duckdb.Error as exc:
+        return [Problem("", CATALOG_FILE, f"cannot be read ({str(exc).splitlines()[0]})")]
+    problems = []
+    on_disk = {}
+    for d in shard_dirs:
+        try:
+            on_disk[d.name] = json.loads((d / SHARD_JSON).read_text())
+        except (OSError, ValueError):
+            continue
+    for name in sorted(set(listed) - set(on_disk)):
+        problems.append(Problem(name, "", "listed in catalog.duckdb but the shard directory is missing"))
+    for name in sorted(set(on_disk) - set(listed)):
+        problems.append(Problem(name, "", "on disk but not listed in catalog.duckdb"))
+    for name in sorted(set(on_disk) & set(listed)):
+        doc, row = on_disk[name], listed[name]
+        if (row["n_samples"], row["n_rejects"]) != (doc["n_samples"], doc["n_rejects"]):
+            problems.append(Problem(name, CATALOG_FILE, f"catalog counts {row['n_samples']}/{row['n_rejects']} "
+                                                        f"differ from shard.json {doc['n_samples']}/{doc['n_rejects']}"))
+    return problems

@@ -1,0 +1,132 @@
+"""What an alignkd cache *is*: the one place for the format name, version and layouts.
+
+Declarative on purpose: the writer, the reader, `verify` and the catalog all read these
+constants, and nothing here imports the rest of alignkd. Any change to what is written
+(a column, an array, an encoding, a file name) bumps `SCHEMA_VERSION`; readers refuse
+every version they were not written for instead of patching missing keys.
+docs/cache-format.md is the prose version of this module.
+"""
+
+from __future__ import annotations
+
+import pyarrow as pa
+
+FORMAT_NAME = "alignkd-cache"
+SCHEMA_VERSION = 1
+
+# ---------------------------------------------------------------- file and dir names
+CACHE_JSON = "cache.json"
+CATALOG_FILE = "catalog.duckdb"
+SHARDS_DIR = "shards"
+SAMPLES_FILE = "samples.parquet"
+REJECTS_FILE = "rejects.parquet"
+SHARD_JSON = "shard.json"          # written last: its presence means the shard is complete
+TEMP_PREFIX = ".tmp-"              # in-flight shards; readers skip anything starting with "."
+LOCK_FILE = ".lock"                # rank 0; rank r > 0 uses ".lock-r{r}"
+
+
+def shard_name(index: int, rank: int = 0) -> str:
+    """Rank 0 writes `shard-000123`; rank r writes `shard-r{r}-000123`, so ranks never collide."""
+    return f"shard-{index:06d}" if rank == 0 else f"shard-r{rank}-{index:06d}"
+
+
+# ---------------------------------------------------------------- zarr arrays
+# Every tensor kind is one 1-D Zarr v3 array per shard: samples are flattened C-order and
+# concatenated, and each sample's slice starts on an inner-chunk boundary (the gap is
+# zero padding). One inner chunk therefore never holds two samples, so a sample is a
+# contiguous byte range in the shard file: one read, no neighbour bytes decoded.
+# Each array uses the sharding codec with a single shard, i.e. one file `KIND/c/0`.
+#
+# Inner chunk sizes (elements), chosen for a 7B teacher (attn ~1.5M, vision 590k elems):
+# - 65536 for attn/vision: 64-128 KB chunks are where blosc-lz4-bitshuffle reaches its
+#   ratio (smaller chunks lose ~3%), and a sample is ~10-25 chunks so the mean zero
+#   padding (half a chunk) is ~2% of a sample before compression, ~0 after.
+#   144 x 4096 vision tokens are exactly 9 chunks.
+# - 16384 for logit entries (top-64 x ~300 positions ~ 20k), 1024 for per-position or
+#   per-vision-token vectors: small samples should not pay for a big zero chunk.
+ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt")
+VISION_DTYPES = ("bfloat16", "float16")
+
+# stored numpy dtype for each encoding; bfloat16 is kept as its raw uint16 bit pattern
+# (zarr 3.1 has no bfloat16), and the array's "alignkd_encoding" attribute says so.
+ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8",
+                 "float32": "float32", "int32": "int32"}
+
+ARRAY_SPECS = {
+    #  kind            inner chunk  encoding (None: from the writer's option)
+    "attn":          {"chunk": 65536, "encoding": None, "option": "attn_dtype"},
+    "vision":        {"chunk": 65536, "encoding": None, "option": "vision_dtype"},
+    "focus":         {"chunk": 1024, "encoding": "float32"},
+    "logit_ids":     {"chunk": 16384, "encoding": "int32"},     # left-packed valid entries only
+    "logit_values":  {"chunk": 16384, "encoding": "float32"},   # log-probs (top-k) or counts (sampled)
+    "logit_nnz":     {"chunk": 1024, "encoding": "int32"},      # valid entries per position
+    "logit_tail":    {"chunk": 1024, "encoding": "float32"},
+}
+ARRAY_KINDS = tuple(ARRAY_SPECS)
+
+# blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
+# zstd for ~10% more bytes; the reader's throughput target makes lz4 the right side.
+BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
+ENCODING_ATTR = "alignkd_encoding"
+
+# ---------------------------------------------------------------- parquet rows
+_i32_list = pa.list_(pa.int32())
+
+SAMPLE_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("manifest_row", pa.int64()),
+    ("input_ids", _i32_list),
+    ("label_mask", pa.list_(pa.bool_())),
+    ("vision_positions", _i32_list),
+    ("text_positions", _i32_list),
+    ("logit_positions", _i32_list),
+    # per-sample shapes: attn [n_text, n_heads, n_vision], vision [n_vision, vision_dim],
+    # logits [n_logit_positions, logit_k] with logit_entries valid entries in total
+    ("n_text", pa.int32()),
+    ("n_heads", pa.int32()),
+    ("n_vision", pa.int32()),
+    ("vision_dim", pa.int32()),
+    ("n_logit_positions", pa.int32()),
+    ("logit_k", pa.int32()),
+    ("logit_entries", pa.int64()),
+    *[(f"{kind}_offset", pa.int64()) for kind in ARRAY_KINDS],   # element offset into the array
+    *[(f"{kind}_crc32", pa.int64()) for kind in ARRAY_KINDS],    # zlib.crc32 of the stored bytes
+    ("teacher_ce", pa.float64()),
+    ("teacher_entropy", pa.float64()),
+    ("teacher_tail_mass", pa.float64()),
+    ("image_path", pa.string()),
+    ("image_sha256", pa.string()),
+    ("image_bytes", pa.binary()),
+])
+# image bytes are read per sample; small row groups keep one random read to ~32 images
+SAMPLES_ROW_GROUP = 32
+
+REJECT_SCHEMA = pa.schema([
+    ("sample_id", pa.string()),
+    ("manifest_row", pa.int64()),
+    ("reason", pa.string()),
+    ("message", pa.string()),
+])
+
+# ---------------------------------------------------------------- json documents
+# cache.json: these keys are the writer's; the builder's meta dict is merged at top level
+# beside them (teacher, teacher_shapes, build_options, ...) and may not reuse these names.
+CACHE_JSON_FIELDS = ("format", "schema_version", "alignkd_version", "created_at", "storage")
+STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "shard_size", "store_images")
+
+# shard.json: "files" lists every other file of the shard with "path", "bytes", "sha256".
+SHARD_JSON_FIELDS = ("format", "schema_version", "name", "rank", "index", "n_samples",
+                     "n_rejects", "manifest_rows", "arrays", "files", "committed_at")
+
+# catalog.duckdb `shards` table (the samples/rejects views mirror the parquet schemas)
+SHARDS_TABLE_SCHEMA = pa.schema([
+    ("name", pa.string()),
+    ("rank", pa.int32()),
+    ("shard_index", pa.int32()),
+    ("n_samples", pa.int64()),
+    ("n_rejects", pa.int64()),
+    ("bytes", pa.int64()),
+    ("min_manifest_row", pa.int64()),
+    ("max_manifest_row", pa.int64()),
+    ("committed_at", pa.string()),
+])
