@@ -155,7 +155,6 @@ def read_loader(ds, order) -> float:
 
 def read_zarr_python(path: Path, order) -> float:
     """zarr-python 3.1 slicing of the same arrays, for reference (no decoding to float32)."""
-    import pyarrow.parquet as pq
     import zarr
 
     start = time.perf_counter()
@@ -169,7 +168,6 @@ def read_zarr_python(path: Path, order) -> float:
         size = {"attn": int(reader._cols["n_text"][i]) * H * NV, "vision": NV * D}
         for kind in ("attn", "vision"):
             g[kind][c[f"{kind}_offset"]:c[f"{kind}_offset"] + size[kind]]
-    del pq
     return len(order) / (time.perf_counter() - start)
 
 
