@@ -54,8 +54,7 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
         else:
             gen = torch.Generator().manual_seed(sample_seed(seed, sample.sample_id))
             target = encode_sampled(logits, logit_samples, gen)
-        valid = batch["attention_mask"][b].bool()
-        ce, entropy, tail = teacher_stats(cap.logits[b][valid].float(), batch["labels"][b][valid], target)
+        stats = teacher_stats(logits, batch["labels"][b, logit_pos + 1], target)
         ids = sample.input_ids
         records.append(SampleRecord(
             sample_id=sample.sample_id,
@@ -71,7 +70,7 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
             logit_ids=target.ids.numpy().astype(np.int64),
             logit_values=_np(target.values, np.float32),
             logit_tail=_np(target.tail, np.float32),
-            teacher_ce=float(ce), teacher_entropy=float(entropy), teacher_tail_mass=float(tail),
+            teacher_ce=stats.ce, teacher_entropy=stats.entropy, teacher_tail_mass=stats.tail,
             image_path=image_paths[b],
             image_sha256=sample.image_sha256,
             image_bytes=sample.image_bytes if store_images else None,
@@ -134,9 +133,9 @@ class TeacherPass:
             on_device["pixel_values"] = on_device["pixel_values"].to(self.vlm.model.dtype)
         model_inputs = {k: v for k, v in on_device.items() if k != "labels"}
         cap = capture_forward(self.vlm.model, model_inputs)
-        cpu_batch = {"labels": batch["labels"], "attention_mask": batch["attention_mask"]}
-        cap_cpu = cap.to("cpu") if hasattr(cap, "to") else cap
+        # Sparse encoding runs where the logits are: copying [B, L, V] logits to the host
+        # would cost more than the teacher forward on a GPU.
         return records_from_capture(
-            rendered, image_paths, cpu_batch, cap_cpu, logit_mode=self.cfg.logit_mode, logit_k=self.cfg.logit_k,
+            rendered, image_paths, on_device, cap, logit_mode=self.cfg.logit_mode, logit_k=self.cfg.logit_k,
             logit_samples=self.cfg.logit_samples, positions_policy=self.cfg.logit_positions,
             seed=self.cfg.seed, store_images=self.cfg.store_images)

@@ -122,15 +122,19 @@ def distill(cfg: DistillConfig) -> DistillSummary:
         adapters=cfg.adapters)
     dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images)
     out = Path(cfg.out)
+    # transformers 5 reads the TensorBoard directory from the environment only.
+    os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     args = TrainingArguments(
         output_dir=str(out / "checkpoints"), num_train_epochs=cfg.epochs, max_steps=cfg.max_steps,
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
-        learning_rate=cfg.lr, warmup_ratio=cfg.warmup_ratio, weight_decay=cfg.weight_decay,
+        learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio in 5.x
+        weight_decay=cfg.weight_decay,
         seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
         save_steps=cfg.save_steps, save_strategy="steps", report_to=["tensorboard"] if cfg.log == "tensorboard" else [],
-        logging_dir=str(out / "tensorboard"), remove_unused_columns=False, disable_tqdm=not cfg.progress,
+        remove_unused_columns=False, disable_tqdm=not cfg.progress,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
-        ddp_backend=None if torch.cuda.is_available() else "gloo",
+        # Under torchrun on CPU (the tests' two gloo processes) DDP needs gloo; NCCL otherwise.
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
     )
     trainer = AlignKDTrainer(
         model=objective, args=args, train_dataset=dataset,
