@@ -1,0 +1,114 @@
+"""`alignkd cache stats`: what is in a cache, what it costs on disk, and how the teacher did.
+
+"Raw" bytes are the tensors at fp16 (attention, vision tokens, focus, log-probs) and
+int32 (token ids, counts, offsets), the way a naive per-sample dump would store them;
+the compression ratio is raw over the bytes the shards actually take.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from alignkd.cache.catalog import run_sql
+from alignkd.cache.shard_format import committed_shards, load_cache_json
+from alignkd.storage_schemas import ARRAY_KINDS, SHARD_JSON
+
+DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass")
+
+# Raw bytes per sample, from the row's shape columns (see the module docstring).
+RAW_BYTES_SQL = {
+    "attn": "2 * n_text * n_heads * n_vision",
+    "vision": "2 * n_vision * vision_dim",
+    "focus": "2 * n_vision",
+    "logit_ids": "4 * logit_entries",
+    "logit_values": "2 * logit_entries",
+    "logit_nnz": "4 * n_logit_positions",
+    "logit_tail": "2 * n_logit_positions",
+}
+
+
+def _disk_bytes_by_kind(cache: Path) -> dict[str, int]:
+    """Bytes per tensor kind (zarr arrays) and per Parquet file, summed over committed shards."""
+    sizes: dict[str, int] = defaultdict(int)
+    for shard in committed_shards(cache):
+        for entry in json.loads((shard / SHARD_JSON).read_text())["files"]:
+            top = entry["path"].split("/")[0]
+            sizes[top if top in ARRAY_KINDS else entry["path"]] += entry["bytes"]
+    return dict(sizes)
+
+
+def _one_row(cache: str, sql: str) -> dict:
+    """The single result row, with DuckDB's DECIMAL sums turned into plain numbers."""
+    rows = run_sql(cache, sql).to_pylist()
+    row = rows[0] if rows else {}
+    return {k: (int(v) if type(v).__name__ == "Decimal" else v) for k, v in row.items()}
+
+
+def cache_stats(cache: str) -> dict:
+    path = Path(cache)
+    meta = load_cache_json(path)
+    raw_cols = ", ".join(f"coalesce(sum({expr}), 0) AS {kind}" for kind, expr in RAW_BYTES_SQL.items())
+    raw = _one_row(cache, f"SELECT {raw_cols} FROM samples")
+    counts = _one_row(cache, """
+        SELECT count(*) AS samples, coalesce(sum(len(input_ids)), 0) AS tokens,
+               coalesce(sum(list_sum(list_transform(label_mask, lambda x: x::INT))), 0) AS answer_tokens,
+               coalesce(sum(n_text), 0) AS text_query_rows,
+               coalesce(sum(n_logit_positions), 0) AS logit_positions,
+               coalesce(sum(octet_length(image_bytes)), 0) AS image_bytes
+        FROM samples""")
+    quantiles = {}
+    for col in DISTRIBUTION_COLUMNS:
+        quantiles[col] = _one_row(cache, f"""
+            SELECT min({col}) AS min, quantile_cont({col}, 0.1) AS p10, median({col}) AS p50,
+                   quantile_cont({col}, 0.9) AS p90, max({col}) AS max, avg({col}) AS mean
+            FROM samples WHERE NOT isnan({col})""")
+    rejects = {r["reason"]: r["n"] for r in run_sql(
+        cache, "SELECT reason, count(*) AS n FROM rejects GROUP BY reason ORDER BY n DESC").to_pylist()}
+    disk = _disk_bytes_by_kind(path)
+    n = max(counts.get("samples", 0), 1)
+    tensors_disk = sum(disk.get(k, 0) for k in ARRAY_KINDS)
+    tensors_raw = sum(raw.get(k, 0) for k in ARRAY_KINDS)
+    return {
+        "path": str(path.resolve()),
+        "format": meta["format"], "schema_version": meta["schema_version"],
+        "samples": counts.get("samples", 0), "shards": len(committed_shards(path)),
+        "rejects": rejects, "tokens": {k: counts.get(k, 0) for k in
+                                       ("tokens", "answer_tokens", "text_query_rows", "logit_positions")},
+        "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
+        "bytes_per_sample": sum(disk.values()) / n,
+        "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
+        "teacher": meta.get("teacher", {}), "teacher_shapes": meta.get("teacher_shapes", {}),
+        "build_options": meta.get("build_options", {}), "storage": meta.get("storage", {}),
+        "distributions": quantiles,
+    }
+
+
+def _kb(n: float) -> str:
+    return f"{n / 1e3:,.1f} kB"
+
+
+def render_stats(s: dict) -> str:
+    lines = [f"cache {s['path']}  ({s['format']} v{s['schema_version']})",
+             f"samples {s['samples']} in {s['shards']} shard(s); "
+             f"rejects {sum(s['rejects'].values())}"
+             + "".join(f"\n  reject {reason}: {n}" for reason, n in s["rejects"].items()),
+             "tokens " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["tokens"].items()),
+             f"on disk {_kb(s['bytes_per_sample'])} per sample; tensors compress "
+             + (f"{s['tensor_compression_ratio']:.2f}x vs raw fp16/int32" if s["tensor_compression_ratio"]
+                else "n/a"),
+             "  kind            disk        raw"]
+    for kind, size in sorted(s["bytes_on_disk"].items()):
+        raw = s["bytes_raw"].get(kind)
+        lines.append(f"  {kind:<14} {_kb(size):>10} {(_kb(raw) if raw is not None else '-'):>10}")
+    lines.append(f"{'teacher stats':<20}" + "".join(f"{k:>9}" for k in ("min", "p10", "p50", "p90", "max")))
+    for col, q in s["distributions"].items():
+        if q.get("p50") is None:
+            continue
+        lines.append(f"  {col:<18}" + "".join(f"{q[k]:9.4f}" for k in ("min", "p10", "p50", "p90", "max")))
+    t = s["teacher"]
+    lines.append(f"teacher {t.get('path')} ({s['teacher_shapes'].get('model_type')}, "
+                 f"config {str(t.get('config_sha256'))[:12]}, weights {str(t.get('weights_fingerprint'))[:12]})")
+    lines.append("build " + " ".join(f"{k}={v}" for k, v in s["build_options"].items()))
+    return "\n".join(lines)
