@@ -140,5 +140,6 @@ def main() -> None:
     print()
     print_table(*measure(layer0_variants(probed.model, batch, args.device), 5 * args.repeats, args.device))
 
+
 if __name__ == "__main__":
     main()

@@ -61,6 +61,28 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     input_ids = batch["input_ids"]
     image_mask = input_ids == family.get_image_token_id(model.config)
     positions = vision_positions(image_mask)  # refuses before paying for a forward
+    out, weights, embeds = _run_listening(model, family, batch, keep_graph)
+
+    attention_mask = batch.get("attention_mask")
+    if attention_mask is None:
+        attention_mask = torch.ones_like(input_ids)
+    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
+    index = positions[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
+    return CaptureOutput(
+        logits=out.logits,
+        image_mask=image_mask,
+        vision_tokens=embeds[rows, positions],
+        vision_positions=positions,
+        text_query_mask=text_query_mask(image_mask, attention_mask),
+        attn_text_vision=weights.gather(3, index),
+        layer0_attn=weights if return_full_layer0 else None,
+        loss=getattr(out, "loss", None),
+        model_output=out,
+    )
+
+
+def _run_listening(model, family, batch: dict, keep_graph: bool):
+    """Forward with the probe listening; returns (output, layer-0 weights, decoder inputs_embeds)."""
     state = install_probe(model)
     embeds: dict[str, torch.Tensor] = {}
 
@@ -79,23 +101,7 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     weights, state.layer0_weights = state.layer0_weights, None
     if weights is None or "x" not in embeds:
         raise RuntimeError("capture hooks did not fire; is the text attention routed through the probe?")
-
-    attention_mask = batch.get("attention_mask")
-    if attention_mask is None:
-        attention_mask = torch.ones_like(input_ids)
-    rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
-    index = positions[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
-    return CaptureOutput(
-        logits=out.logits,
-        image_mask=image_mask,
-        vision_tokens=embeds["x"][rows, positions],
-        vision_positions=positions,
-        text_query_mask=text_query_mask(image_mask, attention_mask),
-        attn_text_vision=weights.gather(3, index),
-        layer0_attn=weights if return_full_layer0 else None,
-        loss=getattr(out, "loss", None),
-        model_output=out,
-    )
+    return out, weights, embeds["x"]
 
 
 def vision_positions(image_mask: torch.Tensor) -> torch.Tensor:
