@@ -111,7 +111,11 @@ class TeacherPass:
             rendered, image_paths = [], []
             for rec in chunk:
                 try:
-                    rendered.append(render_sample(rec, processor, cfg.images, cfg.max_length))
+                    sample = render_sample(rec, processor, cfg.images, cfg.max_length)
+                    if rec.image is None:  # the capture needs one image per sample in a batch
+                        raise SampleError(rec.sample_id, rec.row, "no_image",
+                                          "has no image, and Align-KD needs one to distil attention")
+                    rendered.append(sample)
                     image_paths.append(rec.image)
                 except SampleError as err:
                     n_rejects += 1

@@ -24,6 +24,7 @@ REASONS = frozenset({
     "template_rejected",          # the processor's chat template raised on this sample
     "image_tokens_truncated",     # max_length would cut through the image tokens
     "no_answer_tokens",           # no assistant token survives truncation
+    "no_image",                   # a text-only record: Align-KD distils text-to-vision attention
 })
 
 
