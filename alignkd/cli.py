@@ -177,6 +177,8 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default="trainable", show_default=True)
 @click.option("--freeze", default="vision_tower", show_default=True, help="Comma list of modules to freeze.")
 @click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default="jsonl", show_default=True)
+@click.option("--verify/--no-verify", default=True, show_default=True,
+              help="Check every shard's checksums before training (skip for very large caches).")
 @click.option("--save-steps", default=500, show_default=True)
 @click.option("--logging-steps", default=5, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

@@ -9,12 +9,14 @@ atomic, so at most the shard that was in flight when a build died is redone.
 from __future__ import annotations
 
 import hashlib
+import shutil
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alignkd.errors import ConfigError
+from alignkd.storage_schemas import TOKENIZER_DIR
 
 LOGIT_MODES = ("topk", "sampled")
 POSITION_POLICIES = ("response", "text")
@@ -115,6 +117,18 @@ def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> No
             )
 
 
+def save_tokenizer(tokenizer, cache: Path) -> None:
+    """Keep the teacher's tokenizer in the cache, so distill can check a student against it
+    after the teacher directory is gone. Written to a temporary name, then renamed."""
+    target = cache / TOKENIZER_DIR
+    if target.is_dir():
+        return
+    tmp = cache / f".tmp-{TOKENIZER_DIR}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tokenizer.save_pretrained(tmp)
+    tmp.rename(target)
+
+
 def directory_bytes(path: Path) -> int:
     return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
 
@@ -139,6 +153,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                      overwrite=cfg.overwrite) as writer:
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
+        save_tokenizer(teacher.vlm.processor.tokenizer, Path(cfg.out))
         done = writer.done_rows
         summary.skipped_done = len(done)
         for err in duplicates:

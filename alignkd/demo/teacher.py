@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -64,67 +65,43 @@ def build_model(spec: TinyLlavaSpec, tokenizer, vision_tower_state: dict, seed: 
     return model
 
 
-def _messages(question: str, answer: str | None) -> list[dict]:
-    user = {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
-    if answer is None:
-        return [user]
-    return [user, {"role": "assistant", "content": [{"type": "text", "text": answer}]}]
-
-
 def prepare_examples(manifest: Path, processor, images_root: Path, limit: int | None = None) -> Examples:
-    """Tokenise a single-turn world manifest once, so that training steps only index tensors."""
-    import torch
-    from PIL import Image
+    """Render a manifest once through the data layer, so that training steps only index tensors.
 
-    records = json.loads(Path(manifest).read_text())[:limit]
-    tok = processor.tokenizer
+    Rendering is the same `render_sample` the cache uses, so the teacher trains on exactly
+    the tokens it is later cached on. Pixels are kept once per image, not per record.
+    """
+    import torch
+
+    from alignkd.data import collate, read_manifest, render_sample
+
+    records = read_manifest(manifest)[:limit]
+    qtypes = {r["id"]: r.get("qtype", "all") for r in json.loads(Path(manifest).read_text())}
     image_rows: dict[str, int] = {}
-    pixels, ids, labels, index = [], [], [], []
+    samples, pixels, index = [], [], []
     for rec in records:
-        question = rec["conversations"][0]["value"].replace("<image>\n", "")
-        answer = rec["conversations"][1]["value"]
-        if rec["image"] not in image_rows:
-            image_rows[rec["image"]] = len(pixels)
-            img = Image.open(images_root / rec["image"]).convert("RGB")
-            pixels.append(processor.image_processor(img, return_tensors="pt")["pixel_values"][0])
-        prompt = processor.apply_chat_template(_messages(question, None), add_generation_prompt=True)
-        full = processor.apply_chat_template(_messages(question, answer))
-        p_ids = _expand(tok, prompt, processor)
-        f_ids = _expand(tok, full, processor)
-        ids.append(f_ids)
-        labels.append([-100] * len(p_ids) + f_ids[len(p_ids):])
-        index.append(image_rows[rec["image"]])
-    width = max(map(len, ids))
-    pad = tok.pad_token_id
+        sample = render_sample(rec, processor, images_root, max_length=None)
+        if sample.image_sha256 not in image_rows:
+            image_rows[sample.image_sha256] = len(pixels)
+            pixels.append(sample.image_inputs["pixel_values"][0])
+        index.append(image_rows[sample.image_sha256])
+        samples.append(sample)
+    text_only = [{"input_ids": s.input_ids, "attention_mask": s.attention_mask, "labels": s.labels, "image_inputs": {}} for s in samples]
+    batch = collate(text_only, processor.tokenizer.pad_token_id)
     return Examples(
-        input_ids=torch.tensor([x + [pad] * (width - len(x)) for x in ids]),
-        attention_mask=torch.tensor([[1] * len(x) + [0] * (width - len(x)) for x in ids]),
-        labels=torch.tensor([x + [-100] * (width - len(x)) for x in labels]),
-        image_index=torch.tensor(index),
-        pixel_values=torch.stack(pixels),
-        qtypes=[r.get("qtype", "all") for r in records],
-        answers=[r["conversations"][1]["value"] for r in records],
+        input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+        image_index=torch.tensor(index), pixel_values=torch.stack(pixels),
+        qtypes=[qtypes.get(r.sample_id, "all") for r in records],
+        answers=[processor.tokenizer.decode(s.input_ids[s.labels != -100], skip_special_tokens=True) for s in samples],
     )
 
 
-def _expand(tok, text: str, processor) -> list[int]:
-    """Token ids with the image placeholder expanded to one token per vision patch."""
-    ids = tok(text, add_special_tokens=False)["input_ids"]
-    image_id = tok.convert_tokens_to_ids(processor.image_token)
-    n_image = _num_image_tokens(processor)
-    out = []
-    for i in ids:
-        out.extend([image_id] * n_image if i == image_id else [i])
-    return out
+def train_llava(model, examples: Examples, cfg: TrainConfig, on_step: Callable[[int, float], None] | None = None
+                ) -> list[float]:
+    """Plain seeded CE on the answer tokens; returns the loss of every step.
 
-
-def _num_image_tokens(processor) -> int:
-    size = processor.image_processor.crop_size["height"]
-    return (size // processor.patch_size) ** 2 + processor.num_additional_image_tokens - 1
-
-
-def train_llava(model, examples: Examples, cfg: TrainConfig, log_every: int = 0) -> list[float]:
-    """Plain seeded CE on the answer tokens; returns the loss of every step."""
+    `on_step(step, loss)` runs after each optimiser step (1-based), e.g. to log or evaluate.
+    """
     import torch
 
     gen = torch.Generator().manual_seed(cfg.seed)
@@ -133,21 +110,21 @@ def train_llava(model, examples: Examples, cfg: TrainConfig, log_every: int = 0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: _lr_scale(s, cfg))
     model.train()
     losses, n = [], len(examples.input_ids)
-    order = torch.randperm(n, generator=gen)
+    order, cursor = torch.randperm(n, generator=gen), 0
     for step in range(cfg.steps):
-        start = (step * cfg.batch_size) % n
-        if start + cfg.batch_size > n:
-            order, start = torch.randperm(n, generator=gen), 0
-        batch = order[start:start + cfg.batch_size]
-        out = model(**_batch(examples, batch))
+        if cursor + cfg.batch_size > n:  # a new epoch: reshuffle, drop the ragged tail
+            order, cursor = torch.randperm(n, generator=gen), 0
+        batch = order[cursor:cursor + cfg.batch_size]
+        cursor += cfg.batch_size
+        out = model(**_batch(examples, batch, model.device))
         opt.zero_grad(set_to_none=True)
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         losses.append(out.loss.item())
-        if log_every and (step + 1) % log_every == 0:
-            print(f"step {step + 1} loss {sum(losses[-log_every:]) / log_every:.4f}", flush=True)
+        if on_step is not None:
+            on_step(step + 1, losses[-1])
     return losses
 
 
@@ -158,39 +135,41 @@ def _lr_scale(step: int, cfg: TrainConfig) -> float:
     return 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def _batch(examples: Examples, rows) -> dict:
+def _batch(examples: Examples, rows, device) -> dict:
     width = int(examples.attention_mask[rows].sum(1).max())  # trim the shared right padding
-    return {
+    batch = {
         "input_ids": examples.input_ids[rows, :width],
         "attention_mask": examples.attention_mask[rows, :width],
         "labels": examples.labels[rows, :width],
         "pixel_values": examples.pixel_values[examples.image_index[rows]],
     }
+    return {k: v.to(device) for k, v in batch.items()}
 
 
-def normalise_answer(text: str) -> str:
-    return " ".join(text.lower().replace("?", " ").replace(".", " ").split())
-
-
-def evaluate(model, processor, examples: Examples, batch_size: int = 128) -> dict[str, float]:
+def evaluate(model, tokenizer, examples: Examples, batch_size: int = 128) -> dict[str, float]:
     """Greedy-decode every answer; accuracy per qtype plus `all`."""
     import torch
 
-    tok = processor.tokenizer
+    from alignkd.distill.evaluate import normalise_answer
+
+    tok = tokenizer
+    was_training = model.training
     model.eval()
     correct: dict[str, list[int]] = {}
     prompt_len = (examples.labels == -100).logical_and(examples.attention_mask.bool()).sum(1)
     for start in range(0, len(prompt_len), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(prompt_len)))
         ids, mask = _left_pad([examples.input_ids[r, :prompt_len[r]] for r in rows], tok.pad_token_id)
+        device = model.device
         with torch.no_grad():
-            out = model.generate(input_ids=ids, attention_mask=mask,
-                                 pixel_values=examples.pixel_values[examples.image_index[rows]],
+            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
+                                 pixel_values=examples.pixel_values[examples.image_index[rows]].to(device),
                                  max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         for r, text in zip(rows.tolist(), texts):
             hit = int(normalise_answer(text) == normalise_answer(examples.answers[r]))
             correct.setdefault(examples.qtypes[r], []).append(hit)
+    model.train(was_training)
     acc = {q: sum(v) / len(v) for q, v in sorted(correct.items())}
     acc["all"] = sum(map(sum, correct.values())) / sum(map(len, correct.values()))
     return acc
@@ -206,3 +185,66 @@ def _left_pad(seqs, pad_id: int):
         ids[i, width - len(s):] = s
         mask[i, width - len(s):] = 1
     return ids, mask
+
+
+# The demo world the shipped teacher was trained on; the demo must generate the same one.
+WORLD_SEED = 0
+WORLD_SIZES = dict(n_train=16000, n_val=1400, n_test=1400)
+TEACHER_TRAIN = TrainConfig(steps=4000, batch_size=32, lr=1e-3)
+VISION_PRETRAIN_STEPS = 300
+
+
+@dataclass(frozen=True)
+class TeacherRun:
+    model_dir: Path
+    accuracy: dict  # on the validation split, per qtype
+    seconds: float
+
+
+def train_teacher(out_dir: str | Path, seed: int = 0, world_dir: str | Path | None = None,
+                  cfg: TrainConfig | None = None, threads: int = 2, log_every: int = 250) -> TeacherRun:
+    """Generate the demo world, pretrain the tower, train the teacher with CE, save and score it.
+
+    Writes `out_dir/model` (a LLaVA directory that loads with transformers) and
+    `out_dir/metrics.json`. Everything is seeded; `cfg` defaults to TEACHER_TRAIN.
+    """
+    import torch
+
+    from alignkd.demo.vision_pretrain import pretrain_vision_tower
+
+    torch.set_num_threads(threads)
+    start = time.perf_counter()
+    out = Path(out_dir)
+    cfg = replace(cfg or TEACHER_TRAIN, seed=seed)
+    paths = world.generate_world(world_dir or out / "world", seed=WORLD_SEED, **WORLD_SIZES)
+    tokenizer = build_word_tokenizer(world.world_vocabulary())
+    processor = build_processor(tokenizer, TEACHER_SPEC)
+    tower = pretrain_vision_tower(build_llava_config(tokenizer, TEACHER_SPEC).vision_config, seed=seed,
+                                  steps=VISION_PRETRAIN_STEPS)
+    model = build_model(TEACHER_SPEC, tokenizer, tower.state_dict, seed=seed)
+    train = prepare_examples(paths.train, processor, paths.images_root)
+    log = _loss_logger(log_every)
+    train_llava(model, train, cfg, on_step=log)
+    accuracy = evaluate(model, tokenizer, prepare_examples(paths.val, processor, paths.images_root))
+    model.save_pretrained(out / "model")
+    processor.save_pretrained(out / "model")
+    seconds = time.perf_counter() - start
+    metrics = {"seed": seed, "train": cfg.__dict__, "tower_patch_accuracy": tower.patch_accuracy,
+               "val_accuracy": accuracy, "seconds": round(seconds, 1), "losses": log.losses}
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+    return TeacherRun(out / "model", accuracy, seconds)
+
+
+def _loss_logger(every: int):
+    """An on_step callback that keeps the mean loss of every `every` steps and prints it."""
+    window: list[float] = []
+
+    def log(step: int, loss: float) -> None:
+        window.append(loss)
+        if every and step % every == 0:
+            log.losses.append(round(sum(window) / len(window), 4))
+            print(f"step {step} loss {log.losses[-1]:.4f}", flush=True)
+            window.clear()
+
+    log.losses = []
+    return log

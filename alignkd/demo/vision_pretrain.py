@@ -7,6 +7,11 @@ tower first learns, per patch, which of the 17 cell contents (empty, or one of
 4 colours × 4 shapes) covers it. That takes seconds on a CPU and is the only
 supervision the tower ever gets; the language models learn the questions later.
 
+A second head asks each patch which grid cell it lies in. Without it the LM has to
+recover a token's position from RoPE distances alone, and "where is X?" and "what is
+left of X?" stayed the slowest types to learn (see docs/demo-notes.md); with it the
+position is part of every vision token's content.
+
 Images come straight from the world's scene sampler and renderer (an endless stream,
 no files), normalised exactly as the CLIP image processor does.
 """
@@ -21,6 +26,7 @@ import numpy as np
 from alignkd.demo import world
 
 NUM_CLASSES = 1 + len(world.COLOURS) * len(world.SHAPES)
+NUM_CELLS = world.GRID * world.GRID
 # The CLIP image processor's defaults (OPENAI_CLIP_MEAN / STD); resize and crop are
 # no-ops because the world's images are already image_size².
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -30,7 +36,8 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 @dataclass(frozen=True)
 class PretrainResult:
     state_dict: dict
-    patch_accuracy: float  # on a fresh held-out batch
+    patch_accuracy: float  # content, on a fresh held-out batch
+    cell_accuracy: float  # which grid cell, same batch
     steps: int
     seconds: float
 
@@ -55,6 +62,13 @@ def patch_labels(scene: world.Scene, patch_size: int) -> np.ndarray:
     return cells[np.ix_(idx, idx)].reshape(-1)
 
 
+def patch_cells(patch_size: int) -> np.ndarray:
+    """Row-major grid-cell index of every patch."""
+    per_side = world.IMAGE_SIZE // patch_size
+    idx = np.arange(per_side) * patch_size // world.CELL
+    return (idx[:, None] * world.GRID + idx[None, :]).reshape(-1)
+
+
 def sample_batch(rng: np.random.Generator, batch_size: int, patch_size: int):
     import torch
 
@@ -65,10 +79,12 @@ def sample_batch(rng: np.random.Generator, batch_size: int, patch_size: int):
 
 
 def _patch_logits(tower, head, pixel_values):
+    """(content logits, cell logits) per patch."""
     # LLaVA reads hidden_states[vision_feature_layer=-1] without the CLS token, so the
     # probe reads exactly the features the projector will see.
     out = tower(pixel_values=pixel_values, output_hidden_states=True)
-    return head(out.hidden_states[-1][:, 1:])
+    logits = head(out.hidden_states[-1][:, 1:])
+    return logits[..., :NUM_CLASSES], logits[..., NUM_CLASSES:]
 
 
 def pretrain_vision_tower(vision_config, seed: int = 0, steps: int = 300, batch_size: int = 32,
@@ -80,7 +96,8 @@ def pretrain_vision_tower(vision_config, seed: int = 0, steps: int = 300, batch_
     start = time.perf_counter()
     torch.manual_seed(seed)
     tower = CLIPVisionModel(vision_config)
-    head = torch.nn.Linear(vision_config.hidden_size, NUM_CLASSES)
+    head = torch.nn.Linear(vision_config.hidden_size, NUM_CLASSES + NUM_CELLS)
+    cells = torch.from_numpy(patch_cells(vision_config.patch_size))
     params = [*tower.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
@@ -88,21 +105,25 @@ def pretrain_vision_tower(vision_config, seed: int = 0, steps: int = 300, batch_
     tower.train()
     for _ in range(steps):
         pixels, labels = sample_batch(rng, batch_size, vision_config.patch_size)
-        loss = torch.nn.functional.cross_entropy(_patch_logits(tower, head, pixels).flatten(0, 1), labels.flatten())
+        content, cell = _patch_logits(tower, head, pixels)
+        loss = (torch.nn.functional.cross_entropy(content.flatten(0, 1), labels.flatten())
+                + torch.nn.functional.cross_entropy(cell.flatten(0, 1), cells.repeat(len(pixels))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    accuracy = patch_accuracy(tower, head, np.random.default_rng([seed, 18]), vision_config.patch_size)
+    content_acc, cell_acc = patch_accuracy(tower, head, np.random.default_rng([seed, 18]), vision_config.patch_size)
     state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
-    return PretrainResult(state, accuracy, steps, time.perf_counter() - start)
+    return PretrainResult(state, content_acc, cell_acc, steps, time.perf_counter() - start)
 
 
-def patch_accuracy(tower, head, rng: np.random.Generator, patch_size: int, n: int = 256) -> float:
+def patch_accuracy(tower, head, rng: np.random.Generator, patch_size: int, n: int = 256) -> tuple[float, float]:
+    """(content accuracy, cell accuracy) over every patch of `n` fresh images."""
     import torch
 
     tower.eval()
     with torch.no_grad():
         pixels, labels = sample_batch(rng, n, patch_size)
-        pred = _patch_logits(tower, head, pixels).argmax(-1)
-    return float((pred == labels).float().mean())
+        content, cell = _patch_logits(tower, head, pixels)
+    cells = torch.from_numpy(patch_cells(patch_size))
+    return float((content.argmax(-1) == labels).float().mean()), float((cell.argmax(-1) == cells).float().mean())

@@ -13,6 +13,7 @@ import numpy as np
 
 from alignkd.cache.identity import tokenizer_fingerprint
 from alignkd.errors import AlignKDError
+from alignkd.storage_schemas import TOKENIZER_DIR
 
 ROWS_TO_CHECK = 16
 
@@ -36,21 +37,42 @@ def check_vocabulary(student_vocab: int, teacher_vocab: int) -> None:
 
 
 def check_token_ids(tokenizer, reader, student_dir: str) -> None:
-    """Round-trip a sample of cached rows through the student tokenizer and compare ids."""
+    """Would the student tokenizer produce the cached ids? Checked on a sample of rows.
+
+    Each row's cached ids are decoded with the teacher's tokenizer (kept in the cache),
+    and the text is encoded by both tokenizers; comparing the two encodings, rather than
+    re-encoding with the student alone, cannot be fooled by a student that round-trips
+    its own ids, and does not refuse tokenizers whose decode is not exactly invertible.
+    """
+    from transformers import AutoTokenizer
+
     if tokenizer_fingerprint(Path(student_dir)) == reader.meta["teacher"].get("tokenizer_fingerprint"):
         return
+    teacher_dir = Path(reader.path) / TOKENIZER_DIR
+    if not teacher_dir.is_dir():
+        raise AlignKDError(f"cache {reader.path} has no {TOKENIZER_DIR}/ directory to check the student "
+                           "tokenizer against; rebuild it with this version of alignkd.")
+    teacher = AutoTokenizer.from_pretrained(teacher_dir)
     rng = np.random.default_rng(0)
     rows = rng.choice(len(reader), size=min(ROWS_TO_CHECK, len(reader)), replace=False)
     for index in sorted(int(i) for i in rows):
         sample = reader[index]
-        cached = [int(t) for t in sample.input_ids]
-        text = tokenizer.decode(cached, skip_special_tokens=False)
-        again = tokenizer(text, add_special_tokens=False)["input_ids"]
-        if again != cached:
+        text = teacher.decode([int(t) for t in sample.input_ids], skip_special_tokens=False)
+        if tokenizer(text, add_special_tokens=False)["input_ids"] != teacher(text, add_special_tokens=False)["input_ids"]:
             raise AlignKDError(
                 f"the student tokenizer does not map the cached text of sample {sample.sample_id} "
-                "to the cached token ids; teacher and student must tokenise identically."
+                "to the teacher's token ids; teacher and student must tokenise identically."
             )
+
+
+def check_cache_integrity(cache: str) -> None:
+    """Run `cache verify` before training, so a corrupt shard is named before step one."""
+    from alignkd.cache.verify import verify_cache
+
+    problems = verify_cache(cache)
+    if problems:
+        raise AlignKDError(f"cache {cache} failed verification ({len(problems)} problem(s), first: "
+                           f"{problems[0]}); run `alignkd cache verify {cache}` for the full list.")
 
 
 def check_student_fits_cache(vlm, reader) -> None:

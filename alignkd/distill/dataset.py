@@ -24,7 +24,8 @@ class CachedDistillDataset(Dataset):
         from alignkd.cache.reader import open_cache
 
         self.cache_path = str(cache_path)
-        self.reader = open_cache(cache_path)
+        # crc32 per tensor is cheap next to decoding, and names a sample corrupted after verify
+        self.reader = open_cache(cache_path, check_crc=True)
         self.processor = processor
         self.images_root = images_root
 

@@ -43,6 +43,7 @@ class DistillConfig:
     adapters: str = "trainable"
     freeze: tuple[str, ...] = ("vision_tower",)
     log: str = "jsonl"
+    verify: bool = True
     logging_steps: int = 5
     save_steps: int = 500
     progress: bool = True
@@ -91,13 +92,16 @@ def _freeze(student, parts: tuple[str, ...]) -> None:
                 p.requires_grad_(False)
 
 
-def distill(cfg: DistillConfig) -> DistillSummary:
-    """Train `cfg.student` from the teacher cache at `cfg.cache`; never loads the teacher."""
+def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary:
+    """Train `cfg.student` from the teacher cache at `cfg.cache`; never loads the teacher.
+
+    `callbacks` are extra `transformers.TrainerCallback`s (notebook users, tests).
+    """
     import torch
     from transformers import TrainingArguments
 
     from alignkd.cache.reader import open_cache
-    from alignkd.distill.checks import check_student_fits_cache
+    from alignkd.distill.checks import check_cache_integrity, check_student_fits_cache
     from alignkd.distill.dataset import CachedDistillDataset
     from alignkd.distill.engine import AlignKDTrainer, build_callbacks
     from alignkd.distill.export import export_student
@@ -106,7 +110,9 @@ def distill(cfg: DistillConfig) -> DistillSummary:
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    reader = open_cache(cfg.cache)
+    reader = open_cache(cfg.cache)  # refuses another format or version by name
+    if cfg.verify:
+        check_cache_integrity(cfg.cache)
     vlm = load_vlm(cfg.student, dtype="float32")
     check_student_fits_cache(vlm, reader)
     meta = reader.meta
@@ -129,7 +135,7 @@ def distill(cfg: DistillConfig) -> DistillSummary:
         per_device_train_batch_size=cfg.batch_size, gradient_accumulation_steps=cfg.grad_accum,
         learning_rate=cfg.lr, warmup_steps=cfg.warmup_ratio,  # a float in [0, 1) is a ratio in 5.x
         weight_decay=cfg.weight_decay,
-        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, logging_steps=cfg.logging_steps,
+        seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, logging_steps=cfg.logging_steps, logging_first_step=True,
         save_steps=cfg.save_steps, save_strategy="steps", report_to=["tensorboard"] if cfg.log == "tensorboard" else [],
         remove_unused_columns=False, disable_tqdm=not cfg.progress,
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
@@ -138,7 +144,7 @@ def distill(cfg: DistillConfig) -> DistillSummary:
     )
     trainer = AlignKDTrainer(
         model=objective, args=args, train_dataset=dataset,
-        data_collator=dataset.collate, callbacks=build_callbacks(out))
+        data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []))
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
     if trainer.is_world_process_zero():
         export_student(objective, vlm.processor, out, cfg, meta)

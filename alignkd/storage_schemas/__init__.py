@@ -23,6 +23,7 @@ REJECTS_FILE = "rejects.parquet"
 SHARD_JSON = "shard.json"          # written last: its presence means the shard is complete
 TEMP_PREFIX = ".tmp-"              # in-flight shards; readers skip anything starting with "."
 LOCK_FILE = ".lock"                # rank 0; rank r > 0 uses ".lock-r{r}"
+TOKENIZER_DIR = "tokenizer"        # the teacher's tokenizer (save_pretrained), for distill's id check
 
 
 def shard_name(index: int, rank: int = 0) -> str:
