@@ -13,7 +13,7 @@ from PIL import Image
 
 from alignkd.demo import world
 from alignkd.demo.tiny_models import build_llava_config, build_processor, build_word_tokenizer
-from alignkd.demo.vision_pretrain import normalise, patch_labels, pretrain_vision_tower, sample_batch
+from alignkd.demo.vision_pretrain import normalise, patch_cells, patch_labels, pretrain_vision_tower, sample_batch
 from alignkd.demo.teacher import STUDENT_SPEC, TEACHER_SPEC
 
 SIZES = dict(n_train=84, n_val=28, n_test=28)  # each a multiple of the 7 qtypes
@@ -142,6 +142,8 @@ def test_patch_labels_cover_each_cell_with_four_patches():
     blue_cross = 1 + list(world.COLOURS).index("blue") * len(world.SHAPES) + world.SHAPES.index("cross")
     assert (labels[0:2, 2:4] == blue_cross).all()
     assert labels.sum() == 4 * blue_cross
+    assert patch_cells(8).reshape(6, 6)[0:2, 2:4].tolist() == [[1, 1], [1, 1]]
+    assert patch_cells(8).reshape(6, 6)[5, 5] == 8
 
 
 def test_vision_pretrain_beats_the_majority_class_quickly():
@@ -151,6 +153,7 @@ def test_vision_pretrain_beats_the_majority_class_quickly():
     _, labels = sample_batch(np.random.default_rng(0), 256, config.patch_size)
     majority = float((labels == 0).float().mean())  # "empty" is the most common patch
     assert result.patch_accuracy > majority + 0.1
+    assert result.cell_accuracy > 3 / world.GRID**2  # 4 patches per cell: chance is 1/9
     assert set(result.state_dict) == set(torch.nn.Module.state_dict(
         __import__("transformers").CLIPVisionModel(config)))
 

@@ -191,7 +191,7 @@ def _left_pad(seqs, pad_id: int):
 WORLD_SEED = 0
 WORLD_SIZES = dict(n_train=16000, n_val=1400, n_test=1400)
 TEACHER_TRAIN = TrainConfig(steps=4000, batch_size=32, lr=1e-3)
-VISION_PRETRAIN_STEPS = 300
+VISION_PRETRAIN_STEPS = 400
 
 
 @dataclass(frozen=True)
