@@ -153,6 +153,12 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                      overwrite=cfg.overwrite) as writer:
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
+            if writer.rank == 0:
+                from alignkd.cache.catalog import rebuild_catalog
+
+                # A build killed between a shard's rename and its catalog row leaves
+                # catalog.duckdb a shard behind; the shard directories are the truth.
+                rebuild_catalog(cfg.out)
         save_tokenizer(teacher.vlm.processor.tokenizer, Path(cfg.out))
         done = writer.done_rows
         summary.skipped_done = len(done)

@@ -81,6 +81,9 @@ def rebuild_catalog(cache) -> Path:
         _populate(con, cache, shards_table(cache))
     finally:
         con.close()
+    # A process killed while writing the old catalog leaves its WAL behind, and DuckDB
+    # refuses to open the new file next to it ("WAL does not match database file").
+    Path(f"{target}.wal").unlink(missing_ok=True)
     os.replace(tmp, target)
     return target
 
