@@ -50,7 +50,7 @@ def cache() -> None:
 @click.option("--seed", default=0, show_default=True, help="Seed for sampled logits.")
 @click.option("--overwrite", is_flag=True, help="Delete an existing cache instead of resuming it.")
 @click.option("--logit-mode", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
-@click.option("--logit-k", default=32, show_default=True, help="Top-k size (topk mode).")
+@click.option("--logit-k", default=16, show_default=True, help="Top-k size (topk mode); see BENCHMARKS.md.")
 @click.option("--logit-samples", default=64, show_default=True, help="Draws per position (sampled mode).")
 @click.option("--logit-positions", type=click.Choice(["response", "text"]), default="response",
               show_default=True)
@@ -70,7 +70,11 @@ def cache_build(no_progress: bool, **opts) -> None:
     """
     from alignkd.cache.build import BuildConfig, build_cache
 
+    from alignkd.distributed import dist_info
+
     summary = build_cache(BuildConfig(progress=not no_progress, **opts))
+    if not dist_info().is_main:
+        return
     rejects = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.rejects.items())) or "none"
     click.echo(
         f"cached {summary.samples} samples ({summary.skipped_done} rows already done), "
@@ -192,7 +196,11 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
     from alignkd.distill.trainer import DistillConfig, distill as run_distill
 
     parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
+    from alignkd.distributed import dist_info
+
     summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, progress=not no_progress, **opts))
+    if not dist_info().is_main:
+        return
     terms = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in summary.final_losses.items())
     click.echo(f"distilled {summary.steps} steps in {summary.seconds:.0f}s ({terms}) -> {summary.out}")
 

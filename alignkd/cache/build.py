@@ -47,7 +47,7 @@ class BuildConfig:
     seed: int = 0
     overwrite: bool = False
     logit_mode: str = "topk"
-    logit_k: int = 32
+    logit_k: int = 16
     logit_samples: int = 64
     logit_positions: str = "response"
     attn_dtype: str = "bfloat16"
@@ -134,23 +134,36 @@ def directory_bytes(path: Path) -> int:
 
 
 def build_cache(cfg: BuildConfig) -> BuildSummary:
-    """Run the teacher over `cfg.data` once and write the cache at `cfg.out`."""
+    """Run the teacher over `cfg.data` once and write the cache at `cfg.out`.
+
+    Under torchrun each rank takes the manifest rows with `row % world_size == rank` and
+    writes its own shards; rank 0 creates the cache first and rebuilds the catalog last.
+    """
+    from alignkd.cache.catalog import rebuild_catalog
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
-    from alignkd.data import read_manifest, split_duplicates
+    from alignkd.data import REASONS, read_manifest, split_duplicates
+    from alignkd.distributed import all_reduce_sum, barrier, init_process_group
 
     start = time.perf_counter()
+    dist = init_process_group(cfg.device)
     records = read_manifest(cfg.data)
     if cfg.limit is not None:
         records = records[: cfg.limit]
     records, duplicates = split_duplicates(records)
-    teacher = TeacherPass(cfg)
+    records = [r for r in records if r.row % dist.world_size == dist.rank]
+    duplicates = duplicates if dist.is_main else []
+    teacher = TeacherPass(cfg, dist)
     meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
             "build_options": cfg.stored_options(), "manifest": str(Path(cfg.data).resolve())}
     summary = BuildSummary(out=cfg.out, samples=0)
+    if not dist.is_main:
+        barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype,
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
-                     overwrite=cfg.overwrite) as writer:
+                     overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
+        if dist.is_main:
+            barrier()
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
             if writer.rank == 0:
@@ -159,7 +172,8 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 # A build killed between a shard's rename and its catalog row leaves
                 # catalog.duckdb a shard behind; the shard directories are the truth.
                 rebuild_catalog(cfg.out)
-        save_tokenizer(teacher.vlm.processor.tokenizer, Path(cfg.out))
+        if dist.is_main:
+            save_tokenizer(teacher.vlm.processor.tokenizer, Path(cfg.out))
         done = writer.done_rows
         summary.skipped_done = len(done)
         for err in duplicates:
@@ -167,7 +181,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 writer.reject(err.sample_id, err.row, err.reason, str(err))
                 summary.rejects[err.reason] += 1
         todo = [r for r in records if r.row not in done]
-        for outcome in teacher.run(todo):
+        for outcome in teacher.run(todo, initial_rejects=sum(summary.rejects.values())):
             if outcome.reject is not None:
                 err = outcome.reject
                 writer.reject(err.sample_id, err.row, err.reason, str(err))
@@ -175,6 +189,15 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
             else:
                 writer.add(outcome.record)
                 summary.samples += 1
+    barrier()
+    if dist.world_size > 1:
+        if dist.is_main:
+            rebuild_catalog(cfg.out)
+        reasons = sorted(REASONS)
+        totals = [int(v) for v in all_reduce_sum(
+            [summary.samples, summary.skipped_done] + [summary.rejects[r] for r in reasons])]
+        summary.samples, summary.skipped_done = totals[:2]
+        summary.rejects = Counter({r: n for r, n in zip(reasons, totals[2:]) if n})
     summary.bytes_on_disk = directory_bytes(Path(cfg.out))
     summary.seconds = time.perf_counter() - start
     return summary

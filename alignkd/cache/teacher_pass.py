@@ -81,11 +81,14 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
 class TeacherPass:
     """Loads the teacher once and turns manifest records into outcomes, batch by batch."""
 
-    def __init__(self, cfg) -> None:
+    def __init__(self, cfg, dist) -> None:
         from alignkd.models import load_vlm
 
         self.cfg = cfg
-        self.vlm = load_vlm(cfg.teacher, dtype=cfg.dtype, device=cfg.device,
+        # one GPU per torchrun rank: a bare "cuda" becomes this rank's device
+        self.device = f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device
+        self.show_progress = cfg.progress and dist.is_main
+        self.vlm = load_vlm(cfg.teacher, dtype=cfg.dtype, device=self.device,
                             trust_remote_code=cfg.trust_remote_code)
         self.identity = teacher_identity(Path(cfg.teacher))
         text = self.vlm.model.config.get_text_config()
@@ -96,7 +99,7 @@ class TeacherPass:
             "model_type": self.vlm.model.config.model_type,
         }
 
-    def run(self, records) -> Iterator[Outcome]:
+    def run(self, records, initial_rejects: int = 0) -> Iterator[Outcome]:
         from tqdm import tqdm
 
         from alignkd.data import SampleError, collate, render_sample
@@ -104,8 +107,8 @@ class TeacherPass:
         cfg = self.cfg
         processor = self.vlm.processor
         pad_id = processor.tokenizer.pad_token_id
-        bar = tqdm(total=len(records), unit="sample", disable=not cfg.progress, desc="cache build")
-        n_rejects = 0
+        bar = tqdm(total=len(records), unit="sample", disable=not self.show_progress, desc="cache build")
+        n_rejects = initial_rejects
         for start in range(0, len(records), cfg.batch_size):
             chunk = records[start:start + cfg.batch_size]
             rendered, image_paths = [], []
@@ -131,7 +134,7 @@ class TeacherPass:
         from alignkd.models import capture_forward
 
         batch = collate(rendered, pad_token_id=pad_id, padding_side="right")
-        device = self.cfg.device
+        device = self.device
         on_device = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if "pixel_values" in on_device:
             on_device["pixel_values"] = on_device["pixel_values"].to(self.vlm.model.dtype)

@@ -35,7 +35,12 @@ class AlignKDTrainer(Trainer):
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._term_count and "loss" in logs:
-            terms = {k: v / self._term_count for k, v in self._term_sums.items()}
+            from alignkd.distributed import all_reduce_sum
+
+            # averaged over ranks too, like the Trainer's own `loss`
+            keys = sorted(self._term_sums)
+            sums = all_reduce_sum([self._term_sums[k] for k in keys] + [self._term_count])
+            terms = {k: v / sums[-1] for k, v in zip(keys, sums[:-1])}
             logs.update(terms)  # unrounded: the attention MSE on probabilities is ~1e-6
             self._last_terms = terms
             self._term_sums.clear()
