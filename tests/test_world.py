@@ -14,7 +14,7 @@ from PIL import Image
 from alignkd.demo import world
 from alignkd.demo.tiny_models import build_llava_config, build_processor, build_word_tokenizer
 from alignkd.demo.vision_pretrain import normalise, patch_cells, patch_labels, pretrain_vision_tower, sample_batch
-from alignkd.demo.teacher import STUDENT_SPEC, TEACHER_SPEC
+from alignkd.demo.teacher import STUDENT_SPEC, TEACHER_SPEC, TrainConfig, train_teacher
 
 SIZES = dict(n_train=84, n_val=28, n_test=28)  # each a multiple of the 7 qtypes
 
@@ -46,6 +46,13 @@ def test_same_seed_same_world_and_other_seed_differs(small_world, tmp_path):
     for png in small_world.images_root.iterdir():
         assert (again.images_root / png.name).read_bytes() == png.read_bytes()
     assert again.scenes.read_text() == small_world.scenes.read_text()
+
+
+def test_smaller_train_split_is_a_prefix_and_val_test_do_not_move(small_world, tmp_path):
+    smaller = world.generate_world(tmp_path / "smaller", seed=3, n_train=40, n_val=28, n_test=28)
+    assert _records(smaller, "train") == _records(small_world, "train")[:40]
+    for split in ("val", "test"):
+        assert _records(smaller, split) == _records(small_world, split)
 
 
 def test_manifests_are_plain_llava_format(small_world):
@@ -163,3 +170,15 @@ def test_demo_specs_share_the_grid_and_differ_in_heads():
     assert (TEACHER_SPEC.num_heads, STUDENT_SPEC.num_heads) == (8, 4)
     vision = lambda s: (s.vision_hidden, s.vision_layers, s.vision_heads, s.image_size, s.patch_size)
     assert vision(TEACHER_SPEC) == vision(STUDENT_SPEC)
+
+
+def test_train_teacher_writes_a_loadable_model_and_metrics(tmp_path):
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    run = train_teacher(tmp_path / "t", seed=0, cfg=TrainConfig(steps=3, batch_size=4, warmup=1), threads=1,
+                        world_sizes=dict(n_train=28, n_val=14, n_test=14), pretrain_steps=2, log_every=0)
+    assert sorted(p.name for p in (tmp_path / "t").iterdir()) == ["metrics.json", "model", "world"]
+    assert set(run.accuracy) == {*world.QTYPES, "all"}
+    model = AutoModelForImageTextToText.from_pretrained(run.model_dir)
+    assert model.config.text_config.num_attention_heads == TEACHER_SPEC.num_heads
+    assert AutoProcessor.from_pretrained(run.model_dir).tokenizer.unk_token_id is not None
