@@ -67,7 +67,7 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
             vision=_np(cap.vision_tokens[b], np.float32),
             focus=_np(text_focus(attn), np.float32),
             logit_positions=logit_pos.cpu().numpy().astype(np.int32),
-            logit_ids=target.ids.numpy().astype(np.int64),
+            logit_ids=target.ids.cpu().numpy().astype(np.int64),
             logit_values=_np(target.values, np.float32),
             logit_tail=_np(target.tail, np.float32),
             teacher_ce=stats.ce, teacher_entropy=stats.entropy, teacher_tail_mass=stats.tail,

@@ -85,14 +85,17 @@ def dense_kl(
 
 
 def ce_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
-    """Shifted next-token CE: logits[:, t] against labels[:, t+1], ignoring -100."""
-    logits = student_logits[:, :-1].float()
+    """Shifted next-token CE: logits[:, t] against labels[:, t+1], ignoring -100.
+
+    Only the labelled rows are gathered and widened to fp32: at a 32k vocabulary the
+    full [B, L, V] logits in fp32 would be the largest tensor of the step.
+    """
     target = labels[:, 1:]
     valid = target != IGNORE_INDEX
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.clamp(min=0).reshape(-1), reduction="none"
-    )
-    return _valid_mean(nll, valid.reshape(-1))
+    if not valid.any():
+        return student_logits.sum() * 0.0
+    logits = student_logits[:, :-1][valid].float()
+    return torch.nn.functional.cross_entropy(logits, target[valid])
 
 
 def select_positions(
