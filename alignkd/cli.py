@@ -11,7 +11,7 @@ import sys
 import click
 
 from alignkd import __version__
-from alignkd.errors import AlignKDError, NotBuiltError
+from alignkd.errors import AlignKDError
 
 
 class _Group(click.Group):
@@ -236,10 +236,60 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
         click.echo(f"  {qtype:<12} {acc:.3f}")
 
 
-@main.command()
-def demo() -> None:
-    """Run the whole pipeline on the embedded default world (not built yet)."""
-    raise NotBuiltError("`alignkd demo` is not built yet (see issue 5).")
+@main.group(cls=_Group, invoke_without_command=True)
+@click.option("--out", default="demo-out", show_default=True, help="Where every stage writes; reruns resume.")
+@click.option("--quick", is_flag=True, help="Small and fast (about 2 minutes): the path the tests take.")
+@click.option("--seeds", type=int, default=None, help="Student seeds per ablation row (3 full, 1 quick).")
+@click.option("--teacher", default=None, help="Use this trained teacher directory instead of the shipped one.")
+@click.option("--steps", "distill_steps", type=int, default=None, help="Distillation steps per student.")
+@click.option("--no-progress", is_flag=True)
+@click.pass_context
+def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, distill_steps: int | None,
+         no_progress: bool) -> None:
+    """Run the whole pipeline on the embedded grid world and print the ablation table.
+
+    \b
+    Example:
+      alignkd demo --quick --out /tmp/demo
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from alignkd.demo.runner import DemoConfig, run_demo
+
+    opts = {k: v for k, v in {"seeds": seeds, "teacher": teacher, "distill_steps": distill_steps}.items()
+            if v is not None}
+    cfg = (DemoConfig.quick_mode(out, progress=not no_progress, **opts) if quick
+           else DemoConfig(out=out, progress=not no_progress, **opts))
+    click.echo(f"report -> {run_demo(cfg)}")
+
+
+@demo.command("train-teacher")
+@click.option("--out", required=True, help="Directory for the world, the teacher model and metrics.json.")
+@click.option("--seed", default=0, show_default=True)
+@click.option("--device", default="cpu", show_default=True)
+@click.option("--threads", default=2, show_default=True)
+@click.option("--ship", is_flag=True, help="Copy the weights into the package's demo assets.")
+def demo_train_teacher(out: str, seed: int, device: str, threads: int, ship: bool) -> None:
+    """Train the demo teacher with the seeded recipe (tens of CPU minutes; once).
+
+    \b
+    Example:
+      alignkd demo train-teacher --out teacher-run --ship
+    """
+    from alignkd.demo.teacher import train_teacher
+
+    run = train_teacher(out, seed=seed, device=device, threads=threads)
+    if ship:
+        import json
+        from pathlib import Path
+
+        from alignkd.demo.shipped import export_for_shipping
+
+        metrics = json.loads((Path(out) / "metrics.json").read_text())
+        metrics.pop("losses", None)
+        export_for_shipping(run.model_dir, metrics, f"alignkd demo train-teacher --out DIR --seed {seed}")
+    accuracy = " ".join(f"{k}={v:.3f}" for k, v in run.accuracy.items())
+    click.echo(f"teacher trained in {run.seconds / 60:.1f} min ({accuracy}) -> {run.model_dir}")
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ class EvalConfig:
     images: str
     max_length: int = 2048
     max_new_tokens: int = 16
-    batch_size: int = 16
+    batch_size: int = 64
     limit: int | None = None
     progress: bool = True
 
@@ -63,49 +63,76 @@ def _last_answer_span(labels: torch.Tensor) -> tuple[int, int]:
     return start, end
 
 
-def evaluate(cfg: EvalConfig) -> EvalResult:
+def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Prompts are left-padded so that generation continues every row at the same column."""
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, width - len(s):] = s
+        mask[i, width - len(s):] = 1
+    return ids, mask
+
+
+def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], float, int]:
+    """Exact-match hits, summed answer CE and answer-token count for one batch."""
+    from alignkd.data import collate
+
+    batch = collate(samples, pad_token_id=tok.pad_token_id)
+    with torch.no_grad():
+        logits = model(**{k: v for k, v in batch.items() if k != "labels"}).logits
+    target = batch["labels"][:, 1:]
+    valid = target != -100
+    ce = torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), target[valid], reduction="sum")
+    spans = [_last_answer_span(s.labels) for s in samples]
+    ids, mask = _left_pad([s.input_ids[:start] for s, (start, _) in zip(samples, spans)], tok.pad_token_id)
+    images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    with torch.no_grad():
+        gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, **images)
+    predicted = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
+    hits = [int(normalise_answer(p) == normalise_answer(tok.decode(s.input_ids[a:b], skip_special_tokens=True)))
+            for p, s, (a, b) in zip(predicted, samples, spans)]
+    return hits, float(ce), int(valid.sum())
+
+
+def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
+    """Score `cfg.model` (or an already loaded `model`/`processor`) on `cfg.data`."""
     from tqdm import tqdm
 
     from alignkd.data import SampleError, read_manifest, render_sample
-    from alignkd.models import load_vlm
 
-    vlm = load_vlm(cfg.model)
-    model, processor = vlm.model, vlm.processor
-    tok = processor.tokenizer
+    if model is None:
+        from alignkd.models import load_vlm
+
+        vlm = load_vlm(cfg.model)
+        model, processor = vlm.model, vlm.processor
+    model.eval()
     records = read_manifest(cfg.data)[: cfg.limit]
     qtypes = _question_types(cfg.data)
-    correct, total, ce_sum, ce_tokens, skipped = 0, 0, 0.0, 0, 0
-    per_type: dict[str, list[int]] = defaultdict(lambda: [0, 0])
-    for rec in tqdm(records, desc="eval", unit="sample", disable=not cfg.progress):
-        try:
-            sample = render_sample(rec, processor, cfg.images, cfg.max_length)
-        except SampleError:
-            skipped += 1
-            continue
-        ids, labels = sample.input_ids[None], sample.labels[None]
-        with torch.no_grad():
-            out = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, **sample.image_inputs)
-        n = int((labels[:, 1:] != -100).sum())
-        ce_sum += float(out.loss) * n
-        ce_tokens += n
-        start, end = _last_answer_span(sample.labels)
-        prompt = ids[:, :start]
-        with torch.no_grad():
-            gen = model.generate(input_ids=prompt, attention_mask=torch.ones_like(prompt), do_sample=False,
-                                 max_new_tokens=cfg.max_new_tokens, pad_token_id=tok.pad_token_id,
-                                 **sample.image_inputs)
-        predicted = tok.decode(gen[0, start:], skip_special_tokens=True)
-        reference = tok.decode(sample.input_ids[start:end], skip_special_tokens=True)
-        hit = int(normalise_answer(predicted) == normalise_answer(reference))
-        correct += hit
-        total += 1
-        qtype = qtypes.get(rec.sample_id)
+    hits: list[tuple[str | None, int]] = []
+    ce_sum, ce_tokens, skipped = 0.0, 0, 0
+    bar = tqdm(total=len(records), desc="eval", unit="sample", disable=not cfg.progress)
+    for start in range(0, len(records), cfg.batch_size):
+        samples = []
+        for rec in records[start:start + cfg.batch_size]:
+            try:
+                samples.append(render_sample(rec, processor, cfg.images, cfg.max_length))
+            except SampleError:
+                skipped += 1
+        if samples:
+            batch_hits, ce, n = _score_batch(model, processor.tokenizer, samples, cfg.max_new_tokens)
+            hits += [(qtypes.get(s.sample_id), h) for s, h in zip(samples, batch_hits)]
+            ce_sum, ce_tokens = ce_sum + ce, ce_tokens + n
+        bar.update(len(records[start:start + cfg.batch_size]))
+    bar.close()
+    per_type: dict[str, list[int]] = defaultdict(list)
+    for qtype, hit in hits:
         if qtype is not None:
-            per_type[qtype][0] += hit
-            per_type[qtype][1] += 1
-    by_type = {k: v[0] / v[1] for k, v in sorted(per_type.items())}
-    return EvalResult(samples=total, accuracy=correct / max(total, 1), answer_ce=ce_sum / max(ce_tokens, 1),
-                      skipped=skipped, by_type=by_type)
+            per_type[qtype].append(hit)
+    return EvalResult(samples=len(hits), accuracy=sum(h for _, h in hits) / max(len(hits), 1),
+                      answer_ce=ce_sum / max(ce_tokens, 1), skipped=skipped,
+                      by_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())})
 
 
 def _question_types(manifest: str) -> dict[str, str]:
