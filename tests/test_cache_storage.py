@@ -392,3 +392,13 @@ def test_reader_under_dataloader_workers(cache):
     got = [x for batch in loader for x in batch]
     want = [(s.sample_id, float(s.attn.sum()), s.image_bytes) for s in (reader[i] for i in range(len(reader)))]
     assert got == want and [g[0] for g in got] == [r.sample_id for r in recs]
+
+
+def test_a_build_killed_while_creating_the_cache_can_start_again(tmp_path):
+    """Only a .tmp-cache.json is left by a kill inside creation; the next writer starts fresh."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    (cache / ".tmp-cache.json").write_text("{partial")
+    with CacheWriter(cache, {"teacher": {"path": "t"}}, background=False) as writer:
+        assert writer.existing_meta is None
+    assert json.loads((cache / "cache.json").read_text())["format"] == "alignkd-cache"

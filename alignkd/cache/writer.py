@@ -286,7 +286,9 @@ class CacheWriter:
     # ---------------------------------------------------------------- opening
     def _open_or_create(self, meta: dict, overwrite: bool) -> dict | None:
         cache_json = self.path / CACHE_JSON
-        entries = [p for p in self.path.iterdir() if not p.name.startswith(".lock")]
+        # Hidden entries are ours (locks, .tmp- files): a build killed while creating the
+        # cache leaves at most a .tmp-cache.json, and that directory still counts as empty.
+        entries = [p for p in self.path.iterdir() if not p.name.startswith(".")]
         if entries and not cache_json.is_file():
             raise CacheFormatError(f"{self.path} exists and is not an alignkd cache (no {CACHE_JSON}); "
                                    "choose an empty or new directory.")
@@ -314,10 +316,10 @@ class CacheWriter:
 
         doc = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "alignkd_version": __version__,
                "created_at": _now(), "storage": self.storage, **meta}
-        (self.path / SHARDS_DIR).mkdir(exist_ok=True)
         tmp = self.path / f"{TEMP_PREFIX}{CACHE_JSON}"
         _write_durable(tmp, json.dumps(doc, indent=1).encode())
-        os.rename(tmp, self.path / CACHE_JSON)
+        os.rename(tmp, self.path / CACHE_JSON)  # first, so any later entry belongs to a real cache
+        (self.path / SHARDS_DIR).mkdir(exist_ok=True)
         rebuild_catalog(self.path)
         _fsync_dir(self.path)
 
