@@ -41,7 +41,7 @@ from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cache.teacher_pass import records_from_capture
 from alignkd.data import collate, read_manifest, render_sample
 from alignkd.demo.tiny_models import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
-from alignkd.distill.dataset import CachedDistillDataset, collate_distill
+from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record
 from alignkd.distill.objective import AlignKDObjective, LossWeights
 from alignkd.models import capture_forward, load_vlm
 
@@ -198,7 +198,7 @@ class Bench:
             rendered, [r.image for r in recs], batch, cap, logit_mode=cfg.logit_mode, logit_k=cfg.logit_k,
             logit_samples=cfg.logit_samples, positions_policy=cfg.logit_positions, seed=cfg.seed,
             store_images=False)
-        items = [target_item(rec, sample.image_inputs) for rec, sample in zip(records, rendered)]
+        items = [item_from_record(rec, sample.image_inputs) for rec, sample in zip(records, rendered)]
         return to_device(collate_distill(items, self.pad_id), self.args.device)
 
     def online_train(self, batch: dict) -> None:
@@ -210,19 +210,6 @@ class Bench:
         return {"(a) student CE only": (self.ce_inputs, self.ce_train),
                 "(b) Align-KD from cache": (self.cached_inputs, self.cached_train),
                 "(c) online KD (teacher in step)": (self.online_inputs, self.online_train)}
-
-
-def target_item(rec, image_inputs: dict) -> dict:
-    """One `SampleRecord` -> the tensors `CachedDistillDataset` would return for it."""
-    ids = torch.from_numpy(rec.input_ids).long()
-    item = {"input_ids": ids, "labels": ids.masked_fill(~torch.from_numpy(rec.label_mask), -100)}
-    for name in ("text_positions", "logit_positions"):
-        item[f"t_{name}"] = torch.from_numpy(getattr(rec, name)).long()
-    for name in ("attn", "vision", "focus", "logit_values", "logit_tail"):
-        item[f"t_{name}"] = torch.from_numpy(getattr(rec, name)).float()
-    item["t_logit_ids"] = torch.from_numpy(rec.logit_ids).long()
-    item.update(image_inputs)
-    return item
 
 
 def timed(fn, *args, device: str):

@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cli import main
 from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
-from alignkd.distill.dataset import CachedDistillDataset, collate_distill
+from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record
 from alignkd.distill.objective import AlignKDObjective, LossWeights
 from alignkd.distill.trainer import DistillConfig, distill
 from alignkd.errors import AlignKDError
@@ -85,17 +85,7 @@ def _live_batch(cfg, student_processor):
                                    positions_policy=cfg.logit_positions, seed=cfg.seed, store_images=True)
     from alignkd.data import image_inputs_from_bytes
 
-    items = []
-    for rec in records:
-        ids = torch.from_numpy(rec.input_ids).long()
-        item = {"input_ids": ids, "labels": ids.masked_fill(~torch.from_numpy(rec.label_mask), -100)}
-        for name in ("text_positions", "logit_positions"):
-            item[f"t_{name}"] = torch.from_numpy(getattr(rec, name)).long()
-        for name in ("attn", "vision", "focus", "logit_values", "logit_tail"):
-            item[f"t_{name}"] = torch.from_numpy(getattr(rec, name)).float()
-        item["t_logit_ids"] = torch.from_numpy(rec.logit_ids).long()
-        item.update(image_inputs_from_bytes(student_processor, rec.image_bytes))
-        items.append(item)
+    items = [item_from_record(rec, image_inputs_from_bytes(student_processor, rec.image_bytes)) for rec in records]
     return collate_distill(items, student_processor.tokenizer.pad_token_id)
 
 

@@ -16,13 +16,13 @@ from __future__ import annotations
 
 import os
 import zlib
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, decode, load_cache_json,
                                         read_array_info, read_index, read_raw)
 from alignkd.errors import AlignKDError
@@ -32,28 +32,9 @@ _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions"
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
 
 
-@dataclass
-class CachedSample:
-    """One cached sample, tensors decoded to float32 in SampleRecord's shapes."""
-    sample_id: str
-    manifest_row: int
-    input_ids: np.ndarray        # int32 [L]
-    label_mask: np.ndarray       # bool [L]
-    vision_positions: np.ndarray  # int32 [Nv]
-    text_positions: np.ndarray   # int32 [T]
-    attn: np.ndarray             # float32 [T, H, Nv]
-    vision: np.ndarray           # float32 [Nv, D]
-    focus: np.ndarray            # float32 [Nv]
-    logit_positions: np.ndarray  # int32 [P]
-    logit_ids: np.ndarray        # int64 [P, K], -1 = padding (valid ids left-packed)
-    logit_values: np.ndarray     # float32 [P, K], 0 at padding
-    logit_tail: np.ndarray       # float32 [P]
-    teacher_ce: float
-    teacher_entropy: float
-    teacher_tail_mass: float
-    image_path: str | None
-    image_sha256: str | None
-    image_bytes: bytes | None
+# A read returns the same record the builder wrote; logit rows come back left-packed
+# (valid ids first, then id -1 / value 0).
+CachedSample = SampleRecord
 
 
 class SampleNotFoundError(AlignKDError, KeyError):

@@ -23,7 +23,6 @@ import re
 import shutil
 import threading
 import warnings
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from alignkd.cache.lock import CacheLock
+from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
 from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, committed_shards, encode,
                                         load_cache_json)
 from alignkd.errors import ConfigError
@@ -41,30 +41,6 @@ from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACH
                                      SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
 
 QUEUE_DEPTH = 4  # samples in flight to the writer thread (~8 MB each at 7B shapes)
-
-
-@dataclass
-class SampleRecord:
-    """One teacher-processed sample, all numpy, as cache/build.py hands it over."""
-    sample_id: str
-    manifest_row: int
-    input_ids: np.ndarray        # int32 [L]
-    label_mask: np.ndarray       # bool [L]
-    vision_positions: np.ndarray  # int32 [Nv]
-    text_positions: np.ndarray   # int32 [T]
-    attn: np.ndarray             # float32 [T, H, Nv]
-    vision: np.ndarray           # float32 [Nv, D]
-    focus: np.ndarray            # float32 [Nv]
-    logit_positions: np.ndarray  # int32 [P]
-    logit_ids: np.ndarray        # int64 [P, K], -1 = padding
-    logit_values: np.ndarray     # float32 [P, K]
-    logit_tail: np.ndarray       # float32 [P]
-    teacher_ce: float
-    teacher_entropy: float
-    teacher_tail_mass: float
-    image_path: str | None = None
-    image_sha256: str | None = None
-    image_bytes: bytes | None = None
 
 
 def check_record(rec: SampleRecord) -> None:

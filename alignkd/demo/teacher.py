@@ -151,7 +151,7 @@ def evaluate(model, tokenizer, examples: Examples, batch_size: int = 128) -> dic
     """Greedy-decode every answer; accuracy per qtype plus `all`."""
     import torch
 
-    from alignkd.distill.evaluate import normalise_answer
+    from alignkd.distill.evaluate import left_pad, normalise_answer
 
     tok = tokenizer
     was_training = model.training
@@ -160,7 +160,7 @@ def evaluate(model, tokenizer, examples: Examples, batch_size: int = 128) -> dic
     prompt_len = (examples.labels == -100).logical_and(examples.attention_mask.bool()).sum(1)
     for start in range(0, len(prompt_len), batch_size):
         rows = torch.arange(start, min(start + batch_size, len(prompt_len)))
-        ids, mask = _left_pad([examples.input_ids[r, :prompt_len[r]] for r in rows], tok.pad_token_id)
+        ids, mask = left_pad([examples.input_ids[r, :prompt_len[r]] for r in rows], tok.pad_token_id)
         device = model.device
         with torch.no_grad():
             out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
@@ -174,18 +174,6 @@ def evaluate(model, tokenizer, examples: Examples, batch_size: int = 128) -> dic
     acc = {q: sum(v) / len(v) for q, v in sorted(correct.items())}
     acc["all"] = sum(map(sum, correct.values())) / sum(map(len, correct.values()))
     return acc
-
-
-def _left_pad(seqs, pad_id: int):
-    import torch
-
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, width - len(s):] = s
-        mask[i, width - len(s):] = 1
-    return ids, mask
 
 
 # The demo world and teacher recipe. Measured (docs/demo-notes.md): with 16k training

@@ -53,25 +53,23 @@ class CachedDistillDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         from alignkd.data import image_inputs_from_bytes
 
-        s = self.reader[index]
-        input_ids = torch.from_numpy(np.asarray(s.input_ids, dtype=np.int64))
-        labels = input_ids.masked_fill(~torch.from_numpy(np.asarray(s.label_mask, dtype=bool)), -100)
-        item = {
-            "input_ids": input_ids,
-            "labels": labels,
-            "t_text_positions": torch.from_numpy(np.asarray(s.text_positions, dtype=np.int64)),
-            "t_attn": torch.from_numpy(np.asarray(s.attn, dtype=np.float32)),          # [T, H, Nv]
-            "t_vision": torch.from_numpy(np.asarray(s.vision, dtype=np.float32)),      # [Nv, D]
-            "t_focus": torch.from_numpy(np.asarray(s.focus, dtype=np.float32)),        # [Nv]
-            "t_logit_positions": torch.from_numpy(np.asarray(s.logit_positions, dtype=np.int64)),
-            "t_logit_ids": torch.from_numpy(np.asarray(s.logit_ids, dtype=np.int64)),  # [P, K]
-            "t_logit_values": torch.from_numpy(np.asarray(s.logit_values, dtype=np.float32)),
-            "t_logit_tail": torch.from_numpy(np.asarray(s.logit_tail, dtype=np.float32)),
-        }
-        image_bytes = self._image_bytes(s)
-        if image_bytes is not None:
-            item.update(image_inputs_from_bytes(self.processor, image_bytes))
-        return item
+        sample = self.reader[index]
+        image_bytes = self._image_bytes(sample)
+        image_inputs = image_inputs_from_bytes(self.processor, image_bytes) if image_bytes is not None else {}
+        return item_from_record(sample, image_inputs)
+
+
+def item_from_record(rec, image_inputs: dict) -> dict:
+    """A cached (or live-built) `SampleRecord` -> the student's inputs plus `t_*` teacher targets."""
+    ids = torch.from_numpy(np.asarray(rec.input_ids, dtype=np.int64))
+    item = {"input_ids": ids,
+            "labels": ids.masked_fill(~torch.from_numpy(np.asarray(rec.label_mask, dtype=bool)), -100)}
+    for name in ("text_positions", "logit_positions", "logit_ids"):
+        item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.int64))
+    for name in ("attn", "vision", "focus", "logit_values", "logit_tail"):  # attn [T, H, Nv], vision [Nv, D]
+        item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
+    item.update(image_inputs)
+    return item
 
 
 def _pad(tensors: list[torch.Tensor], value, length: int | None = None) -> torch.Tensor:

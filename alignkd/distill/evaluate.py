@@ -63,7 +63,7 @@ def _last_answer_span(labels: torch.Tensor) -> tuple[int, int]:
     return start, end
 
 
-def _left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Prompts are left-padded so that generation continues every row at the same column."""
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
@@ -85,7 +85,7 @@ def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], f
     valid = target != -100
     ce = torch.nn.functional.cross_entropy(logits[:, :-1][valid].float(), target[valid], reduction="sum")
     spans = [_last_answer_span(s.labels) for s in samples]
-    ids, mask = _left_pad([s.input_ids[:start] for s, (start, _) in zip(samples, spans)], tok.pad_token_id)
+    ids, mask = left_pad([s.input_ids[:start] for s, (start, _) in zip(samples, spans)], tok.pad_token_id)
     images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
