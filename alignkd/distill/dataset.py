@@ -8,6 +8,8 @@ cache was built with `--no-store-images`.
 
 from __future__ import annotations
 
+import hashlib
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -15,6 +17,12 @@ import torch
 from torch.utils.data import Dataset
 
 from alignkd.errors import AlignKDError
+
+# Processed images kept per dataset (per worker), keyed by the image's sha256: LLaVA-style
+# data asks several questions about one image, and the image processor is ~2/3 of the
+# per-sample load time (bench/distill_step.py). 256 LLaVA images at 336 px are ~350 MB
+# in fp32; the bound keeps a worker small on real data, where repeats are near each other.
+IMAGE_CACHE_SIZE = 256
 
 
 class CachedDistillDataset(Dataset):
@@ -28,6 +36,7 @@ class CachedDistillDataset(Dataset):
         self.reader = open_cache(cache_path, check_crc=True)
         self.processor = processor
         self.images_root = images_root
+        self._image_cache: OrderedDict[str, dict] = OrderedDict()
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -55,7 +64,15 @@ class CachedDistillDataset(Dataset):
 
         sample = self.reader[index]
         image_bytes = self._image_bytes(sample)
-        image_inputs = image_inputs_from_bytes(self.processor, image_bytes) if image_bytes is not None else {}
+        if image_bytes is None:
+            return item_from_record(sample, {})
+        key = sample.image_sha256 or hashlib.sha256(image_bytes).hexdigest()
+        image_inputs = self._image_cache.get(key)
+        if image_inputs is None:
+            image_inputs = image_inputs_from_bytes(self.processor, image_bytes)
+            self._image_cache[key] = image_inputs
+            if len(self._image_cache) > IMAGE_CACHE_SIZE:
+                self._image_cache.popitem(last=False)
         return item_from_record(sample, image_inputs)
 
 
