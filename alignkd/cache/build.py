@@ -15,7 +15,7 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import ConfigError
+from alignkd.errors import ConfigError, check_at_least_one, check_choices
 from alignkd.storage_schemas import TOKENIZER_DIR
 
 LOGIT_MODES = ("topk", "sampled")
@@ -57,17 +57,9 @@ class BuildConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        choices = {
-            "logit_mode": LOGIT_MODES, "logit_positions": POSITION_POLICIES,
-            "attn_dtype": ATTN_DTYPES, "vision_dtype": VISION_DTYPES, "dtype": COMPUTE_DTYPES,
-        }
-        for name, allowed in choices.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                  f"not {getattr(self, name)!r}.")
-        for name in ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1.")
+        check_choices(self, {"logit_mode": LOGIT_MODES, "logit_positions": POSITION_POLICIES,
+                             "attn_dtype": ATTN_DTYPES, "vision_dtype": VISION_DTYPES, "dtype": COMPUTE_DTYPES})
+        check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
         if not Path(self.data).is_file():

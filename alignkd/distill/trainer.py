@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import ConfigError
+from alignkd.errors import ConfigError, check_at_least_one, check_choices
 
 
 @dataclass(frozen=True)
@@ -49,19 +49,14 @@ class DistillConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        for name, allowed in {"attn_loss": ("mse", "kl"), "adapters": ("trainable", "frozen"),
-                              "log": ("jsonl", "tensorboard")}.items():
-            if getattr(self, name) not in allowed:
-                raise ConfigError(f"--{name.replace('_', '-')} must be one of {', '.join(allowed)}, "
-                                  f"not {getattr(self, name)!r}.")
+        check_choices(self, {"attn_loss": ("mse", "kl"), "adapters": ("trainable", "frozen"),
+                             "log": ("jsonl", "tensorboard")})
         for name in ("w_ce", "w_logit", "w_attn", "w_vis", "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative.")
         if not any(getattr(self, f"w_{t}") > 0 for t in ("ce", "logit", "attn", "vis")):
             raise ConfigError("every loss weight is 0; enable at least one of --w-ce/--w-logit/--w-attn/--w-vis.")
-        for name in ("batch_size", "grad_accum", "vision_topk", "logging_steps", "save_steps"):
-            if getattr(self, name) < 1:
-                raise ConfigError(f"--{name.replace('_', '-')} must be at least 1.")
+        check_at_least_one(self, ("batch_size", "grad_accum", "vision_topk", "logging_steps", "save_steps"))
         if self.temperature <= 0:
             raise ConfigError("--temperature must be positive.")
         if not 0 <= self.warmup_ratio < 1:
