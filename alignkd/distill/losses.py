@@ -142,6 +142,17 @@ class HeadAdapter(nn.Module):
         """[B, H_t, T, N_v] -> [B, H_s, T, N_v]."""
         return torch.einsum("st,btij->bsij", self.weight, attn) + self.bias[:, None, None]
 
+    def mix(self, attn: Tensor) -> Tensor:
+        """A convex mixture of teacher heads (weights clamped at 0, rows renormalised, no bias).
+
+        Used by the KL loss: a mixture of attention rows is still an attention row, so no
+        clamp or floor is needed; the affine `forward` lets the bias push entries below 0,
+        and the floor then turns into gradients of ~1e5 on the bias at initialisation.
+        """
+        w = self.weight.clamp(min=0)
+        w = w / w.sum(1, keepdim=True).clamp(min=1e-12)
+        return torch.einsum("st,btij->bsij", w, attn)
+
 
 class ProjectorAdapter(nn.Module):
     """P: teacher vision-token width d_t -> student width d_s (nn.Linear's default init)."""
@@ -166,13 +177,16 @@ def attention_loss(
     student_attn [B, H_s, T, N_v], teacher_attn [B, H_t, T, N_v], row_mask [B, T]
     marks real text query rows. head_adapter None means identity (H_t == H_s).
     mse: mean((W_h A_T - A_S)^2) over (head, valid row, vision column), the paper's form.
-    kl: both rows renormalised over the vision columns, then KL(teacher || student)
-    averaged over heads and valid rows. The adapted teacher can go negative (it is
-    linear with a bias), so it is clamped at 0 before renormalising; both sides get
-    an eps floor so an all-zero row becomes uniform instead of NaN. Padded rows are
+    kl: the teacher heads are mixed convexly (`HeadAdapter.mix`, no bias), both rows are
+    renormalised over the vision columns, then KL(teacher || student) is averaged over
+    heads and valid rows, each row weighted by the teacher's vision mass (mean weight 1);
+    both sides get an eps floor so an all-zero row becomes uniform instead of NaN. Padded rows are
     selected out with `where`, so their contents (even NaN) never reach the loss.
     """
-    target = teacher_attn if head_adapter is None else head_adapter(teacher_attn.float())
+    if head_adapter is None:
+        target = teacher_attn
+    else:
+        target = head_adapter.mix(teacher_attn.float()) if mode == "kl" else head_adapter(teacher_attn.float())
     if target.shape != student_attn.shape:
         raise ValueError(
             f"attention_loss: adapted teacher {tuple(target.shape)} != student {tuple(student_attn.shape)}"
@@ -187,10 +201,15 @@ def attention_loss(
     if mode == "kl":
         t = t.clamp(min=0) + _EPS
         s = s.clamp(min=0) + _EPS
+        # Rows whose query barely looks at the image carry little of the alignment and,
+        # renormalised, amplify their gradient by 1/mass; weighting each row by the
+        # teacher's vision mass (normalised to mean 1 over the valid rows) bounds both.
+        mass = torch.where(rows[..., 0], t.sum(-1), 0.0)  # [B, H, T]
+        weight = mass / (mass.sum() / (n_rows * H)).clamp(min=_EPS)
         t = t / t.sum(-1, keepdim=True)
         s = s / s.sum(-1, keepdim=True)
         per_row = (t * (t.log() - s.log())).sum(-1)  # [B, H, T]
-        per_row = torch.where(rows[..., 0], per_row, 0.0)
+        per_row = torch.where(rows[..., 0], per_row * weight.detach(), 0.0)
         return per_row.sum() / (n_rows * H)
     raise ValueError(f"attention loss mode must be 'mse' or 'kl', got {mode!r}")
 
