@@ -26,8 +26,8 @@ class Outcome:
     reject: Exception | None = None
 
 
-def _np(t: torch.Tensor, dtype) -> np.ndarray:
-    return t.detach().to("cpu", torch.float32 if dtype == np.float32 else t.dtype).numpy().astype(dtype)
+def _f32(t: torch.Tensor) -> np.ndarray:
+    return t.detach().float().cpu().numpy()
 
 
 def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, logit_k: int, logit_samples: int,
@@ -38,7 +38,7 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
     """
     from alignkd.cache.build import sample_seed
     from alignkd.cache.sparse_logits import encode_sampled, encode_topk, teacher_stats
-    from alignkd.cache.writer import SampleRecord
+    from alignkd.cache.record import SampleRecord
     from alignkd.distill.losses import select_positions, text_focus
 
     positions = select_positions(batch["labels"], cap.text_query_mask, batch["attention_mask"],
@@ -63,13 +63,13 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
             label_mask=(sample.labels != -100).numpy(),
             vision_positions=cap.vision_positions[b].cpu().numpy().astype(np.int32),
             text_positions=rows.cpu().numpy().astype(np.int32),
-            attn=_np(attn, np.float32),
-            vision=_np(cap.vision_tokens[b], np.float32),
-            focus=_np(text_focus(attn), np.float32),
+            attn=_f32(attn),
+            vision=_f32(cap.vision_tokens[b]),
+            focus=_f32(text_focus(attn)),
             logit_positions=logit_pos.cpu().numpy().astype(np.int32),
             logit_ids=target.ids.cpu().numpy().astype(np.int64),
-            logit_values=_np(target.values, np.float32),
-            logit_tail=_np(target.tail, np.float32),
+            logit_values=_f32(target.values),
+            logit_tail=_f32(target.tail),
             teacher_ce=stats.ce, teacher_entropy=stats.entropy, teacher_tail_mass=stats.tail,
             image_path=image_paths[b],
             image_sha256=sample.image_sha256,
