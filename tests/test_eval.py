@@ -1,0 +1,78 @@
+"""`alignkd eval` against a per-sample reference: the same answers and the same CE."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from click.testing import CliRunner
+
+from alignkd.cli import main
+from alignkd.data import read_manifest, render_sample
+from alignkd.distill.evaluate import EvalConfig, evaluate, normalise_answer
+from alignkd.models import load_vlm
+
+
+def _reference(model_dir, manifest, images):
+    """One sample at a time, unbatched: greedy answer of the last turn and summed answer CE."""
+    vlm = load_vlm(model_dir)
+    tok = vlm.processor.tokenizer
+    hits, ce_sum, n_tokens = [], 0.0, 0
+    for rec in read_manifest(manifest):
+        s = render_sample(rec, vlm.processor, images, 2048)
+        ids = s.input_ids[None]
+        with torch.no_grad():
+            out = vlm.model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=s.labels[None],
+                            **s.image_inputs)
+        n = int((s.labels[1:] != -100).sum())
+        ce_sum, n_tokens = ce_sum + float(out.loss) * n, n_tokens + n
+        answer = (s.labels != -100).nonzero().squeeze(-1)
+        start = int(answer[-1])
+        while start - 1 in answer.tolist():
+            start -= 1
+        with torch.no_grad():
+            gen = vlm.model.generate(input_ids=ids[:, :start], attention_mask=torch.ones_like(ids[:, :start]),
+                                     do_sample=False, max_new_tokens=5, **s.image_inputs)
+        predicted = tok.decode(gen[0, start:], skip_special_tokens=True)
+        reference = tok.decode(s.input_ids[start:int(answer[-1]) + 1], skip_special_tokens=True)
+        hits.append(int(normalise_answer(predicted) == normalise_answer(reference)))
+    return hits, ce_sum / n_tokens
+
+
+def test_batched_eval_equals_per_sample_reference(tiny_llava_dir, small_dataset):
+    manifest, images = small_dataset
+    hits, ce = _reference(tiny_llava_dir, manifest, images)
+    result = evaluate(EvalConfig(model=str(tiny_llava_dir), data=str(manifest), images=str(images),
+                                 batch_size=4, max_new_tokens=5, progress=False))
+    assert result.samples == len(hits) == 6
+    assert abs(result.accuracy - sum(hits) / len(hits)) < 1e-9
+    assert abs(result.answer_ce - ce) < 1e-4
+
+
+def test_eval_counts_a_right_answer_and_breaks_down_by_qtype(tiny_llava_dir, tmp_path, small_dataset):
+    """Make the references equal to what the model generates: accuracy must then be 1."""
+    manifest, images = small_dataset
+    vlm = load_vlm(tiny_llava_dir)
+    records = json.loads(manifest.read_text())
+    for rec in records:
+        rec["conversations"] = rec["conversations"][:2]
+        prompt = vlm.processor.apply_chat_template(
+            [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what is the colour of this image ?"}]}],
+            add_generation_prompt=True)
+        from PIL import Image
+
+        inputs = vlm.processor(text=[prompt], images=[Image.open(images / rec["image"]).convert("RGB")],
+                               return_tensors="pt")
+        gen = vlm.model.generate(**inputs, do_sample=False, max_new_tokens=3)
+        words = [w for w in vlm.processor.tokenizer.decode(gen[0, inputs["input_ids"].shape[1]:],
+                                                            skip_special_tokens=True).split() if w.isalnum()]
+        assert words, "the tiny model generated no word to use as a reference"
+        rec["conversations"][1]["value"] = " ".join(words)
+        rec["qtype"] = "colour"
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llava_dir), "--data", str(tmp_path / "m.json"),
+                                       "--images", str(images), "--max-new-tokens", "3", "--json", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output[result.output.index("{"):])
+    assert report["samples"] == 6 and set(report["by_type"]) == {"colour"}
+    assert report["accuracy"] == 1.0 and report["by_type"]["colour"] == 1.0
