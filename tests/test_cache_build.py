@@ -92,6 +92,7 @@ def six(tmp_path_factory, tiny_llava_dir):
         "bf16": build(tiny_llava_dir, data, images, root / "bf16", **kw),
         "fp16": build(tiny_llava_dir, data, images, root / "fp16", attn_dtype="float16",
                       vision_dtype="float16", **kw),
+        "u8": build(tiny_llava_dir, data, images, root / "u8", attn_dtype="uint8-sqrt", **kw),
         "sampled": build(tiny_llava_dir, data, images, root / "sampled", batch_size=4, logit_mode="sampled",
                          logit_samples=16, logit_positions="text"),
     }
@@ -136,6 +137,17 @@ def test_attention_and_vision_tokens_equal_live_forward(six, kind, rtol):
         worst = max(worst, float(np.max(np.abs(got.attn - live["attn"]) / np.abs(live["attn"]))))
     # the option took effect: fp16 keeps 3 more mantissa bits than bf16
     assert (worst > 1e-3) if kind == "bf16" else (worst < 1e-3)
+
+
+def test_uint8_sqrt_attention_is_within_its_companding_step_of_live_forward(six):
+    """round(sqrt(p)*255) then squared: the error is at most half a step in sqrt space."""
+    reader = open_cache(six["caches"]["u8"])
+    for b in range(6):
+        live = live_sample(six, b)
+        got = reader[reader.index_of(live["sample_id"])].attn
+        bound = (np.sqrt(live["attn"]) + 0.5 / 255) ** 2 - live["attn"]  # one half-step up in sqrt space
+        assert np.all(np.abs(got - live["attn"]) <= bound + 1e-7)
+        assert np.abs(got - live["attn"]).max() > 0  # really lossy, so the option took effect
 
 
 def test_topk_logits_are_the_true_topk_of_live_logits(six):
