@@ -36,3 +36,19 @@ def test_quick_demo_runs_end_to_end_and_reports_every_row(tmp_path):
     assert again.exit_code == 0
     assert (out / "report.md").read_text().split("## Cache")[0].split("Wall time")[1].split("\n", 1)[1] == \
         report.split("## Cache")[0].split("Wall time")[1].split("\n", 1)[1]
+
+
+def test_shipped_teacher_matches_its_record_and_loads(tmp_path):
+    """The weights `make demo` uses: checksum as recorded, and a LLaVA that transformers loads."""
+    import hashlib
+
+    from transformers import AutoModelForImageTextToText
+
+    from alignkd.demo.shipped import RECORD, WEIGHTS, materialise_shipped_teacher, shipped_teacher_available
+
+    assert shipped_teacher_available()
+    record = json.loads(RECORD.read_text())
+    assert hashlib.sha256(WEIGHTS.read_bytes()).hexdigest() == record["sha256"]
+    assert record["command"].startswith("alignkd demo train-teacher")
+    model = AutoModelForImageTextToText.from_pretrained(materialise_shipped_teacher(tmp_path / "teacher"))
+    assert model.config.text_config.num_attention_heads == 8
