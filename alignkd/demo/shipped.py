@@ -27,8 +27,6 @@ def shipped_teacher_available() -> bool:
 
 def materialise_shipped_teacher(target: Path) -> Path:
     """Write a loadable LLaVA directory for the shipped teacher at `target`, checking its sha256."""
-    from safetensors.torch import load_file
-
     from alignkd.demo import world
     from alignkd.demo.teacher import TEACHER_SPEC
     from alignkd.demo.tiny_models import build_llava_config, build_processor, build_word_tokenizer
@@ -38,16 +36,18 @@ def materialise_shipped_teacher(target: Path) -> Path:
     if digest != record["sha256"]:
         raise AlignKDError(f"shipped teacher weights {WEIGHTS} have sha256 {digest[:12]}…, "
                            f"expected {record['sha256'][:12]}…; reinstall alignkd.")
-    from transformers import LlavaForConditionalGeneration
+    from transformers import GenerationConfig
 
     tokenizer = build_word_tokenizer(world.world_vocabulary())
-    model = LlavaForConditionalGeneration(build_llava_config(tokenizer, TEACHER_SPEC))
-    model.load_state_dict(load_file(WEIGHTS))
-    model.generation_config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config.eos_token_id = tokenizer.eos_token_id
     tmp = target.parent / f".tmp-{target.name}"
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    tmp.mkdir(parents=True)
+    # The weights are save_pretrained's own file (checkpoint key names), so they are
+    # copied beside a config and loaded by from_pretrained, never by load_state_dict.
+    build_llava_config(tokenizer, TEACHER_SPEC).save_pretrained(tmp)
+    shutil.copy(WEIGHTS, tmp / "model.safetensors")
+    GenerationConfig(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                     bos_token_id=tokenizer.bos_token_id).save_pretrained(tmp)
     build_processor(tokenizer, TEACHER_SPEC).save_pretrained(tmp)
     tmp.rename(target)
     return target
