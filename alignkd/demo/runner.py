@@ -73,7 +73,7 @@ def prepare_teacher(cfg: DemoConfig, out: Path) -> Path:
         _log(f"teacher: reusing {target}")
         return target
     if not cfg.quick and shipped_teacher_available():
-        _log("teacher: using the shipped weights (see alignkd/demo/assets/README.md)")
+        _log("teacher: using the shipped weights (alignkd/demo/assets/teacher.json records how they were trained)")
         return materialise_shipped_teacher(target)
     if cfg.quick:
         _log("teacher: quick mode trains a small teacher (the path `alignkd demo train-teacher` takes)")
