@@ -102,7 +102,7 @@ class TeacherPass:
     def run(self, records, initial_rejects: int = 0) -> Iterator[Outcome]:
         from tqdm import tqdm
 
-        from alignkd.data import SampleError, collate, render_sample
+        from alignkd.data import SampleError, render_sample
 
         cfg = self.cfg
         processor = self.vlm.processor

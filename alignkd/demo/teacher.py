@@ -1,9 +1,9 @@
-"""The demo's teacher and student: specs, a plain CE training loop, and evaluation.
+"""The demo's teacher and student: specs and a plain CE training loop.
 
 Both models share the world tokenizer, the 48 px / 8 px image grid (36 vision tokens)
 and one pretrained, frozen CLIP tower (see vision_pretrain.py). Only the language
-model and projector train. Evaluation is greedy generation of the answer, scored by
-normalised exact match and broken down per question type.
+model and projector train. `train_teacher` scores the result with `alignkd eval`'s
+evaluator (greedy answer, normalised exact match, per question type).
 """
 
 from __future__ import annotations
@@ -12,7 +12,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from alignkd.demo import world
@@ -43,8 +43,6 @@ class Examples:
     labels: "torch.Tensor"
     image_index: "torch.Tensor"  # record → row of pixel_values
     pixel_values: "torch.Tensor"
-    qtypes: list[str] = field(default_factory=list)
-    answers: list[str] = field(default_factory=list)
 
 
 def lm_parameter_count(model) -> int:
@@ -76,9 +74,8 @@ def prepare_examples(manifest: Path, processor, images_root: Path, limit: int | 
     from alignkd.data import collate, read_manifest, render_sample
 
     records = read_manifest(manifest)[:limit]
-    qtypes = {r["id"]: r.get("qtype", "all") for r in json.loads(Path(manifest).read_text())}
     image_rows: dict[str, int] = {}
-    texts, answers, pixels, index = [], [], [], []
+    texts, pixels, index = [], [], []
     for rec in records:
         sample = render_sample(rec, processor, images_root, max_length=None)
         if sample.image_sha256 not in image_rows:
@@ -88,12 +85,10 @@ def prepare_examples(manifest: Path, processor, images_root: Path, limit: int | 
         # Keep tokens only: a RenderedSample also holds the image bytes, ~5 kB a record.
         texts.append({"input_ids": sample.input_ids, "attention_mask": sample.attention_mask,
                       "labels": sample.labels, "image_inputs": {}})
-        answers.append(processor.tokenizer.decode(sample.input_ids[sample.labels != -100], skip_special_tokens=True))
     batch = collate(texts, processor.tokenizer.pad_token_id)
     return Examples(
         input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
         image_index=torch.tensor(index), pixel_values=torch.stack(pixels),
-        qtypes=[qtypes.get(r.sample_id, "all") for r in records], answers=answers,
     )
 
 
@@ -147,35 +142,6 @@ def _batch(examples: Examples, rows, device) -> dict:
     return {k: v.to(device) for k, v in batch.items()}
 
 
-def evaluate(model, tokenizer, examples: Examples, batch_size: int = 128) -> dict[str, float]:
-    """Greedy-decode every answer; accuracy per qtype plus `all`."""
-    import torch
-
-    from alignkd.distill.evaluate import left_pad, normalise_answer
-
-    tok = tokenizer
-    was_training = model.training
-    model.eval()
-    correct: dict[str, list[int]] = {}
-    prompt_len = (examples.labels == -100).logical_and(examples.attention_mask.bool()).sum(1)
-    for start in range(0, len(prompt_len), batch_size):
-        rows = torch.arange(start, min(start + batch_size, len(prompt_len)))
-        ids, mask = left_pad([examples.input_ids[r, :prompt_len[r]] for r in rows], tok.pad_token_id)
-        device = model.device
-        with torch.no_grad():
-            out = model.generate(input_ids=ids.to(device), attention_mask=mask.to(device),
-                                 pixel_values=examples.pixel_values[examples.image_index[rows]].to(device),
-                                 max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
-        texts = tok.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
-        for r, text in zip(rows.tolist(), texts):
-            hit = int(normalise_answer(text) == normalise_answer(examples.answers[r]))
-            correct.setdefault(examples.qtypes[r], []).append(hit)
-    model.train(was_training)
-    acc = {q: sum(v) / len(v) for q, v in sorted(correct.items())}
-    acc["all"] = sum(map(sum, correct.values())) / sum(map(len, correct.values()))
-    return acc
-
-
 # The demo world and teacher recipe. Measured (docs/demo-notes.md): with 16k training
 # records the teacher over-fits the 4k images and stays near 55% on val; 64k records
 # and ~10k+ steps reach 95% overall. `relation` is the last type to learn and did not
@@ -207,6 +173,7 @@ def train_teacher(out_dir: str | Path, seed: int = 0, world_dir: str | Path | No
     import torch
 
     from alignkd.demo.vision_pretrain import pretrain_vision_tower
+    from alignkd.distill.evaluate import EvalConfig, evaluate
 
     torch.set_num_threads(threads)
     start = time.perf_counter()
@@ -222,9 +189,13 @@ def train_teacher(out_dir: str | Path, seed: int = 0, world_dir: str | Path | No
     train = prepare_examples(paths.train, processor, paths.images_root)
     log = _loss_logger(log_every)
     train_llava(model, train, cfg, on_step=log)
-    accuracy = evaluate(model, tokenizer, prepare_examples(paths.val, processor, paths.images_root))
     model.cpu().save_pretrained(out / "model")
     processor.save_pretrained(out / "model")
+    # Scored by the same evaluator as `alignkd eval` and the demo's table.
+    result = evaluate(EvalConfig(model=str(out / "model"), data=str(paths.val), images=str(paths.images_root),
+                                 max_new_tokens=MAX_NEW_TOKENS, batch_size=128, progress=False),
+                      model=model, processor=processor)
+    accuracy = {**result.by_type, "all": result.accuracy}
     seconds = time.perf_counter() - start
     metrics = {"seed": seed, "device": device, "train": cfg.__dict__, "tower_patch_accuracy": tower.patch_accuracy,
                "tower_cell_accuracy": tower.cell_accuracy, "world": {"seed": WORLD_SEED, **sizes},

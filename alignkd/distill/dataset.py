@@ -104,6 +104,7 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
     Sequences are right-padded, so the cached positions are also batch positions.
     """
     lengths = [it["input_ids"].shape[0] for it in items]
+    width = max(it["t_logit_ids"].shape[1] for it in items)  # sampled logits differ per sample
     batch = {
         "input_ids": _pad([it["input_ids"] for it in items], pad_token_id),
         "labels": _pad([it["labels"] for it in items], -100),
@@ -113,8 +114,8 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
         "t_vision": torch.stack([it["t_vision"] for it in items]),
         "t_focus": torch.stack([it["t_focus"] for it in items]),
         "t_logit_positions": _pad([it["t_logit_positions"] for it in items], -1),
-        "t_logit_ids": _pad([_pad_k(it["t_logit_ids"], items, -1) for it in items], -1),
-        "t_logit_values": _pad([_pad_k(it["t_logit_values"], items, 0.0) for it in items], 0.0),
+        "t_logit_ids": _pad([_pad_k(it["t_logit_ids"], width, -1) for it in items], -1),
+        "t_logit_values": _pad([_pad_k(it["t_logit_values"], width, 0.0) for it in items], 0.0),
         "t_logit_tail": _pad([it["t_logit_tail"] for it in items], 0.0),
     }
     image_keys = [k for k in items[0] if k not in batch and not k.startswith("t_")]
@@ -123,9 +124,8 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
     return batch
 
 
-def _pad_k(t: torch.Tensor, items: list[dict], value) -> torch.Tensor:
-    """Sampled logits have a per-sample width; pad the K axis to the batch's widest."""
-    width = max(it["t_logit_ids"].shape[1] for it in items)
+def _pad_k(t: torch.Tensor, width: int, value) -> torch.Tensor:
+    """Pad the K axis of a [P, K] logit table to `width`."""
     if t.shape[1] == width:
         return t
     out = t.new_full((t.shape[0], width), value)

@@ -153,6 +153,7 @@ def _last_checkpoint(out: Path) -> str | None:
     from transformers.trainer_utils import get_last_checkpoint
 
     ckpt_dir = out / "checkpoints"
-    if not ckpt_dir.is_dir() or get_last_checkpoint(str(ckpt_dir)) is None:
+    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
+    if last is None:
         raise ConfigError(f"--resume: no checkpoint found under {ckpt_dir}.")
-    return get_last_checkpoint(str(ckpt_dir))
+    return last
