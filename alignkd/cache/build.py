@@ -78,11 +78,12 @@ class BuildSummary:
     rejects: Counter = field(default_factory=Counter)
     skipped_done: int = 0
     bytes_on_disk: int = 0
+    cached_total: int = 0  # samples in the whole cache, earlier runs of a resume included
     seconds: float = 0.0
 
     @property
     def bytes_per_sample(self) -> float:
-        return self.bytes_on_disk / max(self.samples, 1)
+        return self.bytes_on_disk / max(self.cached_total, 1)
 
 
 def sample_seed(seed: int, sample_id: str) -> int:
@@ -132,6 +133,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     writes its own shards; rank 0 creates the cache first and rebuilds the catalog last.
     """
     from alignkd.cache.catalog import rebuild_catalog
+    from alignkd.cache.reader import open_cache
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS, read_manifest, split_duplicates
@@ -159,8 +161,6 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
             if writer.rank == 0:
-                from alignkd.cache.catalog import rebuild_catalog
-
                 # A build killed between a shard's rename and its catalog row leaves
                 # catalog.duckdb a shard behind; the shard directories are the truth.
                 rebuild_catalog(cfg.out)
@@ -191,5 +191,6 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
         summary.samples, summary.skipped_done = totals[:2]
         summary.rejects = Counter({r: n for r, n in zip(reasons, totals[2:]) if n})
     summary.bytes_on_disk = directory_bytes(Path(cfg.out))
+    summary.cached_total = len(open_cache(cfg.out, images=False))
     summary.seconds = time.perf_counter() - start
     return summary
