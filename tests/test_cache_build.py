@@ -22,7 +22,8 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignkd.cache.build import BuildConfig, build_cache, sample_seed
+from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.targets import sample_seed
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
 from alignkd.cache.sparse_logits import encode_sampled

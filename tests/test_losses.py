@@ -12,12 +12,11 @@ from alignkd.distill.losses import (
     attention_loss,
     ce_loss,
     dense_kl,
-    select_positions,
     sparse_kl_sampled,
     sparse_kl_topk,
-    text_focus,
     vision_loss,
 )
+from alignkd.targets import select_positions, text_focus
 
 
 def randn(*shape, seed=0):

@@ -8,7 +8,6 @@ atomic, so at most the shard that was in flight when a build died is redone.
 
 from __future__ import annotations
 
-import hashlib
 import shutil
 import time
 from collections import Counter
@@ -84,12 +83,6 @@ class BuildSummary:
     @property
     def bytes_per_sample(self) -> float:
         return self.bytes_on_disk / max(self.cached_total, 1)
-
-
-def sample_seed(seed: int, sample_id: str) -> int:
-    """A per-sample RNG seed, so sampled logits do not depend on batching or resume."""
-    digest = hashlib.sha256(f"{seed}:{sample_id}".encode()).digest()
-    return int.from_bytes(digest[:8], "little") & ((1 << 63) - 1)
 
 
 def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> None:

@@ -11,7 +11,7 @@ docs/ALIGN-KD.md and measured in bench/logit_fidelity.py:
   the unbiased RS-KD loss `-sum (c_i/N) log q_i`.
 
 Position convention: row t of a target is the distribution of the token at t+1, i.e.
-the teacher's logits at position t (see `alignkd.distill.losses.select_positions`).
+the teacher's logits at position t (see `alignkd.targets.select_positions`).
 
 Storage: `to_storage`/`from_storage` give the compact dtypes a writer keeps
 (ids uint16 below a 65536 vocabulary, else int32; log-probs and tail fp16; counts

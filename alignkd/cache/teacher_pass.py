@@ -36,10 +36,9 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
 
     The batch is right-padded, so batch positions are also positions in each sample.
     """
-    from alignkd.cache.build import sample_seed
     from alignkd.cache.sparse_logits import encode_sampled, encode_topk, teacher_stats
     from alignkd.cache.record import SampleRecord
-    from alignkd.distill.losses import select_positions, text_focus
+    from alignkd.targets import sample_seed, select_positions, text_focus
 
     positions = select_positions(batch["labels"], cap.text_query_mask, batch["attention_mask"],
                                  positions_policy)

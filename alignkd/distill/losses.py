@@ -3,7 +3,7 @@
 Every term accepts padded batches and takes its validity from masks, never from
 equal lengths (the official code's batch-size-1 limitation, docs/ALIGN-KD.md #5).
 
-Position convention (shared with the cache builder through `select_positions`):
+Position convention (shared with the cache builder through `alignkd.targets.select_positions`):
 logits at position t are the distribution of token t+1. Labels are unshifted, as in
 transformers: `labels[t]` is the target for `logits[t-1]`. A cached sparse target
 row belongs to a "logit position" t, so the trainer gathers `student_logits[b, t]`
@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-IGNORE_INDEX = -100
+from alignkd.targets import IGNORE_INDEX
+
 _MASKED = -1e30  # "minus infinity" that keeps logsumexp gradients finite
 _EPS = 1e-8  # floor for attention rows in the KL variant
 
@@ -96,26 +97,6 @@ def ce_loss(student_logits: Tensor, labels: Tensor) -> Tensor:
         return student_logits.sum() * 0.0
     logits = student_logits[:, :-1][valid].float()
     return torch.nn.functional.cross_entropy(logits, target[valid])
-
-
-def select_positions(
-    labels: Tensor, text_query_mask: Tensor, attention_mask: Tensor, policy: str
-) -> Tensor:
-    """Bool [B, L]: the positions t whose next-token distribution is distilled.
-
-    labels [B, L] unshifted (-100 = no CE); text_query_mask [B, L] true on text
-    positions after the image; attention_mask [B, L] 1 on real tokens. Works for
-    left and right padding alike because it only looks at masks.
-    """
-    real = attention_mask.bool()
-    nxt = torch.zeros_like(real)
-    if policy == "response":
-        nxt[:, :-1] = labels[:, 1:] != IGNORE_INDEX
-        return nxt & real
-    if policy == "text":
-        nxt[:, :-1] = real[:, 1:]
-        return nxt & real & text_query_mask.bool()
-    raise ValueError(f"logit position policy must be 'response' or 'text', got {policy!r}")
 
 
 class HeadAdapter(nn.Module):
@@ -212,20 +193,6 @@ def attention_loss(
         per_row = torch.where(rows[..., 0], per_row * weight.detach(), 0.0)
         return per_row.sum() / (n_rows * H)
     raise ValueError(f"attention loss mode must be 'mse' or 'kl', got {mode!r}")
-
-
-def text_focus(attn: Tensor, row_mask: Tensor | None = None) -> Tensor:
-    """focus[j] = sum_i mean_h A[h, i, j] over the text query rows i.
-
-    Per-sample cache layout: attn [T, H, N_v] (every row valid) -> [N_v].
-    Batched model layout: attn [B, H, T, N_v] with row_mask [B, T] -> [B, N_v].
-    """
-    if attn.dim() == 3:
-        return attn.float().mean(1).sum(0)
-    if attn.dim() == 4 and row_mask is not None:
-        per_row = attn.float().mean(1)  # [B, T, N_v]
-        return torch.where(row_mask.bool()[..., None], per_row, 0.0).sum(1)
-    raise ValueError(f"text_focus takes [T, H, N_v] or [B, H, T, N_v] + row_mask, got {tuple(attn.shape)}")
 
 
 def vision_loss(
