@@ -16,14 +16,17 @@ import numpy as np
 import pytest
 
 from alignkd.cache.catalog import SQLRefusedError, rebuild_catalog, run_sql
+from alignkd.cache.encodings import decode, encode, widen
 from alignkd.cache.lock import CacheLockedError
 from alignkd.cache.reader import open_cache
 from alignkd.cache.shard_format import CacheFormatError, read_array_info, read_index, read_raw
 from alignkd.cache.verify import verify_cache
 from alignkd.cache.writer import CacheWriter, SampleRecord
-from alignkd.storage_schemas import ARRAY_KINDS, FORMAT_NAME, SCHEMA_VERSION
+from alignkd.storage_schemas import ARRAY_KINDS, FORMAT_NAME, SCALE_OF, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
+SCALES = set(SCALE_OF.values())
+DATA_KINDS = [k for k in ARRAY_KINDS if k not in SCALES]  # arrays with bytes in the bf16 `cache` fixture
 META = {"teacher": {"path": "tiny", "config_sha256": "c0ffee"}, "build_options": {"logit_mode": "topk"}}
 
 
@@ -76,26 +79,54 @@ def cache(tmp_path_factory):
 
 # ---------------------------------------------------------------- round trips
 @pytest.mark.parametrize("attn_dtype,vision_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"),
-                                                     ("uint8-sqrt", "bfloat16")])
+                                                     ("uint8-sqrt", "bfloat16"), ("uint8-log", "int8-channel")])
 def test_round_trip_each_dtype(tmp_path, attn_dtype, vision_dtype):
+    """Whole-cache round trip; each encoding's own bound is checked in test_encodings.py."""
     recs = write_cache(tmp_path / "c", n=3, attn_dtype=attn_dtype, vision_dtype=vision_dtype, background=False)
     reader = open_cache(tmp_path / "c")
     assert len(reader) == 3 and reader.sample_ids == ["s000", "s001", "s002"]
-    rtol = {"bfloat16": 2 ** -8, "float16": 2 ** -11}
     for rec, got in zip(recs, (reader[i] for i in range(3))):
-        if attn_dtype == "uint8-sqrt":
-            p = rec.attn / rec.attn.sum(-1, keepdims=True)
-            q = np.maximum(got.attn, 1e-12) / np.maximum(got.attn, 1e-12).sum(-1, keepdims=True)
-            assert np.mean(np.sum(p * np.log(p / q), -1)) < 2e-3
-        else:
-            np.testing.assert_allclose(got.attn, rec.attn, rtol=rtol[attn_dtype], atol=1e-7)
-        np.testing.assert_allclose(got.vision, rec.vision, rtol=rtol[vision_dtype], atol=1e-6)
+        for kind, enc in (("attn", attn_dtype), ("vision", vision_dtype)):
+            stored, scale = encode(getattr(rec, kind), enc)
+            want = decode(stored, enc, scale, getattr(rec, kind).shape)
+            np.testing.assert_array_equal(getattr(got, kind), want, err_msg=kind)
         assert got.attn.dtype == got.vision.dtype == np.float32
-        for name in ("focus", "logit_ids", "logit_values", "logit_tail", "input_ids", "label_mask",
+        np.testing.assert_array_equal(got.logit_values, rec.logit_values.astype(np.float16).astype(np.float32))
+        np.testing.assert_allclose(got.logit_tail, rec.logit_tail, rtol=np.abs(np.log(rec.logit_tail)).max() * 2 ** -10)
+        for name in ("focus", "logit_ids", "input_ids", "label_mask",
                      "vision_positions", "text_positions", "logit_positions"):
             np.testing.assert_array_equal(getattr(got, name), getattr(rec, name), err_msg=name)
         assert (got.sample_id, got.manifest_row, got.teacher_ce, got.image_path, got.image_bytes) == \
                (rec.sample_id, rec.manifest_row, rec.teacher_ce, rec.image_path, rec.image_bytes)
+
+
+def test_stored_width_read(tmp_path):
+    """get(widen=False) hands back the stored bytes and scales; widening them gives the float32 read."""
+    import torch
+
+    write_cache(tmp_path / "c", n=2, attn_dtype="uint8-log", vision_dtype="int8-channel", background=False)
+    reader = open_cache(tmp_path / "c")
+    full, raw = reader[1], reader.get(1, widen=False)
+    assert (raw.attn.dtype, raw.vision.dtype, raw.logit_values.dtype) == (np.uint8, np.int8, np.float16)
+    assert raw.attn_scale.shape == raw.attn.shape[:2] and raw.vision_scale.shape == raw.vision.shape[1:]
+    assert raw.encodings == {"attn": "uint8-log", "vision": "int8-channel", "logit_values": "float16"}
+    attn = widen(torch.from_numpy(raw.attn), "uint8-log", torch.from_numpy(raw.attn_scale))
+    vision = widen(torch.from_numpy(raw.vision), "int8-channel", torch.from_numpy(raw.vision_scale))
+    np.testing.assert_allclose(attn.numpy(), full.attn, rtol=1e-6)
+    np.testing.assert_allclose(vision.numpy(), full.vision, rtol=1e-6)
+    assert full.encodings is None and full.attn_scale is None
+
+
+def test_logit_ids_use_uint16_below_65536_and_uint32_above(tmp_path):
+    for vocab, dtype in ((32000, "uint16"), (65536, "uint16"), (151936, "uint32"), (None, "uint32")):
+        path = tmp_path / f"c{vocab}"
+        meta = {**META, "teacher_shapes": {"vocab_size": vocab}} if vocab else META
+        rec = make_record(0)
+        with CacheWriter(path, meta, background=False) as w:
+            w.add(rec)
+        assert json.loads((path / "cache.json").read_text())["storage"]["logit_id_dtype"] == dtype
+        assert read_array_info(path / "shards/shard-000000", "logit_ids").dtype == np.dtype(dtype)
+        np.testing.assert_array_equal(open_cache(path)[0].logit_ids, rec.logit_ids)
 
 
 def test_sampled_ragged_logits_round_trip(tmp_path):
@@ -107,7 +138,7 @@ def test_sampled_ragged_logits_round_trip(tmp_path):
     for i, rec in enumerate(recs):
         got = reader[i]
         np.testing.assert_array_equal(got.logit_ids, rec.logit_ids)
-        np.testing.assert_array_equal(got.logit_values, rec.logit_values)
+        np.testing.assert_array_equal(got.logit_values, rec.logit_values)  # counts are exact in fp16
         assert got.logit_ids.dtype == np.int64
 
 
@@ -121,6 +152,9 @@ def test_direct_reader_equals_zarr_python(cache):
         for kind in ARRAY_KINDS:
             info = read_array_info(shard_dir, kind)
             whole = group[kind][:]
+            if not info.length:  # an unused scale array: zarr.json only
+                assert whole.size == 0 and not info.path.exists()
+                continue
             fd = os.open(info.path, os.O_RDONLY)
             try:
                 ours = read_raw(fd, info, read_index(fd, info), 0, info.length)
@@ -141,7 +175,8 @@ def test_direct_reader_equals_zarr_python(cache):
 # ---------------------------------------------------------------- what is written
 def test_exact_files(cache):
     path, _ = cache
-    arrays = {f"{k}/{f}" for k in ARRAY_KINDS for f in ("zarr.json", "c/0")}
+    # bf16 attention and vision have no scales: their scale arrays are a zarr.json only
+    arrays = {f"{k}/{f}" for k in ARRAY_KINDS for f in ("zarr.json", "c/0") if f == "zarr.json" or k not in SCALES}
     shard = {"zarr.json", "samples.parquet", "rejects.parquet", "shard.json"} | arrays
     expected = {"cache.json", "catalog.duckdb", ".lock"}
     expected |= {f"shards/shard-{i:06d}/{f}" for i in range(3) for f in shard}
@@ -155,8 +190,8 @@ def test_cache_json_and_shard_json(cache):
     assert set(doc) == {"format", "schema_version", "alignkd_version", "created_at", "storage",
                         "teacher", "build_options"}
     assert (doc["format"], doc["schema_version"]) == (FORMAT_NAME, SCHEMA_VERSION)
-    assert doc["storage"] == {"attn_dtype": "bfloat16", "vision_dtype": "bfloat16", "shard_size": 2,
-                              "store_images": True}
+    assert doc["storage"] == {"attn_dtype": "bfloat16", "vision_dtype": "bfloat16", "logit_id_dtype": "uint32",
+                              "shard_size": 2, "store_images": True}
     assert doc["teacher"] == META["teacher"] and doc["build_options"] == META["build_options"]
     assert open_cache(path).meta == doc
 
@@ -286,6 +321,18 @@ def test_not_a_cache_and_version_mismatch_refused(cache, tmp_path):
     assert len(problems) == 1 and problems[0].file == "cache.json" and "99" in problems[0].message
 
 
+def test_v1_cache_refused_naming_both_versions(cache, tmp_path):
+    path = tmp_path / "c"
+    shutil.copytree(cache[0], path)
+    doc = json.loads((path / "cache.json").read_text())
+    (path / "cache.json").write_text(json.dumps({**doc, "schema_version": 1}))
+    with pytest.raises(CacheFormatError) as err:
+        open_cache(path)
+    assert "schema version 1" in str(err.value) and "version 2" in str(err.value)
+    with pytest.raises(CacheFormatError, match="schema version 1"):
+        CacheWriter(path, META)
+
+
 # ---------------------------------------------------------------- catalog and SQL
 def test_sql_answers_and_rejects(cache):
     path, recs = cache
@@ -354,13 +401,13 @@ def test_verify_clean(cache):
 def test_verify_detects_flipped_byte_in_each_tensor_file(cache, tmp_path):
     path = tmp_path / "c"
     shutil.copytree(cache[0], path)
-    for kind in ARRAY_KINDS:
+    for kind in DATA_KINDS:
         f = path / "shards/shard-000001" / kind / "c/0"
         data = bytearray(f.read_bytes())
         data[len(data) // 3] ^= 0x10
         f.write_bytes(bytes(data))
     problems = verify_cache(path)
-    for kind in ARRAY_KINDS:
+    for kind in DATA_KINDS:
         hits = [p for p in problems if p.shard == "shard-000001" and p.file == f"{kind}/c/0"]
         assert any("sha256" in p.message for p in hits), kind
 

@@ -22,11 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from alignkd.cache.encodings import decode
 from alignkd.cache.record import SampleRecord
-from alignkd.cache.shard_format import (CacheFormatError, committed_shards, decode, load_cache_json,
-                                        read_array_info, read_index, read_raw)
+from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, read_array_info,
+                                        read_index, read_raw)
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import ARRAY_KINDS, SAMPLE_SCHEMA, SAMPLES_FILE
+from alignkd.storage_schemas import ARRAY_KINDS, SAMPLE_SCHEMA, SAMPLES_FILE, element_counts
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions")
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
@@ -135,37 +136,57 @@ class CacheReader:
 
     # ---------------------------------------------------------------- samples
     def __getitem__(self, i: int) -> CachedSample:
+        return self.get(i)
+
+    def get(self, i: int, *, widen: bool = True) -> CachedSample:
+        """Sample i; `widen=False` keeps attn, vision and logit values in their stored width
+        (with `encodings` and scales set on the record) for the GPU to widen."""
         n = len(self)
         i = int(i)
         if not -n <= i < n:
             raise IndexError(f"sample index {i} out of range for {n} samples")
         i %= n
         self._process_state()
-        shard = int(self._shard_of[i])
         c = {k: int(v[i]) for k, v in self._cols.items() if k not in _STRING_COLUMNS}
         T, H, Nv, D = c["n_text"], c["n_heads"], c["n_vision"], c["vision_dim"]
-        P, K, E = c["n_logit_positions"], c["logit_k"], c["logit_entries"]
-        sizes = {"attn": T * H * Nv, "vision": Nv * D, "focus": Nv, "logit_ids": E,
-                 "logit_values": E, "logit_nnz": P, "logit_tail": P}
-        t = {}
-        for kind, (info, fd, index) in self._shard_arrays(shard).items():
-            raw = read_raw(fd, info, index, c[f"{kind}_offset"], sizes[kind])
-            if self.check_crc and zlib.crc32(memoryview(raw).cast("B") if raw.size else b"") != c[f"{kind}_crc32"]:
-                raise CacheFormatError(f"sample {self.sample_ids[i]}: {kind} fails its crc32 in "
-                                       f"{self._shard_dirs[shard].name}; run alignkd cache verify.")
-            t[kind] = decode(raw, info.encoding)
-        ids, values = unpack_logits(t["logit_ids"], t["logit_values"], t["logit_nnz"], K)
+        raw, enc = self._read_raw(i, c)
+        shapes = {"attn": (T, H, Nv), "attn_scale": (T, H), "vision": (Nv, D), "vision_scale": (D,)}
+        if widen:
+            t = {k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in ("attn", "vision")}
+            values, kept = decode(raw["logit_values"], enc["logit_values"]), None
+        else:
+            t = {k: raw[k].reshape(shapes[k]) for k in ("attn", "vision", "attn_scale", "vision_scale")}
+            values, kept = raw["logit_values"], {k: enc[k] for k in ("attn", "vision", "logit_values")}
+        ids, values = unpack_logits(decode(raw["logit_ids"], enc["logit_ids"]), values,
+                                    raw["logit_nnz"], c["logit_k"])
         return CachedSample(
             sample_id=self.sample_ids[i], manifest_row=c["manifest_row"],
             input_ids=self._list("input_ids", i), label_mask=self._list("label_mask", i),
             vision_positions=self._list("vision_positions", i), text_positions=self._list("text_positions", i),
-            attn=t["attn"].reshape(T, H, Nv), vision=t["vision"].reshape(Nv, D), focus=t["focus"],
+            attn=t["attn"], vision=t["vision"], focus=raw["focus"],
             logit_positions=self._list("logit_positions", i), logit_ids=ids, logit_values=values,
-            logit_tail=t["logit_tail"],
+            logit_tail=decode(raw["logit_tail"], enc["logit_tail"]),
             teacher_ce=float(self._cols["teacher_ce"][i]), teacher_entropy=float(self._cols["teacher_entropy"][i]),
             teacher_tail_mass=float(self._cols["teacher_tail_mass"][i]),
             image_path=self._cols["image_path"][i], image_sha256=self._cols["image_sha256"][i],
-            image_bytes=self.image_bytes(i) if self.images else None)
+            image_bytes=self.image_bytes(i) if self.images else None, encodings=kept,
+            attn_scale=None if widen or not t["attn_scale"].size else t["attn_scale"],
+            vision_scale=None if widen or not t["vision_scale"].size else t["vision_scale"])
+
+    def _read_raw(self, i: int, c: dict) -> tuple[dict, dict]:
+        """Every array's stored values for sample i (flat, stored dtype) and the arrays' encodings."""
+        shard = int(self._shard_of[i])
+        arrays = self._shard_arrays(shard)
+        enc = {kind: info.encoding for kind, (info, _, _) in arrays.items()}
+        sizes = element_counts(c, enc)
+        raw = {}
+        for kind, (info, fd, index) in arrays.items():
+            raw[kind] = read_raw(fd, info, index, c[f"{kind}_offset"], sizes[kind])
+            if self.check_crc and zlib.crc32(memoryview(raw[kind]).cast("B") if raw[kind].size else b"") \
+                    != c[f"{kind}_crc32"]:
+                raise CacheFormatError(f"sample {self.sample_ids[i]}: {kind} fails its crc32 in "
+                                       f"{self._shard_dirs[shard].name}; run alignkd cache verify.")
+        return raw, enc
 
     def _list(self, name: str, i: int) -> np.ndarray:
         values, offsets = self._lists[name]
@@ -191,7 +212,7 @@ def unpack_logits(ids: np.ndarray, values: np.ndarray, nnz: np.ndarray, k: int) 
     """Left-packed valid entries + counts per position -> [P, K] with -1 / 0 padding."""
     mask = np.arange(k) < nnz[:, None]
     out_ids = np.full((len(nnz), k), -1, np.int64)
-    out_values = np.zeros((len(nnz), k), np.float32)
+    out_values = np.zeros((len(nnz), k), values.dtype)
     out_ids[mask] = ids
     out_values[mask] = values
     return out_ids, out_values

@@ -30,3 +30,8 @@ class SampleRecord:
     image_path: str | None = None
     image_sha256: str | None = None
     image_bytes: bytes | None = None
+    # Set only by `CacheReader.get(i, widen=False)`: attn, vision and logit_values then stay in
+    # their stored width (see alignkd/cache/encodings.py) and these say how to widen them.
+    encodings: dict | None = None         # {"attn": ..., "vision": ..., "logit_values": ...}
+    attn_scale: np.ndarray | None = None  # float32 [T, H] for uint8-log attention
+    vision_scale: np.ndarray | None = None  # float32 [D] for int8-channel vision

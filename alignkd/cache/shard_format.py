@@ -19,7 +19,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,44 +32,10 @@ from alignkd.storage_schemas import (ARRAY_SPECS, BLOSC, CACHE_JSON, ENCODED_DTY
                                      FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR)
 
 EMPTY_CHUNK = np.uint64(2**64 - 1)  # zarr's marker for a chunk that was never written
-_LITTLE = sys.byteorder == "little"
 
 
 class CacheFormatError(AlignKDError):
     """A cache (or a part of one) is missing, foreign, or of another schema version."""
-
-
-# ------------------------------------------------------------------ encodings
-def encode(values: np.ndarray, encoding: str) -> np.ndarray:
-    """float/int tensor -> the flat stored dtype of `encoding`."""
-    x = np.ascontiguousarray(values).reshape(-1)
-    if encoding == "bfloat16":
-        u = x.astype(np.float32, copy=False).view(np.uint32)
-        # round to nearest even on the 16 dropped bits (what torch's .bfloat16() does)
-        u = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
-        return (u >> np.uint32(16)).astype(np.uint16)
-    if encoding == "uint8-sqrt":
-        # sqrt companding: probabilities ~1/L keep ~4 bits; linear u8 would zero them
-        return np.rint(np.sqrt(np.clip(x, 0.0, 1.0, dtype=np.float32)) * 255.0).astype(np.uint8)
-    return x.astype(ENCODED_DTYPE[encoding], copy=False)
-
-
-_SQRT_LUT = (np.arange(256, dtype=np.float32) / 255.0) ** 2
-
-
-def decode(stored: np.ndarray, encoding: str) -> np.ndarray:
-    """Flat stored values -> float32 (int32 ids -> int64)."""
-    if encoding == "bfloat16":
-        if not _LITTLE:
-            return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
-        out = np.zeros(2 * stored.size, np.uint16)
-        out[1::2] = stored  # high half of each little-endian float32
-        return out.view(np.float32)
-    if encoding == "uint8-sqrt":
-        return _SQRT_LUT[stored]
-    if encoding == "int32":
-        return stored.astype(np.int64)
-    return stored.astype(np.float32, copy=False)
 
 
 # ------------------------------------------------------------------ writing one array

@@ -21,8 +21,8 @@ import pyarrow.parquet as pq
 
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
                                         read_array_info, read_index, read_raw)
-from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE,
-                                     SAMPLES_FILE, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR)
+from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
+                                     SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR, element_counts)
 
 
 @dataclass(frozen=True)
@@ -107,13 +107,6 @@ def _sha256(p: Path) -> str:
     return h.hexdigest()
 
 
-def _sizes(row: dict) -> dict[str, int]:
-    e, p = row["logit_entries"], row["n_logit_positions"]
-    return {"attn": row["n_text"] * row["n_heads"] * row["n_vision"],
-            "vision": row["n_vision"] * row["vision_dim"], "focus": row["n_vision"],
-            "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
-
-
 def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Problem]:
     rel = f"{kind}/c/0"
     try:
@@ -125,12 +118,17 @@ def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Proble
         return [Problem(d.name, f"{kind}/zarr.json", f"length {info.length}, shard.json says {expected}")]
     if not info.length:
         return []
+    encodings = {k: v["encoding"] for k, v in doc["arrays"].items()}
+
+    def counts(row):
+        return element_counts(row, encodings)
+
     fd = os.open(info.path, os.O_RDONLY)
     try:
         index = read_index(fd, info)
         bad = []
         for row in rows:
-            off, n = row[f"{kind}_offset"], _sizes(row)[kind]
+            off, n = row[f"{kind}_offset"], counts(row)[kind]
             if off < 0 or off + n > info.length:
                 bad.append(f"{row['sample_id']} (offset {off}+{n} beyond length {info.length})")
                 continue

@@ -32,11 +32,12 @@ import pyarrow.parquet as pq
 
 from alignkd.cache.lock import CacheLock
 from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
-from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, committed_shards, encode,
-                                        load_cache_json)
+from alignkd.cache.encodings import encode
+from alignkd.cache.shard_format import ArrayFileWriter, CacheFormatError, committed_shards, load_cache_json
 from alignkd.errors import ConfigError
 from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
-                                     CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE,
+                                     CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE, SCALE_OF,
+                                     UINT16_VOCAB,
                                      SAMPLE_SCHEMA, SAMPLES_FILE, SAMPLES_ROW_GROUP, SCHEMA_VERSION,
                                      SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
 
@@ -67,7 +68,7 @@ def check_record(rec: SampleRecord) -> None:
 def pack_logits(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """[P, K] padded rows -> (valid ids, their values, valid count per row), left-packed."""
     valid = ids >= 0
-    return ids[valid].astype(np.int32), values[valid], valid.sum(axis=1).astype(np.int32)
+    return ids[valid], values[valid], valid.sum(axis=1).astype(np.int32)
 
 
 class _ShardInProgress:
@@ -90,8 +91,8 @@ class _ShardInProgress:
 
     def add(self, rec: SampleRecord, store_images: bool) -> None:
         ids, values, nnz = pack_logits(rec.logit_ids, rec.logit_values)
-        tensors = {"attn": rec.attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
-                   "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail}
+        tensors = self._encode({"attn": rec.attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
+                                "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail})
         row = {
             "sample_id": rec.sample_id, "manifest_row": int(rec.manifest_row),
             "input_ids": np.asarray(rec.input_ids, np.int32), "label_mask": np.asarray(rec.label_mask, bool),
@@ -105,10 +106,18 @@ class _ShardInProgress:
             "teacher_tail_mass": float(rec.teacher_tail_mass), "image_path": rec.image_path,
             "image_sha256": rec.image_sha256, "image_bytes": rec.image_bytes if store_images else None,
         }
-        for kind, tensor in tensors.items():
-            writer = self.arrays[kind]
-            row[f"{kind}_offset"], row[f"{kind}_crc32"] = writer.append(encode(tensor, writer.encoding))
+        for kind in ARRAY_KINDS:
+            row[f"{kind}_offset"], row[f"{kind}_crc32"] = self.arrays[kind].append(tensors[kind])
         self.rows.append(row)
+
+    def _encode(self, tensors: dict) -> dict:
+        """Each tensor in its array's stored dtype; a scaled encoding fills its scale array too."""
+        out = {}
+        for kind, tensor in tensors.items():
+            out[kind], scale = encode(tensor, self.arrays[kind].encoding)
+            if kind in SCALE_OF:
+                out[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
+        return out
 
     def commit(self) -> dict:
         """Seal, fsync and rename into place; return the shard.json document."""
@@ -188,7 +197,7 @@ class CacheWriter:
 
     def __init__(self, path, meta: dict, *, shard_size: int = 256, attn_dtype: str = "bfloat16",
                  vision_dtype: str = "bfloat16", store_images: bool = True, background: bool = True,
-                 overwrite: bool = False, rank: int = 0) -> None:
+                 overwrite: bool = False, rank: int = 0, vocab_size: int | None = None) -> None:
         if attn_dtype not in ATTN_DTYPES:
             raise ConfigError(f"--attn-dtype must be one of {', '.join(ATTN_DTYPES)}, not {attn_dtype}.")
         if vision_dtype not in VISION_DTYPES:
@@ -200,7 +209,9 @@ class CacheWriter:
             raise ValueError(f"builder meta may not use the writer's cache.json keys {clash}")
         self.path, self.rank, self.shard_size = Path(path), rank, shard_size
         self.store_images = store_images
-        self.storage = {"attn_dtype": attn_dtype, "vision_dtype": vision_dtype,
+        vocab_size = vocab_size or meta.get("teacher_shapes", {}).get("vocab_size")
+        id_dtype = "uint16" if vocab_size and vocab_size <= UINT16_VOCAB else "uint32"
+        self.storage = {"attn_dtype": attn_dtype, "vision_dtype": vision_dtype, "logit_id_dtype": id_dtype,
                         "shard_size": shard_size, "store_images": store_images}
         self.encodings = {k: spec.get("encoding") or self.storage[spec["option"]]
                           for k, spec in ARRAY_SPECS.items()}
@@ -281,7 +292,7 @@ class CacheWriter:
         return None
 
     def _check_storage(self, stored: dict) -> None:
-        for key in ("attn_dtype", "vision_dtype"):
+        for key in ("attn_dtype", "vision_dtype", "logit_id_dtype"):
             if key in stored and stored[key] != self.storage[key]:
                 raise ConfigError(f"cache {self.path} stores --{key.replace('_', '-')}={stored[key]} but this "
                                   f"run asks for {self.storage[key]}; use the same option or pass --overwrite.")

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "alignkd-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -45,25 +45,43 @@ def shard_name(index: int, rank: int = 0) -> str:
 #   144 x 4096 vision tokens are exactly 9 chunks.
 # - 16384 for logit entries (top-64 x ~300 positions ~ 20k), 1024 for per-position or
 #   per-vision-token vectors: small samples should not pay for a big zero chunk.
-ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt")
-VISION_DTYPES = ("bfloat16", "float16")
+ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt", "uint8-log")
+VISION_DTYPES = ("bfloat16", "float16", "int8-channel")
+LOGIT_ID_DTYPES = ("uint16", "uint32")
+UINT16_VOCAB = 65536  # ids 0..65535 fit uint16 (only valid entries are stored: no padding id)
 
 # stored numpy dtype for each encoding; bfloat16 is kept as its raw uint16 bit pattern
 # (zarr 3.1 has no bfloat16), and the array's "alignkd_encoding" attribute says so.
-ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8",
-                 "float32": "float32", "int32": "int32"}
+# alignkd/cache/encodings.py defines each encoding and its round-trip bound.
+ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8", "uint8-log": "uint8",
+                 "int8-channel": "int8", "log-float16": "float16", "float32": "float32", "int32": "int32",
+                 "uint16": "uint16", "uint32": "uint32"}
 
 ARRAY_SPECS = {
     #  kind            inner chunk  encoding (None: from the writer's option)
     "attn":          {"chunk": 65536, "encoding": None, "option": "attn_dtype"},
+    "attn_scale":    {"chunk": 4096, "encoding": "float32"},    # uint8-log: max of each [t, h] row, else empty
     "vision":        {"chunk": 65536, "encoding": None, "option": "vision_dtype"},
+    "vision_scale":  {"chunk": 4096, "encoding": "float32"},    # int8-channel: scale per channel, else empty
     "focus":         {"chunk": 1024, "encoding": "float32"},
-    "logit_ids":     {"chunk": 16384, "encoding": "int32"},     # left-packed valid entries only
-    "logit_values":  {"chunk": 16384, "encoding": "float32"},   # log-probs (top-k) or counts (sampled)
+    "logit_ids":     {"chunk": 16384, "encoding": None, "option": "logit_id_dtype"},  # valid entries only
+    "logit_values":  {"chunk": 16384, "encoding": "float16"},   # log-probs (top-k) or counts (sampled)
     "logit_nnz":     {"chunk": 1024, "encoding": "int32"},      # valid entries per position
-    "logit_tail":    {"chunk": 1024, "encoding": "float32"},
+    "logit_tail":    {"chunk": 1024, "encoding": "log-float16"},  # log of the tail mass r_p
 }
+SCALE_OF = {"attn": "attn_scale", "vision": "vision_scale"}  # where a scaled encoding keeps its scales
+SCALED_ENCODINGS = ("uint8-log", "int8-channel")  # encodings that need their float32 scale array
 ARRAY_KINDS = tuple(ARRAY_SPECS)
+
+
+def element_counts(row: dict, encodings: dict) -> dict[str, int]:
+    """Elements of each array that one sample (a samples.parquet row) holds, given the
+    shard's encodings (shard.json "arrays"): scale arrays are empty unless the encoding is scaled."""
+    T, H, Nv, D = row["n_text"], row["n_heads"], row["n_vision"], row["vision_dim"]
+    e, p = row["logit_entries"], row["n_logit_positions"]
+    return {"attn": T * H * Nv, "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
+            "vision": Nv * D, "vision_scale": D if encodings["vision"] in SCALED_ENCODINGS else 0,
+            "focus": Nv, "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
 
 # blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
 # zstd for ~10% more bytes; the reader's throughput target makes lz4 the right side.
@@ -113,7 +131,7 @@ REJECT_SCHEMA = pa.schema([
 # cache.json: these keys are the writer's; the builder's meta dict is merged at top level
 # beside them (teacher, teacher_shapes, build_options, ...) and may not reuse these names.
 CACHE_JSON_FIELDS = ("format", "schema_version", "alignkd_version", "created_at", "storage")
-STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "shard_size", "store_images")
+STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images")
 
 # shard.json: "files" lists every other file of the shard with "path", "bytes", "sha256".
 SHARD_JSON_FIELDS = ("format", "schema_version", "name", "rank", "index", "n_samples",

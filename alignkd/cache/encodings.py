@@ -1,0 +1,132 @@
+"""Tensor encodings of the cache: float -> stored dtype (+ scales) and back, in numpy and torch.
+
+Every encoding is per array and per sample, so a sample decodes from its own bytes and
+scales alone. The stated bounds below are what tests/test_encodings.py checks:
+
+- `bfloat16` / `float16`: round to nearest even; relative error <= 2^-8 / 2^-11 (normal range).
+- `uint8-sqrt` (attention): q = round(255 sqrt(p)), p' = (q/255)^2;
+  |p - p'| <= (2 sqrt(p) + 1/255) / 510.
+- `uint8-log` (attention): per row (last axis) a float32 scale m = max p; q = 0 means
+  p < m e^-R (R = LOG_RANGE), else p' = m exp(-R (255 - q) / 254). Relative error
+  <= exp(R / 508) - 1 (2.4 %) above m e^-R, absolute error <= m e^-R below it. Small
+  probabilities keep the same relative precision as large ones, which sqrt companding
+  does not (13 % at p = 1e-3).
+- `int8-channel` (vision): per channel (last axis) a float32 scale s = max |x| / 127
+  over the sample's tokens; q = round(x / s), x' = q s; |x - x'| <= s / 2.
+- `log-float16` (logit tail): the tail mass r stored as fp16 log r (r = 0 -> -inf); the
+  tail is a logsumexp at capture, so a 1e-9 tail survives where fp16 r would flush to 0.
+- `uint16` / `uint32` / `int32` / `float32`: lossless.
+
+`widen` is the torch side: the distill DataLoader ships stored widths (bf16 bits, fp16,
+uint8 plus scales) and the objective widens on its device.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import numpy as np
+
+from alignkd.storage_schemas import ENCODED_DTYPE
+
+LOG_RANGE = 12.0  # uint8-log covers log(p / row max) in [-12, 0]: 6e-6 of the row's max
+_LITTLE = sys.byteorder == "little"
+_SQRT_LUT = (np.arange(256, dtype=np.float32) / 255.0) ** 2
+_LOG_LUT = np.concatenate([[0.0], np.exp(-LOG_RANGE * (255 - np.arange(1, 256)) / 254)]).astype(np.float32)
+
+
+def encode(values: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tensor -> (flat stored values, flat float32 scales or None)."""
+    x = np.ascontiguousarray(values)
+    if encoding == "uint8-log":
+        return _encode_log(x.astype(np.float32, copy=False))
+    if encoding == "int8-channel":
+        return _encode_int8(x.astype(np.float32, copy=False))
+    x = x.reshape(-1)
+    if encoding == "bfloat16":
+        u = x.astype(np.float32, copy=False).view(np.uint32)
+        # round to nearest even on the 16 dropped bits (what torch's .bfloat16() does)
+        u = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
+        return (u >> np.uint32(16)).astype(np.uint16), None
+    if encoding == "uint8-sqrt":
+        # sqrt companding: probabilities ~1/L keep ~4 bits; linear u8 would zero them
+        return np.rint(np.sqrt(np.clip(x, 0.0, 1.0, dtype=np.float32)) * 255.0).astype(np.uint8), None
+    if encoding == "log-float16":
+        with np.errstate(divide="ignore"):
+            return np.log(np.clip(x.astype(np.float64), 0.0, 1.0)).astype(np.float16), None
+    if encoding in ("uint16", "uint32") and x.size and (x.min() < 0 or x.max() > np.iinfo(encoding).max):
+        raise ValueError(f"ids {x.min()}..{x.max()} do not fit {encoding}")
+    return x.astype(ENCODED_DTYPE[encoding], copy=False), None
+
+
+def _encode_log(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    m = p.max(axis=-1, keepdims=True).clip(min=0.0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        rel = np.log(np.clip(p, 0.0, None) / m)             # <= 0; -inf for zeros, nan for 0/0
+    q = np.rint(255.0 + 254.0 * rel / LOG_RANGE)
+    q = np.where(np.isfinite(q) & (q >= 1.0), q, 0.0)      # below m e^-R (or an all-zero row): 0
+    return q.astype(np.uint8).reshape(-1), m.astype(np.float32).reshape(-1)
+
+
+def _encode_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    s = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0) / 127.0
+    safe = np.where(s > 0, s, 1.0)
+    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    return q.reshape(-1), s.astype(np.float32)
+
+
+def decode(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None,
+           shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Flat stored values (+ scales) -> float32 (integer ids -> int64), reshaped to `shape` if given."""
+    if encoding == "bfloat16":
+        out = _bf16_to_f32(stored)
+    elif encoding == "uint8-sqrt":
+        out = _SQRT_LUT[stored]
+    elif encoding == "uint8-log":
+        last = shape[-1] if shape else stored.size
+        out = (_LOG_LUT[stored].reshape(-1, last) * scale[:, None]).reshape(-1)
+    elif encoding == "int8-channel":
+        last = shape[-1] if shape else stored.size
+        out = (stored.reshape(-1, last).astype(np.float32) * scale[None, :]).reshape(-1)
+    elif encoding == "log-float16":
+        out = np.exp(stored.astype(np.float32))
+    elif encoding in ("int32", "uint16", "uint32"):
+        out = stored.astype(np.int64)
+    else:
+        out = stored.astype(np.float32, copy=False)
+    return out.reshape(shape) if shape is not None else out
+
+
+def _bf16_to_f32(stored: np.ndarray) -> np.ndarray:
+    if not _LITTLE:
+        return (stored.astype(np.uint32) << np.uint32(16)).view(np.float32)
+    out = np.zeros(2 * stored.size, np.uint16)
+    out[1::2] = stored  # high half of each little-endian float32
+    return out.view(np.float32)
+
+
+# ------------------------------------------------------------------ torch: stored width out, widen on device
+def to_torch_stored(stored: np.ndarray, encoding: str):
+    """Stored numpy values -> a torch tensor of the same width (bf16 bits become torch.bfloat16)."""
+    import torch
+
+    if encoding == "bfloat16":
+        return torch.from_numpy(stored.view(np.int16)).view(torch.bfloat16)
+    return torch.from_numpy(stored)
+
+
+def widen(t, encoding: str, scale=None):
+    """A stored-width torch tensor (+ its scale, broadcast on the leading axes) -> float32, on t's device.
+
+    uint8-log: `scale` has t's shape without the last axis; int8-channel: `scale` is
+    [..., D] with t of shape [..., N, D] (one scale row per sample).
+    """
+    import torch
+
+    if encoding == "uint8-sqrt":
+        return torch.from_numpy(_SQRT_LUT).to(t.device)[t.long()]
+    if encoding == "uint8-log":
+        return torch.from_numpy(_LOG_LUT).to(t.device)[t.long()] * scale.float().unsqueeze(-1)
+    if encoding == "int8-channel":
+        return t.float() * scale.float().unsqueeze(-2)
+    return t.float()

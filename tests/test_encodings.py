@@ -1,0 +1,95 @@
+"""Every stored encoding round-trips within the bound alignkd/cache/encodings.py states."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from alignkd.cache.encodings import LOG_RANGE, decode, encode, to_torch_stored, widen
+
+
+def _attention(rng, T=40, H=4, Nv=144) -> np.ndarray:
+    """Softmax rows over Nv vision + 200 other keys, with some hard zeros and an all-zero row."""
+    z = rng.normal(0, 2.5, (T, H, Nv + 200))
+    p = (np.exp(z) / np.exp(z).sum(-1, keepdims=True))[..., :Nv].astype(np.float32)
+    p[0, 0, :5] = 0.0
+    p[1, 1] = 0.0
+    return p
+
+
+def _round_trip(x: np.ndarray, enc: str) -> np.ndarray:
+    stored, scale = encode(x, enc)
+    return decode(stored, enc, scale, x.shape)
+
+
+@pytest.mark.parametrize("enc,rel", [("bfloat16", 2.0 ** -8), ("float16", 2.0 ** -11)])
+def test_float_encodings_relative_bound(enc, rel):
+    x = np.random.default_rng(0).normal(0, 3, (64, 96)).astype(np.float32)
+    err = np.abs(_round_trip(x, enc) - x)
+    assert (err <= rel * np.abs(x) + 1e-30).all()
+    assert err.max() > 0  # lossy for real
+
+
+def test_uint8_sqrt_bound():
+    p = _attention(np.random.default_rng(1))
+    err = np.abs(_round_trip(p, "uint8-sqrt") - p)
+    assert (err <= (2 * np.sqrt(p) + 1 / 255) / 510 + 1e-9).all()
+
+
+def test_uint8_log_bound():
+    p = _attention(np.random.default_rng(2))
+    got = _round_trip(p, "uint8-log")
+    m = p.max(-1, keepdims=True)
+    above = p >= m * np.exp(-LOG_RANGE)
+    rel = np.exp(LOG_RANGE / 508) - 1
+    assert (np.abs(got - p)[above] <= rel * p[above] * (1 + 1e-5)).all()
+    assert (np.abs(got - p)[~above] <= np.broadcast_to(m * np.exp(-LOG_RANGE), p.shape)[~above]).all()
+    np.testing.assert_array_equal(got[1, 1], 0.0)          # an all-zero row stays zero
+    np.testing.assert_array_equal(got.max(-1), p.max(-1))  # the row max is exact
+    # what it is for: at p ~ 1e-3 it keeps ~2 % where sqrt companding keeps ~13 %
+    small = (p > 5e-4) & (p < 2e-3)
+    sqrt_err = np.abs(_round_trip(p, "uint8-sqrt") - p)[small] / p[small]
+    log_err = np.abs(got - p)[small] / p[small]
+    assert log_err.max() < 0.025 and sqrt_err.max() > 0.1
+
+
+def test_int8_channel_bound():
+    rng = np.random.default_rng(3)
+    x = (rng.standard_normal((144, 256)) * np.exp(rng.normal(-1, 0.5, 256))).astype(np.float32)
+    x[:, 7] *= 20
+    x[:, 9] = 0.0  # a dead channel
+    stored, scale = encode(x, "int8-channel")
+    assert stored.dtype == np.int8 and scale.shape == (256,)
+    got = decode(stored, "int8-channel", scale, x.shape)
+    assert (np.abs(got - x) <= scale / 2 * (1 + 1e-6)).all()
+    np.testing.assert_array_equal(got[:, 9], 0.0)
+
+
+def test_log_float16_tail_keeps_tiny_tails():
+    r = np.array([0.0, 1e-12, 3e-9, 1e-4, 0.2, 1.0], np.float32)
+    got = _round_trip(r, "log-float16")
+    assert got[0] == 0.0 and got[-1] == 1.0
+    np.testing.assert_allclose(got[1:], r[1:], rtol=np.abs(np.log(r[1:])).max() * 2 ** -10)
+    assert r[1].astype(np.float16) == 0  # what plain fp16 would have stored
+
+
+@pytest.mark.parametrize("enc", ["uint16", "uint32", "int32"])
+def test_ids_lossless(enc):
+    ids = np.array([0, 1, 31999, 65535 if enc != "int32" else 2**31 - 1])
+    np.testing.assert_array_equal(_round_trip(ids, enc), ids)
+
+
+def test_ids_that_do_not_fit_are_refused():
+    with pytest.raises(ValueError, match="do not fit uint16"):
+        encode(np.array([70000]), "uint16")
+
+
+@pytest.mark.parametrize("enc", ["bfloat16", "float16", "uint8-sqrt", "uint8-log", "int8-channel"])
+def test_torch_widen_equals_numpy_decode(enc):
+    x = _attention(np.random.default_rng(4)) if "uint8" in enc else \
+        np.random.default_rng(4).normal(0, 1, (144, 64)).astype(np.float32)
+    stored, scale = encode(x, enc)
+    t = to_torch_stored(stored.reshape(x.shape), enc)
+    s = None if scale is None else torch.from_numpy(scale.reshape(x.shape[:-1] if enc == "uint8-log" else (-1,)))
+    np.testing.assert_array_equal(widen(t, enc, s).numpy(), decode(stored, enc, scale, x.shape))
