@@ -186,6 +186,7 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--save-steps", default=500, show_default=True)
 @click.option("--logging-steps", default=5, show_default=True)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
+@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes reading the cache.")
 def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.
 

@@ -80,6 +80,7 @@ class CacheReader:
             else:
                 self._cols[name] = col.to_numpy(zero_copy_only=False)
         self.sample_ids: list[str] = self._cols["sample_id"]
+        self.shard_of = self._shard_of  # shard number of each sample, for shard-ordered samplers
         self._id_index: dict[str, int] | None = None
 
     def __len__(self) -> int:
@@ -114,6 +115,8 @@ class CacheReader:
                     except FileNotFoundError:
                         raise CacheFormatError(f"{info.path} is missing; run alignkd cache verify.") from None
                     index = read_index(fd, info)
+                    if hasattr(os, "posix_fadvise"):  # prefetch: samplers read a shard's samples together
+                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 arrays[kind] = (info, fd, index)
             self._open[shard] = arrays
         return arrays
@@ -155,7 +158,8 @@ class CacheReader:
             t = {k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in ("attn", "vision")}
             values, kept = decode(raw["logit_values"], enc["logit_values"]), None
         else:
-            t = {k: raw[k].reshape(shapes[k]) for k in ("attn", "vision", "attn_scale", "vision_scale")}
+            t = {k: raw[k].reshape(shapes[k]) if raw[k].size or k in ("attn", "vision") else raw[k]
+                 for k in ("attn", "vision", "attn_scale", "vision_scale")}
             values, kept = raw["logit_values"], {k: enc[k] for k in ("attn", "vision", "logit_values")}
         ids, values = unpack_logits(decode(raw["logit_ids"], enc["logit_ids"]), values,
                                     raw["logit_nnz"], c["logit_k"])

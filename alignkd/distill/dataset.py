@@ -41,6 +41,12 @@ class CachedDistillDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
+    def train_sampler(self, seed: int):
+        """Shard-window shuffled order (see alignkd.distill.sampling)."""
+        from alignkd.distill.sampling import ShardWindowSampler
+
+        return ShardWindowSampler(self.reader.shard_of, seed=seed)
+
     def collate(self, items: list[dict]) -> dict:
         return collate_distill(items, self.processor.tokenizer.pad_token_id)
 
@@ -62,7 +68,7 @@ class CachedDistillDataset(Dataset):
     def __getitem__(self, index: int) -> dict:
         from alignkd.data import image_inputs_from_bytes
 
-        sample = self.reader[index]
+        sample = self.reader.get(index, widen=False)  # stored widths: the objective widens on its device
         image_bytes = self._image_bytes(sample)
         if image_bytes is None:
             return item_from_record(sample, {})
@@ -77,16 +83,49 @@ class CachedDistillDataset(Dataset):
 
 
 def item_from_record(rec, image_inputs: dict) -> dict:
-    """A cached (or live-built) `SampleRecord` -> the student's inputs plus `t_*` teacher targets."""
+    """A cached (or live-built) `SampleRecord` -> the student's inputs plus `t_*` teacher targets.
+
+    A record read with `widen=False` keeps attention, vision tokens and logit values in their
+    stored width (bf16/fp16/uint8/int8 plus scales, and `t_*_encoding` names the encoding):
+    half or a quarter of the float32 bytes cross the DataLoader, and `widen_targets` restores
+    float32 on the training device.
+    """
+    from alignkd.cache.encodings import to_torch_stored
+
     ids = torch.from_numpy(np.asarray(rec.input_ids, dtype=np.int64))
     item = {"input_ids": ids,
             "labels": ids.masked_fill(~torch.from_numpy(np.asarray(rec.label_mask, dtype=bool)), -100)}
     for name in ("text_positions", "logit_positions", "logit_ids"):
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.int64))
-    for name in ("attn", "vision", "focus", "logit_values", "logit_tail"):  # attn [T, H, Nv], vision [Nv, D]
+    for name in ("focus", "logit_tail"):
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
+    enc = rec.encodings or {}
+    for name in ("attn", "vision", "logit_values"):  # attn [T, H, Nv], vision [Nv, D], values [P, K]
+        if name in enc:
+            item[f"t_{name}"] = to_torch_stored(getattr(rec, name), enc[name])
+        else:
+            item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
+    for name in ("attn", "vision"):
+        if name in enc:
+            item[f"t_{name}_encoding"] = enc[name]
+            scale = getattr(rec, f"{name}_scale")
+            if scale is not None:
+                item[f"t_{name}_scale"] = torch.from_numpy(scale)
     item.update(image_inputs)
     return item
+
+
+def widen_targets(batch: dict) -> dict:
+    """Stored-width teacher targets -> float32, on whatever device the batch is on."""
+    from alignkd.cache.encodings import widen
+
+    out = dict(batch)
+    for name in ("attn", "vision"):
+        enc = out.pop(f"t_{name}_encoding", None)
+        scale = out.pop(f"t_{name}_scale", None)
+        if enc is not None:
+            out[f"t_{name}"] = widen(out[f"t_{name}"], enc, scale)
+    return out
 
 
 def _pad(tensors: list[torch.Tensor], value, length: int | None = None) -> torch.Tensor:
@@ -118,6 +157,16 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
         "t_logit_values": _pad([_pad_k(it["t_logit_values"], width, 0.0) for it in items], 0.0),
         "t_logit_tail": _pad([it["t_logit_tail"] for it in items], 0.0),
     }
+    for name in ("attn", "vision"):
+        encodings = {it.get(f"t_{name}_encoding") for it in items}
+        if len(encodings) > 1:
+            raise ValueError(f"one batch mixes {name} encodings {sorted(map(str, encodings))}")
+        if None not in encodings:
+            batch[f"t_{name}_encoding"] = encodings.pop()
+    if "t_attn_scale" in items[0]:   # [T, H] per sample, padded like the attention rows
+        batch["t_attn_scale"] = _pad([it["t_attn_scale"] for it in items], 0.0)
+    if "t_vision_scale" in items[0]:  # [D] per sample
+        batch["t_vision_scale"] = torch.stack([it["t_vision_scale"] for it in items])
     image_keys = [k for k in items[0] if k not in batch and not k.startswith("t_")]
     for key in image_keys:
         batch[key] = torch.cat([it[key] for it in items if key in it])

@@ -23,6 +23,12 @@ class AlignKDTrainer(Trainer):
         self._term_count = 0
         self._last_terms: dict[str, float] = {}
 
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if hasattr(dataset, "train_sampler"):  # the cache's shard-window order
+            return dataset.train_sampler(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
+        return super()._get_train_sampler(train_dataset)
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         outputs = model(**inputs)
         if model.training:

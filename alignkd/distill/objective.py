@@ -52,8 +52,10 @@ class AlignKDObjective(nn.Module):
     accepts_loss_kwargs = False
 
     def forward(self, **batch) -> dict:
+        from alignkd.distill.dataset import widen_targets
         from alignkd.models import capture_forward
 
+        batch = widen_targets(batch)  # cached targets arrive in their stored width
         model_inputs = {k: v for k, v in batch.items() if not k.startswith("t_") and k != "labels"}
         cap = capture_forward(self.student, model_inputs, keep_graph=True)
         terms = self.loss_terms(cap, batch)

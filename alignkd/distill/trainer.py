@@ -47,6 +47,7 @@ class DistillConfig:
     logging_steps: int = 5
     save_steps: int = 500
     progress: bool = True
+    workers: int = 2  # DataLoader workers reading the cache (0: in the training process)
 
     def __post_init__(self) -> None:
         check_choices(self, {"attn_loss": ("mse", "kl"), "adapters": ("trainable", "frozen"),
@@ -56,6 +57,8 @@ class DistillConfig:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative.")
         if not any(getattr(self, f"w_{t}") > 0 for t in ("ce", "logit", "attn", "vis")):
             raise ConfigError("every loss weight is 0; enable at least one of --w-ce/--w-logit/--w-attn/--w-vis.")
+        if self.workers < 0:
+            raise ConfigError(f"--workers must be 0 or more, not {self.workers}.")
         check_at_least_one(self, ("batch_size", "grad_accum", "vision_topk", "logging_steps", "save_steps"))
         if self.temperature <= 0:
             raise ConfigError("--temperature must be positive.")
@@ -133,7 +136,8 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
         seed=cfg.seed, data_seed=cfg.seed, bf16=cfg.bf16, logging_steps=cfg.logging_steps, logging_first_step=True,
         save_steps=cfg.save_steps, save_strategy="steps", report_to=["tensorboard"] if cfg.log == "tensorboard" else [],
         remove_unused_columns=False, disable_tqdm=not cfg.progress,
-        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=0,
+        use_cpu=not torch.cuda.is_available(), dataloader_num_workers=cfg.workers,
+        dataloader_pin_memory=torch.cuda.is_available(), dataloader_persistent_workers=cfg.workers > 0,
         # Under torchrun on CPU (the tests' two gloo processes) DDP needs gloo; NCCL otherwise.
         # Parameters only go unused when a loss term is off (e.g. the adapters of w_attn=0).
         ddp_find_unused_parameters=len(weights.enabled()) < 4,

@@ -1,0 +1,80 @@
+"""Stored targets against fp32 targets from a live tiny teacher, judged by the student's gradient.
+
+The teacher runs once; its float32 records are written through the real writer in each
+storage choice, read back through the distill dataset (stored widths, widened by the
+objective) and the full objective's gradient over every trainable parameter is compared
+with the one from the float32 records.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from alignkd.cache.writer import CacheWriter
+from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record
+from alignkd.distill.fidelity import gradient_cosine
+from alignkd.distill.objective import AlignKDObjective, LossWeights
+
+from conftest import make_image
+
+
+@pytest.fixture(scope="module")
+def live(tiny_llava_dir, tiny_student_dir, tmp_path_factory):
+    """fp32 teacher records of six samples, and a student objective with its processor."""
+    from alignkd.cache.teacher_pass import records_from_capture
+    from alignkd.data import collate, render_sample
+    from alignkd.data.manifest import ManifestRecord
+    from alignkd.models import capture_forward, load_vlm
+
+    root = tmp_path_factory.mktemp("fidelity")
+    teacher = load_vlm(tiny_llava_dir)
+    recs = []
+    for i in range(6):
+        make_image(root / f"{i}.png", seed=30 + i)
+        conv = [{"from": "human", "value": "<image>\nwhat is the shape of this image ?"},
+                {"from": "gpt", "value": ["red", "blue circle", "yes", "no", "green square", "3"][i]}]
+        recs.append(ManifestRecord(sample_id=f"g{i}", row=i, image=f"{i}.png", conversations=conv))
+    rendered = [render_sample(r, teacher.processor, str(root), 256) for r in recs]
+    batch = collate(rendered, pad_token_id=teacher.processor.tokenizer.pad_token_id)
+    cap = capture_forward(teacher.model, {k: v for k, v in batch.items() if k != "labels"})
+    records = records_from_capture(rendered, [r.image for r in recs], batch, cap, logit_mode="topk", logit_k=8,
+                                   logit_samples=16, positions_policy="response", seed=0, store_images=True)
+    student = load_vlm(tiny_student_dir)
+    text = json.loads((tiny_llava_dir / "config.json").read_text())["text_config"]
+    torch.manual_seed(0)
+    objective = AlignKDObjective(student.model, teacher_heads=text["num_attention_heads"],
+                                 teacher_dim=text["hidden_size"], weights=LossWeights(), logit_mode="topk",
+                                 logit_samples=16)
+    meta = {"teacher_shapes": {"vocab_size": teacher.model.config.get_text_config().vocab_size}}
+    return {"root": root, "records": records, "objective": objective, "processor": student.processor, "meta": meta}
+
+
+def _reference_batch(live) -> dict:
+    from alignkd.data import image_inputs_from_bytes
+
+    proc = live["processor"]
+    items = [item_from_record(r, image_inputs_from_bytes(proc, r.image_bytes)) for r in live["records"]]
+    return collate_distill(items, proc.tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("attn_dtype,vision_dtype,bound", [
+    ("bfloat16", "bfloat16", 0.999),        # the default
+    ("uint8-log", "int8-channel", 0.99),    # the compact option
+    ("uint8-sqrt", "bfloat16", 0.99),
+])
+def test_gradient_cosine_stored_vs_fp32(live, tmp_path, attn_dtype, vision_dtype, bound):
+    path = tmp_path / "cache"
+    with CacheWriter(path, live["meta"], attn_dtype=attn_dtype, vision_dtype=vision_dtype, background=False) as w:
+        for r in live["records"]:
+            w.add(r)
+    dataset = CachedDistillDataset(str(path), live["processor"])
+    stored = dataset.collate([dataset[i] for i in range(len(dataset))])
+    assert stored["t_attn"].dtype == {"bfloat16": torch.bfloat16, "uint8-log": torch.uint8,
+                                      "uint8-sqrt": torch.uint8}[attn_dtype]
+    reference = _reference_batch(live)
+    assert reference["t_attn"].dtype == torch.float32
+    cos = gradient_cosine(live["objective"], stored, reference)
+    assert bound <= cos < 1.0, cos  # < 1: the stored targets really are lossy
