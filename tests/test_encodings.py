@@ -42,9 +42,10 @@ def test_uint8_log_bound():
     got = _round_trip(p, "uint8-log")
     m = p.max(-1, keepdims=True)
     above = p >= m * np.exp(-LOG_RANGE)
-    rel = np.exp(LOG_RANGE / 508) - 1
+    rel = (np.exp(LOG_RANGE / 254) - 1) / 2
     assert (np.abs(got - p)[above] <= rel * p[above] * (1 + 1e-5)).all()
-    assert (np.abs(got - p)[~above] <= np.broadcast_to(m * np.exp(-LOG_RANGE), p.shape)[~above]).all()
+    assert (np.abs(got - p)[~above] <= np.broadcast_to(m * np.exp(-LOG_RANGE) / 2, p.shape)[~above] * 1.0001).all()
+    assert abs((got - p)[above].mean()) < 1e-3 * p[above].mean()  # nearest in linear terms: no bias
     np.testing.assert_array_equal(got[1, 1], 0.0)          # an all-zero row stays zero
     np.testing.assert_array_equal(got.max(-1), p.max(-1))  # the row max is exact
     # what it is for: at p ~ 1e-3 it keeps ~2 % where sqrt companding keeps ~13 %

@@ -60,12 +60,16 @@ def _reference_batch(live) -> dict:
     return collate_distill(items, proc.tokenizer.pad_token_id)
 
 
-@pytest.mark.parametrize("attn_dtype,vision_dtype,bound", [
-    ("bfloat16", "bfloat16", 0.999),        # the default
-    ("uint8-log", "int8-channel", 0.99),    # the compact option
-    ("uint8-sqrt", "bfloat16", 0.99),
+# (full objective bound, {term: bound of that term's gradient alone}); measured on this
+# teacher: full 1 - 3e-10 for all three; vis 1 - 2e-10 (bf16) / 1 - 2e-9 (int8); attn
+# 0.99997 (bf16), 0.970 (uint8-log), 0.996 (uint8-sqrt). The random tiny teacher's rows are
+# near-uniform over 16 tokens (p in 0.03-0.05), where log spacing is coarser than sqrt.
+@pytest.mark.parametrize("attn_dtype,vision_dtype,bound,term_bound", [
+    ("bfloat16", "bfloat16", 0.999, {"vis": 0.9999, "attn": 0.9999}),      # the default
+    ("uint8-log", "int8-channel", 0.99, {"vis": 0.9999, "attn": 0.95}),    # the compact option
+    ("uint8-sqrt", "bfloat16", 0.99, {"vis": 0.9999, "attn": 0.99}),
 ])
-def test_gradient_cosine_stored_vs_fp32(live, tmp_path, attn_dtype, vision_dtype, bound):
+def test_gradient_cosine_stored_vs_fp32(live, tmp_path, attn_dtype, vision_dtype, bound, term_bound):
     path = tmp_path / "cache"
     with CacheWriter(path, live["meta"], attn_dtype=attn_dtype, vision_dtype=vision_dtype, background=False) as w:
         for r in live["records"]:
@@ -76,5 +80,14 @@ def test_gradient_cosine_stored_vs_fp32(live, tmp_path, attn_dtype, vision_dtype
                                       "uint8-sqrt": torch.uint8}[attn_dtype]
     reference = _reference_batch(live)
     assert reference["t_attn"].dtype == torch.float32
-    cos = gradient_cosine(live["objective"], stored, reference)
+    objective = live["objective"]
+    cos = gradient_cosine(objective, stored, reference)
     assert bound <= cos < 1.0, cos  # < 1: the stored targets really are lossy
+    # each term the encodings touch, alone: the full gradient is dominated by CE and logits
+    for term in ("vis", "attn"):
+        objective.weights = LossWeights(**{t: float(t == term) for t in ("ce", "logit", "vis", "attn")})
+        try:
+            term_cos = gradient_cosine(objective, stored, reference)
+        finally:
+            objective.weights = LossWeights()
+        assert term_bound[term] <= term_cos < 1.0, (term, term_cos)

@@ -6,9 +6,11 @@ scales alone. The stated bounds below are what tests/test_encodings.py checks:
 - `bfloat16` / `float16`: round to nearest even; relative error <= 2^-8 / 2^-11 (normal range).
 - `uint8-sqrt` (attention): q = round(255 sqrt(p)), p' = (q/255)^2;
   |p - p'| <= (2 sqrt(p) + 1/255) / 510.
-- `uint8-log` (attention): per row (last axis) a float32 scale m = max p; q = 0 means
-  p < m e^-R (R = LOG_RANGE), else p' = m exp(-R (255 - q) / 254). Relative error
-  <= exp(R / 508) - 1 (2.4 %) above m e^-R, absolute error <= m e^-R below it. Small
+- `uint8-log` (attention): per row (last axis) a float32 scale m = max p; levels
+  p' = m exp(-R (255 - q) / 254) for q >= 1 (R = LOG_RANGE) and 0 for q = 0, and p is
+  stored as the level nearest in linear terms (no bias from rounding in log space).
+  Relative error <= (exp(R / 254) - 1) / 2 (2.4 %) above m e^-R, absolute error
+  <= m e^-R / 2 below it. Small
   probabilities keep the same relative precision as large ones, which sqrt companding
   does not (13 % at p = 1e-3).
 - `int8-channel` (vision): per channel (last axis) a float32 scale s = max |x| / 127
@@ -63,8 +65,12 @@ def _encode_log(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     m = p.max(axis=-1, keepdims=True).clip(min=0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.log(np.clip(p, 0.0, None) / m)             # <= 0; -inf for zeros, nan for 0/0
-    q = np.rint(255.0 + 254.0 * rel / LOG_RANGE)
-    q = np.where(np.isfinite(q) & (q >= 1.0), q, 0.0)      # below m e^-R (or an all-zero row): 0
+    lo = np.floor(255.0 + 254.0 * rel / LOG_RANGE)
+    lo = np.where(np.isfinite(lo), np.clip(lo, 0.0, 254.0), 0.0).astype(np.intp)
+    # of the two levels around p, the nearer in linear terms: rounding in log space would
+    # bias every value up (exp is convex), and the MSE loss sums those biases over a row
+    up = np.abs(_LOG_LUT[lo + 1] * m - p) < np.abs(_LOG_LUT[lo] * m - p)
+    q = np.where(up, lo + 1, lo)
     return q.astype(np.uint8).reshape(-1), m.astype(np.float32).reshape(-1)
 
 
