@@ -1,15 +1,22 @@
-"""Cache storage at MobileVLM-V2-7B shapes: bytes per sample, writer and reader throughput.
+"""Cache storage at MobileVLM-V2-7B shapes: bytes per sample and gradient fidelity per storage
+choice, then writer and reader throughput side by side with per-sample safetensors.
 
 Synthetic but realistic tensors: 32 heads x T_text ~ U[50, 600] x 144 vision tokens of
 layer-0 softmax probabilities (a BOS sink plus ~35 prefix and the causal text keys share
 the row, so vision probabilities are ~1e-3), vision tokens 144 x 4096 with per-channel
 scales and a few outlier channels, top-64 logits at T/2 response positions.
 
-Everything is measured side by side in one run against per-sample safetensors files
-(fp16 attention/vision, the "raw" reference). The OS page cache cannot be dropped on a
-shared box, so "cold" means a fresh reader, each sample read once in random order.
+Fidelity is judged by the training signal: the cosine between the student's gradient from
+the stored targets and from the fp32 targets, over every trainable parameter of a
+1.4B-shaped student stand-in (bench/standin_student.py), for the full default objective
+and for each term alone.
 
-    .venv/bin/python bench/cache_storage.py [--samples 48] [--workdir /tmp/alignkd-bench]
+Throughput is measured side by side in one run against per-sample safetensors files
+holding the same tensors at the same widths (fp16 attention/vision). The OS page cache
+cannot be dropped on a shared box, so "cold" means a fresh reader, each sample read once
+in random order. Reads return stored widths (what the distill DataLoader ships).
+
+    .venv/bin/python bench/cache_storage.py [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
 """
 
 from __future__ import annotations
@@ -25,6 +32,7 @@ import numpy as np
 
 from alignkd.cache.reader import open_cache
 from alignkd.cache.writer import CacheWriter, SampleRecord
+from alignkd.distill.dataset import CachedDistillDataset, collate_distill
 
 H, NV, D, K, VOCAB = 32, 144, 4096, 64, 32000
 
@@ -53,29 +61,28 @@ def synth(i: int, rng: np.random.Generator) -> SampleRecord:
         image_bytes=None)
 
 
+CHOICES = [("bfloat16", "bfloat16"), ("float16", "float16"), ("uint8-sqrt", "bfloat16"),
+           ("uint8-log", "bfloat16"), ("uint8-sqrt", "int8-channel"), ("uint8-log", "int8-channel")]
+
+
 def raw_tensors(rec: SampleRecord) -> dict:
-    """The safetensors reference: fp16 attention/vision, compact logits."""
+    """The safetensors reference: the same tensors, attention/vision/log-probs in fp16."""
     return {"attn": rec.attn.astype(np.float16), "vision": rec.vision.astype(np.float16),
             "focus": rec.focus, "logit_ids": rec.logit_ids.astype(np.int32),
-            "logit_values": rec.logit_values, "logit_tail": rec.logit_tail}
+            "logit_values": rec.logit_values.astype(np.float16), "logit_tail": rec.logit_tail,
+            "input_ids": rec.input_ids, "label_mask": rec.label_mask.astype(np.uint8),
+            "text_positions": rec.text_positions, "logit_positions": rec.logit_positions}
 
 
 def raw_bytes(rec: SampleRecord) -> int:
     return sum(a.nbytes for a in raw_tensors(rec).values())
 
 
-def row_kl(p: np.ndarray, q: np.ndarray) -> float:
-    """Mean KL over (text row, head) of the attention renormalised over the vision keys."""
-    p = p / p.sum(-1, keepdims=True)
-    q = np.maximum(q, 1e-12)
-    q = q / q.sum(-1, keepdims=True)
-    return float(np.mean(np.sum(p * np.log(np.maximum(p, 1e-30) / q), -1)))
-
-
 def write_cache(path: Path, recs, **kw) -> float:
     """Seconds from the first add to a closed cache (creation and imports excluded)."""
     shutil.rmtree(path, ignore_errors=True)
-    with CacheWriter(path, {"bench": True}, shard_size=64, store_images=False, **kw) as w:
+    meta = {"bench": True, "teacher_shapes": {"vocab_size": VOCAB}}
+    with CacheWriter(path, meta, shard_size=16, store_images=False, **kw) as w:
         start = time.perf_counter()
         for r in recs:
             w.add(r)
@@ -87,6 +94,7 @@ def bytes_by_kind(path: Path) -> dict[str, int]:
     for shard_json in (path / "shards").glob("shard-*/shard.json"):
         for f in json.loads(shard_json.read_text())["files"]:
             kind = f["path"].split("/")[0] if "/" in f["path"] else "rows+meta"
+            kind = kind.replace("_scale", "")  # scales count with their tensor
             out[kind] = out.get(kind, 0) + f["bytes"]
     return out
 
@@ -107,6 +115,8 @@ def write_safetensors(path: Path, recs) -> float:
 
 
 class SafetensorsDataset:
+    """Per-sample safetensors -> the distill item (same keys and widths as CachedDistillDataset's)."""
+
     def __init__(self, path: Path, n: int) -> None:
         self.path, self.n = path, n
 
@@ -114,14 +124,19 @@ class SafetensorsDataset:
         return self.n
 
     def __getitem__(self, i: int) -> dict:
+        import torch
         from safetensors.numpy import load_file
 
-        t = load_file(str(self.path / f"s{i}.safetensors"))
-        return {k: v.astype(np.float32) if v.dtype == np.float16 else v for k, v in t.items()}
+        t = {k: torch.from_numpy(v) for k, v in load_file(str(self.path / f"s{i}.safetensors")).items()}
+        ids = t["input_ids"].long()
+        return {"input_ids": ids, "labels": ids.masked_fill(t["label_mask"] == 0, -100),
+                "t_text_positions": t["text_positions"].long(), "t_logit_positions": t["logit_positions"].long(),
+                "t_logit_ids": t["logit_ids"].long(), "t_focus": t["focus"], "t_logit_tail": t["logit_tail"],
+                "t_attn": t["attn"], "t_vision": t["vision"], "t_logit_values": t["logit_values"]}
 
 
-class ReaderDataset:
-    """What the distill dataset does: the CachedSample's tensors as a dict."""
+class StoredReads:
+    """In-process reads as the distill dataset does them: stored widths (crc32 off, as after verify)."""
 
     def __init__(self, path: Path) -> None:
         self.reader = open_cache(path)
@@ -129,10 +144,8 @@ class ReaderDataset:
     def __len__(self) -> int:
         return len(self.reader)
 
-    def __getitem__(self, i: int) -> dict:
-        s = self.reader[i]
-        return {"attn": s.attn, "vision": s.vision, "focus": s.focus, "logit_ids": s.logit_ids,
-                "logit_values": s.logit_values, "logit_tail": s.logit_tail}
+    def __getitem__(self, i: int):
+        return self.reader.get(i, widen=False)
 
 
 def read_random(ds, order) -> float:
@@ -142,85 +155,94 @@ def read_random(ds, order) -> float:
     return len(order) / (time.perf_counter() - start)
 
 
-def read_loader(ds, order) -> float:
-    import torch
+def read_loader(ds, sampler, batch_size: int = 8) -> float:
+    """Samples/s through DataLoader(num_workers=2) with the distill collate, as `alignkd distill` runs it."""
+    from functools import partial
+
     from torch.utils.data import DataLoader
 
-    loader = DataLoader(ds, batch_size=None, sampler=[int(i) for i in order], num_workers=2,
-                        collate_fn=lambda d: {k: torch.from_numpy(v) for k, v in d.items()})
+    loader = DataLoader(ds, batch_size=batch_size, sampler=sampler, num_workers=2, prefetch_factor=4,
+                        collate_fn=partial(collate_distill, pad_token_id=0))
     start = time.perf_counter()
-    n = sum(1 for _ in loader)
+    n = sum(len(b["input_ids"]) for b in loader)
     return n / (time.perf_counter() - start)
 
 
-def read_zarr_python(path: Path, order) -> float:
-    """zarr-python 3.1 slicing of the same arrays, for reference (no decoding to float32)."""
-    import zarr
+def fidelity(work: Path, recs, grad_n: int) -> None:
+    import standin_student as standin
 
-    start = time.perf_counter()
-    groups: dict = {}
-    reader = open_cache(path)
-    for i in order:
-        i = int(i)
-        shard = reader._shard_dirs[int(reader._shard_of[i])]
-        g = groups.setdefault(shard, zarr.open_group(shard, mode="r"))
-        c = {k: int(v[i]) for k, v in reader._cols.items() if k.endswith("_offset")}
-        size = {"attn": int(reader._cols["n_text"][i]) * H * NV, "vision": NV * D}
-        for kind in ("attn", "vision"):
-            g[kind][c[f"{kind}_offset"]:c[f"{kind}_offset"] + size[kind]]
-    return len(order) / (time.perf_counter() - start)
+    sub = recs[:grad_n]
+    objective = standin.build_objective(sub, VOCAB, teacher_heads=H, teacher_dim=D)
+    reference = standin.summed_gradients(objective, sub)
+    print("## (a) bytes per sample and gradient fidelity against fp32 targets\n")
+    print(f"Gradient cosines over {grad_n} samples (summed gradients), student stand-in at 1.4B shapes; "
+          "`full` is the default objective (CE + logit + vision + attention MSE, all weight 1).\n")
+    print("Columns `1-cos`: one minus the gradient cosine (0.999 is 1e-3).\n")
+    print("| attn | vision | MB/sample | attn MB | vision MB | logits MB | 1-cos full | 1-cos attn (mse) | "
+          "1-cos attn (kl) | 1-cos vis | 1-cos logit | write MB/s raw |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for attn_dtype, vision_dtype in CHOICES:
+        path = work / f"cache-{attn_dtype}-{vision_dtype}"
+        secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+        kinds = bytes_by_kind(path)
+        n = len(recs)
+        logits = sum(v for k, v in kinds.items() if k.startswith("logit")) / n
+        reader = open_cache(path)
+        stored = standin.summed_gradients(objective, [reader.get(i, widen=False) for i in range(grad_n)])
+        c = standin.cosines(stored, reference)
+        raw = sum(raw_bytes(r) for r in recs)
+        print(f"| {attn_dtype} | {vision_dtype} | {sum(kinds.values()) / n / 1e6:.2f} | {kinds['attn'] / n / 1e6:.2f} | "
+              f"{kinds['vision'] / n / 1e6:.2f} | {logits / 1e6:.3f} | {1 - c['full']:.1e} | {1 - c['attn']:.1e} | "
+              f"{1 - c['attn_kl']:.1e} | {1 - c['vis']:.1e} | {1 - c['logit']:.1e} | {raw / secs / 1e6:.0f} |")
+
+
+def throughput(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
+    from alignkd.distill.sampling import ShardWindowSampler
+
+    print(f"\n## (b) throughput, side by side ({attn_dtype} attention, {vision_dtype} vision vs "
+          "fp16 safetensors per sample)\n")
+    path, st_path = work / "cache-throughput", work / "safetensors"
+    raw = sum(raw_bytes(r) for r in recs)
+    st_secs = write_safetensors(st_path, recs)
+    ours_secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+    order = np.random.default_rng(1).permutation(len(recs))
+    ours_ds = CachedDistillDataset(str(path), processor=None)
+    sampler = ShardWindowSampler(ours_ds.reader.shard_of, seed=0)
+    rows = [
+        ("writer, MB/s raw (fsync incl.)", raw / ours_secs / 1e6, raw / st_secs / 1e6, "≥ 300"),
+        ("reader, cold random, samples/s (stored widths)", read_random(StoredReads(path), order),
+         read_random(SafetensorsDataset(st_path, len(recs)), order), "≥ 250"),
+        ("distill DataLoader(num_workers=2, batch 8), samples/s", read_loader(ours_ds, sampler),
+         read_loader(SafetensorsDataset(st_path, len(recs)), [int(i) for i in order]), "≥ 150"),
+    ]
+    print("| measure | alignkd cache | safetensors per sample | ratio | target |")
+    print("|---|---|---|---|---|")
+    for name, ours, ref, target in rows:
+        print(f"| {name} | {ours:.0f} | {ref:.0f} | {ours / ref:.2f} | {target} |")
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=48)
+    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--grad-samples", type=int, default=4, help="samples in the gradient-fidelity sums")
     ap.add_argument("--workdir", default="/tmp/alignkd-bench")
+    ap.add_argument("--attn-dtype", default="bfloat16", help="storage of the throughput cache")
+    ap.add_argument("--vision-dtype", default="bfloat16", help="storage of the throughput cache")
+    ap.add_argument("--skip-fidelity", action="store_true")
     args = ap.parse_args()
     work = Path(args.workdir)
     import duckdb, zarr  # noqa: F401,E401  one-time import cost, paid before the first shard
+    import torch
+
+    torch.set_num_threads(1)
     rng = np.random.default_rng(0)
     recs = [synth(i, rng) for i in range(args.samples)]
     raw = np.mean([raw_bytes(r) for r in recs])
-    fp16_attn_vision = np.mean([(r.attn.size + r.vision.size) * 2 for r in recs])
     print(f"# {args.samples} samples, mean T_text {np.mean([r.attn.shape[0] for r in recs]):.0f}; "
-          f"raw fp16 attn+vision {fp16_attn_vision / 1e6:.2f} MB, raw incl. logits {raw / 1e6:.2f} MB/sample\n")
-
-    print("## (a) bytes per sample\n")
-    print("| attn | vision | MB/sample | attn MB | vision MB | logits MB | vs raw | attn row-KL vs fp32 | write MB/s raw |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    options = [("bfloat16", "bfloat16"), ("float16", "float16"), ("uint8-sqrt", "bfloat16"),
-               ("uint8-sqrt", "float16")]
-    sub = recs[:8]
-    for attn_dtype, vision_dtype in options:
-        path = work / f"cache-{attn_dtype}-{vision_dtype}"
-        secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
-        kinds = bytes_by_kind(path)
-        total = sum(kinds.values()) / len(recs)
-        logits = sum(v for k, v in kinds.items() if k.startswith("logit")) / len(recs)
-        reader = open_cache(path)
-        kl = np.mean([row_kl(r.attn, reader[i].attn) for i, r in enumerate(sub)])
-        print(f"| {attn_dtype} | {vision_dtype} | {total / 1e6:.2f} | {kinds['attn'] / len(recs) / 1e6:.2f} | "
-              f"{kinds['vision'] / len(recs) / 1e6:.2f} | {logits / 1e6:.3f} | {raw / total:.2f}x | {kl:.1e} | "
-              f"{raw * len(recs) / secs / 1e6:.0f} |")
-
-    print("\n## (b) throughput, side by side (bf16 attention and vision vs fp16 safetensors)\n")
-    main_path = work / "cache-bfloat16-bfloat16"
-    st_path = work / "safetensors"
-    st_secs = write_safetensors(st_path, recs)
-    ours_secs = write_cache(main_path, recs)
-    order = np.random.default_rng(1).permutation(len(recs))
-    rows = [
-        ("writer, MB/s raw (fsync incl.)", raw * len(recs) / ours_secs / 1e6, raw * len(recs) / st_secs / 1e6, "≥ 300"),
-        ("reader, cold random, samples/s", read_random(ReaderDataset(main_path), order),
-         read_random(SafetensorsDataset(st_path, len(recs)), order), "≥ 250"),
-        ("reader, DataLoader(num_workers=2), samples/s", read_loader(ReaderDataset(main_path), order),
-         read_loader(SafetensorsDataset(st_path, len(recs)), order), "≥ 150"),
-        ("zarr-python slicing (attn+vision only), samples/s", read_zarr_python(main_path, order), float("nan"), "-"),
-    ]
-    print("| measure | alignkd cache | safetensors per sample | target |")
-    print("|---|---|---|---|")
-    for name, ours, ref, target in rows:
-        print(f"| {name} | {ours:.0f} | {ref:.0f} | {target} |")
+          f"raw (fp16 attn/vision/log-probs) {raw / 1e6:.2f} MB/sample\n")
+    if not args.skip_fidelity:
+        fidelity(work, recs, args.grad_samples)
+    throughput(work, recs, args.attn_dtype, args.vision_dtype)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -28,12 +28,13 @@ IMAGE_CACHE_SIZE = 256
 class CachedDistillDataset(Dataset):
     """Index i -> one student example with its teacher targets, as tensors."""
 
-    def __init__(self, cache_path: str, processor, images_root: str | None = None) -> None:
+    def __init__(self, cache_path: str, processor, images_root: str | None = None, check_crc: bool = False) -> None:
         from alignkd.cache.reader import open_cache
 
         self.cache_path = str(cache_path)
-        # crc32 per tensor is cheap next to decoding, and names a sample corrupted after verify
-        self.reader = open_cache(cache_path, check_crc=True)
+        # crc32 per tensor names a sample corrupted after `verify`, at ~1/3 of the read's CPU;
+        # `alignkd distill` turns it on when --no-verify skipped the sha256 check of every file
+        self.reader = open_cache(cache_path, check_crc=check_crc)
         self.processor = processor
         self.images_root = images_root
         self._image_cache: OrderedDict[str, dict] = OrderedDict()

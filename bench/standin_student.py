@@ -1,0 +1,104 @@
+"""A 1.4B-shaped student stand-in for judging stored targets by the gradient they give, at 7B shapes.
+
+A real 1.4B student cannot run a backward pass per storage choice on a 2-core box, so the
+student's *outputs* are the trainable parameters here, shaped like MobileLLaMA-1.4B's
+(16 heads, d = 2048, vocabulary 32000): per sample, hidden states H [L, 256] times a shared
+unembedding E [32000, 256] give the logits; vision tokens [Nv, 2048] and layer-0 attention
+[16, L, Nv] are parameters too. The objective is the real `AlignKDObjective.loss_terms`
+with its real adapters (teacher 32 heads / d 4096 -> student 16 / 2048), so every term,
+mask and adapter gradient is the one training computes.
+
+Initial state, "mid training": vision tokens = the adapter's projection of the teacher's
+tokens plus noise of half their spread; attention = the adapter-mixed teacher rows times
+exp(0.5 N(0, 1)); logits near uniform. The residuals the losses see are therefore the size
+they have while a student is being trained, not zero and not random.
+
+Gradients are linear in the loss terms, so each term's gradient is computed once per sample
+and the full objective's gradient is their weighted sum.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+from torch import nn
+
+from alignkd.distill.dataset import collate_distill, item_from_record, widen_targets
+from alignkd.distill.objective import AlignKDObjective, LossWeights
+
+STUDENT_HEADS, STUDENT_DIM, HIDDEN = 16, 2048, 256
+TERMS = ("ce", "logit", "vis", "attn", "attn_kl")
+
+
+class StandInStudent(nn.Module):
+    def __init__(self, records, vocab: int, objective_seed: int = 0) -> None:
+        super().__init__()
+        self.config = SimpleNamespace(get_text_config=lambda: SimpleNamespace(
+            num_attention_heads=STUDENT_HEADS, hidden_size=STUDENT_DIM))
+        g = torch.Generator().manual_seed(objective_seed)
+        self.unembed = nn.Parameter(torch.randn(vocab, HIDDEN, generator=g) * 0.02)
+        self.hidden = nn.ParameterList(
+            [nn.Parameter(torch.randn(len(r.input_ids), HIDDEN, generator=g)) for r in records])
+        self.vision = nn.ParameterList()
+        self.attn_logits = nn.ParameterList()
+        self._records = records
+
+    def init_from_teacher(self, objective: AlignKDObjective, seed: int = 1) -> None:
+        """Mid-training outputs: the adapters' image of the fp32 teacher plus noise."""
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for r in self._records:
+                target = objective.projector_adapter(torch.from_numpy(r.vision))
+                noise = torch.randn(target.shape, generator=g) * target.std() * 0.5
+                self.vision.append(nn.Parameter(target + noise))
+                mixed = objective.head_adapter.mix(torch.from_numpy(r.attn).permute(1, 0, 2)[None])[0]
+                L = len(r.input_ids)
+                z = torch.full((STUDENT_HEADS, L, mixed.shape[-1]), -30.0)
+                rows = torch.from_numpy(np.asarray(r.text_positions, dtype=np.int64))
+                z[:, rows] = mixed.clamp(min=1e-12).log() + 0.5 * torch.randn(mixed.shape, generator=g)
+                self.attn_logits.append(nn.Parameter(z))
+
+    def capture(self, j: int) -> SimpleNamespace:
+        return SimpleNamespace(logits=(self.hidden[j] @ self.unembed.T)[None],
+                               vision_tokens=self.vision[j][None], attn_text_vision=self.attn_logits[j].exp()[None])
+
+
+def build_objective(records, vocab: int, teacher_heads: int, teacher_dim: int) -> AlignKDObjective:
+    torch.manual_seed(0)
+    student = StandInStudent(records, vocab)
+    objective = AlignKDObjective(student, teacher_heads=teacher_heads, teacher_dim=teacher_dim,
+                                 weights=LossWeights(), logit_mode="topk", logit_samples=0)
+    student.init_from_teacher(objective)
+    return objective
+
+
+def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, torch.Tensor]:
+    """Each term's flat gradient (all trainable parameters) for sample j with `record`'s targets."""
+    batch = widen_targets(collate_distill([item_from_record(record, {})], pad_token_id=0))
+    params = [p for p in objective.parameters() if p.requires_grad]
+    out = {}
+    for term in TERMS:
+        name = "attn" if term == "attn_kl" else term
+        objective.weights = LossWeights(**{t: float(t == name) for t in ("ce", "logit", "vis", "attn")})
+        objective.attn_loss = "kl" if term == "attn_kl" else "mse"
+        loss = objective.loss_terms(objective.student.capture(j), batch)[name]
+        grads = torch.autograd.grad(loss, params, allow_unused=True)
+        out[term] = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1).double()
+                               for gr, p in zip(grads, params)])
+    objective.weights, objective.attn_loss = LossWeights(), "mse"
+    return out
+
+
+def summed_gradients(objective, records) -> dict[str, torch.Tensor]:
+    total: dict[str, torch.Tensor] = {}
+    for j, r in enumerate(records):
+        for term, g in term_gradients(objective, j, r).items():
+            total[term] = total[term] + g if term in total else g
+    total["full"] = total["ce"] + total["logit"] + total["vis"] + total["attn"]  # default weights, MSE
+    return total
+
+
+def cosines(stored: dict, reference: dict) -> dict[str, float]:
+    return {k: float(torch.nn.functional.cosine_similarity(stored[k], reference[k], dim=0)) for k in reference}
