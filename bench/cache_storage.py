@@ -62,7 +62,8 @@ def synth(i: int, rng: np.random.Generator) -> SampleRecord:
 
 
 CHOICES = [("bfloat16", "bfloat16"), ("float16", "float16"), ("uint8-sqrt", "bfloat16"),
-           ("uint8-log", "bfloat16"), ("uint8-sqrt", "int8-channel"), ("uint8-log", "int8-channel")]
+           ("uint8-log", "bfloat16"), ("uint8-sqrt", "int8-channel"), ("uint8-log", "int8-channel"),
+           ("uint4-log", "int8-channel"), ("uint4-log", "int4-channel")]
 
 
 def raw_tensors(rec: SampleRecord) -> dict:

@@ -79,7 +79,8 @@ def cache(tmp_path_factory):
 
 # ---------------------------------------------------------------- round trips
 @pytest.mark.parametrize("attn_dtype,vision_dtype", [("bfloat16", "bfloat16"), ("float16", "float16"),
-                                                     ("uint8-sqrt", "bfloat16"), ("uint8-log", "int8-channel")])
+                                                     ("uint8-sqrt", "bfloat16"), ("uint8-log", "int8-channel"),
+                                                     ("uint4-log", "int4-channel")])
 def test_round_trip_each_dtype(tmp_path, attn_dtype, vision_dtype):
     """Whole-cache round trip; each encoding's own bound is checked in test_encodings.py."""
     recs = write_cache(tmp_path / "c", n=3, attn_dtype=attn_dtype, vision_dtype=vision_dtype, background=False)

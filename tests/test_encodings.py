@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from alignkd.cache.encodings import LOG_RANGE, decode, encode, to_torch_stored, widen
+from alignkd.cache.encodings import LOG_RANGE, LOG_RANGE_4, decode, encode, to_torch_stored, widen
+from alignkd.errors import ConfigError
 
 
 def _attention(rng, T=40, H=4, Nv=144) -> np.ndarray:
@@ -67,6 +68,32 @@ def test_int8_channel_bound():
     np.testing.assert_array_equal(got[:, 9], 0.0)
 
 
+def test_uint4_log_bound():
+    p = _attention(np.random.default_rng(5))
+    stored, m = encode(p, "uint4-log")
+    assert stored.size == p.size // 2
+    got = decode(stored, "uint4-log", m, p.shape)
+    m = m.reshape(p.shape[:-1] + (1,))
+    above = p >= m * np.exp(-LOG_RANGE_4)
+    rel = (np.exp(LOG_RANGE_4 / 14) - 1) / 2
+    assert (np.abs(got - p)[above] <= rel * p[above] * (1 + 1e-5)).all()
+    assert (np.abs(got - p)[~above] <= np.broadcast_to(m * np.exp(-LOG_RANGE_4) / 2, p.shape)[~above] * 1.0001).all()
+
+
+def test_int4_channel_bound():
+    x = np.random.default_rng(6).normal(0, 1, (144, 64)).astype(np.float32) * np.linspace(0.1, 5, 64)
+    stored, scale = encode(x, "int4-channel")
+    assert stored.size == x.size // 2
+    got = decode(stored, "int4-channel", scale, x.shape)
+    assert (np.abs(got - x) <= scale / 2 * (1 + 1e-6)).all()
+    np.testing.assert_allclose(np.abs(got).max(0), np.abs(x).max(0), rtol=1e-6)  # the channel max is a level
+
+
+def test_4bit_needs_an_even_last_axis():
+    with pytest.raises(ConfigError, match="even number"):
+        encode(np.ones((3, 5), np.float32), "int4-channel")
+
+
 def test_log_float16_tail_keeps_tiny_tails():
     r = np.array([0.0, 1e-12, 3e-9, 1e-4, 0.2, 1.0], np.float32)
     got = _round_trip(r, "log-float16")
@@ -86,11 +113,13 @@ def test_ids_that_do_not_fit_are_refused():
         encode(np.array([70000]), "uint16")
 
 
-@pytest.mark.parametrize("enc", ["bfloat16", "float16", "uint8-sqrt", "uint8-log", "int8-channel"])
+@pytest.mark.parametrize("enc", ["bfloat16", "float16", "uint8-sqrt", "uint8-log", "int8-channel",
+                                 "uint4-log", "int4-channel"])
 def test_torch_widen_equals_numpy_decode(enc):
-    x = _attention(np.random.default_rng(4)) if "uint8" in enc else \
+    x = _attention(np.random.default_rng(4)) if "uint" in enc else \
         np.random.default_rng(4).normal(0, 1, (144, 64)).astype(np.float32)
     stored, scale = encode(x, enc)
-    t = to_torch_stored(stored.reshape(x.shape), enc)
-    s = None if scale is None else torch.from_numpy(scale.reshape(x.shape[:-1] if enc == "uint8-log" else (-1,)))
+    packed = enc in ("uint4-log", "int4-channel")
+    t = to_torch_stored(stored.reshape(*x.shape[:-1], x.shape[-1] // 2 if packed else x.shape[-1]), enc)
+    s = None if scale is None else torch.from_numpy(scale.reshape(x.shape[:-1] if "log" in enc else (-1,)))
     np.testing.assert_array_equal(widen(t, enc, s).numpy(), decode(stored, enc, scale, x.shape))

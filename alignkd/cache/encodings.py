@@ -15,6 +15,11 @@ scales alone. The stated bounds below are what tests/test_encodings.py checks:
   does not (13 % at p = 1e-3).
 - `int8-channel` (vision): per channel (last axis) a float32 scale s = max |x| / 127
   over the sample's tokens; q = round(x / s), x' = q s; |x - x'| <= s / 2.
+- `uint4-log` (attention): as uint8-log with 15 levels over R4 = LOG_RANGE_4 and two values
+  per byte. Relative error <= (exp(R4 / 14) - 1) / 2 (32 %) above m e^-R4, absolute error
+  <= m e^-R4 / 2 below it.
+- `int4-channel` (vision): as int8-channel with q in [-7, 7] (s = max |x| / 7), two values
+  per byte; |x - x'| <= s / 2.
 - `log-float16` (logit tail): the tail mass r stored as fp16 log r (r = 0 -> -inf); the
   tail is a logsumexp at capture, so a 1e-9 tail survives where fp16 r would flush to 0.
 - `uint16` / `uint32` / `int32` / `float32`: lossless.
@@ -29,21 +34,28 @@ import sys
 
 import numpy as np
 
-from alignkd.storage_schemas import ENCODED_DTYPE
+from alignkd.errors import ConfigError
+from alignkd.storage_schemas import ENCODED_DTYPE, PACKED_ENCODINGS
 
 LOG_RANGE = 12.0  # uint8-log covers log(p / row max) in [-12, 0]: 6e-6 of the row's max
+LOG_RANGE_4 = 7.0  # uint4-log: [-7, 0] in 14 steps of 0.5, i.e. down to 1e-3 of the row's max
 _LITTLE = sys.byteorder == "little"
 _SQRT_LUT = (np.arange(256, dtype=np.float32) / 255.0) ** 2
 _LOG_LUT = np.concatenate([[0.0], np.exp(-LOG_RANGE * (255 - np.arange(1, 256)) / 254)]).astype(np.float32)
+_LOG4_LUT = np.concatenate([[0.0], np.exp(-LOG_RANGE_4 * (15 - np.arange(1, 16)) / 14)]).astype(np.float32)
+_INT4_LUT = np.arange(-8, 8, dtype=np.float32)  # nibble n holds q = n - 8, q in [-7, 7]
 
 
 def encode(values: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
     """A tensor -> (flat stored values, flat float32 scales or None)."""
     x = np.ascontiguousarray(values)
-    if encoding == "uint8-log":
-        return _encode_log(x.astype(np.float32, copy=False))
-    if encoding == "int8-channel":
-        return _encode_int8(x.astype(np.float32, copy=False))
+    if encoding in ("uint8-log", "uint4-log"):
+        lut = _LOG_LUT if encoding == "uint8-log" else _LOG4_LUT
+        q, m = _encode_log(x.astype(np.float32, copy=False), lut)
+        return (_pack(q, x.shape) if encoding == "uint4-log" else q), m
+    if encoding in ("int8-channel", "int4-channel"):
+        q, s = _encode_int(x.astype(np.float32, copy=False), 127 if encoding == "int8-channel" else 7)
+        return (_pack((q + 8).astype(np.uint8), x.shape) if encoding == "int4-channel" else q), s
     x = x.reshape(-1)
     if encoding == "bfloat16":
         u = x.astype(np.float32, copy=False).view(np.uint32)
@@ -61,24 +73,39 @@ def encode(values: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | 
     return x.astype(ENCODED_DTYPE[encoding], copy=False), None
 
 
-def _encode_log(p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def _encode_log(p: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    levels = len(lut) - 1
     m = p.max(axis=-1, keepdims=True).clip(min=0.0)
     with np.errstate(divide="ignore", invalid="ignore"):
         rel = np.log(np.clip(p, 0.0, None) / m)             # <= 0; -inf for zeros, nan for 0/0
-    lo = np.floor(255.0 + 254.0 * rel / LOG_RANGE)
-    lo = np.where(np.isfinite(lo), np.clip(lo, 0.0, 254.0), 0.0).astype(np.intp)
+    log_range = -np.log(lut[1])
+    lo = np.floor(levels + (levels - 1) * rel / log_range)
+    lo = np.where(np.isfinite(lo), np.clip(lo, 0.0, levels - 1), 0.0).astype(np.intp)
     # of the two levels around p, the nearer in linear terms: rounding in log space would
     # bias every value up (exp is convex), and the MSE loss sums those biases over a row
-    up = np.abs(_LOG_LUT[lo + 1] * m - p) < np.abs(_LOG_LUT[lo] * m - p)
+    up = np.abs(lut[lo + 1] * m - p) < np.abs(lut[lo] * m - p)
     q = np.where(up, lo + 1, lo)
     return q.astype(np.uint8).reshape(-1), m.astype(np.float32).reshape(-1)
 
 
-def _encode_int8(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    s = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0) / 127.0
+def _encode_int(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+    s = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0) / top
     safe = np.where(s > 0, s, 1.0)
-    q = np.clip(np.rint(x / safe), -127, 127).astype(np.int8)
+    q = np.clip(np.rint(x / safe), -top, top).astype(np.int8)
     return q.reshape(-1), s.astype(np.float32)
+
+
+def _pack(q: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    if shape and shape[-1] % 2:
+        raise ConfigError(f"the 4-bit encodings pack two values per byte and need an even number of vision "
+                          f"tokens and channels, not shape {tuple(shape)}; choose an 8-bit encoding.")
+    return (q[0::2] | (q[1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(stored: np.ndarray) -> np.ndarray:
+    out = np.empty(2 * stored.size, np.uint8)
+    out[0::2], out[1::2] = stored & 15, stored >> 4
+    return out
 
 
 def decode(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None,
@@ -88,12 +115,14 @@ def decode(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None,
         out = _bf16_to_f32(stored)
     elif encoding == "uint8-sqrt":
         out = _SQRT_LUT[stored]
-    elif encoding == "uint8-log":
-        last = shape[-1] if shape else stored.size
-        out = (_LOG_LUT[stored].reshape(-1, last) * scale[:, None]).reshape(-1)
-    elif encoding == "int8-channel":
-        last = shape[-1] if shape else stored.size
-        out = (stored.reshape(-1, last).astype(np.float32) * scale[None, :]).reshape(-1)
+    elif encoding in ("uint8-log", "uint4-log"):
+        q, lut = (stored, _LOG_LUT) if encoding == "uint8-log" else (_unpack(stored), _LOG4_LUT)
+        last = shape[-1] if shape else q.size
+        out = (lut[q].reshape(-1, last) * scale[:, None]).reshape(-1)
+    elif encoding in ("int8-channel", "int4-channel"):
+        q = stored.astype(np.float32) if encoding == "int8-channel" else _INT4_LUT[_unpack(stored)]
+        last = shape[-1] if shape else q.size
+        out = (q.reshape(-1, last) * scale[None, :]).reshape(-1)
     elif encoding == "log-float16":
         out = np.exp(stored.astype(np.float32))
     elif encoding in ("int32", "uint16", "uint32"):
@@ -131,8 +160,13 @@ def widen(t, encoding: str, scale=None):
 
     if encoding == "uint8-sqrt":
         return torch.from_numpy(_SQRT_LUT).to(t.device)[t.long()]
-    if encoding == "uint8-log":
-        return torch.from_numpy(_LOG_LUT).to(t.device)[t.long()] * scale.float().unsqueeze(-1)
+    if encoding in PACKED_ENCODINGS:  # [..., n/2] bytes -> [..., n] nibbles, low nibble first
+        t = torch.stack([t & 15, t >> 4], dim=-1).flatten(-2)
+    if encoding in ("uint8-log", "uint4-log"):
+        lut = _LOG_LUT if encoding == "uint8-log" else _LOG4_LUT
+        return torch.from_numpy(lut).to(t.device)[t.long()] * scale.float().unsqueeze(-1)
     if encoding == "int8-channel":
         return t.float() * scale.float().unsqueeze(-2)
+    if encoding == "int4-channel":
+        return (t.float() - 8.0) * scale.float().unsqueeze(-2)
     return t.float()

@@ -27,7 +27,7 @@ from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, read_array_info,
                                         read_index, read_raw)
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import ARRAY_KINDS, SAMPLE_SCHEMA, SAMPLES_FILE, element_counts
+from alignkd.storage_schemas import ARRAY_KINDS, PACKED_ENCODINGS, SAMPLE_SCHEMA, SAMPLES_FILE, element_counts
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions")
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
@@ -158,6 +158,8 @@ class CacheReader:
             t = {k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in ("attn", "vision")}
             values, kept = decode(raw["logit_values"], enc["logit_values"]), None
         else:
+            packed = {k: v for k, v in shapes.items() if k in ("attn", "vision") and enc[k] in PACKED_ENCODINGS}
+            shapes.update({k: (*v[:-1], v[-1] // 2) for k, v in packed.items()})  # two values per byte
             t = {k: raw[k].reshape(shapes[k]) if raw[k].size or k in ("attn", "vision") else raw[k]
                  for k in ("attn", "vision", "attn_scale", "vision_scale")}
             values, kept = raw["logit_values"], {k: enc[k] for k in ("attn", "vision", "logit_values")}

@@ -45,8 +45,8 @@ def shard_name(index: int, rank: int = 0) -> str:
 #   144 x 4096 vision tokens are exactly 9 chunks.
 # - 16384 for logit entries (top-64 x ~300 positions ~ 20k), 1024 for per-position or
 #   per-vision-token vectors: small samples should not pay for a big zero chunk.
-ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt", "uint8-log")
-VISION_DTYPES = ("bfloat16", "float16", "int8-channel")
+ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt", "uint8-log", "uint4-log")
+VISION_DTYPES = ("bfloat16", "float16", "int8-channel", "int4-channel")
 LOGIT_ID_DTYPES = ("uint16", "uint32")
 UINT16_VOCAB = 65536  # ids 0..65535 fit uint16 (only valid entries are stored: no padding id)
 
@@ -54,7 +54,7 @@ UINT16_VOCAB = 65536  # ids 0..65535 fit uint16 (only valid entries are stored: 
 # (zarr 3.1 has no bfloat16), and the array's "alignkd_encoding" attribute says so.
 # alignkd/cache/encodings.py defines each encoding and its round-trip bound.
 ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8", "uint8-log": "uint8",
-                 "int8-channel": "int8", "log-float16": "float16", "float32": "float32", "int32": "int32",
+                 "int8-channel": "int8", "uint4-log": "uint8", "int4-channel": "uint8", "log-float16": "float16", "float32": "float32", "int32": "int32",
                  "uint16": "uint16", "uint32": "uint32"}
 
 ARRAY_SPECS = {
@@ -70,7 +70,8 @@ ARRAY_SPECS = {
     "logit_tail":    {"chunk": 1024, "encoding": "log-float16"},  # log of the tail mass r_p
 }
 SCALE_OF = {"attn": "attn_scale", "vision": "vision_scale"}  # where a scaled encoding keeps its scales
-SCALED_ENCODINGS = ("uint8-log", "int8-channel")  # encodings that need their float32 scale array
+SCALED_ENCODINGS = ("uint8-log", "int8-channel", "uint4-log", "int4-channel")  # need their float32 scales
+PACKED_ENCODINGS = ("uint4-log", "int4-channel")  # two values per stored byte
 ARRAY_KINDS = tuple(ARRAY_SPECS)
 
 
@@ -79,8 +80,9 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
     shard's encodings (shard.json "arrays"): scale arrays are empty unless the encoding is scaled."""
     T, H, Nv, D = row["n_text"], row["n_heads"], row["n_vision"], row["vision_dim"]
     e, p = row["logit_entries"], row["n_logit_positions"]
-    return {"attn": T * H * Nv, "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
-            "vision": Nv * D, "vision_scale": D if encodings["vision"] in SCALED_ENCODINGS else 0,
+    halve = {k: 2 if encodings[k] in PACKED_ENCODINGS else 1 for k in ("attn", "vision")}
+    return {"attn": T * H * Nv // halve["attn"], "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
+            "vision": Nv * D // halve["vision"], "vision_scale": D if encodings["vision"] in SCALED_ENCODINGS else 0,
             "focus": Nv, "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
 
 # blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
