@@ -9,6 +9,7 @@ atomic, so at most the shard that was in flight when a build died is redone.
 from __future__ import annotations
 
 import shutil
+import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -103,9 +104,19 @@ def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> No
             )
 
 
-def save_tokenizer(tokenizer, cache: Path) -> None:
+def save_tokenizer(tokenizer, cache) -> None:
     """Keep the teacher's tokenizer in the cache, so distill can check a student against it
-    after the teacher directory is gone. Written to a temporary name, then renamed."""
+    after the teacher directory is gone. Written to a temporary name, then renamed (on
+    object storage: saved locally, then uploaded)."""
+    from alignkd.cache.location import cache_path, is_remote, upload_dir
+
+    if is_remote(cache):
+        target = cache_path(cache) / TOKENIZER_DIR
+        if not target.is_dir():
+            with tempfile.TemporaryDirectory() as tmp:
+                tokenizer.save_pretrained(tmp)
+                upload_dir(Path(tmp), target)
+        return
     target = cache / TOKENIZER_DIR
     if target.is_dir():
         return
@@ -115,8 +126,10 @@ def save_tokenizer(tokenizer, cache: Path) -> None:
     tmp.rename(target)
 
 
-def directory_bytes(path: Path) -> int:
-    return sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+def directory_bytes(path) -> int:
+    from alignkd.cache.location import tree_bytes
+
+    return tree_bytes(path)
 
 
 def build_cache(cfg: BuildConfig) -> BuildSummary:
@@ -158,7 +171,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 # catalog.duckdb a shard behind; the shard directories are the truth.
                 rebuild_catalog(cfg.out)
         if dist.is_main:
-            save_tokenizer(teacher.vlm.processor.tokenizer, Path(cfg.out))
+            save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out if "://" in str(cfg.out) else Path(cfg.out))
         done = writer.done_rows
         summary.skipped_done = len(done)
         for err in duplicates:
@@ -183,7 +196,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
             [summary.samples, summary.skipped_done] + [summary.rejects[r] for r in reasons])]
         summary.samples, summary.skipped_done = totals[:2]
         summary.rejects = Counter({r: n for r, n in zip(reasons, totals[2:]) if n})
-    summary.bytes_on_disk = directory_bytes(Path(cfg.out))
+    summary.bytes_on_disk = directory_bytes(cfg.out)
     summary.cached_total = len(open_cache(cfg.out, images=False))
     summary.seconds = time.perf_counter() - start
     return summary

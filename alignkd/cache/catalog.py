@@ -23,6 +23,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
+from alignkd.cache.location import cache_path, filesystem, is_remote
 from alignkd.cache.shard_format import committed_shards
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (CATALOG_FILE, REJECT_SCHEMA, REJECTS_FILE, SAMPLE_SCHEMA,
@@ -50,7 +51,9 @@ def shards_table(cache: Path) -> pa.Table:
 
 def _view_sql(con, cache: Path, file_name: str, schema: pa.Schema, have_shards: bool) -> str:
     if have_shards:
-        glob = str(Path(cache).resolve() / SHARDS_DIR / "shard-*" / file_name).replace("'", "''")
+        # object storage: an s3:// glob that DuckDB resolves through the registered fsspec filesystem
+        root = str(cache).rstrip("/") if is_remote(cache) else str(Path(cache).resolve())
+        glob = f"{root}/{SHARDS_DIR}/shard-*/{file_name}".replace("'", "''")
         return f"SELECT * FROM read_parquet('{glob}')"
     types = con.from_arrow(schema.empty_table()).dtypes
     cols = ", ".join(f'CAST(NULL AS {t}) AS "{f.name}"' for f, t in zip(schema, types))
@@ -70,8 +73,13 @@ def _populate(con, cache: Path, table: pa.Table) -> None:
     _create_views(con, cache, table.num_rows > 0)
 
 
-def rebuild_catalog(cache) -> Path:
-    """Recreate catalog.duckdb from the shard directories (atomically replaced)."""
+def rebuild_catalog(cache) -> Path | None:
+    """Recreate catalog.duckdb from the shard directories (atomically replaced).
+
+    Caches on object storage have no catalog.duckdb (a DuckDB file cannot be updated in
+    place there); `run_sql` builds the same tables in memory for every cache."""
+    if is_remote(cache):
+        return None
     cache = Path(cache)
     target = cache / CATALOG_FILE
     tmp = cache / f"{CATALOG_FILE}.tmp-{os.getpid()}"
@@ -112,7 +120,7 @@ def catalog_shards(cache: Path) -> pa.Table:
 
 def run_sql(cache, query: str) -> pa.Table:
     """Run one read-only SELECT over `samples`, `rejects` and `shards`; refuse anything else."""
-    cache = Path(cache)
+    cache = cache_path(cache)
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
@@ -123,6 +131,8 @@ def run_sql(cache, query: str) -> pa.Table:
             f"alignkd cache sql is read-only and runs exactly one SELECT, so this {kinds} "
             f"statement was refused and {cache} is unchanged.")
     con = duckdb.connect(":memory:")
+    if is_remote(cache):  # read the Parquet through fsspec: no httpfs extension to download
+        con.register_filesystem(filesystem(cache))
     try:
         _populate(con, cache, shards_table(cache))
         return con.sql(query).to_arrow_table()

@@ -16,13 +16,12 @@ from __future__ import annotations
 
 import os
 import zlib
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from alignkd.cache.encodings import decode
+from alignkd.cache.location import cache_path, close_handle, open_for_read, parquet_file, read_parquet
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, read_array_info,
                                         read_index, read_raw)
@@ -53,7 +52,7 @@ def open_cache(path, *, images: bool = True, check_crc: bool = False) -> "CacheR
 
 class CacheReader:
     def __init__(self, path, *, images: bool = True, check_crc: bool = False) -> None:
-        self.path = Path(path)
+        self.path = cache_path(path)
         self.meta = load_cache_json(self.path)
         self.images = images and bool(self.meta.get("storage", {}).get("store_images", True))
         self.check_crc = check_crc
@@ -64,7 +63,7 @@ class CacheReader:
     def _load_rows(self) -> None:
         self._shard_dirs = committed_shards(self.path)
         columns = [f.name for f in SAMPLE_SCHEMA if f.name != "image_bytes"]
-        tables = [pq.read_table(d / SAMPLES_FILE, columns=columns) for d in self._shard_dirs]
+        tables = [read_parquet(d / SAMPLES_FILE, columns=columns) for d in self._shard_dirs]
         table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table().select(columns)
         counts = [t.num_rows for t in tables]
         self._shard_of = np.repeat(np.arange(len(tables), dtype=np.int32), counts)
@@ -111,11 +110,12 @@ class CacheReader:
                 fd = index = None
                 if info.length:
                     try:
-                        fd = os.open(info.path, os.O_RDONLY)
+                        fd = open_for_read(info.path)
                     except FileNotFoundError:
                         raise CacheFormatError(f"{info.path} is missing; run alignkd cache verify.") from None
                     index = read_index(fd, info)
-                    if hasattr(os, "posix_fadvise"):  # prefetch: samplers read a shard's samples together
+                    if isinstance(fd, int) and hasattr(os, "posix_fadvise"):
+                        # prefetch: the shard-window sampler reads a shard's samples together
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 arrays[kind] = (info, fd, index)
             self._open[shard] = arrays
@@ -127,7 +127,7 @@ class CacheReader:
             for arrays in self._open.values():
                 for _, fd, _ in arrays.values():
                     if fd is not None:
-                        os.close(fd)
+                        close_handle(fd)
         self._pid = None
 
     def __getstate__(self) -> dict:
@@ -203,7 +203,7 @@ class CacheReader:
         self._process_state()
         shard, row = int(self._shard_of[i]), int(self._row_in_shard[i])
         if shard not in self._parquet:
-            pf = pq.ParquetFile(self._shard_dirs[shard] / SAMPLES_FILE)
+            pf = parquet_file(self._shard_dirs[shard] / SAMPLES_FILE)
             starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
             self._parquet[shard] = (pf, starts)
         pf, starts = self._parquet[shard]

@@ -27,6 +27,7 @@ import numcodecs.blosc
 import numpy as np
 from numcodecs import Blosc
 
+from alignkd.cache.location import cache_path, handle_size, pread
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (ARRAY_SPECS, BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR,
                                      FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR)
@@ -116,7 +117,7 @@ class ArrayFileWriter:
 @dataclass
 class ArrayInfo:
     kind: str
-    path: Path          # the single shard file KIND/c/0
+    path: Path          # the single shard file KIND/c/0 (a UPath on object storage)
     dtype: np.dtype
     chunk: int
     length: int
@@ -142,11 +143,11 @@ def read_index(fd: int, info: ArrayInfo) -> np.ndarray:
     import google_crc32c
 
     n_chunks = max(info.length, info.chunk) // info.chunk
-    size = os.fstat(fd).st_size
+    size = handle_size(fd)
     nbytes = 16 * n_chunks + 4
     if size < nbytes:
         raise CacheFormatError(f"{info.path} is truncated ({size} bytes).")
-    raw = os.pread(fd, nbytes, size - nbytes)
+    raw = pread(fd, nbytes, size - nbytes)
     if google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
         raise CacheFormatError(f"{info.path} has a corrupt shard index (crc32c mismatch).")
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
@@ -163,7 +164,7 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int) -
     starts, sizes = rows[:, 0], rows[:, 1]
     if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
         first = int(starts[0])
-        buf = memoryview(os.pread(fd, int(starts[-1] + sizes[-1]) - first, first))
+        buf = memoryview(pread(fd, int(starts[-1] + sizes[-1]) - first, first))
         for k, (s, z) in enumerate(zip(starts.tolist(), sizes.tolist())):
             _decompress(buf[s - first:s - first + z], out[k * c:(k + 1) * c], info)
     else:
@@ -171,7 +172,7 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int) -
             if s == int(EMPTY_CHUNK):
                 out[k * c:(k + 1) * c] = 0
             else:
-                _decompress(os.pread(fd, z, s), out[k * c:(k + 1) * c], info)
+                _decompress(pread(fd, z, s), out[k * c:(k + 1) * c], info)
     skip = offset - c0 * c
     return out[skip:skip + n]
 
@@ -186,16 +187,16 @@ def _decompress(src, dest: np.ndarray, info: ArrayInfo) -> None:
 # ------------------------------------------------------------------ shard directories
 def committed_shards(cache: Path) -> list[Path]:
     """Complete shard directories (shard.json present), sorted by name; temp dirs skipped."""
-    root = Path(cache) / SHARDS_DIR
+    root = cache_path(cache) / SHARDS_DIR
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir()
-                  if p.name.startswith("shard-") and (p / SHARD_JSON).is_file())
+    return sorted((p for p in root.iterdir() if p.name.startswith("shard-") and (p / SHARD_JSON).is_file()),
+                  key=lambda p: p.name)
 
 
 def load_cache_json(path: Path) -> dict:
     """cache.json, refusing another format or schema version with a named error."""
-    cache_json = Path(path) / CACHE_JSON
+    cache_json = cache_path(path) / CACHE_JSON
     try:
         doc = json.loads(cache_json.read_text())
     except FileNotFoundError:

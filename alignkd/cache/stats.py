@@ -12,6 +12,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from alignkd.cache.catalog import run_sql
+from alignkd.cache.location import cache_path, display
 from alignkd.cache.shard_format import committed_shards, load_cache_json
 from alignkd.storage_schemas import ARRAY_KINDS, SHARD_JSON
 
@@ -47,7 +48,7 @@ def _one_row(cache: str, sql: str) -> dict:
 
 
 def cache_stats(cache: str) -> dict:
-    path = Path(cache)
+    path = cache_path(cache)
     meta = load_cache_json(path)
     raw_cols = ", ".join(f"coalesce(sum({expr}), 0) AS {kind}" for kind, expr in RAW_BYTES_SQL.items())
     raw = _one_row(cache, f"SELECT {raw_cols} FROM samples")
@@ -71,7 +72,7 @@ def cache_stats(cache: str) -> dict:
     tensors_disk = sum(disk.get(k, 0) for k in ARRAY_KINDS)
     tensors_raw = sum(raw.get(k, 0) for k in ARRAY_KINDS)
     return {
-        "path": str(path.resolve()),
+        "path": display(path),
         "format": meta["format"], "schema_version": meta["schema_version"],
         "samples": counts.get("samples", 0), "shards": len(committed_shards(path)),
         "rejects": rejects, "tokens": {k: counts.get(k, 0) for k in

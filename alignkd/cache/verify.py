@@ -12,13 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-import pyarrow.parquet as pq
-
+from alignkd.cache.location import cache_path, close_handle, is_remote, open_for_read, read_parquet
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
                                         read_array_info, read_index, read_raw)
 from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
@@ -37,7 +35,7 @@ class Problem:
 
 
 def verify_cache(path) -> list[Problem]:
-    path = Path(path)
+    path = cache_path(path)
     try:
         load_cache_json(path)
     except CacheFormatError as exc:
@@ -47,9 +45,11 @@ def verify_cache(path) -> list[Problem]:
     for d in shard_dirs:
         problems += verify_shard(d)
     root = path / SHARDS_DIR
-    for d in sorted(root.iterdir()) if root.is_dir() else []:
+    for d in sorted(root.iterdir(), key=lambda p: p.name) if root.is_dir() else []:
         if d.name.startswith("shard-") and d not in shard_dirs:
             problems.append(Problem(d.name, SHARD_JSON, "missing, so the shard is incomplete"))
+    if is_remote(path):  # object storage has no catalog.duckdb (see rebuild_catalog)
+        return problems
     return problems + verify_catalog(path, shard_dirs)
 
 
@@ -65,8 +65,8 @@ def verify_shard(d: Path) -> list[Problem]:
     problems, unreadable = _check_files(d, doc)
     if SAMPLES_FILE in unreadable or REJECTS_FILE in unreadable:
         return problems
-    rows = pq.read_table(d / SAMPLES_FILE, columns=None).drop_columns(["image_bytes"]).to_pylist()
-    n_rejects = pq.read_metadata(d / REJECTS_FILE).num_rows
+    rows = read_parquet(d / SAMPLES_FILE).drop_columns(["image_bytes"]).to_pylist()
+    n_rejects = read_parquet(d / REJECTS_FILE, columns=["manifest_row"]).num_rows
     if len(rows) != doc["n_samples"] or n_rejects != doc["n_rejects"]:
         problems.append(Problem(name, SAMPLES_FILE, f"{len(rows)} samples and {n_rejects} rejects, shard.json "
                                                     f"says {doc['n_samples']} and {doc['n_rejects']}"))
@@ -101,7 +101,7 @@ def _check_files(d: Path, doc: dict) -> tuple[list[Problem], set[str]]:
 
 def _sha256(p: Path) -> str:
     h = hashlib.sha256()
-    with open(p, "rb") as f:
+    with p.open("rb") as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
@@ -123,7 +123,7 @@ def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Proble
     def counts(row):
         return element_counts(row, encodings)
 
-    fd = os.open(info.path, os.O_RDONLY)
+    fd = open_for_read(info.path)
     try:
         index = read_index(fd, info)
         bad = []
@@ -142,7 +142,7 @@ def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Proble
     except CacheFormatError as exc:
         return [Problem(d.name, rel, str(exc))]
     finally:
-        os.close(fd)
+        close_handle(fd)
     if not bad:
         return []
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""

@@ -21,6 +21,7 @@ import os
 import queue
 import re
 import shutil
+import tempfile
 import threading
 import warnings
 from datetime import datetime, timezone
@@ -33,6 +34,7 @@ import pyarrow.parquet as pq
 from alignkd.cache.lock import CacheLock
 from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
 from alignkd.cache.encodings import encode
+from alignkd.cache.location import cache_path, is_remote, read_parquet, remove_tree, upload_dir
 from alignkd.cache.shard_format import ArrayFileWriter, CacheFormatError, committed_shards, load_cache_json
 from alignkd.errors import ConfigError
 from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
@@ -207,7 +209,12 @@ class CacheWriter:
         clash = sorted(set(meta) & set(CACHE_JSON_FIELDS))
         if clash:
             raise ValueError(f"builder meta may not use the writer's cache.json keys {clash}")
-        self.path, self.rank, self.shard_size = Path(path), rank, shard_size
+        # On object storage shards are built in a local staging directory and uploaded at
+        # commit, shard.json last (docs/cache-format.md, "Object storage").
+        self.remote = cache_path(path) if is_remote(path) else None
+        staging = Path(tempfile.mkdtemp(prefix="alignkd-stage-")) if self.remote is not None else None
+        self.path, self.rank, self.shard_size = staging or Path(path), rank, shard_size
+        self.location = self.remote if self.remote is not None else self.path
         self.store_images = store_images
         vocab_size = vocab_size or meta.get("teacher_shapes", {}).get("vocab_size")
         id_dtype = "uint16" if vocab_size and vocab_size <= UINT16_VOCAB else "uint32"
@@ -263,6 +270,8 @@ class CacheWriter:
                 raise self._error
         finally:
             self._lock.release()
+            if self.remote is not None:
+                shutil.rmtree(self.path, ignore_errors=True)
 
     def __enter__(self) -> "CacheWriter":
         return self
@@ -272,6 +281,8 @@ class CacheWriter:
 
     # ---------------------------------------------------------------- opening
     def _open_or_create(self, meta: dict, overwrite: bool) -> dict | None:
+        if self.remote is not None:
+            return self._open_or_create_remote(meta, overwrite)
         cache_json = self.path / CACHE_JSON
         # Hidden entries are ours (locks, .tmp- files): a build killed while creating the
         # cache leaves at most a .tmp-cache.json, and that directory still counts as empty.
@@ -289,6 +300,28 @@ class CacheWriter:
         if self.rank != 0:
             raise CacheFormatError(f"{self.path} has no {CACHE_JSON}; rank 0 must create the cache first.")
         self._create(meta)
+        return None
+
+    def _open_or_create_remote(self, meta: dict, overwrite: bool) -> dict | None:
+        remote = self.remote
+        entries = list(remote.iterdir()) if remote.exists() else []
+        if entries and not (remote / CACHE_JSON).is_file():
+            raise CacheFormatError(f"{remote} exists and is not an alignkd cache (no {CACHE_JSON}); "
+                                   "choose an empty or new prefix.")
+        (self.path / SHARDS_DIR).mkdir(exist_ok=True)
+        if overwrite and self.rank == 0:
+            remove_tree(remote)
+        elif entries:
+            existing = load_cache_json(remote)
+            self._check_storage(existing.get("storage", {}))
+            return existing
+        if self.rank != 0:
+            raise CacheFormatError(f"{remote} has no {CACHE_JSON}; rank 0 must create the cache first.")
+        from alignkd import __version__
+
+        doc = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "alignkd_version": __version__,
+               "created_at": _now(), "storage": self.storage, **meta}
+        (remote / CACHE_JSON).write_bytes(json.dumps(doc, indent=1).encode())  # one PUT: atomic
         return None
 
     def _check_storage(self, stored: dict) -> None:
@@ -318,14 +351,14 @@ class CacheWriter:
 
     def _read_done_rows(self) -> set[int]:
         done: set[int] = set()
-        for d in committed_shards(self.path):
+        for d in committed_shards(self.location):
             for name in (SAMPLES_FILE, REJECTS_FILE):
-                done.update(pq.read_table(d / name, columns=["manifest_row"]).column(0).to_pylist())
+                done.update(read_parquet(d / name, columns=["manifest_row"]).column(0).to_pylist())
         return done
 
     def _first_free_index(self) -> int:
         prefix = shard_name(0, self.rank)[:-6]
-        taken = [int(d.name[len(prefix):]) for d in committed_shards(self.path)
+        taken = [int(d.name[len(prefix):]) for d in committed_shards(self.location)
                  if d.name.startswith(prefix) and d.name[len(prefix):].isdigit()]
         return max(taken, default=-1) + 1
 
@@ -378,7 +411,7 @@ class CacheWriter:
             self._commit()
         elif self._shard is not None:
             self._shard.discard()
-        if self._catalog_stale and self.rank == 0:
+        if self._catalog_stale and self.rank == 0 and self.remote is None:
             from alignkd.cache.catalog import rebuild_catalog
 
             rebuild_catalog(self.path)
@@ -390,6 +423,12 @@ class CacheWriter:
 
         shard, self._shard = self._shard, None
         doc = shard.commit()
+        if self.remote is not None:
+            target = self.remote / SHARDS_DIR / shard.name
+            remove_tree(target)  # objects of an upload killed before its shard.json
+            upload_dir(shard.final, target, last=SHARD_JSON)
+            shutil.rmtree(shard.final)
+            return  # no catalog.duckdb on object storage: `cache sql` builds it in memory
         if self.rank != 0:
             return
         try:
