@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 
 from alignkd.cache.encodings import decode
-from alignkd.cache.location import cache_path, close_handle, open_for_read, parquet_file, read_parquet
+from alignkd.cache.location import cache_path, close_handle, is_remote, open_for_read, parquet_file, read_parquet
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, read_array_info,
                                         read_index, read_raw)
@@ -100,13 +100,17 @@ class CacheReader:
             self._open: dict[int, dict] = {}   # shard number -> {kind: (info, fd, index)}
             self._parquet: dict[int, tuple] = {}
             self._image_group: tuple | None = None
+            # fsspec filesystems are not fork-safe: each process re-creates its remote paths
+            # (and with them its own S3 client) from the URLs
+            self._dirs = [cache_path(str(d)) for d in self._shard_dirs] if is_remote(self.path) \
+                else self._shard_dirs
 
     def _shard_arrays(self, shard: int) -> dict:
         arrays = self._open.get(shard)
         if arrays is None:
             arrays = {}
             for kind in ARRAY_KINDS:
-                info = read_array_info(self._shard_dirs[shard], kind)
+                info = read_array_info(self._dirs[shard], kind)
                 fd = index = None
                 if info.length:
                     try:
@@ -132,7 +136,7 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_pid", "_open", "_parquet", "_image_group"):
+        for key in ("_pid", "_open", "_parquet", "_image_group", "_dirs"):
             state.pop(key, None)
         state["_pid"] = None
         return state
@@ -203,7 +207,7 @@ class CacheReader:
         self._process_state()
         shard, row = int(self._shard_of[i]), int(self._row_in_shard[i])
         if shard not in self._parquet:
-            pf = parquet_file(self._shard_dirs[shard] / SAMPLES_FILE)
+            pf = parquet_file(self._dirs[shard] / SAMPLES_FILE)
             starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
             self._parquet[shard] = (pf, starts)
         pf, starts = self._parquet[shard]

@@ -66,7 +66,7 @@ class DistillConfig:
             raise ConfigError("--warmup-ratio must be in [0, 1).")
         if not Path(self.student).is_dir():
             raise ConfigError(f"student model directory {self.student} does not exist.")
-        if not Path(self.cache).is_dir():
+        if "://" not in str(self.cache) and not Path(self.cache).is_dir():  # URLs: open_cache says
             raise ConfigError(f"cache {self.cache} does not exist.")
 
 
