@@ -17,6 +17,7 @@ cannot be dropped on a shared box, so "cold" means a fresh reader, each sample r
 in random order. Reads return stored widths (what the distill DataLoader ships).
 
     .venv/bin/python bench/cache_storage.py [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
+    .venv/bin/python bench/cache_storage.py --skip-fidelity --s3      # + moto S3 against local disk
 """
 
 from __future__ import annotations
@@ -81,7 +82,8 @@ def raw_bytes(rec: SampleRecord) -> int:
 
 def write_cache(path: Path, recs, **kw) -> float:
     """Seconds from the first add to a closed cache (creation and imports excluded)."""
-    shutil.rmtree(path, ignore_errors=True)
+    if "://" not in str(path):
+        shutil.rmtree(path, ignore_errors=True)
     meta = {"bench": True, "teacher_shapes": {"vocab_size": VOCAB}}
     with CacheWriter(path, meta, shard_size=16, store_images=False, **kw) as w:
         start = time.perf_counter()
@@ -222,14 +224,62 @@ def throughput(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
         print(f"| {name} | {ours:.0f} | {ref:.0f} | {ours / ref:.2f} | {target} |")
 
 
+def start_moto() -> object:
+    """A moto S3 server on a free 127.0.0.1 port, with the AWS environment pointing at it."""
+    import socket
+
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
+                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
+    import s3fs
+
+    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("alignkd-bench")
+    return server
+
+
+def object_storage(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
+    """Samples/s from a moto S3 server against local disk, same cache, same reads."""
+    from alignkd.distill.sampling import ShardWindowSampler
+
+    server = start_moto()
+    try:
+        url, local = "s3://alignkd-bench/cache", work / "cache-local"
+        raw = sum(raw_bytes(r) for r in recs)
+        s3_secs = write_cache(url, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+        local_secs = write_cache(local, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+        order = np.random.default_rng(2).permutation(len(recs))
+        print(f"\n## (c) object storage: moto S3 on 127.0.0.1 against local disk ({attn_dtype} / {vision_dtype})\n")
+        print("| measure | moto S3 | local disk | ratio |")
+        print("|---|---|---|---|")
+        rows = [("writer, MB/s raw", raw / s3_secs / 1e6, raw / local_secs / 1e6),
+                ("reader, cold random, samples/s", read_random(StoredReads(url), order),
+                 read_random(StoredReads(local), order))]
+        loaders = [CachedDistillDataset(p, processor=None) for p in (url, str(local))]
+        rows.append(("distill DataLoader(num_workers=2, batch 8), samples/s",
+                     *[read_loader(ds, ShardWindowSampler(ds.reader.shard_of, seed=0)) for ds in loaders]))
+        for name, a, b in rows:
+            print(f"| {name} | {a:.0f} | {b:.0f} | {a / b:.2f} |")
+    finally:
+        server.stop()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--samples", type=int, default=64)
     ap.add_argument("--grad-samples", type=int, default=4, help="samples in the gradient-fidelity sums")
     ap.add_argument("--workdir", default="/tmp/alignkd-bench")
-    ap.add_argument("--attn-dtype", default="bfloat16", help="storage of the throughput cache")
+    ap.add_argument("--attn-dtype", default="uint8-log", help="storage of the throughput cache (default: the default)")
     ap.add_argument("--vision-dtype", default="bfloat16", help="storage of the throughput cache")
     ap.add_argument("--skip-fidelity", action="store_true")
+    ap.add_argument("--skip-throughput", action="store_true")
+    ap.add_argument("--s3", action="store_true", help="also read through a local moto S3 server (moto[server])")
     args = ap.parse_args()
     work = Path(args.workdir)
     import duckdb, zarr  # noqa: F401,E401  one-time import cost, paid before the first shard
@@ -243,7 +293,10 @@ def main() -> None:
           f"raw (fp16 attn/vision/log-probs) {raw / 1e6:.2f} MB/sample\n")
     if not args.skip_fidelity:
         fidelity(work, recs, args.grad_samples)
-    throughput(work, recs, args.attn_dtype, args.vision_dtype)
+    if not args.skip_throughput:
+        throughput(work, recs, args.attn_dtype, args.vision_dtype)
+    if args.s3:
+        object_storage(work, recs, args.attn_dtype, args.vision_dtype)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -90,7 +90,7 @@ def six(tmp_path_factory, tiny_llava_dir):
     data, images = make_dataset(root, 6)
     kw = dict(batch_size=4, logit_k=8)
     caches = {
-        "bf16": build(tiny_llava_dir, data, images, root / "bf16", **kw),
+        "bf16": build(tiny_llava_dir, data, images, root / "bf16", attn_dtype="bfloat16", **kw),
         "fp16": build(tiny_llava_dir, data, images, root / "fp16", attn_dtype="float16",
                       vision_dtype="float16", **kw),
         "u8": build(tiny_llava_dir, data, images, root / "u8", attn_dtype="uint8-sqrt", **kw),
