@@ -226,10 +226,12 @@ def throughput(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
 
 def start_moto() -> object:
     """A moto S3 server on a free 127.0.0.1 port, with the AWS environment pointing at it."""
+    import logging
     import socket
 
     from moto.server import ThreadedMotoServer
 
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]

@@ -16,12 +16,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alignkd.errors import ConfigError, check_at_least_one, check_choices
-from alignkd.storage_schemas import TOKENIZER_DIR
+from alignkd.storage_schemas import ATTN_DTYPES, TOKENIZER_DIR, VISION_DTYPES
 
 LOGIT_MODES = ("topk", "sampled")
 POSITION_POLICIES = ("response", "text")
-ATTN_DTYPES = ("float16", "bfloat16", "uint8-sqrt")
-VISION_DTYPES = ("float16", "bfloat16")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 
 # Options that change what is stored. Resuming with any of them different would mix two

@@ -21,10 +21,11 @@ import numpy as np
 import pyarrow as pa
 
 from alignkd.cache.encodings import decode
-from alignkd.cache.location import cache_path, close_handle, is_remote, open_for_read, parquet_file, read_parquet
+from alignkd.cache.location import (cache_path, close_handle, fetch_spans, is_remote, open_for_read, parquet_file,
+                                    read_parquet)
 from alignkd.cache.record import SampleRecord
-from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, read_array_info,
-                                        read_index, read_raw)
+from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json,
+                                        read_array_info, read_index, read_raw)
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import ARRAY_KINDS, PACKED_ENCODINGS, SAMPLE_SCHEMA, SAMPLES_FILE, element_counts
 
@@ -189,14 +190,28 @@ class CacheReader:
         arrays = self._shard_arrays(shard)
         enc = {kind: info.encoding for kind, (info, _, _) in arrays.items()}
         sizes = element_counts(c, enc)
+        fetched = self._fetch_remote(arrays, c, sizes)
         raw = {}
         for kind, (info, fd, index) in arrays.items():
-            raw[kind] = read_raw(fd, info, index, c[f"{kind}_offset"], sizes[kind])
+            raw[kind] = read_raw(fd, info, index, c[f"{kind}_offset"], sizes[kind], fetched.get(kind))
             if self.check_crc and zlib.crc32(memoryview(raw[kind]).cast("B") if raw[kind].size else b"") \
                     != c[f"{kind}_crc32"]:
                 raise CacheFormatError(f"sample {self.sample_ids[i]}: {kind} fails its crc32 in "
                                        f"{self._shard_dirs[shard].name}; run alignkd cache verify.")
         return raw, enc
+
+    @staticmethod
+    def _fetch_remote(arrays: dict, c: dict, sizes: dict) -> dict:
+        """On object storage, every array's byte range of one sample in one concurrent batch of
+        ranged GETs (9 sequential round trips otherwise); locally nothing (one pread each)."""
+        wanted = {}
+        for kind, (info, fd, index) in arrays.items():
+            if fd is not None and not isinstance(fd, int):
+                span = byte_span(info, index, c[f"{kind}_offset"], sizes[kind])
+                if span is not None:
+                    wanted[kind] = (fd, span)
+        data = fetch_spans([h for h, _ in wanted.values()], [s for _, s in wanted.values()])
+        return dict(zip(wanted, data))
 
     def _list(self, name: str, i: int) -> np.ndarray:
         values, offsets = self._lists[name]

@@ -153,8 +153,23 @@ def read_index(fd: int, info: ArrayInfo) -> np.ndarray:
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
 
 
-def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int) -> np.ndarray:
-    """Elements [offset, offset+n) in the stored dtype: one pread when the chunks are adjacent."""
+def byte_span(info: ArrayInfo, index: np.ndarray, offset: int, n: int) -> tuple[int, int] | None:
+    """[start, end) bytes of the file holding elements [offset, offset+n) when those chunks are
+    adjacent (what the writer produces), else None."""
+    if n == 0:
+        return None
+    c = info.chunk
+    rows = index[offset // c:-(-(offset + n) // c)]
+    starts, sizes = rows[:, 0], rows[:, 1]
+    if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
+        return int(starts[0]), int(starts[-1] + sizes[-1])
+    return None
+
+
+def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
+             data: bytes | None = None) -> np.ndarray:
+    """Elements [offset, offset+n) in the stored dtype: one pread when the chunks are adjacent.
+    `data`: the bytes of `byte_span` already fetched (object stores fetch a sample's spans at once)."""
     if n == 0:
         return np.empty(0, info.dtype)
     c = info.chunk
@@ -164,7 +179,7 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int) -
     starts, sizes = rows[:, 0], rows[:, 1]
     if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
         first = int(starts[0])
-        buf = memoryview(pread(fd, int(starts[-1] + sizes[-1]) - first, first))
+        buf = memoryview(data if data is not None else pread(fd, int(starts[-1] + sizes[-1]) - first, first))
         for k, (s, z) in enumerate(zip(starts.tolist(), sizes.tolist())):
             _decompress(buf[s - first:s - first + z], out[k * c:(k + 1) * c], info)
     else:
