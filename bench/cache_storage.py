@@ -179,7 +179,7 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
     reference = standin.summed_gradients(objective, sub)
     print("## (a) bytes per sample and gradient fidelity against fp32 targets\n")
     print(f"Gradient cosines over {grad_n} samples (summed gradients), student stand-in at 1.4B shapes; "
-          "`full` is the default objective (CE + logit + vision + attention MSE, all weight 1).\n")
+          "`full` is the default objective (normalized scale: CE + logit + vision + attention KL, all weight 1).\n")
     print("Columns `1-cos`: one minus the gradient cosine (0.999 is 1e-3).\n")
     print("| attn | vision | MB/sample | attn MB | vision MB | logits MB | 1-cos full | 1-cos attn (mse) | "
           "1-cos attn (kl) | 1-cos vis | 1-cos logit | write MB/s raw |")

@@ -8,6 +8,9 @@ unembedding E [32000, 256] give the logits; vision tokens [Nv, 2048] and layer-0
 with its real adapters (teacher 32 heads / d 4096 -> student 16 / 2048), so every term,
 mask and adapter gradient is the one training computes.
 
+The objective is the default one (`loss_scale="normalized"`: standardised teacher tokens and
+variance-normalised L_vis, KL attention); the MSE attention term is measured alone too.
+
 Initial state, "mid training": vision tokens = the adapter's projection of the teacher's
 tokens plus noise of half their spread; attention = the adapter-mixed teacher rows times
 exp(0.5 N(0, 1)); logits near uniform. The residuals the losses see are therefore the size
@@ -66,10 +69,14 @@ class StandInStudent(nn.Module):
 
 
 def build_objective(records, vocab: int, teacher_heads: int, teacher_dim: int) -> AlignKDObjective:
+    """The default objective (normalized loss scale, KL attention), standardised with the fp32
+    teacher's per-channel statistics as `alignkd distill` computes them from the cache."""
     torch.manual_seed(0)
     student = StandInStudent(records, vocab)
+    vis = np.concatenate([r.vision for r in records]).astype(np.float64)
+    stats = (torch.from_numpy(vis.mean(0)).float(), torch.from_numpy(vis.std(0)).float())
     objective = AlignKDObjective(student, teacher_heads=teacher_heads, teacher_dim=teacher_dim,
-                                 weights=LossWeights(), logit_mode="topk", logit_samples=0)
+                                 weights=LossWeights(), logit_mode="topk", logit_samples=0, vision_stats=stats)
     student.init_from_teacher(objective)
     return objective
 
@@ -78,6 +85,7 @@ def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, tor
     """Each term's flat gradient (all trainable parameters) for sample j with `record`'s targets."""
     batch = widen_targets(collate_distill([item_from_record(record, {})], pad_token_id=0))
     params = [p for p in objective.parameters() if p.requires_grad]
+    default_attn = objective.attn_loss
     out = {}
     for term in TERMS:
         name = "attn" if term == "attn_kl" else term
@@ -87,7 +95,7 @@ def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, tor
         grads = torch.autograd.grad(loss, params, allow_unused=True)
         out[term] = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1).double()
                                for gr, p in zip(grads, params)])
-    objective.weights, objective.attn_loss = LossWeights(), "mse"
+    objective.weights, objective.attn_loss = LossWeights(), default_attn
     return out
 
 
@@ -96,7 +104,8 @@ def summed_gradients(objective, records) -> dict[str, torch.Tensor]:
     for j, r in enumerate(records):
         for term, g in term_gradients(objective, j, r).items():
             total[term] = total[term] + g if term in total else g
-    total["full"] = total["ce"] + total["logit"] + total["vis"] + total["attn"]  # default weights, MSE
+    # the default objective: every weight 1, the attention term as KL (the default attn_loss)
+    total["full"] = total["ce"] + total["logit"] + total["vis"] + total["attn_kl"]
     return total
 
 

@@ -60,17 +60,19 @@ def _reference_batch(live) -> dict:
     return collate_distill(items, proc.tokenizer.pad_token_id)
 
 
-# (full objective bound, {term: bound of that term's gradient alone}); measured on this
-# teacher: full 1 - 3e-10 for the 8/16-bit choices, 1 - 1e-7 for 4-bit; vis 1 - 2e-10 (bf16),
-# 1 - 2e-9 (int8), 1 - 5e-7 (int4); attn 0.99997 (bf16), 0.970 (uint8-log), 0.996 (uint8-sqrt). The random tiny teacher's rows are
-# near-uniform over 16 tokens (p in 0.03-0.05), where log spacing is coarser than sqrt.
+# (full objective bound, {term: bound of that term's gradient alone}), under the default
+# objective (normalized scale, KL attention). Measured on this teacher: full 1 - 4e-9
+# (bf16), 1 - 2e-8 (8-bit), 1 - 8e-6 (4-bit); vis 1 - 1e-7 (bf16), 1 - 6e-7 (int8), 0.99977
+# (int4); attn 0.99982 (bf16), 0.987 (uint8-log), 0.992 (uint8-sqrt). The random tiny
+# teacher's rows are near-uniform over 16 tokens (p in 0.03-0.05), where log spacing is
+# coarser than sqrt; at 7B shapes (bench/cache_storage.py) uint8-log keeps the KL term far
+# better than sqrt. 4-bit attention keeps the full gradient but not the attention term's.
 @pytest.mark.parametrize("attn_dtype,vision_dtype,bound,term_bound", [
-    ("bfloat16", "bfloat16", 0.999, {"vis": 0.9999, "attn": 0.9999}),      # the default
-    ("uint8-log", "int8-channel", 0.99, {"vis": 0.9999, "attn": 0.95}),    # the compact option
-    ("uint8-sqrt", "bfloat16", 0.99, {"vis": 0.9999, "attn": 0.99}),
-    # 4-bit attention keeps the full gradient (0.9999999) but not the attention term's own
-    # direction on these near-uniform rows (-0.63: two levels of 0.5 in log span p = 0.03-0.05)
-    ("uint4-log", "int4-channel", 0.99, {"vis": 0.9999, "attn": None}),
+    ("uint8-log", "bfloat16", 0.999, {"vis": 0.9999, "attn": 0.98}),      # the `cache build` default
+    ("bfloat16", "bfloat16", 0.999, {"vis": 0.9999, "attn": 0.999}),
+    ("uint8-log", "int8-channel", 0.99, {"vis": 0.9999, "attn": 0.98}),
+    ("uint8-sqrt", "bfloat16", 0.99, {"vis": 0.9999, "attn": 0.98}),
+    ("uint4-log", "int4-channel", 0.99, {"vis": 0.999, "attn": None}),
 ])
 def test_gradient_cosine_stored_vs_fp32(live, tmp_path, attn_dtype, vision_dtype, bound, term_bound):
     path = tmp_path / "cache"
