@@ -45,7 +45,7 @@ class DemoConfig:
     teacher: str | None = None        # a trained teacher directory; default: shipped, else trained
     student_records: int = 4000       # the student's (small) share of the teacher's training split
     test_records: int = 1400
-    distill_steps: int = 500
+    distill_steps: int = 1000
     batch_size: int = 32
     lr: float = 2e-3
     ablation: bool = False            # also train the single-term rows
