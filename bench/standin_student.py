@@ -11,9 +11,9 @@ mask and adapter gradient is the one training computes.
 The objective is the default one (`loss_scale="normalized"`: standardised teacher tokens and
 variance-normalised L_vis, KL attention); the MSE attention term is measured alone too.
 
-Initial state, "mid training": vision tokens = the adapter's projection of the teacher's
-tokens plus noise of half their spread; attention = the adapter-mixed teacher rows times
-exp(0.5 N(0, 1)); logits near uniform. The residuals the losses see are therefore the size
+Initial state, "mid training": vision tokens at unit scale (the normalized L_vis regresses
+the teacher's standardised tokens from the adapter's image of them); attention = the
+adapter-mixed teacher rows times exp(0.5 N(0, 1)); logits near uniform. The residuals the losses see are therefore the size
 they have while a student is being trained, not zero and not random.
 
 Gradients are linear in the loss terms, so each term's gradient is computed once per sample
@@ -53,9 +53,9 @@ class StandInStudent(nn.Module):
         g = torch.Generator().manual_seed(seed)
         with torch.no_grad():
             for r in self._records:
-                target = objective.projector_adapter(torch.from_numpy(r.vision))
-                noise = torch.randn(target.shape, generator=g) * target.std() * 0.5
-                self.vision.append(nn.Parameter(target + noise))
+                # the normalized L_vis maps the *student's* tokens to the teacher's standardised
+                # ones through the adapter, so unit-scale student tokens are at the right scale
+                self.vision.append(nn.Parameter(torch.randn(r.vision.shape[0], STUDENT_DIM, generator=g)))
                 mixed = objective.head_adapter.mix(torch.from_numpy(r.attn).permute(1, 0, 2)[None])[0]
                 L = len(r.input_ids)
                 z = torch.full((STUDENT_HEADS, L, mixed.shape[-1]), -30.0)
