@@ -56,6 +56,10 @@ class AlignKDObjective(nn.Module):
         if adapters == "frozen":
             for p in [*self.head_adapter.parameters(), *self.projector_adapter.parameters()]:
                 p.requires_grad_(False)
+        if attn_loss == "kl":
+            # The KL mixes teacher heads convexly (`HeadAdapter.mix`) and never reads the
+            # bias; a parameter that gets no gradient would stall DDP's reducer.
+            self.head_adapter.bias.requires_grad_(False)
         self.weights = weights
         self.logit_mode = logit_mode
         self.logit_samples = logit_samples
