@@ -152,6 +152,7 @@ def attention_loss(
     row_mask: Tensor,
     head_adapter: nn.Module | None,
     mode: str = "mse",
+    vision_mask: Tensor | None = None,
 ) -> Tensor:
     """L_attn between first-layer text-query x vision-key attention maps.
 
@@ -163,6 +164,8 @@ def attention_loss(
     heads and valid rows, each row weighted by the teacher's vision mass (mean weight 1);
     both sides get an eps floor so an all-zero row becomes uniform instead of NaN. Padded rows are
     selected out with `where`, so their contents (even NaN) never reach the loss.
+    vision_mask [B, N_v] marks each sample's real vision columns when N_v varies per sample;
+    padded columns are left out of every sum, mean and renormalisation the same way.
     """
     if head_adapter is None:
         target = teacher_attn
@@ -172,24 +175,28 @@ def attention_loss(
         raise ValueError(
             f"attention_loss: adapted teacher {tuple(target.shape)} != student {tuple(student_attn.shape)}"
         )
+    B, H, T, Nv = student_attn.shape
+    cols = torch.ones(B, Nv, dtype=torch.bool, device=student_attn.device) if vision_mask is None \
+        else vision_mask.bool()
     rows = row_mask.bool()[:, None, :, None].expand_as(student_attn)
-    s = torch.where(rows, student_attn.float(), 0.0)
-    t = torch.where(rows, target.float(), 0.0)
-    B, H, T, Nv = s.shape
+    entries = rows & cols[:, None, None, :]
+    s = torch.where(entries, student_attn.float(), 0.0)
+    t = torch.where(entries, target.float(), 0.0)
     n_rows = row_mask.bool().sum().clamp(min=1)
     if mode == "mse":
-        return ((t - s) ** 2).sum() / (n_rows * H * Nv)
+        n_entries = (row_mask.bool().sum(1) * cols.sum(1)).sum().clamp(min=1)
+        return ((t - s) ** 2).sum() / (n_entries * H)
     if mode == "kl":
-        t = t.clamp(min=0) + _EPS
-        s = s.clamp(min=0) + _EPS
+        t = torch.where(entries, t.clamp(min=0) + _EPS, 0.0)
+        s = torch.where(entries, s.clamp(min=0) + _EPS, 1.0)
         # Rows whose query barely looks at the image carry little of the alignment and,
         # renormalised, amplify their gradient by 1/mass; weighting each row by the
         # teacher's vision mass (normalised to mean 1 over the valid rows) bounds both.
         mass = torch.where(rows[..., 0], t.sum(-1), 0.0)  # [B, H, T]
         weight = mass / (mass.sum() / (n_rows * H)).clamp(min=_EPS)
-        t = t / t.sum(-1, keepdim=True)
-        s = s / s.sum(-1, keepdim=True)
-        per_row = (t * (t.log() - s.log())).sum(-1)  # [B, H, T]
+        t = t / t.sum(-1, keepdim=True).clamp(min=_EPS)
+        s = s / torch.where(entries, s, 0.0).sum(-1, keepdim=True).clamp(min=_EPS)
+        per_row = torch.where(entries, t * (t.clamp(min=_EPS).log() - s.log()), 0.0).sum(-1)  # [B, H, T]
         per_row = torch.where(rows[..., 0], per_row * weight.detach(), 0.0)
         return per_row.sum() / (n_rows * H)
     raise ValueError(f"attention loss mode must be 'mse' or 'kl', got {mode!r}")
@@ -202,19 +209,26 @@ def vision_loss(
     projector_adapter: nn.Module | None,
     topk: int = 16,
     valid: Tensor | None = None,
+    vision_mask: Tensor | None = None,
 ) -> Tensor:
     """L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
 
     student_vis [B, N_v, d_s], teacher_vis [B, N_v, d_t], focus [B, N_v]; the top-k
     tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
-    or text-only samples) from both means.
+    or text-only samples) from both means. vision_mask [B, N_v] marks each sample's real
+    tokens when N_v varies per sample: each sample's means run over its own N_v_b tokens
+    and its own k = min(topk, N_v_b), so a padded batch equals its samples' losses.
     """
     target = teacher_vis.float() if projector_adapter is None else projector_adapter(teacher_vis.float())
     B, Nv, _ = student_vis.shape
     ok = torch.ones(B, dtype=torch.bool, device=student_vis.device) if valid is None else valid.bool()
-    sq = ((target - student_vis.float()) ** 2).mean(-1)  # [B, N_v]
+    real = torch.ones(B, Nv, dtype=torch.bool, device=student_vis.device) if vision_mask is None \
+        else vision_mask.bool()
+    sq = torch.where(real, ((target - student_vis.float()) ** 2).mean(-1), 0.0)  # [B, N_v]
     k = min(topk, Nv)
-    top = focus.float().topk(k, dim=-1).indices
-    every = _valid_mean(sq.mean(-1), ok)
-    chosen = _valid_mean(sq.gather(1, top).mean(-1), ok)
+    top = focus.float().masked_fill(~real, float("-inf")).topk(k, dim=-1).indices
+    k_b = real.sum(-1).clamp(max=k)  # [B]
+    slot_ok = torch.arange(k, device=sq.device)[None] < k_b[:, None]
+    every = _valid_mean(sq.sum(-1) / real.sum(-1).clamp(min=1), ok)
+    chosen = _valid_mean(torch.where(slot_ok, sq.gather(1, top), 0.0).sum(-1) / k_b.clamp(min=1), ok)
     return every + chosen

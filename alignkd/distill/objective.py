@@ -81,7 +81,8 @@ class AlignKDObjective(nn.Module):
                 terms["logit"] = sparse_kl_sampled(logits, ids, values, self.logit_samples, self.temperature)
         if w.vis > 0:
             terms["vis"] = vision_loss(cap.vision_tokens.float(), batch["t_vision"], batch["t_focus"],
-                                       self.projector_adapter, topk=self.vision_topk)
+                                       self.projector_adapter, topk=self.vision_topk,
+                                       vision_mask=batch.get("t_vision_mask"))
         if w.attn > 0:
             terms["attn"] = self._attention_term(cap, batch)
         return terms
@@ -96,7 +97,8 @@ class AlignKDObjective(nn.Module):
         idx = gather[:, None, :, None].expand(-1, student.shape[1], -1, student.shape[-1])
         student_rows = student.gather(2, idx).float()              # [B, Hs, T, Nv]
         teacher_rows = batch["t_attn"].permute(0, 2, 1, 3)         # [B, Ht, T, Nv]
-        return attention_loss(student_rows, teacher_rows, row_mask, self.head_adapter, mode=self.attn_loss)
+        return attention_loss(student_rows, teacher_rows, row_mask, self.head_adapter, mode=self.attn_loss,
+                              vision_mask=batch.get("t_vision_mask"))
 
 
 def _valid_index(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -121,7 +121,11 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
         logit_mode=meta["build_options"]["logit_mode"], logit_samples=meta["build_options"]["logit_samples"],
         temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.attn_loss,
         adapters=cfg.adapters)
-    dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images)
+    dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images,
+                                   image_token_id=vlm.family.get_image_token_id(student.config),
+                                   vocab_size=int(student.config.get_text_config().vocab_size))
+    if len(dataset):
+        dataset[0]  # refuses a student whose processor gives other image tokens, before the Trainer starts
     out = Path(cfg.out)
     # transformers 5 reads the TensorBoard directory from the environment only.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
