@@ -75,11 +75,17 @@ class DistillSummary:
     seconds: float = 0.0
 
 
-def _freeze(student, parts: tuple[str, ...]) -> None:
-    """Freeze named submodules of the student (e.g. its vision tower, as MobileVLM does)."""
+def _freeze(student, parts: tuple[str, ...], family=None) -> None:
+    """Freeze named submodules of the student (e.g. its vision tower, as MobileVLM does).
+
+    "vision_tower" also names the family's own tower where it is called otherwise
+    (Qwen-VL's `visual`, Idefics3's `vision_model`).
+    """
     modules = dict(student.named_modules())
     for part in parts:
         matches = [m for name, m in modules.items() if name.split(".")[-1] == part]
+        if not matches and part == "vision_tower" and family is not None:
+            matches = [family.get_vision_tower(student)]
         if not matches:
             raise ConfigError(f"--freeze {part}: the student has no module named {part!r}.")
         for module in matches:
@@ -113,7 +119,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     meta = reader.meta
     student = vlm.model
     student.train()
-    _freeze(student, cfg.freeze)
+    _freeze(student, cfg.freeze, vlm.family)
     weights = LossWeights(ce=cfg.w_ce, logit=cfg.w_logit, vis=cfg.w_vis, attn=cfg.w_attn)
     objective = AlignKDObjective(
         student, teacher_heads=meta["teacher_shapes"]["num_heads"],

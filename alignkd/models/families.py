@@ -36,6 +36,7 @@ class VLMFamily:
     layers: str = "layers"  # on the decoder
     attention: str = "self_attn"  # on each decoder layer
     image_token_id: str = "image_token_id"  # on the top-level config
+    vision_tower: str = "model.vision_tower"  # what `distill --freeze vision_tower` freezes
     token_inputs: tuple[str, ...] = ()
     eager_when: str | None = None
 
@@ -44,6 +45,9 @@ class VLMFamily:
 
     def get_decoder(self, model):
         return _resolve(model, self.decoder)
+
+    def get_vision_tower(self, model):
+        return _resolve(model, self.vision_tower)
 
     def get_attention_modules(self, model) -> list:
         """Every decoder layer's attention module, in layer order."""
@@ -59,7 +63,7 @@ class VLMFamily:
         return self.eager_when is not None and getattr(text, self.eager_when, None) is not None
 
 
-_QWEN = {"token_inputs": ("mm_token_type_ids",)}
+_QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual"}
 
 FAMILIES: dict[str, VLMFamily] = {
     "llava": VLMFamily("llava"),
@@ -70,8 +74,8 @@ FAMILIES: dict[str, VLMFamily] = {
     "qwen3_vl": VLMFamily("qwen3_vl", **_QWEN),
     "gemma3": VLMFamily("gemma3", token_inputs=("token_type_ids",)),
     "paligemma": VLMFamily("paligemma", token_inputs=("token_type_ids",), eager_when="attn_logit_softcapping"),
-    "idefics3": VLMFamily("idefics3", decoder="model.text_model"),
-    "smolvlm": VLMFamily("smolvlm", decoder="model.text_model"),
+    "idefics3": VLMFamily("idefics3", decoder="model.text_model", vision_tower="model.vision_model"),
+    "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model"),
     "internvl": VLMFamily("internvl"),
     "mistral3": VLMFamily("mistral3"),
 }

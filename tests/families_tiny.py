@@ -1,0 +1,153 @@
+"""Tiny real VLMs of every supported family, built from config objects, for the family tests.
+
+`build_family(name, out_dir, role)` writes a loadable model directory: weights, a
+word-level tokenizer holding the family's special tokens, the family's image processor
+(`*Pil`, no torchvision) and a LLaVA-style chat template that prints the family's image
+placeholder. The "teacher" has more heads and a wider LM than the "student"; both share
+the tokenizer and the image processor, as real teacher/student pairs do.
+
+Processor files are written the way published checkpoints lay them out: Qwen-VL's as
+preprocessor_config.json + chat_template.json with no video config, so loading them
+exercises alignkd's processor assembly without a video slot.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+
+PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
+WORDS = ("USER ASSISTANT : what is the colour shape of this image a yes no left right red green blue "
+         "circle square how many 0 1 2 3 ? . ,").split()
+
+
+@dataclass(frozen=True)
+class Role:
+    """LM sizes of one side of a pair: the teacher is wider and has more heads."""
+
+    hidden: int
+    heads: int
+    kv_heads: int
+    layers: int = 2
+
+    @property
+    def intermediate(self) -> int:
+        return 2 * self.hidden
+
+
+ROLES = {"teacher": Role(hidden=64, heads=4, kv_heads=2), "student": Role(hidden=32, heads=2, kv_heads=1)}
+
+
+def chat_template(image: str) -> str:
+    """LLaVA-1.5-style turns; an image item prints `image` (the family's placeholder)."""
+    return (
+        "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}USER : "
+        "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
+        "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+        "{% else %}ASSISTANT : {% for item in message['content'] %}{% if item['type'] == 'text' %}"
+        "{{ item['text'] }}{% endif %}{% endfor %}{{ eos_token }} {% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}ASSISTANT : {% endif %}"
+    )
+
+
+def word_tokenizer(specials: list[str], extra: dict[str, str] | None = None):
+    """A word-level fast tokenizer over WORDS plus `specials`; `extra` names family tokens
+    (e.g. boi_token) as tokenizer attributes, as the published tokenizers do."""
+    from transformers import PreTrainedTokenizerFast
+
+    base = [PAD, BOS, EOS, UNK]
+    vocab = {tok: i for i, tok in enumerate(dict.fromkeys(base + specials + WORDS))}
+    core = Tokenizer(models.WordLevel(vocab=vocab, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    core.decoder = decoders.WordPiece(prefix="##")
+    kwargs = {"extra_special_tokens": extra} if extra else {}
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token=BOS, eos_token=EOS, pad_token=PAD,
+                                   unk_token=UNK, additional_special_tokens=specials, **kwargs)
+
+
+def ids(tokenizer, *tokens: str) -> list[int]:
+    return [tokenizer.convert_tokens_to_ids(t) for t in tokens]
+
+
+def _text_kwargs(tok, role: Role, **extra) -> dict:
+    return dict(vocab_size=len(tok), hidden_size=role.hidden, intermediate_size=role.intermediate,
+                num_hidden_layers=role.layers, num_attention_heads=role.heads, num_key_value_heads=role.kv_heads,
+                head_dim=16, max_position_embeddings=512, pad_token_id=tok.pad_token_id,
+                bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, **extra)
+
+
+# ---------------------------------------------------------------- Qwen2/2.5/3-VL
+QWEN_SPECIALS = ["<|vision_start|>", "<|image_pad|>", "<|vision_end|>", "<|video_pad|>"]
+QWEN_IMAGE = "<|vision_start|><|image_pad|><|vision_end|>"
+MROPE = {"rope_type": "default", "mrope_section": [2, 3, 3], "rope_theta": 10000.0}
+
+
+def _qwen_image_processor(patch: int):
+    from transformers import Qwen2VLImageProcessorPil
+
+    # min/max pixels keep a 40-64 px image at its own (rounded) size: Nv varies per image
+    return Qwen2VLImageProcessorPil(patch_size=patch, merge_size=2, temporal_patch_size=2,
+                                    size={"shortest_edge": 16 * 16, "longest_edge": 96 * 96})
+
+
+def _qwen(kind: str):
+    def build(role: Role):
+        import transformers as tf
+
+        tok = word_tokenizer(QWEN_SPECIALS)
+        start, pad, end, video = ids(tok, *QWEN_SPECIALS)
+        text = _text_kwargs(tok, role, rope_parameters=dict(MROPE))
+        if kind == "qwen2_vl":
+            vision = dict(depth=1, embed_dim=32, hidden_size=role.hidden, num_heads=2, patch_size=8)
+            config_cls, model_cls, patch = tf.Qwen2VLConfig, tf.Qwen2VLForConditionalGeneration, 8
+        elif kind == "qwen2_5_vl":
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                          out_hidden_size=role.hidden, window_size=32, fullatt_block_indexes=[1])
+            config_cls, model_cls, patch = tf.Qwen2_5_VLConfig, tf.Qwen2_5_VLForConditionalGeneration, 8
+        else:
+            text["rope_parameters"]["mrope_interleaved"] = True
+            vision = dict(depth=2, hidden_size=32, intermediate_size=64, num_heads=2, patch_size=8,
+                          out_hidden_size=role.hidden, num_position_embeddings=64, deepstack_visual_indexes=[1])
+            config_cls, model_cls, patch = tf.Qwen3VLConfig, tf.Qwen3VLForConditionalGeneration, 8
+        config = config_cls(text_config=text, vision_config=vision, image_token_id=pad, video_token_id=video,
+                            vision_start_token_id=start, vision_end_token_id=end)
+        return model_cls(config), tok, _qwen_image_processor(patch), None, QWEN_IMAGE
+    return build
+
+
+def _save_published_layout(out: Path, tok, image_processor, template: str) -> None:
+    """tokenizer files + preprocessor_config.json + chat_template.json, no video config."""
+    tok.save_pretrained(out)
+    image_processor.save_pretrained(out)
+    (out / "chat_template.json").write_text(json.dumps({"chat_template": template}))
+
+
+BUILDERS = {
+    "qwen2_vl": _qwen("qwen2_vl"),
+    "qwen2_5_vl": _qwen("qwen2_5_vl"),
+    "qwen3_vl": _qwen("qwen3_vl"),
+}
+FAMILY_NAMES = tuple(BUILDERS)
+# families whose tiny processors give the three test images three different vision-token counts
+RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+
+
+def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0) -> Path:
+    """Write a loadable `name` model directory for `role` ("teacher" or "student")."""
+    import torch
+
+    out = Path(out_dir)
+    torch.manual_seed(seed)
+    model, tok, image_processor, processor_cls, image = BUILDERS[name](ROLES[role])
+    model.generation_config.pad_token_id = tok.pad_token_id
+    model.generation_config.eos_token_id = tok.eos_token_id
+    model.save_pretrained(out)
+    template = chat_template(image)
+    if processor_cls is None:
+        _save_published_layout(out, tok, image_processor, template)
+    else:
+        processor_cls(image_processor=image_processor, tokenizer=tok, chat_template=template).save_pretrained(out)
+    return out

@@ -1,0 +1,135 @@
+"""Every supported model family end to end, on a tiny real teacher/student pair per family.
+
+Per family: the probe's layer-0 rows equal a full-eager `output_attentions` forward (with
+the family's masks in force: Gemma3's sliding window and bidirectional image block), the
+cache equals the live teacher sample by sample within its stored dtype, `cache verify`
+passes, `distill` runs a few steps, and the exported student reloads through
+`AutoModelForImageTextToText`. Images have different sizes, so dynamic-resolution
+families give each sample its own vision-token count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.catalog import run_sql
+from alignkd.cache.reader import open_cache
+from alignkd.cache.teacher_pass import model_inputs_of
+from alignkd.cache.verify import verify_cache
+from alignkd.data import collate, read_manifest, render_sample
+from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.models import capture_forward, load_vlm
+from conftest import make_image, write_manifest
+from families_tiny import FAMILY_NAMES, RAGGED, build_family
+
+BF16_RTOL = 2.0 ** -8
+SIZES = [(40, 40), (64, 48), (48, 64)]  # (height, width) of the three images
+
+
+def _data(root: Path) -> tuple[Path, Path]:
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i, (h, w) in enumerate(SIZES):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
+                {"from": "gpt", "value": ["red", "blue circle", "green square"][i]}]
+        records.append({"id": f"f{i}", "image": f"{i}.png", "conversations": conv})
+    return write_manifest(root / "data.json", records), images
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def pair(request, tmp_path_factory):
+    """A family's teacher and student directories, its data, and a cache built with batch 2."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    teacher = build_family(family, root / "teacher", "teacher", seed=0)
+    student = build_family(family, root / "student", "student", seed=1)
+    data, images = _data(root)
+    cache = root / "cache"
+    build_cache(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(cache),
+                            batch_size=2, logit_k=8, progress=False))
+    return {"family": family, "root": root, "teacher": teacher, "student": student, "data": data,
+            "images": images, "cache": cache}
+
+
+def _rendered(vlm, pair):
+    return [render_sample(r, vlm.processor, pair["images"], 512) for r in read_manifest(pair["data"])]
+
+
+def test_probe_rows_equal_full_eager(pair):
+    """Layer-0 text→vision rows and vision tokens on a mixed-size batch vs full eager."""
+    from transformers import AutoModelForImageTextToText
+
+    vlm = load_vlm(pair["teacher"])
+    batch = model_inputs_of(collate(_rendered(vlm, pair), vlm.processor.tokenizer.pad_token_id), vlm.family)
+    cap = capture_forward(vlm.model, batch, return_full_layer0=True)
+    eager = AutoModelForImageTextToText.from_pretrained(pair["teacher"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True, use_cache=False)
+    full = ref.attentions[0]
+    valid = batch["attention_mask"].bool()
+    for b in range(full.shape[0]):
+        keep = valid[b]
+        torch.testing.assert_close(cap.layer0_attn[b][:, keep][:, :, keep], full[b][:, keep][:, :, keep],
+                                   rtol=0, atol=4e-6)
+        nv = int(cap.vision_mask[b].sum())
+        pos = cap.vision_positions[b, :nv]
+        assert nv == int((batch["input_ids"][b] == vlm.family.get_image_token_id(vlm.model.config)).sum())
+        torch.testing.assert_close(cap.attn_text_vision[b][:, :, :nv], full[b][:, :, pos], rtol=0, atol=4e-6)
+        assert not cap.attn_text_vision[b][:, :, nv:].any()
+    torch.testing.assert_close(cap.logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_equals_live_teacher_per_sample(pair):
+    """Each cached sample equals the teacher run on that sample alone (no batch padding)."""
+    vlm = load_vlm(pair["teacher"])
+    reader = open_cache(pair["cache"])
+    assert verify_cache(pair["cache"]) == []
+    assert len(reader) == len(SIZES)
+    pad = vlm.processor.tokenizer.pad_token_id
+    for sample in _rendered(vlm, pair):
+        cap = capture_forward(vlm.model, model_inputs_of(collate([sample], pad), vlm.family))
+        got = reader[reader.index_of(sample.sample_id)]
+        text = cap.text_query_mask[0].nonzero().squeeze(-1)
+        live_attn = cap.attn_text_vision[0][:, text].permute(1, 0, 2).numpy()
+        np.testing.assert_array_equal(got.input_ids, sample.input_ids.numpy())
+        np.testing.assert_array_equal(got.vision_positions, cap.vision_positions[0].numpy())
+        np.testing.assert_array_equal(got.text_positions, text.numpy())
+        np.testing.assert_allclose(got.attn, live_attn, rtol=BF16_RTOL, atol=2e-6)
+        np.testing.assert_allclose(got.vision, cap.vision_tokens[0].numpy(), rtol=BF16_RTOL, atol=2e-6)
+        for key in vlm.family.token_inputs:  # replayed inputs are the teacher's own
+            np.testing.assert_array_equal(getattr(got, key), sample.token_inputs[key].numpy())
+        if "image_grid_thw" in sample.image_inputs:
+            np.testing.assert_array_equal(got.image_grid_thw, sample.image_inputs["image_grid_thw"].reshape(-1))
+    counts = [r["n_vision"] for r in run_sql(pair["cache"], "SELECT n_vision FROM samples ORDER BY sample_id")
+              .to_pylist()]
+    assert counts == [len(reader[reader.index_of(f"f{i}")].vision_positions) for i in range(len(SIZES))]
+    if pair["family"] in RAGGED:  # images of different sizes -> each sample its own Nv, in one batch
+        assert len(set(counts)) == len(SIZES), counts
+
+
+def test_distill_runs_and_student_reloads(pair):
+    from transformers import AutoModelForImageTextToText
+
+    out = pair["root"] / "distilled"
+    summary = distill(DistillConfig(student=str(pair["student"]), cache=str(pair["cache"]), out=str(out),
+                                    max_steps=2, batch_size=3, logging_steps=1, save_steps=100, progress=False))
+    assert summary.steps == 2
+    assert all(np.isfinite(v) and v > 0 for v in summary.final_losses.values()), summary.final_losses
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert reloaded.config.model_type == pair["family"]
+    assert reloaded.config.get_text_config().num_attention_heads == 2
+    vlm = load_vlm(out)  # the exported processor loads too (stock, or assembled without video)
+    sample = _rendered(vlm, pair)[0]
+    batch = model_inputs_of(collate([sample], vlm.processor.tokenizer.pad_token_id), vlm.family)
+    assert torch.isfinite(capture_forward(vlm.model, batch).logits).all()
