@@ -19,6 +19,8 @@ from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 
+from alignkd.models.processors import without_video
+
 PAD, BOS, EOS, UNK = "<pad>", "<s>", "</s>", "<unk>"
 WORDS = ("USER ASSISTANT : what is the colour shape of this image a yes no left right red green blue "
          "circle square how many 0 1 2 3 ? . ,").split()
@@ -118,6 +120,39 @@ def _qwen(kind: str):
     return build
 
 
+# ---------------------------------------------------------------- Idefics3 / SmolVLM
+IDEFICS_SPECIALS = (["<fake_token_around_image>", "<image>", "<global-img>", "<end_of_utterance>"]
+                    + [f"<row_{i}_col_{j}>" for i in range(1, 4) for j in range(1, 4)])
+
+
+def _idefics(kind: str):
+    def build(role: Role):
+        import transformers as tf
+
+        tok = word_tokenizer(IDEFICS_SPECIALS)
+        text = {"model_type": "llama", **_text_kwargs(tok, role)}
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        # 32 px tiles of a <=64 px image: 2x2 tiles + the global view, 4 tokens each, in 5 runs
+        ip_kwargs = dict(do_image_splitting=True, size={"longest_edge": 64}, max_image_size={"longest_edge": 32})
+        if kind == "idefics3":
+            config_cls, model_cls = tf.Idefics3Config, tf.Idefics3ForConditionalGeneration
+            image_processor, proc = tf.Idefics3ImageProcessorPil(**ip_kwargs), tf.Idefics3Processor
+        else:
+            config_cls, model_cls = tf.SmolVLMConfig, tf.SmolVLMForConditionalGeneration
+            image_processor = tf.SmolVLMImageProcessorPil(**ip_kwargs)
+            proc = _with(without_video(tf.SmolVLMProcessor), video_processor=None)
+        config = config_cls(text_config=text, vision_config=vision, scale_factor=2,
+                            image_token_id=tok.convert_tokens_to_ids("<image>"), pad_token_id=tok.pad_token_id)
+        return model_cls(config), tok, image_processor, _with(proc, image_seq_len=4), "<image>"
+    return build
+
+
+def _with(processor_cls, **kwargs):
+    """A processor constructor with family options bound (image_seq_len, ...)."""
+    return lambda **kw: processor_cls(**kw, **kwargs)
+
+
 def _save_published_layout(out: Path, tok, image_processor, template: str) -> None:
     """tokenizer files + preprocessor_config.json + chat_template.json, no video config."""
     tok.save_pretrained(out)
@@ -129,10 +164,12 @@ BUILDERS = {
     "qwen2_vl": _qwen("qwen2_vl"),
     "qwen2_5_vl": _qwen("qwen2_5_vl"),
     "qwen3_vl": _qwen("qwen3_vl"),
+    "idefics3": _idefics("idefics3"),
+    "smolvlm": _idefics("smolvlm"),
 }
 FAMILY_NAMES = tuple(BUILDERS)
 # families whose tiny processors give the three test images three different vision-token counts
-RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl"}
+RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm"}
 
 
 def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0) -> Path:

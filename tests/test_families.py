@@ -29,7 +29,7 @@ from conftest import make_image, write_manifest
 from families_tiny import FAMILY_NAMES, RAGGED, build_family
 
 BF16_RTOL = 2.0 ** -8
-SIZES = [(40, 40), (64, 48), (48, 64)]  # (height, width) of the three images
+SIZES = [(40, 40), (32, 64), (64, 48)]  # (height, width): three vision-token counts where Nv varies
 
 
 def _data(root: Path) -> tuple[Path, Path]:
@@ -115,7 +115,7 @@ def test_cache_equals_live_teacher_per_sample(pair):
               .to_pylist()]
     assert counts == [len(reader[reader.index_of(f"f{i}")].vision_positions) for i in range(len(SIZES))]
     if pair["family"] in RAGGED:  # images of different sizes -> each sample its own Nv, in one batch
-        assert len(set(counts)) == len(SIZES), counts
+        assert counts[0] != counts[1], counts  # the first build batch holds f0 and f1
 
 
 def test_distill_runs_and_student_reloads(pair):

@@ -12,6 +12,7 @@ The stock processor is used whenever it loads.
 
 from __future__ import annotations
 
+import inspect
 from pathlib import Path
 
 from alignkd.errors import AlignKDError
@@ -43,12 +44,28 @@ def assemble_without_video(path: Path, model_type: str):
     name = PROCESSOR_MAPPING_NAMES.get(model_type)
     if name is None:
         raise AlignKDError(f"transformers names no processor class for model type {model_type!r}")
+
     stock = getattr(transformers, name)
+    # SmolVLM's __init__ requires a video_processor argument: give it None explicitly
+    extra = {slot: None for slot in SKIPPED_SLOTS if slot in inspect.signature(stock.__init__).parameters}
+    return without_video(stock).from_pretrained(path, local_files_only=True, **extra)
+
+
+def without_video(stock):
+    """A subclass of processor class `stock` that has no video slot. Same class name, so
+    save_pretrained writes the stock processor_class."""
     slots = [a for a in stock.get_attributes() if a not in SKIPPED_SLOTS]
-    # Same class name, so save_pretrained writes the stock processor_class.
-    cls = type(stock.__name__, (stock,), {"get_attributes": classmethod(lambda _cls: list(slots)),
-                                          "__module__": stock.__module__})
-    return cls.from_pretrained(path, local_files_only=True)
+    return type(stock.__name__, (stock,), {"get_attributes": classmethod(lambda _cls: list(slots)),
+                                           "__module__": stock.__module__,
+                                           "video_processor": AbsentVideoProcessor()})
+
+
+class AbsentVideoProcessor:
+    """Stands in for the missing video slot where a processor reads its defaults even for
+    image-only input (SmolVLM's apply_chat_template reads num_frames and fps)."""
+
+    num_frames = None
+    fps = None
 
 
 def _first_line(error: Exception) -> str:
