@@ -148,6 +148,26 @@ def _idefics(kind: str):
     return build
 
 
+# ---------------------------------------------------------------- Gemma3
+GEMMA_TOKENS = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+
+
+def _gemma3(role: Role):
+    import transformers as tf
+
+    tok = word_tokenizer(list(GEMMA_TOKENS.values()), extra=dict(GEMMA_TOKENS))
+    boi, eoi, soft = ids(tok, *GEMMA_TOKENS.values())
+    # layer 0 slides over 8 keys, so the window cuts rows off the image within the prompt
+    text = _text_kwargs(tok, role, sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=32, patch_size=8)
+    config = tf.Gemma3Config(text_config=text, vision_config=vision, mm_tokens_per_image=4,
+                             boi_token_index=boi, eoi_token_index=eoi, image_token_index=soft)
+    image_processor = tf.Gemma3ImageProcessorPil(size={"height": 32, "width": 32}, do_pan_and_scan=False)
+    processor = _with(tf.Gemma3Processor, image_seq_length=4)
+    return tf.Gemma3ForConditionalGeneration(config), tok, image_processor, processor, GEMMA_TOKENS["boi_token"]
+
+
 def _with(processor_cls, **kwargs):
     """A processor constructor with family options bound (image_seq_len, ...)."""
     return lambda **kw: processor_cls(**kw, **kwargs)
@@ -166,6 +186,7 @@ BUILDERS = {
     "qwen3_vl": _qwen("qwen3_vl"),
     "idefics3": _idefics("idefics3"),
     "smolvlm": _idefics("smolvlm"),
+    "gemma3": _gemma3,
 }
 FAMILY_NAMES = tuple(BUILDERS)
 # families whose tiny processors give the three test images three different vision-token counts

@@ -133,3 +133,24 @@ def test_distill_runs_and_student_reloads(pair):
     sample = _rendered(vlm, pair)[0]
     batch = model_inputs_of(collate([sample], vlm.processor.tokenizer.pad_token_id), vlm.family)
     assert torch.isfinite(capture_forward(vlm.model, batch).logits).all()
+
+
+def test_gemma3_rows_keep_window_and_bidirectional_image_block(tmp_path):
+    """The probe's layer-0 rows carry both Gemma3 masks: image tokens see later image tokens
+    (token_type_ids passed), and layer 0's 8-key sliding window hides early keys from late rows."""
+    teacher = build_family("gemma3", tmp_path / "teacher", "teacher")
+    data, images = _data(tmp_path)
+    vlm = load_vlm(teacher)
+    sample = _rendered(vlm, {"data": data, "images": images})[0]
+    batch = model_inputs_of(collate([sample], vlm.processor.tokenizer.pad_token_id), vlm.family)
+    assert "token_type_ids" in batch
+    weights = capture_forward(vlm.model, batch, return_full_layer0=True).layer0_attn[0]  # [H, L, L]
+    image = (batch["input_ids"][0] == vlm.family.get_image_token_id(vlm.model.config)).nonzero().squeeze(-1)
+    first, last = int(image[0]), int(image[-1])
+    assert (weights[:, first, last] > 0).all()  # bidirectional inside the image block
+    length = weights.shape[-1]
+    assert (weights[:, length - 1, : length - 8] == 0).all() and (weights[:, length - 1, length - 8:] > 0).all()
+    # without token_type_ids the image block is causal again: the probe sees the model's own masks
+    plain = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    causal = capture_forward(vlm.model, plain, return_full_layer0=True).layer0_attn[0]
+    assert (causal[:, first, last] == 0).all()
