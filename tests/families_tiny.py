@@ -168,6 +168,28 @@ def _gemma3(role: Role):
     return tf.Gemma3ForConditionalGeneration(config), tok, image_processor, processor, GEMMA_TOKENS["boi_token"]
 
 
+# ---------------------------------------------------------------- InternVL
+INTERNVL_TOKENS = {"start_image_token": "<img>", "end_image_token": "</img>",
+                   "context_image_token": "<IMG_CONTEXT>", "video_token": "<video>"}
+
+
+def _internvl(role: Role):
+    import transformers as tf
+
+    tok = word_tokenizer(list(INTERNVL_TOKENS.values()), extra=dict(INTERNVL_TOKENS))
+    text = {"model_type": "qwen2", **_text_kwargs(tok, role)}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=[32, 32], patch_size=[8, 8])
+    # 16 patches per 32 px tile, pixel-shuffled by 0.5 to 4 tokens; up to 4 tiles + a thumbnail
+    config = tf.InternVLConfig(text_config=text, vision_config=vision, image_seq_length=4, downsample_ratio=0.5,
+                               image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"))
+    image_processor = tf.GotOcr2ImageProcessorPil(size={"height": 32, "width": 32}, crop_to_patches=True,
+                                                  min_patches=1, max_patches=4)
+    # saved with processor_config.json (image_seq_length) but, like published InternVL, no video config
+    processor = _with(without_video(tf.InternVLProcessor), image_seq_length=4)
+    return tf.InternVLForConditionalGeneration(config), tok, image_processor, processor, "<IMG_CONTEXT>"
+
+
 def _with(processor_cls, **kwargs):
     """A processor constructor with family options bound (image_seq_len, ...)."""
     return lambda **kw: processor_cls(**kw, **kwargs)
@@ -187,10 +209,11 @@ BUILDERS = {
     "idefics3": _idefics("idefics3"),
     "smolvlm": _idefics("smolvlm"),
     "gemma3": _gemma3,
+    "internvl": _internvl,
 }
 FAMILY_NAMES = tuple(BUILDERS)
 # families whose tiny processors give the three test images three different vision-token counts
-RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm"}
+RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl"}
 
 
 def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0) -> Path:
