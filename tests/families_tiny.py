@@ -190,6 +190,45 @@ def _internvl(role: Role):
     return tf.InternVLForConditionalGeneration(config), tok, image_processor, processor, "<IMG_CONTEXT>"
 
 
+# ---------------------------------------------------------------- LLaVA-NeXT / OneVision
+PINPOINTS = [[32, 32], [32, 64], [64, 32], [64, 64]]
+
+
+def _llava_next(role: Role):
+    import transformers as tf
+
+    tok = word_tokenizer(["<image>"])
+    text = {"model_type": "llama", **_text_kwargs(tok, role)}
+    vision = dict(model_type="clip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8, projection_dim=32)
+    config = tf.LlavaNextConfig(text_config=text, vision_config=vision, image_grid_pinpoints=PINPOINTS,
+                                vision_feature_select_strategy="default", vision_feature_layer=-1,
+                                image_token_index=tok.convert_tokens_to_ids("<image>"))
+    image_processor = tf.LlavaNextImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                                                    image_grid_pinpoints=PINPOINTS)
+    processor = _with(tf.LlavaNextProcessor, patch_size=8, vision_feature_select_strategy="default",
+                      num_additional_image_tokens=1)
+    return tf.LlavaNextForConditionalGeneration(config), tok, image_processor, processor, "<image>"
+
+
+def _llava_onevision(role: Role):
+    import transformers as tf
+
+    tok = word_tokenizer(["<image>", "<video>"])
+    text = {"model_type": "qwen2", **_text_kwargs(tok, role)}
+    vision = dict(model_type="siglip_vision_model", hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=2, image_size=32, patch_size=8)
+    config = tf.LlavaOnevisionConfig(text_config=text, vision_config=vision, image_grid_pinpoints=PINPOINTS,
+                                     vision_feature_select_strategy="full", vision_feature_layer=-1,
+                                     image_token_index=tok.convert_tokens_to_ids("<image>"),
+                                     video_token_index=tok.convert_tokens_to_ids("<video>"))
+    image_processor = tf.LlavaOnevisionImageProcessorPil(size={"height": 32, "width": 32},
+                                                         image_grid_pinpoints=PINPOINTS)
+    processor = _with(without_video(tf.LlavaOnevisionProcessor), num_image_tokens=16,
+                      vision_feature_select_strategy="full")
+    return tf.LlavaOnevisionForConditionalGeneration(config), tok, image_processor, processor, "<image>"
+
+
 def _with(processor_cls, **kwargs):
     """A processor constructor with family options bound (image_seq_len, ...)."""
     return lambda **kw: processor_cls(**kw, **kwargs)
@@ -210,10 +249,12 @@ BUILDERS = {
     "smolvlm": _idefics("smolvlm"),
     "gemma3": _gemma3,
     "internvl": _internvl,
+    "llava_next": _llava_next,
+    "llava_onevision": _llava_onevision,
 }
 FAMILY_NAMES = tuple(BUILDERS)
 # families whose tiny processors give the three test images three different vision-token counts
-RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl"}
+RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl", "llava_next", "llava_onevision"}
 
 
 def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0) -> Path:
