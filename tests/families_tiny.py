@@ -257,13 +257,18 @@ FAMILY_NAMES = tuple(BUILDERS)
 RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl", "llava_next", "llava_onevision"}
 
 
-def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0) -> Path:
-    """Write a loadable `name` model directory for `role` ("teacher" or "student")."""
+def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0, vocab_padding: int = 0) -> Path:
+    """Write a loadable `name` model directory for `role` ("teacher" or "student").
+
+    `vocab_padding` adds embedding rows past the tokenizer, as Qwen2.5-VL-7B pads to 152,064.
+    """
     import torch
 
     out = Path(out_dir)
     torch.manual_seed(seed)
     model, tok, image_processor, processor_cls, image = BUILDERS[name](ROLES[role])
+    if vocab_padding:
+        model.resize_token_embeddings(len(tok) + vocab_padding)
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)

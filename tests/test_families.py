@@ -154,3 +154,60 @@ def test_gemma3_rows_keep_window_and_bidirectional_image_block(tmp_path):
     plain = {k: v for k, v in batch.items() if k != "token_type_ids"}
     causal = capture_forward(vlm.model, plain, return_full_layer0=True).layer0_attn[0]
     assert (causal[:, first, last] == 0).all()
+
+
+def test_unsupported_family_is_refused_by_name():
+    from transformers import Llama4Config
+
+    from alignkd.errors import AlignKDError
+    from alignkd.models import get_family
+
+    with pytest.raises(AlignKDError, match="model family 'llama4' is not supported by alignkd: its chunked"):
+        get_family(Llama4Config())
+
+
+def test_published_qwen_layout_loads_without_torchvision(tmp_path):
+    """preprocessor_config.json naming Qwen2VLImageProcessor + chat_template.json, no video
+    config: AutoProcessor refuses it here, alignkd assembles the same processor class."""
+    import transformers
+
+    teacher = build_family("qwen2_vl", tmp_path / "qwen", "teacher")
+    names = sorted(p.name for p in teacher.iterdir())
+    assert "chat_template.json" in names and not any("video" in n for n in names)
+    assert json.loads((teacher / "preprocessor_config.json").read_text())["image_processor_type"] == \
+        "Qwen2VLImageProcessor"
+    with pytest.raises(Exception):
+        transformers.AutoProcessor.from_pretrained(teacher)
+    processor = load_vlm(teacher).processor
+    assert isinstance(processor, transformers.Qwen2VLProcessor)
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert "<|vision_start|>" in processor.chat_template
+
+
+def test_stock_processor_used_when_it_loads(tiny_llava_dir):
+    import transformers
+
+    assert type(load_vlm(tiny_llava_dir).processor) is transformers.LlavaProcessor
+
+
+def test_padded_teacher_vocabulary_distils_over_shared_ids(tmp_path):
+    """A teacher with embedding rows past the tokenizer (Qwen2.5-VL-7B style) distils into a
+    student without them; a student with another tokenizer is refused naming both sizes."""
+    from alignkd.errors import AlignKDError
+
+    teacher = build_family("qwen2_5_vl", tmp_path / "teacher", "teacher", vocab_padding=16)
+    student = build_family("qwen2_5_vl", tmp_path / "student", "student", seed=1)
+    data, images = _data(tmp_path)
+    cache = tmp_path / "cache"
+    build_cache(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(cache),
+                            batch_size=3, logit_k=8, progress=False))
+    widths = [load_vlm(d).model.config.get_text_config().vocab_size for d in (teacher, student)]
+    assert widths[0] == widths[1] + 16
+    summary = distill(DistillConfig(student=str(student), cache=str(cache), out=str(tmp_path / "out"), max_steps=1,
+                                    batch_size=3, save_steps=100, progress=False))
+    assert summary.steps == 1 and np.isfinite(summary.final_losses["loss_logit"])
+    other = build_family("idefics3", tmp_path / "other", "student")
+    with pytest.raises(AlignKDError, match=rf"has {load_vlm(other).model.config.get_text_config().vocab_size} "
+                                           rf"entries and the cache's teacher has {widths[0]}, and the tokenizers differ"):
+        distill(DistillConfig(student=str(other), cache=str(cache), out=str(tmp_path / "out2"), max_steps=1,
+                              progress=False))
