@@ -211,3 +211,4 @@ def test_padded_teacher_vocabulary_distils_over_shared_ids(tmp_path):
                                            rf"entries and the cache's teacher has {widths[0]}, and the tokenizers differ"):
         distill(DistillConfig(student=str(other), cache=str(cache), out=str(tmp_path / "out2"), max_steps=1,
                               progress=False))
+

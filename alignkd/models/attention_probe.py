@@ -35,7 +35,6 @@ class ProbeState:
     """One model's probe: whether a capture is listening, what it caught, call counts."""
 
     previous_impl: str
-    eager_elsewhere: bool = False  # the family row says sdpa cannot run its other layers
     active: bool = False
     layer0_weights: torch.Tensor | None = None
     eager_calls: int = 0
@@ -51,9 +50,6 @@ def probe_attention_forward(module, query, key, value, attention_mask, dropout=0
                             is_causal=None, **kwargs):
     """The registered attention function: eager (weights kept) for layer 0, sdpa otherwise."""
     entry = _MODULES.get(module)
-    if entry is not None and not entry[1] and entry[0].eager_elsewhere:
-        mask = additive_mask(module, query, key, attention_mask, is_causal)
-        return _eager_of(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     if entry is None or not entry[1]:
         if entry is not None:
             entry[0].sdpa_calls += 1
@@ -72,7 +68,7 @@ def probe_attention_forward(module, query, key, value, attention_mask, dropout=0
 
 
 def _eager_of(module):
-    """The model file's own eager attention (Gemma2's has softcapping, sdpa does not)."""
+    """The model file's own eager attention, whose weights are what output_attentions returns."""
     return sys.modules[type(module).__module__].eager_attention_forward
 
 
@@ -110,8 +106,7 @@ def install_probe(model) -> ProbeState:
         return entry[0]
     _register()
     text_config = family.get_text_config(model.config)
-    state = ProbeState(previous_impl=text_config._attn_implementation,
-                       eager_elsewhere=family.other_layers_eager(model.config))
+    state = ProbeState(previous_impl=text_config._attn_implementation)
     model.set_attn_implementation({family.text_config: ATTN_NAME})
     if text_config._attn_implementation != ATTN_NAME:
         raise RuntimeError(f"could not set {ATTN_NAME} on {type(model).__name__}'s text config")

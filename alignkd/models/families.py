@@ -11,9 +11,6 @@ Quirks a row can declare:
   rope positions; Gemma3's and PaliGemma's `token_type_ids` make the image block, or the
   prefix, bidirectional). The cache stores them so the student replays exactly the
   teacher's inputs.
-- `eager_when`: a text-config attribute that, when set, makes the non-probed layers run
-  eager instead of sdpa (Gemma2's `attn_logit_softcapping`, i.e. PaliGemma2: sdpa has no
-  softcapping).
 Everything else (several image runs per image, LLaVA-NeXT's image_newline rows, a
 per-sample vision-token count) needs no row field: the capture reads image positions
 from `input_ids`, whatever their number and layout.
@@ -38,7 +35,6 @@ class VLMFamily:
     image_token_id: str = "image_token_id"  # on the top-level config
     vision_tower: str = "model.vision_tower"  # what `distill --freeze vision_tower` freezes
     token_inputs: tuple[str, ...] = ()
-    eager_when: str | None = None
 
     def get_text_config(self, config):
         return _resolve(config, self.text_config)
@@ -57,11 +53,6 @@ class VLMFamily:
     def get_image_token_id(self, config) -> int:
         return int(_resolve(config, self.image_token_id))
 
-    def other_layers_eager(self, config) -> bool:
-        """Whether the layers after layer 0 must run eager (a feature sdpa lacks is on)."""
-        text = self.get_text_config(config)
-        return self.eager_when is not None and getattr(text, self.eager_when, None) is not None
-
 
 _QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual"}
 
@@ -73,7 +64,6 @@ FAMILIES: dict[str, VLMFamily] = {
     "qwen2_5_vl": VLMFamily("qwen2_5_vl", **_QWEN),
     "qwen3_vl": VLMFamily("qwen3_vl", **_QWEN),
     "gemma3": VLMFamily("gemma3", token_inputs=("token_type_ids",)),
-    "paligemma": VLMFamily("paligemma", token_inputs=("token_type_ids",), eager_when="attn_logit_softcapping"),
     "idefics3": VLMFamily("idefics3", decoder="model.text_model", vision_tower="model.vision_model"),
     "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model"),
     "internvl": VLMFamily("internvl"),
@@ -85,6 +75,8 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "its chunked local attention and interleaved no-rope layers are not handled by the layer-0 probe yet",
     "mllama": "its images enter through cross-attention layers, so layer 0 has no text-to-vision attention",
     "gemma3n": "its per-layer inputs and audio tower are not handled by the capture yet",
+    "paligemma": ("its prefix-LM token_type_ids must mark each answer as the suffix, which alignkd's "
+                  "chat-template rendering does not produce yet"),
 }
 
 
