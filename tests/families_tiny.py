@@ -229,6 +229,27 @@ def _llava_onevision(role: Role):
     return tf.LlavaOnevisionForConditionalGeneration(config), tok, image_processor, processor, "<image>"
 
 
+# ---------------------------------------------------------------- Mistral3 (model only)
+PIXTRAL_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
+
+
+def build_mistral3(role: str = "teacher", seed: int = 0):
+    """A tiny Mistral3 model, its tokenizer and its `*Pil` image processor (no processor:
+    PixtralProcessor imports the torchvision image processor, so it cannot be built here)."""
+    import torch
+    import transformers as tf
+
+    torch.manual_seed(seed)
+    tok = word_tokenizer(PIXTRAL_SPECIALS)
+    text = {"model_type": "mistral", **_text_kwargs(tok, ROLES[role])}
+    vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                  image_size=64, patch_size=8, head_dim=16)
+    config = tf.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2, vision_feature_layer=-1,
+                               image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    image_processor = tf.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
+    return tf.Mistral3ForConditionalGeneration(config).eval(), tok, image_processor
+
+
 def _with(processor_cls, **kwargs):
     """A processor constructor with family options bound (image_seq_len, ...)."""
     return lambda **kw: processor_cls(**kw, **kwargs)
