@@ -146,6 +146,25 @@ class ProjectorAdapter(nn.Module):
         return self.proj(feats)
 
 
+class StandardisedProjectorAdapter(nn.Module):
+    """P for the normalized L_vis: the teacher's tokens standardised per channel, then d_t -> d_s.
+
+    The per-channel mean and std (measured on the cache before training, see
+    `distill.vision_stats`) are buffers, so checkpoints and exports carry the exact
+    standardisation the run used, and a teacher whose features are 100x larger
+    produces the same adapter input.
+    """
+
+    def __init__(self, teacher_dim: int, student_dim: int, mean: Tensor | None = None, std: Tensor | None = None):
+        super().__init__()
+        self.proj = nn.Linear(teacher_dim, student_dim)
+        self.register_buffer("mean", torch.zeros(teacher_dim) if mean is None else mean.float().clone())
+        self.register_buffer("std", torch.ones(teacher_dim) if std is None else std.float().clone())
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.proj((feats - self.mean) / self.std)
+
+
 def attention_loss(
     student_attn: Tensor,
     teacher_attn: Tensor,
@@ -211,24 +230,72 @@ def vision_loss(
     valid: Tensor | None = None,
     vision_mask: Tensor | None = None,
 ) -> Tensor:
-    """L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
+    """The paper's L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
 
     student_vis [B, N_v, d_s], teacher_vis [B, N_v, d_t], focus [B, N_v]; the top-k
     tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
-    or text-only samples) from both means. vision_mask [B, N_v] marks each sample's real
-    tokens when N_v varies per sample: each sample's means run over its own N_v_b tokens
-    and its own k = min(topk, N_v_b), so a padded batch equals its samples' losses.
+    or text-only samples) from both means. Its scale is the teacher features' scale,
+    and both sides can shrink together; `normalized_vision_loss` is the default.
+    vision_mask [B, N_v] marks each sample's real tokens when N_v varies per sample: each
+    sample's means run over its own N_v_b tokens and its own k = min(topk, N_v_b) (topk may
+    also be a per-sample [B] tensor), so a padded batch equals its samples' losses.
     """
     target = teacher_vis.float() if projector_adapter is None else projector_adapter(teacher_vis.float())
-    B, Nv, _ = student_vis.shape
-    ok = torch.ones(B, dtype=torch.bool, device=student_vis.device) if valid is None else valid.bool()
-    real = torch.ones(B, Nv, dtype=torch.bool, device=student_vis.device) if vision_mask is None \
-        else vision_mask.bool()
-    sq = torch.where(real, ((target - student_vis.float()) ** 2).mean(-1), 0.0)  # [B, N_v]
-    k = min(topk, Nv)
+    return _token_mse_with_topk(student_vis.float(), target, focus, topk, valid, vision_mask)
+
+
+def normalized_vision_loss(
+    student_vis: Tensor,
+    teacher_vis: Tensor,
+    focus: Tensor,
+    adapter: StandardisedProjectorAdapter,
+    topk: int = 16,
+    valid: Tensor | None = None,
+    vision_mask: Tensor | None = None,
+) -> Tensor:
+    """Scale-free L_vis: the paper's two MSEs, each as a share of what it would be for unrelated tokens.
+
+    The teacher side is standardised per channel before the adapter, so the teacher's
+    feature scale cannot set the loss scale. The MSEs are then divided by the MSE that
+    two independent token sets with the same per-channel means and variances would have
+    (var_s + var_t + (mean_s - mean_t)^2, averaged over channels, measured on the
+    batch's valid tokens, with gradient): 0 is agreement, ~1 per MSE is unrelated, as
+    in 1 - Lin's concordance correlation. Shrinking the student's tokens and the
+    adapter together therefore no longer lowers it, as it lowers the paper's plain MSE.
+    vision_mask as in `vision_loss`; padded tokens are left out of the statistics too.
+    """
+    ok = torch.ones(student_vis.shape[0], dtype=torch.bool, device=student_vis.device) if valid is None \
+        else valid.bool()
+    real = ok[:, None] if vision_mask is None else ok[:, None] & vision_mask.bool()
+    student, target = student_vis.float(), adapter(teacher_vis.float())
+    real = real.expand(student.shape[:2])
+    s, t = student[real], target[real]
+    unrelated = (s.var(0, unbiased=False) + t.var(0, unbiased=False) + (s.mean(0) - t.mean(0)) ** 2).mean()
+    mse = _token_mse_with_topk(student, target, focus, topk, valid, vision_mask)
+    return mse / unrelated.clamp(min=1e-12)
+
+
+def _token_mse_with_topk(pred: Tensor, target: Tensor, focus: Tensor, topk: int | Tensor, valid: Tensor | None,
+                         vision_mask: Tensor | None = None) -> Tensor:
+    B, Nv, _ = pred.shape
+    ok = torch.ones(B, dtype=torch.bool, device=pred.device) if valid is None else valid.bool()
+    real = torch.ones(B, Nv, dtype=torch.bool, device=pred.device) if vision_mask is None else vision_mask.bool()
+    sq = torch.where(real, ((target - pred) ** 2).mean(-1), 0.0)  # [B, N_v]
+    k_b = torch.as_tensor(topk, device=pred.device).expand(B).clamp(max=Nv)
+    k_b = torch.minimum(k_b, real.sum(-1))  # [B], each sample's own k
+    k = int(k_b.max()) if B else 0
     top = focus.float().masked_fill(~real, float("-inf")).topk(k, dim=-1).indices
-    k_b = real.sum(-1).clamp(max=k)  # [B]
-    slot_ok = torch.arange(k, device=sq.device)[None] < k_b[:, None]
+    slot_ok = torch.arange(k, device=pred.device)[None] < k_b[:, None]
     every = _valid_mean(sq.sum(-1) / real.sum(-1).clamp(min=1), ok)
     chosen = _valid_mean(torch.where(slot_ok, sq.gather(1, top), 0.0).sum(-1) / k_b.clamp(min=1), ok)
     return every + chosen
+
+
+def default_vision_topk(num_vision_tokens: int | Tensor) -> int | Tensor:
+    """The paper's share of focus tokens: k = 16 of 144 (MobileVLM V2), i.e. N_v / 9, at least 1.
+
+    A fixed 16 selects every token of a 9-token image (so they all just count twice).
+    Given per-sample counts [B] (N_v varies per sample) it returns each sample's k."""
+    if isinstance(num_vision_tokens, Tensor):
+        return torch.round(num_vision_tokens.double() * 16 / 144).long().clamp(min=1)
+    return max(1, round(num_vision_tokens * 16 / 144))
