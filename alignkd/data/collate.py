@@ -46,7 +46,7 @@ def collate(samples, pad_token_id: int, padding_side: str = "right") -> dict[str
 
 def _token_input_keys(samples) -> list[str]:
     """Per-token inputs every sample has (a key only some samples carry cannot be batched)."""
-    keys = [set((_get(s, "token_inputs") or {}) if _has(s, "token_inputs") else ()) for s in samples]
+    keys = [set(_optional(s, "token_inputs") or ()) for s in samples]
     return sorted(set.intersection(*keys))
 
 
@@ -63,8 +63,8 @@ def concat_padded(values: list[torch.Tensor]) -> torch.Tensor:
     return torch.cat(padded, dim=0)
 
 
-def _has(sample, key: str) -> bool:
-    return key in sample if isinstance(sample, Mapping) else hasattr(sample, key)
+def _optional(sample, key: str):
+    return sample.get(key) if isinstance(sample, Mapping) else getattr(sample, key, None)
 
 
 def _get(sample, key: str):
