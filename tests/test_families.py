@@ -156,14 +156,33 @@ def test_gemma3_rows_keep_window_and_bidirectional_image_block(tmp_path):
     assert (causal[:, first, last] == 0).all()
 
 
-def test_unsupported_family_is_refused_by_name():
+def test_unsupported_family_is_refused_by_name(tmp_path):
+    """`cache build` on a Llama4 directory: one line naming the family, before any weights load."""
+    from click.testing import CliRunner
     from transformers import Llama4Config
 
-    from alignkd.errors import AlignKDError
-    from alignkd.models import get_family
+    from alignkd.cli import main
 
-    with pytest.raises(AlignKDError, match="model family 'llama4' is not supported by alignkd: its chunked"):
-        get_family(Llama4Config())
+    teacher = tmp_path / "llama4"
+    Llama4Config().save_pretrained(teacher)
+    (teacher / "model.safetensors").write_bytes(b"never read")
+    data, images = _data(tmp_path)
+    result = CliRunner().invoke(main, ["cache", "build", "--teacher", str(teacher), "--data", str(data),
+                                       "--images", str(images), "--out", str(tmp_path / "cache")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "error: model family 'llama4' is not supported by alignkd: its chunked local attention and interleaved "
+        "no-rope layers are not handled by the layer-0 probe yet."]
+    assert not (tmp_path / "cache" / "cache.json").exists()
+
+
+def test_student_family_must_take_the_cached_token_inputs():
+    from alignkd.distill.checks import check_family
+    from alignkd.errors import AlignKDError
+
+    check_family("qwen2_vl", "qwen2_5_vl")  # both replay mm_token_type_ids
+    with pytest.raises(AlignKDError, match="built by a gemma3 teacher but the student is a qwen2_vl model"):
+        check_family("qwen2_vl", "gemma3")
 
 
 def test_published_qwen_layout_loads_without_torchvision(tmp_path):
