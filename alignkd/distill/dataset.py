@@ -20,9 +20,10 @@ from alignkd.errors import AlignKDError
 
 # Processed images kept per dataset (per worker), keyed by the image's sha256: LLaVA-style
 # data asks several questions about one image, and the image processor is ~2/3 of the
-# per-sample load time (bench/distill_step.py). 256 LLaVA images at 336 px are ~350 MB
-# in fp32; the bound keeps a worker small on real data, where repeats are near each other.
-IMAGE_CACHE_SIZE = 256
+# per-sample load time (bench/distill_step.py). The bound is in bytes, not images: 256 MB
+# holds ~190 LLaVA images at 336 px (fp32) but every one of a small world's 48 px images,
+# which then never go through the processor twice in a run of many epochs.
+IMAGE_CACHE_BYTES = 256 * 2**20
 TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # replayed per-token model inputs
 
 
@@ -41,7 +42,8 @@ class CachedDistillDataset(Dataset):
         self.image_token_id = image_token_id  # to check the student's image tokens per sample
         self.vocab_size = vocab_size  # the student's logit width; teacher ids past it are dropped
         self.logit_mode = self.reader.meta.get("build_options", {}).get("logit_mode", "topk")
-        self._image_cache: OrderedDict[str, dict] = OrderedDict()
+        self._image_cache: OrderedDict[str, tuple[dict, int | None]] = OrderedDict()
+        self._image_cache_bytes = 0
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -73,19 +75,32 @@ class CachedDistillDataset(Dataset):
         entry = self._image_cache.get(key)
         if entry is None:
             entry = self._encode_image(image_bytes, sample)
-            self._image_cache[key] = entry
-            if len(self._image_cache) > IMAGE_CACHE_SIZE:
-                self._image_cache.popitem(last=False)
+            self._remember_image(key, entry)
+        else:
+            self._image_cache.move_to_end(key)
         image_inputs, n_image_tokens = entry
         check_image_fits(sample, image_inputs, n_image_tokens, self.image_token_id)
         return item_from_record(sample, image_inputs, self.vocab_size, self.logit_mode)
 
     def _encode_image(self, image_bytes: bytes, sample) -> tuple[dict, int | None]:
+        """(image inputs, how many image tokens the student's processor gives this image)."""
         from alignkd.data import image_encoding_from_bytes
 
         inputs, ids = image_encoding_from_bytes(self.processor, image_bytes, sample_id=sample.sample_id)
         count = None if self.image_token_id is None else int((ids == self.image_token_id).sum())
         return inputs, count
+
+    def _remember_image(self, key: str, entry: tuple[dict, int | None]) -> None:
+        """Least-recently-used eviction until the kept tensors fit IMAGE_CACHE_BYTES."""
+        self._image_cache[key] = entry
+        self._image_cache_bytes += _nbytes(entry[0])
+        while self._image_cache_bytes > IMAGE_CACHE_BYTES and len(self._image_cache) > 1:
+            _, evicted = self._image_cache.popitem(last=False)
+            self._image_cache_bytes -= _nbytes(evicted[0])
+
+
+def _nbytes(image_inputs: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in image_inputs.values() if isinstance(v, torch.Tensor))
 
 
 def check_image_fits(sample, image_inputs: dict, n_image_tokens: int | None, image_token_id: int | None) -> None:
