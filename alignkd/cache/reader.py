@@ -27,9 +27,11 @@ from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json,
                                         read_array_info, read_index, read_raw)
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import ARRAY_KINDS, PACKED_ENCODINGS, SAMPLE_SCHEMA, SAMPLES_FILE, element_counts
+from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE,
+                                     element_counts)
 
-_LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions")
+_LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
+                 *REPLAYED_COLUMNS)
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
 
 
@@ -181,6 +183,7 @@ class CacheReader:
             teacher_tail_mass=float(self._cols["teacher_tail_mass"][i]),
             image_path=self._cols["image_path"][i], image_sha256=self._cols["image_sha256"][i],
             image_bytes=self.image_bytes(i) if self.images else None, encodings=kept,
+            **{k: self._list(k, i) for k in REPLAYED_COLUMNS},
             attn_scale=None if widen or not t["attn_scale"].size else t["attn_scale"],
             vision_scale=None if widen or not t["vision_scale"].size else t["vision_scale"])
 

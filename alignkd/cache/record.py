@@ -3,7 +3,7 @@ exactly what the reader hands back (tensors decoded to float32, ids to int64).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,6 +30,10 @@ class SampleRecord:
     image_path: str | None = None
     image_sha256: str | None = None
     image_bytes: bytes | None = None
+    # the family's per-token model inputs, replayed by the student (empty when unused)
+    token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [L] or [0]
+    mm_token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [L] or [0]
+    image_grid_thw: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [3 * images] or [0]
     # Set only by `CacheReader.get(i, widen=False)`: attn, vision and logit_values then stay in
     # their stored width (see alignkd/cache/encodings.py) and these say how to widen them.
     encodings: dict | None = None         # {"attn": ..., "vision": ..., "logit_values": ...}
