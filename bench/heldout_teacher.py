@@ -127,6 +127,8 @@ def train(args) -> dict:
                                                   seed=args.seed, steps=args.pretrain_steps)
     pretrain_s = time.perf_counter() - start
     print(f"tower: digit {content_acc:.4f}, cell {cell_acc:.4f} after {pretrain_s:.0f} s", flush=True)
+    # The student needs only the tower, so it is written before the (long) teacher training.
+    save_dir(build_model(STUDENT_SPEC, tokenizer, tower, seed=0), processor, root / "student-init")
     model = build_model(TEACHER_SPEC, tokenizer, tower, seed=args.seed)
     examples = prepare_examples(world / "train.json", processor, world / "images", limit=args.n_train)
     cfg = TrainConfig(steps=args.steps, batch_size=32, lr=args.lr, warmup=100, seed=args.seed)
@@ -136,12 +138,13 @@ def train(args) -> dict:
         losses.append(loss)
         if step % 250 == 0:
             print(f"step {step} loss {np.mean(losses[-250:]):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if args.save_every and step % args.save_every == 0 and step < cfg.steps:
+            save_dir(model, processor, root / "teacher")  # usable (not annealed) if the run is cut
+            model.train()
 
     train_llava(model, examples, cfg, on_step=log)
     train_s = time.perf_counter() - start
     save_dir(model, processor, root / "teacher")
-    student = build_model(STUDENT_SPEC, tokenizer, model.model.vision_tower.state_dict(), seed=0)
-    save_dir(student, processor, root / "student-init")
     result = evaluate(EvalConfig(model=str(root / "teacher"), data=str(world / "val.json"),
                                  images=str(world / "images"), max_new_tokens=MAX_NEW_TOKENS, batch_size=128,
                                  progress=False), model=model, processor=processor)
@@ -160,11 +163,12 @@ def main() -> None:
     parser.add_argument("--root", required=True, help="writes ROOT/world, ROOT/teacher, ROOT/student-init")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--world-seed", type=int, default=0)
-    parser.add_argument("--n-train", type=int, default=16000)
-    parser.add_argument("--pretrain-steps", type=int, default=300)
-    parser.add_argument("--steps", type=int, default=4000)
+    parser.add_argument("--n-train", type=int, default=32000)
+    parser.add_argument("--pretrain-steps", type=int, default=500)
+    parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--save-every", type=int, default=500, help="write ROOT/teacher every N steps as well")
     metrics = train(parser.parse_args())
     print(json.dumps({k: metrics[k] for k in ("val_accuracy", "seconds", "tower_digit_accuracy")}, indent=1))
 
