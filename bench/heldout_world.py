@@ -50,7 +50,7 @@ MIN_DIGITS, MAX_DIGITS = 4, 8
 QUESTIONS_PER_IMAGE = 4
 SPLITS = ("train", "val", "test")
 MAX_SUM = 9 + 8 + 7 + 6  # four distinct digits in one row
-EXTRA_WORDS = ["which", "digit", "digits", "odd", "larger", "than", "sum", "of", "largest", "none",
+EXTRA_WORDS = ["which", "digit", "digits", "are", "odd", "larger", "than", "sum", "of", "largest", "none",
                *(str(n) for n in range(10, MAX_SUM + 1))]
 
 
