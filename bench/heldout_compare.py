@@ -11,7 +11,8 @@ alignkd, every stage is a subprocess of the CLI:
    same with `--w-logit 0 --w-attn 0 --w-vis 0` ("CE only"); `--extra-distill-args`
    go to both rows (CE only's zero weights come last, so they still win). Two distills
    run at a time, each with OMP_NUM_THREADS=1;
-4. `alignkd eval --model RUN --data SPLIT.json --images IMGS --json` for every run and the teacher.
+4. `alignkd eval --model RUN --data SPLIT.json --images IMGS --json --max-new-tokens 8` for
+   every run (right after its distill) and the teacher.
 
 Every stage is skipped when its output exists (a run counts once `distill_run.json` is
 there), so an interrupted comparison resumes. Run directories are named after the
@@ -40,6 +41,10 @@ from pathlib import Path
 
 CE_ONLY = ["--w-logit", "0", "--w-attn", "0", "--w-vis", "0"]
 ROWS = (("CE only", "ce", CE_ONLY), ("Align-KD (defaults)", "akd", []))
+# The longest answer ("row 2 column 4") is 4 word tokens + </s>. With a word tokenizer a
+# prediction cut at 8 tokens is as wrong as the uncut one, and untrained students that
+# never emit </s> no longer pay for eval's default 16.
+MAX_NEW_TOKENS = 8
 
 
 def cli(args: argparse.Namespace) -> list[str]:
@@ -99,7 +104,7 @@ def evaluate(args, model: str, target: Path) -> dict:
     if not target.exists():
         world = Path(args.world)
         cmd = [*cli(args), "eval", "--model", model, "--data", str(world / f"{args.split}.json"),
-               "--images", str(world / "images"), "--json", "--no-progress"]
+               "--images", str(world / "images"), "--json", "--no-progress", "--max-new-tokens", str(MAX_NEW_TOKENS)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -168,11 +173,16 @@ def main(argv=None) -> None:
             for name, slug, weights in ROWS for seed in range(args.seeds)]
     print(f"[compare] {len(jobs)} distills, {args.workers} at a time (extra args: {args.extra_distill_args!r})",
           flush=True)
+    def distill_and_score(job) -> dict:
+        _, run, weights, seed = job
+        distill_job(args, cache, run, weights, seed)
+        return evaluate(args, str(run), run / f"eval-{args.split}.json")
+
     with ThreadPoolExecutor(args.workers) as pool:
-        list(pool.map(lambda j: distill_job(args, cache, j[1], j[2], j[3]), jobs))
+        scores = list(pool.map(distill_and_score, jobs))
     rows: dict[str, list[dict]] = {}
-    for name, run, _, _ in jobs:
-        rows.setdefault(name, []).append(evaluate(args, str(run), run / f"eval-{args.split}.json"))
+    for (name, _, _, _), score in zip(jobs, scores):
+        rows.setdefault(name, []).append(score)
     teacher = evaluate(args, args.teacher, out / f"teacher-eval-{args.split}.json")
     table = render_table(teacher, rows)
     summary = {"split": args.split, "seeds": args.seeds, "steps": args.steps, "extra_distill_args":
