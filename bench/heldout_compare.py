@@ -11,8 +11,8 @@ alignkd, every stage is a subprocess of the CLI:
    same with `--w-logit 0 --w-attn 0 --w-vis 0` ("CE only"); `--extra-distill-args`
    go to both rows (CE only's zero weights come last, so they still win). Two distills
    run at a time, each with OMP_NUM_THREADS=1;
-4. `alignkd eval --model RUN --data SPLIT.json --images IMGS --json --max-new-tokens 8` for
-   every run (right after its distill) and the teacher.
+4. `alignkd eval --model RUN --data SPLIT.json --images IMGS --json` for every run (right
+   after its distill) and the teacher.
 
 Every stage is skipped when its output exists (a run counts once `distill_run.json` is
 there), so an interrupted comparison resumes. Run directories are named after the
@@ -41,10 +41,6 @@ from pathlib import Path
 
 CE_ONLY = ["--w-logit", "0", "--w-attn", "0", "--w-vis", "0"]
 ROWS = (("CE only", "ce", CE_ONLY), ("Align-KD (defaults)", "akd", []))
-# The longest answer ("row 2 column 4") is 4 word tokens + </s>. With a word tokenizer a
-# prediction cut at 8 tokens is as wrong as the uncut one, and untrained students that
-# never emit </s> no longer pay for eval's default 16.
-MAX_NEW_TOKENS = 8
 
 
 def cli(args: argparse.Namespace) -> list[str]:
@@ -104,7 +100,9 @@ def evaluate(args, model: str, target: Path) -> dict:
     if not target.exists():
         world = Path(args.world)
         cmd = [*cli(args), "eval", "--model", model, "--data", str(world / f"{args.split}.json"),
-               "--images", str(world / "images"), "--json", "--no-progress", "--max-new-tokens", str(MAX_NEW_TOKENS)]
+               "--images", str(world / "images"), "--json", "--no-progress"]
+        if args.eval_max_new_tokens:
+            cmd += ["--max-new-tokens", str(args.eval_max_new_tokens)]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
         if proc.returncode != 0:
@@ -152,6 +150,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--student-records", type=int, default=1500)
     p.add_argument("--extra-distill-args", default="", help="appended to every distill command, e.g. \"--vision-topk 3\"")
     p.add_argument("--workers", type=int, default=2, help="distills run side by side")
+    # eval's default (16) is what the check used. A smaller cap is cheaper for
+    # students that never emit </s>, but it can change a score: the normaliser drops
+    # punctuation, so "7 ? ? ... 3" cut early reads "7".
+    p.add_argument("--eval-max-new-tokens", type=int, default=0, help="passed to alignkd eval when > 0")
     p.add_argument("--alignkd", default="", help="the CLI to call; default: this Python's `-m alignkd.cli`")
     args = p.parse_args(argv)
     for name in ("world", "teacher", "student_init"):
