@@ -108,6 +108,15 @@ def save_dir(model, processor, target: Path) -> None:
     tmp.rename(target)
 
 
+def load_teacher(model_dir: str):
+    """A saved teacher to continue training: tower frozen, as `build_model` leaves it."""
+    from transformers import AutoProcessor, LlavaForConditionalGeneration
+
+    model = LlavaForConditionalGeneration.from_pretrained(model_dir)
+    model.model.vision_tower.requires_grad_(False)
+    return model, AutoProcessor.from_pretrained(model_dir)
+
+
 def train(args) -> dict:
     import torch
 
@@ -121,16 +130,27 @@ def train(args) -> dict:
     world = root / "world"
     if not (world / "scenes.json").exists():
         hw.generate_world(world, seed=args.world_seed, n_train=args.n_train)
-    tokenizer = build_word_tokenizer(hw.world_vocabulary())
-    processor = build_processor(tokenizer, TEACHER_SPEC)
-    tower, content_acc, cell_acc = pretrain_tower(build_llava_config(tokenizer, TEACHER_SPEC).vision_config,
-                                                  seed=args.seed, steps=args.pretrain_steps)
+    if args.init_from:
+        from transformers import AutoProcessor
+
+        processor = AutoProcessor.from_pretrained(args.init_from)
+        examples = prepare_examples(world / "train.json", processor, world / "images", limit=args.n_train)
+        while args.wait_for and not Path(args.wait_for).exists():  # the first stage is still training
+            time.sleep(10)
+        model, processor = load_teacher(args.init_from)
+        content_acc = cell_acc = None
+    else:
+        tokenizer = build_word_tokenizer(hw.world_vocabulary())
+        processor = build_processor(tokenizer, TEACHER_SPEC)
+        tower, content_acc, cell_acc = pretrain_tower(build_llava_config(tokenizer, TEACHER_SPEC).vision_config,
+                                                      seed=args.seed, steps=args.pretrain_steps)
+        print(f"tower: digit {content_acc:.4f}, cell {cell_acc:.4f} after {time.perf_counter() - start:.0f} s",
+              flush=True)
+        # The student needs only the tower, so it is written before the (long) teacher training.
+        save_dir(build_model(STUDENT_SPEC, tokenizer, tower, seed=0), processor, root / "student-init")
+        model = build_model(TEACHER_SPEC, tokenizer, tower, seed=args.seed)
+        examples = prepare_examples(world / "train.json", processor, world / "images", limit=args.n_train)
     pretrain_s = time.perf_counter() - start
-    print(f"tower: digit {content_acc:.4f}, cell {cell_acc:.4f} after {pretrain_s:.0f} s", flush=True)
-    # The student needs only the tower, so it is written before the (long) teacher training.
-    save_dir(build_model(STUDENT_SPEC, tokenizer, tower, seed=0), processor, root / "student-init")
-    model = build_model(TEACHER_SPEC, tokenizer, tower, seed=args.seed)
-    examples = prepare_examples(world / "train.json", processor, world / "images", limit=args.n_train)
     cfg = TrainConfig(steps=args.steps, batch_size=32, lr=args.lr, warmup=100, seed=args.seed)
     losses = []
 
@@ -148,7 +168,7 @@ def train(args) -> dict:
     result = evaluate(EvalConfig(model=str(root / "teacher"), data=str(world / "val.json"),
                                  images=str(world / "images"), max_new_tokens=MAX_NEW_TOKENS, batch_size=128,
                                  progress=False), model=model, processor=processor)
-    metrics = {"command": " ".join(sys.argv), "train": cfg.__dict__, "n_train": args.n_train,
+    metrics = {"command": " ".join(sys.argv), "init_from": args.init_from or None, "train": cfg.__dict__, "n_train": args.n_train,
                "pretrain_steps": args.pretrain_steps, "tower_digit_accuracy": content_acc,
                "tower_cell_accuracy": cell_acc, "val_accuracy": {**result.by_type, "all": result.accuracy},
                "seconds": {"pretrain": round(pretrain_s, 1), "pretrain+train": round(train_s, 1),
@@ -168,6 +188,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--init-from", default="", help="continue from this saved teacher (no tower pretraining)")
+    parser.add_argument("--wait-for", default="", help="with --init-from: prepare the data, then wait for this "
+                        "file (e.g. the first stage's teacher-metrics.json) before loading the teacher")
     parser.add_argument("--save-every", type=int, default=500, help="write ROOT/teacher every N steps as well")
     metrics = train(parser.parse_args())
     print(json.dumps({k: metrics[k] for k in ("val_accuracy", "seconds", "tower_digit_accuracy")}, indent=1))
