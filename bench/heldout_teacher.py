@@ -108,6 +108,10 @@ def save_dir(model, processor, target: Path) -> None:
     tmp.rename(target)
 
 
+class _Stop(Exception):
+    """Raised from the step callback to end training at --stop-after."""
+
+
 def load_teacher(model_dir: str):
     """A saved teacher to continue training: tower frozen, as `build_model` leaves it."""
     from transformers import AutoProcessor, LlavaForConditionalGeneration
@@ -158,17 +162,23 @@ def train(args) -> dict:
         losses.append(loss)
         if step % 250 == 0:
             print(f"step {step} loss {np.mean(losses[-250:]):.4f} ({time.perf_counter() - start:.0f} s)", flush=True)
+        if step == args.stop_after:
+            raise _Stop  # keep the schedule of --steps, end early (a reproducible stage-1 checkpoint)
         if args.save_every and step % args.save_every == 0 and step < cfg.steps:
             save_dir(model, processor, root / "teacher")  # usable (not annealed) if the run is cut
             model.train()
 
-    train_llava(model, examples, cfg, on_step=log)
+    try:
+        train_llava(model, examples, cfg, on_step=log)
+    except _Stop:
+        print(f"stopped after step {args.stop_after} of {cfg.steps}", flush=True)
+    model.eval()
     train_s = time.perf_counter() - start
     save_dir(model, processor, root / "teacher")
     result = evaluate(EvalConfig(model=str(root / "teacher"), data=str(world / "val.json"),
                                  images=str(world / "images"), max_new_tokens=MAX_NEW_TOKENS, batch_size=128,
                                  progress=False), model=model, processor=processor)
-    metrics = {"command": " ".join(sys.argv), "init_from": args.init_from or None, "train": cfg.__dict__, "n_train": args.n_train,
+    metrics = {"command": " ".join(sys.argv), "init_from": args.init_from or None, "stop_after": args.stop_after, "train": cfg.__dict__, "n_train": args.n_train,
                "pretrain_steps": args.pretrain_steps, "tower_digit_accuracy": content_acc,
                "tower_cell_accuracy": cell_acc, "val_accuracy": {**result.by_type, "all": result.accuracy},
                "seconds": {"pretrain": round(pretrain_s, 1), "pretrain+train": round(train_s, 1),
@@ -189,6 +199,7 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--init-from", default="", help="continue from this saved teacher (no tower pretraining)")
+    parser.add_argument("--stop-after", type=int, default=0, help="end after this step, keeping the --steps schedule")
     parser.add_argument("--wait-for", default="", help="with --init-from: prepare the data, then wait for this "
                         "file (e.g. the first stage's teacher-metrics.json) before loading the teacher")
     parser.add_argument("--save-every", type=int, default=500, help="write ROOT/teacher every N steps as well")
