@@ -176,8 +176,12 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--w-attn", default=1.0, show_default=True)
 @click.option("--w-vis", default=1.0, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True)
-@click.option("--vision-topk", default=16, show_default=True, help="Vision tokens counted twice by text focus.")
-@click.option("--attn-loss", type=click.Choice(["mse", "kl"]), default="mse", show_default=True)
+@click.option("--vision-topk", type=int, default=None,
+              help="Vision tokens counted twice by text focus [default: N_v/9, the paper's 16 of 144].")
+@click.option("--loss-scale", type=click.Choice(["normalized", "paper"]), default="normalized", show_default=True,
+              help="normalized: scale-free terms (docs/method.md); paper: the paper's exact MSE forms.")
+@click.option("--attn-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
+              help="auto: kl under --loss-scale normalized, mse under paper.")
 @click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default="trainable", show_default=True)
 @click.option("--freeze", default="vision_tower", show_default=True, help="Comma list of modules to freeze.")
 @click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default="jsonl", show_default=True)
@@ -185,6 +189,8 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
               help="Check every shard's checksums before training (skip for very large caches).")
 @click.option("--save-steps", default=500, show_default=True)
 @click.option("--logging-steps", default=5, show_default=True)
+@click.option("--grad-share-steps", default=0, show_default=True,
+              help="Every N steps, log each term's share of the student's gradient norm (0: off).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.
@@ -242,10 +248,11 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
 @click.option("--seeds", type=int, default=None, help="Student seeds per ablation row (3 full, 1 quick).")
 @click.option("--teacher", default=None, help="Use this trained teacher directory instead of the shipped one.")
 @click.option("--steps", "distill_steps", type=int, default=None, help="Distillation steps per student.")
+@click.option("--ablation", is_flag=True, help="Also train one row per loss term (+ logit KD, + vision, + attention).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, distill_steps: int | None,
-         no_progress: bool) -> None:
+         ablation: bool, no_progress: bool) -> None:
     """Run the whole pipeline on the embedded grid world and print the ablation table.
 
     \b
@@ -258,6 +265,7 @@ def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, dis
 
     opts = {k: v for k, v in {"seeds": seeds, "teacher": teacher, "distill_steps": distill_steps}.items()
             if v is not None}
+    opts["ablation"] = ablation
     cfg = (DemoConfig.quick_mode(out, progress=not no_progress, **opts) if quick
            else DemoConfig(out=out, progress=not no_progress, **opts))
     click.echo(f"report -> {run_demo(cfg)}")

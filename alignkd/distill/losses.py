@@ -146,6 +146,29 @@ class ProjectorAdapter(nn.Module):
         return self.proj(feats)
 
 
+class StudentToTeacherAdapter(nn.Module):
+    """A for the normalized L_vis: student vision-token width d_s -> teacher width d_t.
+
+    It maps the *student's* tokens, so the regression target (the teacher's tokens) is
+    fixed and the loss cannot fall by shrinking both sides. The teacher tokens'
+    per-channel mean and std (measured on the cache before training, see
+    `distill.vision_stats`) are buffers, so checkpoints and exports carry the exact
+    standardisation the run used.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, mean: Tensor | None = None, std: Tensor | None = None):
+        super().__init__()
+        self.proj = nn.Linear(student_dim, teacher_dim)
+        self.register_buffer("mean", torch.zeros(teacher_dim) if mean is None else mean.float().clone())
+        self.register_buffer("std", torch.ones(teacher_dim) if std is None else std.float().clone())
+
+    def forward(self, student_feats: Tensor) -> Tensor:
+        return self.proj(student_feats)
+
+    def standardise(self, teacher_feats: Tensor) -> Tensor:
+        return (teacher_feats - self.mean) / self.std
+
+
 def attention_loss(
     student_attn: Tensor,
     teacher_attn: Tensor,
@@ -203,18 +226,51 @@ def vision_loss(
     topk: int = 16,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
+    """The paper's L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
 
     student_vis [B, N_v, d_s], teacher_vis [B, N_v, d_t], focus [B, N_v]; the top-k
     tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
-    or text-only samples) from both means.
+    or text-only samples) from both means. Its scale is the teacher features' scale,
+    and both sides can shrink together; `normalized_vision_loss` is the default.
     """
     target = teacher_vis.float() if projector_adapter is None else projector_adapter(teacher_vis.float())
-    B, Nv, _ = student_vis.shape
-    ok = torch.ones(B, dtype=torch.bool, device=student_vis.device) if valid is None else valid.bool()
-    sq = ((target - student_vis.float()) ** 2).mean(-1)  # [B, N_v]
-    k = min(topk, Nv)
-    top = focus.float().topk(k, dim=-1).indices
+    return _token_mse_with_topk(student_vis.float(), target, focus, topk, valid)
+
+
+def normalized_vision_loss(
+    student_vis: Tensor,
+    teacher_vis: Tensor,
+    focus: Tensor,
+    adapter: StudentToTeacherAdapter,
+    topk: int = 16,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Scale-free L_vis: the student's tokens, mapped to the teacher's width, regress the
+    teacher's tokens standardised per channel (all tokens, plus the top-k focus tokens again).
+
+    The target has unit variance per channel whatever the teacher's feature scale, so
+    each MSE reads ~1 when the prediction is the channel mean and 0 at agreement. It
+    asks the student's tokens to *contain* what the teacher's tokens encode (a linear
+    read-out recovers them), the direction FitNets uses; on the demo world this trained
+    far better than the paper's direction, which asks the student's tokens to equal a
+    map of the teacher's (docs/demo-notes.md).
+    """
+    return _token_mse_with_topk(adapter(student_vis.float()), adapter.standardise(teacher_vis.float()), focus,
+                                topk, valid)
+
+
+def _token_mse_with_topk(pred: Tensor, target: Tensor, focus: Tensor, topk: int, valid: Tensor | None) -> Tensor:
+    B, Nv, _ = pred.shape
+    ok = torch.ones(B, dtype=torch.bool, device=pred.device) if valid is None else valid.bool()
+    sq = ((target - pred) ** 2).mean(-1)  # [B, N_v]
+    top = focus.float().topk(min(topk, Nv), dim=-1).indices
     every = _valid_mean(sq.mean(-1), ok)
     chosen = _valid_mean(sq.gather(1, top).mean(-1), ok)
     return every + chosen
+
+
+def default_vision_topk(num_vision_tokens: int) -> int:
+    """The paper's share of focus tokens: k = 16 of 144 (MobileVLM V2), i.e. N_v / 9, at least 1.
+
+    A fixed 16 selects every token of a 9-token image (so they all just count twice)."""
+    return max(1, round(num_vision_tokens * 16 / 144))
