@@ -69,6 +69,18 @@ def write_student_subset(world: Path, n: int, out: Path) -> Path:
     return target
 
 
+def check_teacher(args, out: Path) -> None:
+    """Pin OUT to one teacher: its weights' sha256 is recorded once and checked on every rerun."""
+    weights = sorted(Path(args.teacher).glob("*.safetensors"))
+    digest = hashlib.sha256(b"".join(w.read_bytes() for w in weights)).hexdigest()
+    pinned = out / "teacher.sha256"
+    if not pinned.exists():
+        pinned.write_text(digest + "\n")
+    elif pinned.read_text().strip() != digest:
+        sys.exit(f"{out} was built with another teacher (sha256 {pinned.read_text().strip()[:12]}…, "
+                 f"{args.teacher} has {digest[:12]}…); use a new --out.")
+
+
 def build_cache(args, subset: Path, out: Path) -> Path:
     cache = out / "cache"
     done = out / "cache.done"
@@ -169,6 +181,7 @@ def main(argv=None) -> None:
     start = time.perf_counter()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    check_teacher(args, out)
     cache = build_cache(args, write_student_subset(Path(args.world), args.student_records, out), out)
     tag = hashlib.sha256(args.extra_distill_args.strip().encode()).hexdigest()[:8]
     jobs = [(name, out / "runs" / f"{slug}-{args.steps}steps-x{tag}-seed{seed}", weights, seed)
