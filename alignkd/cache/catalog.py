@@ -12,12 +12,20 @@ in-memory connection from the shard directories where they are *now* (so a moved
 copied cache still answers, and a running build never blocks a query), and it accepts
 exactly one SELECT statement. Anything else (INSERT, CREATE, COPY, ATTACH, SET, ...)
 is refused before it runs, so the cache cannot change.
+
+A SELECT can still call DuckDB's table functions (read_csv, read_text, glob, ...), so the
+connection is also sandboxed once the views exist: `allowed_directories` is the cache's
+shards directory only, external access is off (no other file, no URL, no extension) and
+the configuration is locked, so no later statement can lift it. `sandbox_roots` is the
+seam for remote caches: a cache on an fsspec filesystem registers that filesystem on the
+connection before the views are made and lists its own URL prefix there.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import duckdb
@@ -113,6 +121,21 @@ def catalog_shards(cache: Path) -> pa.Table:
 def run_sql(cache, query: str) -> pa.Table:
     """Run one read-only SELECT over `samples`, `rejects` and `shards`; refuse anything else."""
     cache = Path(cache)
+    _check_one_select(cache, query)
+    con = duckdb.connect(":memory:", config={"temp_directory": ""})  # no spill dir to allow
+    try:
+        _populate(con, cache, shards_table(cache))
+        sandbox(con, sandbox_roots(cache))
+        return con.sql(query).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise SQLRefusedError(_refusal(cache, exc)) from None
+    except duckdb.Error as exc:
+        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}") from None
+    finally:
+        con.close()
+
+
+def _check_one_select(cache: Path, query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
@@ -122,14 +145,26 @@ def run_sql(cache, query: str) -> pa.Table:
         raise SQLRefusedError(
             f"alignkd cache sql is read-only and runs exactly one SELECT, so this {kinds} "
             f"statement was refused and {cache} is unchanged.")
-    con = duckdb.connect(":memory:")
-    try:
-        _populate(con, cache, shards_table(cache))
-        return con.sql(query).to_arrow_table()
-    except duckdb.Error as exc:
-        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}") from None
-    finally:
-        con.close()
+
+
+def sandbox_roots(cache: Path) -> list[str]:
+    """The directories a query may read: the cache's shards (a URL prefix for a remote cache)."""
+    return [str(Path(cache).resolve() / SHARDS_DIR) + "/"]
+
+
+def sandbox(con, roots: list[str]) -> None:
+    """Confine `con` to `roots`: must run after the views exist (creating them reads files)."""
+    listed = ", ".join("'" + r.replace("'", "''") + "'" for r in roots)
+    con.execute(f"SET allowed_directories = [{listed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _refusal(cache: Path, exc: Exception) -> str:
+    named = re.search(r'(?:file|directory) "([^"]*)"', str(exc))
+    what = f"{named.group(1)} was refused" if named else f"this was refused ({_first_line(exc)})"
+    return (f"alignkd cache sql reads only the samples, rejects and shards of {cache}, "
+            f"so {what}.")
 
 
 def _first_line(exc: Exception) -> str:
