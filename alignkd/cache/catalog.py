@@ -31,7 +31,7 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from alignkd.cache.shard_format import committed_shards
+from alignkd.cache.shard_format import committed_shards, load_cache_json
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (CATALOG_FILE, REJECT_SCHEMA, REJECTS_FILE, SAMPLE_SCHEMA,
                                      SAMPLES_FILE, SHARD_JSON, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
@@ -121,6 +121,7 @@ def catalog_shards(cache: Path) -> pa.Table:
 def run_sql(cache, query: str) -> pa.Table:
     """Run one read-only SELECT over `samples`, `rejects` and `shards`; refuse anything else."""
     cache = Path(cache)
+    load_cache_json(cache)  # names a path that is not a cache (or of another version)
     _check_one_select(cache, query)
     con = duckdb.connect(":memory:", config={"temp_directory": ""})  # no spill dir to allow
     try:
@@ -130,7 +131,7 @@ def run_sql(cache, query: str) -> pa.Table:
     except duckdb.PermissionException as exc:
         raise SQLRefusedError(_refusal(cache, exc)) from None
     except duckdb.Error as exc:
-        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}") from None
+        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}.") from None
     finally:
         con.close()
 
@@ -139,7 +140,7 @@ def _check_one_select(cache: Path, query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
-        raise SQLRefusedError(f"the query does not parse: {_first_line(exc)}") from None
+        raise SQLRefusedError(f"the query does not parse: {_first_line(exc)}.") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         kinds = ", ".join(s.type.name for s in statements) or "empty"
         raise SQLRefusedError(
@@ -168,4 +169,5 @@ def _refusal(cache: Path, exc: Exception) -> str:
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0]
+    """DuckDB's first line without its closing '!' or '.', so the caller ends the sentence."""
+    return str(exc).strip().splitlines()[0].rstrip("!. ")

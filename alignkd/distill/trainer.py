@@ -14,7 +14,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import ConfigError, check_at_least_one, check_choices
+from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_dir, check_out_dir
 
 
 @dataclass(frozen=True)
@@ -61,10 +61,9 @@ class DistillConfig:
             raise ConfigError("--temperature must be positive.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("--warmup-ratio must be in [0, 1).")
-        if not Path(self.student).is_dir():
-            raise ConfigError(f"student model directory {self.student} does not exist.")
-        if not Path(self.cache).is_dir():
-            raise ConfigError(f"cache {self.cache} does not exist.")
+        check_dir(self.student, "student model directory")
+        check_dir(self.cache, "cache")
+        check_out_dir(self.out)
 
 
 @dataclass
@@ -106,6 +105,9 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     reader = open_cache(cfg.cache)  # refuses another format or version by name
+    if len(reader) == 0:
+        raise AlignKDError(f"cache {cfg.cache} holds no samples (every row was rejected or none was "
+                           "built yet); there is nothing to distil.")
     if cfg.verify:
         check_cache_integrity(cfg.cache)
     vlm = load_vlm(cfg.student, dtype="float32")
