@@ -113,7 +113,7 @@ CASES = {
     "distill: out is a file": (lambda w, r: distill_args(w, out=r / "file.txt"), "file.txt is an existing file"),
     "distill: out not writable": (lambda w, r: distill_args(w, out=SYS_DIR / "alignkd-run"), "/sys/alignkd-run"),
     "distill: resume without checkpoint": (lambda w, r: distill_args(w, out=r / "fresh") + ["--resume"],
-                                           "no checkpoint found under {root}/fresh"),
+                                           "no complete checkpoint found under {root}/fresh"),
     "distill: negative lr": (lambda w, r: distill_args(w, lr=-1), "--lr"),
     "eval: model missing": (lambda w, r: eval_args(w, model=r / "nope"), "{root}/nope does not exist"),
     "eval: tokenizer corrupt": (lambda w, r: eval_args(w, model=r / "badtok"), "badtok: the tokenizer"),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -151,11 +152,18 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
                           final_losses=trainer.last_terms(), seconds=time.perf_counter() - start)
 
 
-def _last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _last_checkpoint(out: Path) -> str:
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a
+    checkpoint without it was cut off by a kill: it is removed, not resumed from."""
+    import shutil
 
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last is None:
-        raise ConfigError(f"--resume: no checkpoint found under {ckpt_dir}.")
-    return last
+    found = sorted((int(m.group(1)), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir())
+    complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise ConfigError(f"--resume: no complete checkpoint found under {ckpt_dir}.")
+    for step, p in found:
+        if step > int(complete[-1].name.split("-")[1]) and p not in complete:
+            shutil.rmtree(p)
+    return str(complete[-1])
