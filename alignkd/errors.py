@@ -23,7 +23,12 @@ class NotBuiltError(AlignKDError):
 
 def describe_os_error(err: OSError) -> str:
     """One sentence for an OSError, naming the file when the OS said which one."""
-    reason = err.strerror or str(err) or type(err).__name__
+    import os
+    import re
+
+    # pyarrow raises OSError("[Errno 27] Error writing bytes to file. Detail: [errno 27] File too large")
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    reason = re.sub(r"\[errno \d+\]\s*", "", reason.split("Detail:")[-1], flags=re.I).strip() or type(err).__name__
     where = f"{err.filename}: " if err.filename else ""
     return f"{where}{reason[0].lower()}{reason[1:]}.".replace("..", ".")
 
