@@ -23,7 +23,6 @@ connection before the views are made and lists its own URL prefix there.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from pathlib import Path
@@ -31,10 +30,10 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from alignkd.cache.shard_format import committed_shards, load_cache_json
+from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (CATALOG_FILE, REJECT_SCHEMA, REJECTS_FILE, SAMPLE_SCHEMA,
-                                     SAMPLES_FILE, SHARD_JSON, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
+                                     SAMPLES_FILE, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
 
 
 class SQLRefusedError(AlignKDError):
@@ -52,7 +51,7 @@ def shard_row(info: dict) -> dict:
 
 
 def shards_table(cache: Path) -> pa.Table:
-    rows = [shard_row(json.loads((d / SHARD_JSON).read_text())) for d in committed_shards(cache)]
+    rows = [shard_row(read_shard_json(d)) for d in committed_shards(cache)]
     return pa.Table.from_pylist(rows, schema=SHARDS_TABLE_SCHEMA)
 
 

@@ -24,7 +24,7 @@ import pyarrow.parquet as pq
 
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, decode, load_cache_json,
-                                        read_array_info, read_index, read_raw)
+                                        read_array_info, read_index, read_parquet, read_raw)
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import ARRAY_KINDS, SAMPLE_SCHEMA, SAMPLES_FILE
 
@@ -63,7 +63,7 @@ class CacheReader:
     def _load_rows(self) -> None:
         self._shard_dirs = committed_shards(self.path)
         columns = [f.name for f in SAMPLE_SCHEMA if f.name != "image_bytes"]
-        tables = [pq.read_table(d / SAMPLES_FILE, columns=columns) for d in self._shard_dirs]
+        tables = [read_parquet(d / SAMPLES_FILE, columns=columns) for d in self._shard_dirs]
         table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table().select(columns)
         counts = [t.num_rows for t in tables]
         self._shard_of = np.repeat(np.arange(len(tables), dtype=np.int32), counts)

@@ -33,7 +33,7 @@ import pyarrow.parquet as pq
 from alignkd.cache.lock import CacheLock
 from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
 from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, committed_shards, encode,
-                                        load_cache_json)
+                                        load_cache_json, read_parquet)
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
 from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
                                      CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE,
@@ -317,7 +317,7 @@ class CacheWriter:
         done: set[int] = set()
         for d in committed_shards(self.path):
             for name in (SAMPLES_FILE, REJECTS_FILE):
-                done.update(pq.read_table(d / name, columns=["manifest_row"]).column(0).to_pylist())
+                done.update(read_parquet(d / name, columns=["manifest_row"]).column(0).to_pylist())
         return done
 
     def _first_free_index(self) -> int:
