@@ -189,8 +189,12 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--w-attn", default=1.0, show_default=True)
 @click.option("--w-vis", default=1.0, show_default=True)
 @click.option("--temperature", default=1.0, show_default=True)
-@click.option("--vision-topk", default=16, show_default=True, help="Vision tokens counted twice by text focus.")
-@click.option("--attn-loss", type=click.Choice(["mse", "kl"]), default="mse", show_default=True)
+@click.option("--vision-topk", type=int, default=None,
+              help="Vision tokens counted twice by text focus [default: N_v/9, the paper's 16 of 144].")
+@click.option("--loss-scale", type=click.Choice(["normalized", "paper"]), default="normalized", show_default=True,
+              help="normalized: scale-free terms (docs/method.md); paper: the paper's exact MSE forms.")
+@click.option("--attn-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
+              help="auto: kl under --loss-scale normalized, mse under paper.")
 @click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default="trainable", show_default=True)
 @click.option("--freeze", default="vision_tower", show_default=True, help="Comma list of modules to freeze.")
 @click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default="jsonl", show_default=True)
@@ -198,6 +202,8 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
               help="Check every shard's checksums before training (skip for very large caches).")
 @click.option("--save-steps", default=500, show_default=True)
 @click.option("--logging-steps", default=5, show_default=True)
+@click.option("--grad-share-steps", default=0, show_default=True,
+              help="Every N steps, log each term's share of the student's gradient norm (0: off).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.

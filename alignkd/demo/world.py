@@ -184,7 +184,7 @@ def scene_from_json(items: list[dict]) -> Scene:
     return tuple(WorldObject(**item) for item in items)
 
 
-def _write_split(root: Path, split: str, seed: int, n: int) -> tuple[list[dict], dict]:
+def _write_split(root: Path, split: str, seed: int, n: int, qtypes: tuple[str, ...]) -> tuple[list[dict], dict]:
     from PIL import Image
 
     # One generator per split, keyed by the split's index, so that the splits are
@@ -198,7 +198,7 @@ def _write_split(root: Path, split: str, seed: int, n: int) -> tuple[list[dict],
             image = f"{split}-{i // QUESTIONS_PER_IMAGE:05d}.png"
             Image.fromarray(render_scene(scene, rng)).save(root / "images" / image)
             scenes[image] = scene_to_json(scene)
-        qtype = QTYPES[i % len(QTYPES)]  # 4 questions per image, 7 types: every image sees a mix
+        qtype = qtypes[i % len(qtypes)]  # 4 questions per image, 5 or 7 types: every image sees a mix
         question, answer = ask(scene, qtype, rng)
         records.append({
             "id": f"{split}-{i:06d}",
@@ -219,17 +219,21 @@ def _write_json(path: Path, obj) -> None:
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 8000, n_val: int = 700,
-                   n_test: int = 1400) -> WorldPaths:
+                   n_test: int = 1400, qtypes: tuple[str, ...] = QTYPES) -> WorldPaths:
     """Write `images/`, `{train,val,test}.json` and `scenes.json` under `out_dir`.
 
-    `n_*` count question records; every image carries QUESTIONS_PER_IMAGE of them.
+    `n_*` count question records; every image carries QUESTIONS_PER_IMAGE of them, and
+    the question types cycle through `qtypes` (the teacher was trained on all of QTYPES).
     `scenes.json` is written last, so its presence means the world is complete.
     """
     root = Path(out_dir)
     (root / "images").mkdir(parents=True, exist_ok=True)
     all_scenes = {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        records, scenes = _write_split(root, split, seed, n)
+        unknown = set(qtypes) - set(QTYPES)
+        if unknown or not qtypes:
+            raise ValueError(f"qtypes must be a non-empty subset of {QTYPES}, got {qtypes!r}")
+        records, scenes = _write_split(root, split, seed, n, tuple(qtypes))
         _write_json(root / f"{split}.json", records)
         all_scenes.update(scenes)
     _write_json(root / "scenes.json", {"seed": seed, "scenes": all_scenes})

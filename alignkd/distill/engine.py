@@ -13,22 +13,41 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-from transformers import Trainer, TrainerCallback
+from transformers import PrinterCallback, ProgressCallback, Trainer, TrainerCallback
+
+
+class QuietProgressCallback(ProgressCallback):
+    """The Trainer's progress bar without its `str(logs)` line per logging step: the
+    per-step records go to metrics.jsonl (and TensorBoard), the console keeps one bar."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        return
 
 
 class AlignKDTrainer(Trainer):
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, grad_share_steps: int = 0, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        # One bar, no per-step dicts on the console: they go to metrics.jsonl / TensorBoard.
+        self.pop_callback(PrinterCallback)
+        if self.pop_callback(ProgressCallback) is not None:
+            self.add_callback(QuietProgressCallback)
+        self.grad_share_steps = grad_share_steps
         self._term_sums: dict[str, float] = defaultdict(float)
         self._term_count = 0
         self._last_terms: dict[str, float] = {}
+        self._share_sums: dict[str, list[float]] = defaultdict(list)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        objective = self.accelerator.unwrap_model(model)
+        every = self.grad_share_steps
+        objective.measure_grad_shares = bool(every) and self.state.global_step % every == 0
         outputs = model(**inputs)
         if model.training:
             for key, value in outputs.items():
                 if key.startswith("loss_"):
                     self._term_sums[key] += float(value)
+                elif key.startswith("gshare_"):
+                    self._share_sums[key].append(float(value))
             self._term_count += 1
         loss = outputs["loss"]
         return (loss, outputs) if return_outputs else loss
@@ -42,8 +61,10 @@ class AlignKDTrainer(Trainer):
             sums = all_reduce_sum([self._term_sums[k] for k in keys] + [self._term_count])
             terms = {k: v / sums[-1] for k, v in zip(keys, sums[:-1])}
             logs.update(terms)  # unrounded: the attention MSE on probabilities is ~1e-6
+            logs.update({k: sum(v) / len(v) for k, v in self._share_sums.items()})  # rank 0's measurement
             self._last_terms = terms
             self._term_sums.clear()
+            self._share_sums.clear()
             self._term_count = 0
         super().log(logs, start_time)
 

@@ -146,6 +146,25 @@ class ProjectorAdapter(nn.Module):
         return self.proj(feats)
 
 
+class StandardisedProjectorAdapter(nn.Module):
+    """P for the normalized L_vis: the teacher's tokens standardised per channel, then d_t -> d_s.
+
+    The per-channel mean and std (measured on the cache before training, see
+    `distill.vision_stats`) are buffers, so checkpoints and exports carry the exact
+    standardisation the run used, and a teacher whose features are 100x larger
+    produces the same adapter input.
+    """
+
+    def __init__(self, teacher_dim: int, student_dim: int, mean: Tensor | None = None, std: Tensor | None = None):
+        super().__init__()
+        self.proj = nn.Linear(teacher_dim, student_dim)
+        self.register_buffer("mean", torch.zeros(teacher_dim) if mean is None else mean.float().clone())
+        self.register_buffer("std", torch.ones(teacher_dim) if std is None else std.float().clone())
+
+    def forward(self, feats: Tensor) -> Tensor:
+        return self.proj((feats - self.mean) / self.std)
+
+
 def attention_loss(
     student_attn: Tensor,
     teacher_attn: Tensor,
@@ -203,18 +222,56 @@ def vision_loss(
     topk: int = 16,
     valid: Tensor | None = None,
 ) -> Tensor:
-    """L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
+    """The paper's L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
 
     student_vis [B, N_v, d_s], teacher_vis [B, N_v, d_t], focus [B, N_v]; the top-k
     tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
-    or text-only samples) from both means.
+    or text-only samples) from both means. Its scale is the teacher features' scale,
+    and both sides can shrink together; `normalized_vision_loss` is the default.
     """
     target = teacher_vis.float() if projector_adapter is None else projector_adapter(teacher_vis.float())
-    B, Nv, _ = student_vis.shape
-    ok = torch.ones(B, dtype=torch.bool, device=student_vis.device) if valid is None else valid.bool()
-    sq = ((target - student_vis.float()) ** 2).mean(-1)  # [B, N_v]
-    k = min(topk, Nv)
-    top = focus.float().topk(k, dim=-1).indices
+    return _token_mse_with_topk(student_vis.float(), target, focus, topk, valid)
+
+
+def normalized_vision_loss(
+    student_vis: Tensor,
+    teacher_vis: Tensor,
+    focus: Tensor,
+    adapter: StandardisedProjectorAdapter,
+    topk: int = 16,
+    valid: Tensor | None = None,
+) -> Tensor:
+    """Scale-free L_vis: the paper's two MSEs, each as a share of what it would be for unrelated tokens.
+
+    The teacher side is standardised per channel before the adapter, so the teacher's
+    feature scale cannot set the loss scale. The MSEs are then divided by the MSE that
+    two independent token sets with the same per-channel means and variances would have
+    (var_s + var_t + (mean_s - mean_t)^2, averaged over channels, measured on the
+    batch's valid tokens, with gradient): 0 is agreement, ~1 per MSE is unrelated, as
+    in 1 - Lin's concordance correlation. Shrinking the student's tokens and the
+    adapter together therefore no longer lowers it, as it lowers the paper's plain MSE.
+    """
+    ok = torch.ones(student_vis.shape[0], dtype=torch.bool, device=student_vis.device) if valid is None \
+        else valid.bool()
+    student, target = student_vis.float(), adapter(teacher_vis.float())
+    s, t = student[ok].reshape(-1, student.shape[-1]), target[ok].reshape(-1, target.shape[-1])
+    unrelated = (s.var(0, unbiased=False) + t.var(0, unbiased=False) + (s.mean(0) - t.mean(0)) ** 2).mean()
+    mse = _token_mse_with_topk(student, target, focus, topk, valid)
+    return mse / unrelated.clamp(min=1e-12)
+
+
+def _token_mse_with_topk(pred: Tensor, target: Tensor, focus: Tensor, topk: int, valid: Tensor | None) -> Tensor:
+    B, Nv, _ = pred.shape
+    ok = torch.ones(B, dtype=torch.bool, device=pred.device) if valid is None else valid.bool()
+    sq = ((target - pred) ** 2).mean(-1)  # [B, N_v]
+    top = focus.float().topk(min(topk, Nv), dim=-1).indices
     every = _valid_mean(sq.mean(-1), ok)
     chosen = _valid_mean(sq.gather(1, top).mean(-1), ok)
     return every + chosen
+
+
+def default_vision_topk(num_vision_tokens: int) -> int:
+    """The paper's share of focus tokens: k = 16 of 144 (MobileVLM V2), i.e. N_v / 9, at least 1.
+
+    A fixed 16 selects every token of a 9-token image (so they all just count twice)."""
+    return max(1, round(num_vision_tokens * 16 / 144))

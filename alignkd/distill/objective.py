@@ -3,6 +3,14 @@
 `AlignKDObjective` is the `nn.Module` the trainer optimises. Keeping the adapters on
 the module (not on the trainer, as the official code does) is what makes them train;
 `adapters="frozen"` reproduces the official behaviour for the ablation.
+
+Two loss scales (docs/method.md):
+- `normalized` (default): every term is in units that do not depend on the teacher's
+  feature scale. L_vis standardises the teacher's tokens per channel before the adapter
+  and divides the paper's MSEs by the student tokens' variance; L_attn is the
+  row-normalised KL over the vision columns (nats, like CE and L_logit).
+- `paper`: the paper's exact forms, mse(P F_T, F_S) and the MSE on attention
+  probabilities, whose scales are the teacher's feature scale and ~1/L^2.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import torch
 from torch import nn
 
 TERMS = ("ce", "logit", "vis", "attn")
+LOSS_SCALES = ("normalized", "paper")
 
 
 @dataclass(frozen=True)
@@ -28,15 +37,22 @@ class LossWeights:
 
 class AlignKDObjective(nn.Module):
     def __init__(self, student: nn.Module, *, teacher_heads: int, teacher_dim: int, weights: LossWeights,
-                 logit_mode: str, logit_samples: int, temperature: float = 1.0, vision_topk: int = 16,
-                 attn_loss: str = "mse", adapters: str = "trainable") -> None:
-        from alignkd.distill.losses import HeadAdapter, ProjectorAdapter
+                 logit_mode: str, logit_samples: int, temperature: float = 1.0, vision_topk: int | None = None,
+                 attn_loss: str = "kl", adapters: str = "trainable", loss_scale: str = "normalized",
+                 vision_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
+        from alignkd.distill.losses import HeadAdapter, ProjectorAdapter, StandardisedProjectorAdapter
 
         super().__init__()
+        if loss_scale not in LOSS_SCALES:
+            raise ValueError(f"loss_scale must be one of {LOSS_SCALES}, got {loss_scale!r}")
         self.student = student
         text = student.config.get_text_config()
         self.head_adapter = HeadAdapter(teacher_heads, text.num_attention_heads)
-        self.projector_adapter = ProjectorAdapter(teacher_dim, text.hidden_size)
+        if loss_scale == "normalized":
+            mean, std = vision_stats if vision_stats is not None else (None, None)
+            self.projector_adapter = StandardisedProjectorAdapter(teacher_dim, text.hidden_size, mean, std)
+        else:
+            self.projector_adapter = ProjectorAdapter(teacher_dim, text.hidden_size)
         if adapters == "frozen":
             for p in [*self.head_adapter.parameters(), *self.projector_adapter.parameters()]:
                 p.requires_grad_(False)
@@ -46,10 +62,14 @@ class AlignKDObjective(nn.Module):
         self.temperature = temperature
         self.vision_topk = vision_topk
         self.attn_loss = attn_loss
+        self.loss_scale = loss_scale
 
     # Our loss is a per-batch mean; this stops the HF Trainer from rescaling it by a
     # token count it would pass as `num_items_in_batch`.
     accepts_loss_kwargs = False
+
+    # Set by the trainer on the steps where each term's gradient share is logged.
+    measure_grad_shares = False
 
     def forward(self, **batch) -> dict:
         from alignkd.models import capture_forward
@@ -58,12 +78,27 @@ class AlignKDObjective(nn.Module):
         cap = capture_forward(self.student, model_inputs, keep_graph=True)
         terms = self.loss_terms(cap, batch)
         total = sum(getattr(self.weights, name) * value for name, value in terms.items())
-        return {"loss": total, **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+        out = {"loss": total, **{f"loss_{k}": v.detach() for k, v in terms.items()}}
+        if self.measure_grad_shares and self.training:
+            out.update({f"gshare_{k}": v for k, v in self.gradient_shares(terms).items()})
+        return out
+
+    def gradient_shares(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Each weighted term's gradient norm on the student's trainable parameters, as a
+        share of their sum: the measure of whether one term swamps the others."""
+        params = [p for p in self.student.parameters() if p.requires_grad]
+        norms = {}
+        for name, value in terms.items():
+            grads = torch.autograd.grad(getattr(self.weights, name) * value, params, retain_graph=True,
+                                        allow_unused=True)
+            norms[name] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 0.0)
+        total = sum(norms.values()) + 1e-30
+        return {name: (norm / total).detach() for name, norm in norms.items()}
 
     def loss_terms(self, cap, batch: dict) -> dict[str, torch.Tensor]:
         """Every enabled term from a student capture and the cached teacher targets."""
-        from alignkd.distill.losses import (attention_loss, ce_loss, sparse_kl_sampled, sparse_kl_topk,
-                                            vision_loss)
+        from alignkd.distill.losses import (ce_loss, default_vision_topk, normalized_vision_loss, sparse_kl_sampled,
+                                            sparse_kl_topk, vision_loss)
 
         terms: dict[str, torch.Tensor] = {}
         w = self.weights
@@ -80,8 +115,10 @@ class AlignKDObjective(nn.Module):
             else:
                 terms["logit"] = sparse_kl_sampled(logits, ids, values, self.logit_samples, self.temperature)
         if w.vis > 0:
-            terms["vis"] = vision_loss(cap.vision_tokens.float(), batch["t_vision"], batch["t_focus"],
-                                       self.projector_adapter, topk=self.vision_topk)
+            vis_loss = normalized_vision_loss if self.loss_scale == "normalized" else vision_loss
+            topk = self.vision_topk or default_vision_topk(batch["t_vision"].shape[1])
+            terms["vis"] = vis_loss(cap.vision_tokens.float(), batch["t_vision"], batch["t_focus"],
+                                    self.projector_adapter, topk=topk)
         if w.attn > 0:
             terms["attn"] = self._attention_term(cap, batch)
         return terms

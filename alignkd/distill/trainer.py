@@ -39,25 +39,37 @@ class DistillConfig:
     w_attn: float = 1.0
     w_vis: float = 1.0
     temperature: float = 1.0
-    vision_topk: int = 16
-    attn_loss: str = "mse"
+    vision_topk: int | None = None    # None: N_v / 9, the paper's 16 of 144
+    attn_loss: str = "auto"           # auto: kl under the normalized scale, mse under paper
+    loss_scale: str = "normalized"
     adapters: str = "trainable"
     freeze: tuple[str, ...] = ("vision_tower",)
     log: str = "jsonl"
     verify: bool = True
     logging_steps: int = 5
     save_steps: int = 500
+    grad_share_steps: int = 0         # every N steps, log each term's share of the student's gradient
     progress: bool = True
 
+    @property
+    def resolved_attn_loss(self) -> str:
+        if self.attn_loss != "auto":
+            return self.attn_loss
+        return "kl" if self.loss_scale == "normalized" else "mse"
+
     def __post_init__(self) -> None:
-        check_choices(self, {"attn_loss": ("mse", "kl"), "adapters": ("trainable", "frozen"),
-                             "log": ("jsonl", "tensorboard")})
+        check_choices(self, {"attn_loss": ("auto", "mse", "kl"), "adapters": ("trainable", "frozen"),
+                             "log": ("jsonl", "tensorboard"), "loss_scale": ("normalized", "paper")})
         for name in ("w_ce", "w_logit", "w_attn", "w_vis", "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative.")
         if not any(getattr(self, f"w_{t}") > 0 for t in ("ce", "logit", "attn", "vis")):
             raise ConfigError("every loss weight is 0; enable at least one of --w-ce/--w-logit/--w-attn/--w-vis.")
-        check_at_least_one(self, ("batch_size", "grad_accum", "vision_topk", "logging_steps", "save_steps"))
+        check_at_least_one(self, ("batch_size", "grad_accum", "logging_steps", "save_steps"))
+        if self.vision_topk is not None and self.vision_topk < 1:
+            raise ConfigError("--vision-topk must be at least 1.")
+        if self.grad_share_steps < 0:
+            raise ConfigError("--grad-share-steps must not be negative.")
         if self.temperature <= 0:
             raise ConfigError("--temperature must be positive.")
         if not 0 <= self.warmup_ratio < 1:
@@ -118,12 +130,17 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     student.train()
     _freeze(student, cfg.freeze)
     weights = LossWeights(ce=cfg.w_ce, logit=cfg.w_logit, vis=cfg.w_vis, attn=cfg.w_attn)
+    vision_stats = None
+    if cfg.loss_scale == "normalized" and weights.vis > 0:
+        from alignkd.distill.vision_stats import teacher_vision_stats
+
+        vision_stats = teacher_vision_stats(reader)
     objective = AlignKDObjective(
         student, teacher_heads=meta["teacher_shapes"]["num_heads"],
         teacher_dim=meta["teacher_shapes"]["hidden_size"], weights=weights,
         logit_mode=meta["build_options"]["logit_mode"], logit_samples=meta["build_options"]["logit_samples"],
-        temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.attn_loss,
-        adapters=cfg.adapters)
+        temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.resolved_attn_loss,
+        adapters=cfg.adapters, loss_scale=cfg.loss_scale, vision_stats=vision_stats)
     dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images)
     out = Path(cfg.out)
     # transformers 5 reads the TensorBoard directory from the environment only.
@@ -144,7 +161,8 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     )
     trainer = AlignKDTrainer(
         model=objective, args=args, train_dataset=dataset,
-        data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []))
+        data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),
+        grad_share_steps=cfg.grad_share_steps)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
     if trainer.is_world_process_zero():
         export_student(objective, vlm.processor, out, cfg, meta)
