@@ -172,8 +172,10 @@ def torture(ref_cfg, root: Path, kills: int, per_cache: int, rng: random.Random,
             if outcome == "failed":
                 raise AssertionError(f"a build of {cfg.out} failed while armed with {kill}")
             if outcome == "finished":
-                if i == 0:
+                if i == 0 and kill.point != "time":
                     raise AssertionError(f"a fresh build of {cfg.out} never reached {kill}")
+                if i == 0:  # this build ran faster than the reference did: aim earlier
+                    seconds /= 2
                 tally.finished[kill.point] += 1
                 break
             delivered += 1
