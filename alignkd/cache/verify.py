@@ -17,7 +17,6 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE,

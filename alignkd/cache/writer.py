@@ -40,6 +40,7 @@ from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACH
                                      SAMPLE_SCHEMA, SAMPLES_FILE, SAMPLES_ROW_GROUP, SCHEMA_VERSION,
                                      SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
 
+
 class CacheWriteError(AlignKDError):
     """The disk refused a write; the shard in flight was discarded."""
 
