@@ -41,8 +41,8 @@ from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACH
                                      SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
 
 
-class CacheWriteError(AlignKDError):
-    """The disk refused a write; the shard in flight was discarded."""
+class CacheWriteError(AlignKDError, OSError):
+    """The disk refused a write; the shard in flight was discarded. Still an OSError to callers."""
 
 
 QUEUE_DEPTH = 4  # samples in flight to the writer thread (~8 MB each at 7B shapes)
@@ -373,7 +373,7 @@ class CacheWriter:
         name = shard.name if shard is not None else "the catalog"
         if shard is not None:
             shard.discard()
-        return CacheWriteError(f"cannot write {name} of cache {self.path} ({describe_os_error(exc)}); nothing "
+        return CacheWriteError(f"cannot write {name} of cache {self.path} ({describe_os_error(exc).rstrip('.')}); nothing "
                                "of it was kept, and rerunning the same command resumes after the last "
                                "committed shard.")
 
