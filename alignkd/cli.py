@@ -263,10 +263,11 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
 @click.option("--seeds", type=int, default=None, help="Student seeds per ablation row (3 full, 1 quick).")
 @click.option("--teacher", default=None, help="Use this trained teacher directory instead of the shipped one.")
 @click.option("--steps", "distill_steps", type=int, default=None, help="Distillation steps per student.")
+@click.option("--ablation", is_flag=True, help="Also train one row per loss term (+ logit KD, + vision, + attention).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, distill_steps: int | None,
-         no_progress: bool) -> None:
+         ablation: bool, no_progress: bool) -> None:
     """Run the whole pipeline on the embedded grid world and print the ablation table.
 
     \b
@@ -281,6 +282,7 @@ def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, dis
 
     opts = {k: v for k, v in {"seeds": seeds, "teacher": teacher, "distill_steps": distill_steps}.items()
             if v is not None}
+    opts["ablation"] = ablation
     cfg = (DemoConfig.quick_mode(out, progress=not no_progress, **opts) if quick
            else DemoConfig(out=out, progress=not no_progress, **opts))
     click.echo(f"report -> {run_demo(cfg)}")

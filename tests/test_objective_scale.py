@@ -16,7 +16,7 @@ import torch
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cache.reader import open_cache
 from alignkd.distill.dataset import CachedDistillDataset
-from alignkd.distill.losses import StandardisedProjectorAdapter, default_vision_topk, normalized_vision_loss
+from alignkd.distill.losses import StudentToTeacherAdapter, default_vision_topk, normalized_vision_loss
 from alignkd.distill.objective import AlignKDObjective, LossWeights
 from alignkd.distill.vision_stats import teacher_vision_stats
 
@@ -85,23 +85,28 @@ def test_paper_scale_lets_a_large_teacher_swamp_the_gradient(cache, tiny_student
     assert scaled["vis"] - base["vis"] > SHARE_TOLERANCE
 
 
-def test_normalized_vision_loss_is_scale_free_and_cannot_shrink_away():
+def test_normalized_vision_loss_is_scale_free_with_a_fixed_target():
     torch.manual_seed(0)
-    student, teacher = torch.randn(3, 9, 4), torch.randn(3, 9, 6)
+    student, teacher = torch.randn(3, 9, 4), torch.randn(3, 9, 6) * 5 + 2
     focus = torch.rand(3, 9)
-    adapter = StandardisedProjectorAdapter(6, 4, teacher.reshape(-1, 6).mean(0), teacher.reshape(-1, 6).std(0))
+    flat = teacher.reshape(-1, 6)
+    adapter = StudentToTeacherAdapter(4, 6, flat.mean(0), flat.std(0, unbiased=False))
     loss = normalized_vision_loss(student, teacher, focus, adapter, topk=2)
-    # Shrinking the student's tokens and the adapter's output together leaves the loss unchanged
-    shrunk = StandardisedProjectorAdapter(6, 4, adapter.mean, adapter.std)
-    shrunk.load_state_dict(adapter.state_dict())
+    # predicting the channel means reads exactly 1 per MSE (all tokens, and k = N_v again): 2
     with torch.no_grad():
-        shrunk.proj.weight.mul_(0.01)
-        shrunk.proj.bias.mul_(0.01)
-    torch.testing.assert_close(normalized_vision_loss(0.01 * student, teacher, focus, shrunk, topk=2), loss)
-    # ... and a 1000x teacher with matching statistics gives the same adapter input
-    big = StandardisedProjectorAdapter(6, 4, adapter.mean * 1000, adapter.std * 1000)
-    big.load_state_dict({**adapter.state_dict(), "mean": adapter.mean * 1000, "std": adapter.std * 1000})
-    torch.testing.assert_close(normalized_vision_loss(student, teacher * 1000, focus, big, topk=2), loss)
+        adapter.proj.weight.zero_()
+        adapter.proj.bias.zero_()
+    torch.testing.assert_close(normalized_vision_loss(student, teacher, focus, adapter, topk=9), torch.tensor(2.0))
+    # a 1000x teacher with its own statistics gives the same loss
+    big = StudentToTeacherAdapter(4, 6, flat.mean(0) * 1000, flat.std(0, unbiased=False) * 1000)
+    big.proj.load_state_dict(adapter.proj.state_dict())
+    torch.testing.assert_close(normalized_vision_loss(student, teacher * 1000, focus, big, topk=2),
+                               normalized_vision_loss(student, teacher, focus, adapter, topk=2))
+    # the target has no gradient path: only the student side and the adapter move
+    student.requires_grad_(True)
+    normalized_vision_loss(student, teacher, focus, adapter, topk=2).backward()
+    assert adapter.mean.grad is None and adapter.std.grad is None
+    assert loss.item() > 0
 
 
 def test_vision_topk_default_keeps_the_papers_share():

@@ -20,9 +20,10 @@ from alignkd.errors import AlignKDError
 
 # Processed images kept per dataset (per worker), keyed by the image's sha256: LLaVA-style
 # data asks several questions about one image, and the image processor is ~2/3 of the
-# per-sample load time (bench/distill_step.py). 256 LLaVA images at 336 px are ~350 MB
-# in fp32; the bound keeps a worker small on real data, where repeats are near each other.
-IMAGE_CACHE_SIZE = 256
+# per-sample load time (bench/distill_step.py). The bound is in bytes, not images: 256 MB
+# holds ~190 LLaVA images at 336 px (fp32) but every one of a small world's 48 px images,
+# which then never go through the processor twice in a run of many epochs.
+IMAGE_CACHE_BYTES = 256 * 2**20
 
 
 class CachedDistillDataset(Dataset):
@@ -37,6 +38,7 @@ class CachedDistillDataset(Dataset):
         self.processor = processor
         self.images_root = images_root
         self._image_cache: OrderedDict[str, dict] = OrderedDict()
+        self._image_cache_bytes = 0
 
     def __len__(self) -> int:
         return len(self.reader)
@@ -70,10 +72,22 @@ class CachedDistillDataset(Dataset):
         image_inputs = self._image_cache.get(key)
         if image_inputs is None:
             image_inputs = image_inputs_from_bytes(self.processor, image_bytes)
-            self._image_cache[key] = image_inputs
-            if len(self._image_cache) > IMAGE_CACHE_SIZE:
-                self._image_cache.popitem(last=False)
+            self._remember_image(key, image_inputs)
+        else:
+            self._image_cache.move_to_end(key)
         return item_from_record(sample, image_inputs)
+
+    def _remember_image(self, key: str, image_inputs: dict) -> None:
+        """Least-recently-used eviction until the kept tensors fit IMAGE_CACHE_BYTES."""
+        self._image_cache[key] = image_inputs
+        self._image_cache_bytes += _nbytes(image_inputs)
+        while self._image_cache_bytes > IMAGE_CACHE_BYTES and len(self._image_cache) > 1:
+            _, evicted = self._image_cache.popitem(last=False)
+            self._image_cache_bytes -= _nbytes(evicted)
+
+
+def _nbytes(image_inputs: dict) -> int:
+    return sum(v.numel() * v.element_size() for v in image_inputs.values() if isinstance(v, torch.Tensor))
 
 
 def item_from_record(rec, image_inputs: dict) -> dict:

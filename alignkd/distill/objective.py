@@ -6,8 +6,8 @@ the module (not on the trainer, as the official code does) is what makes them tr
 
 Two loss scales (docs/method.md):
 - `normalized` (default): every term is in units that do not depend on the teacher's
-  feature scale. L_vis standardises the teacher's tokens per channel before the adapter
-  and divides the paper's MSEs by the student tokens' variance; L_attn is the
+  feature scale. L_vis maps the student's tokens to the teacher's width and regresses
+  the teacher's tokens standardised per channel (a fixed target); L_attn is the
   row-normalised KL over the vision columns (nats, like CE and L_logit).
 - `paper`: the paper's exact forms, mse(P F_T, F_S) and the MSE on attention
   probabilities, whose scales are the teacher's feature scale and ~1/L^2.
@@ -40,7 +40,7 @@ class AlignKDObjective(nn.Module):
                  logit_mode: str, logit_samples: int, temperature: float = 1.0, vision_topk: int | None = None,
                  attn_loss: str = "kl", adapters: str = "trainable", loss_scale: str = "normalized",
                  vision_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> None:
-        from alignkd.distill.losses import HeadAdapter, ProjectorAdapter, StandardisedProjectorAdapter
+        from alignkd.distill.losses import HeadAdapter, ProjectorAdapter, StudentToTeacherAdapter
 
         super().__init__()
         if loss_scale not in LOSS_SCALES:
@@ -50,7 +50,7 @@ class AlignKDObjective(nn.Module):
         self.head_adapter = HeadAdapter(teacher_heads, text.num_attention_heads)
         if loss_scale == "normalized":
             mean, std = vision_stats if vision_stats is not None else (None, None)
-            self.projector_adapter = StandardisedProjectorAdapter(teacher_dim, text.hidden_size, mean, std)
+            self.projector_adapter = StudentToTeacherAdapter(text.hidden_size, teacher_dim, mean, std)
         else:
             self.projector_adapter = ProjectorAdapter(teacher_dim, text.hidden_size)
         if adapters == "frozen":
