@@ -250,7 +250,7 @@ def test_refuses_tokenizer_mismatch(world, tmp_path):
 def test_refuses_vision_token_mismatch(world, tmp_path):
     student = build_tiny_llava(tmp_path / "s", TinyLlavaSpec(hidden_size=32, num_heads=2, patch_size=16))
     out = _refusal(world, student, tmp_path)
-    assert "4 vision tokens" in out and "16" in out
+    assert "4 image tokens" in out and "teacher saw 16" in out
 
 
 def test_refuses_corrupt_shard(world, tmp_path, tiny_student_dir):

@@ -26,9 +26,10 @@ from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, decode, load_cache_json,
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import ARRAY_KINDS, SAMPLE_SCHEMA, SAMPLES_FILE
+from alignkd.storage_schemas import ARRAY_KINDS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE
 
-_LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions")
+_LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
+                 *REPLAYED_COLUMNS)
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
 
 
@@ -165,7 +166,8 @@ class CacheReader:
             teacher_ce=float(self._cols["teacher_ce"][i]), teacher_entropy=float(self._cols["teacher_entropy"][i]),
             teacher_tail_mass=float(self._cols["teacher_tail_mass"][i]),
             image_path=self._cols["image_path"][i], image_sha256=self._cols["image_sha256"][i],
-            image_bytes=self.image_bytes(i) if self.images else None)
+            image_bytes=self.image_bytes(i) if self.images else None,
+            **{k: self._list(k, i) for k in REPLAYED_COLUMNS})
 
     def _list(self, name: str, i: int) -> np.ndarray:
         values, offsets = self._lists[name]

@@ -3,7 +3,7 @@ exactly what the reader hands back (tensors decoded to float32, ids to int64).""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,3 +30,7 @@ class SampleRecord:
     image_path: str | None = None
     image_sha256: str | None = None
     image_bytes: bytes | None = None
+    # the family's per-token model inputs, replayed by the student (empty when unused)
+    token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [L] or [0]
+    mm_token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [L] or [0]
+    image_grid_thw: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [3 * images] or [0]

@@ -31,10 +31,12 @@ def _f32(t: torch.Tensor) -> np.ndarray:
 
 
 def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, logit_k: int, logit_samples: int,
-                         positions_policy: str, seed: int, store_images: bool) -> list:
+                         positions_policy: str, seed: int, store_images: bool,
+                         token_inputs: tuple[str, ...] = ()) -> list:
     """Slice a batched teacher capture into one `SampleRecord` per sample.
 
-    The batch is right-padded, so batch positions are also positions in each sample.
+    The batch is right-padded, so batch positions are also positions in each sample. Each
+    record keeps only its own Nv_b vision columns, and the family's `token_inputs`.
     """
     from alignkd.cache.sparse_logits import encode_sampled, encode_topk, teacher_stats
     from alignkd.cache.record import SampleRecord
@@ -42,10 +44,12 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
 
     positions = select_positions(batch["labels"], cap.text_query_mask, batch["attention_mask"],
                                  positions_policy)
+    grids = _per_sample_grids(batch, len(samples))
     records = []
     for b, sample in enumerate(samples):
         rows = cap.text_query_mask[b].nonzero().squeeze(-1)
-        attn = cap.attn_text_vision[b][:, rows, :].permute(1, 0, 2).float()  # [T, H, Nv]
+        nv = int(cap.vision_mask[b].sum())  # this sample's own vision-token count
+        attn = cap.attn_text_vision[b][:, rows, :nv].permute(1, 0, 2).float()  # [T, H, Nv_b]
         logit_pos = positions[b].nonzero().squeeze(-1)
         logits = cap.logits[b, logit_pos].float()
         if logit_mode == "topk":
@@ -60,10 +64,10 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
             manifest_row=sample.row,
             input_ids=ids.numpy().astype(np.int32),
             label_mask=(sample.labels != -100).numpy(),
-            vision_positions=cap.vision_positions[b].cpu().numpy().astype(np.int32),
+            vision_positions=cap.vision_positions[b, :nv].cpu().numpy().astype(np.int32),
             text_positions=rows.cpu().numpy().astype(np.int32),
             attn=_f32(attn),
-            vision=_f32(cap.vision_tokens[b]),
+            vision=_f32(cap.vision_tokens[b, :nv]),
             focus=_f32(text_focus(attn)),
             logit_positions=logit_pos.cpu().numpy().astype(np.int32),
             logit_ids=target.ids.cpu().numpy().astype(np.int64),
@@ -73,8 +77,28 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
             image_path=image_paths[b],
             image_sha256=sample.image_sha256,
             image_bytes=sample.image_bytes if store_images else None,
+            image_grid_thw=grids[b],
+            **{k: v.numpy().astype(np.int32) for k, v in sample.token_inputs.items() if k in token_inputs},
         ))
     return records
+
+
+def _per_sample_grids(batch, n: int) -> list[np.ndarray]:
+    """Each sample's rows of `image_grid_thw` (Qwen-VL; one image per sample), flattened."""
+    grid = batch.get("image_grid_thw")
+    if grid is None:
+        return [np.zeros(0, np.int32)] * n
+    grid = grid.cpu().numpy().astype(np.int32).reshape(n, -1)
+    return list(grid)
+
+
+def model_inputs_of(batch: dict, family) -> dict:
+    """What the forward takes: the batch minus labels and the per-token inputs the family
+    does not use (a tokenizer may emit token_type_ids that e.g. LLaVA would refuse)."""
+    from alignkd.data.images import TOKEN_INPUT_KEYS
+
+    drop = {"labels", *(k for k in TOKEN_INPUT_KEYS if k not in family.token_inputs)}
+    return {k: v for k, v in batch.items() if k not in drop}
 
 
 class TeacherPass:
@@ -137,11 +161,11 @@ class TeacherPass:
         on_device = {k: (v.to(device) if torch.is_tensor(v) else v) for k, v in batch.items()}
         if "pixel_values" in on_device:
             on_device["pixel_values"] = on_device["pixel_values"].to(self.vlm.model.dtype)
-        model_inputs = {k: v for k, v in on_device.items() if k != "labels"}
+        model_inputs = model_inputs_of(on_device, self.vlm.family)
         cap = capture_forward(self.vlm.model, model_inputs)
         # Sparse encoding runs where the logits are: copying [B, L, V] logits to the host
         # would cost more than the teacher forward on a GPU.
         return records_from_capture(
             rendered, image_paths, on_device, cap, logit_mode=self.cfg.logit_mode, logit_k=self.cfg.logit_k,
             logit_samples=self.cfg.logit_samples, positions_policy=self.cfg.logit_positions,
-            seed=self.cfg.seed, store_images=self.cfg.store_images)
+            seed=self.cfg.seed, store_images=self.cfg.store_images, token_inputs=self.vlm.family.token_inputs)

@@ -35,7 +35,7 @@ from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it
 from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, committed_shards, encode,
                                         load_cache_json, read_parquet)
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
-from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
+from alignkd.storage_schemas import (REPLAYED_COLUMNS, ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
                                      CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE,
                                      SAMPLE_SCHEMA, SAMPLES_FILE, SAMPLES_ROW_GROUP, SCHEMA_VERSION,
                                      SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
@@ -103,6 +103,7 @@ class _ShardInProgress:
             "vision_positions": np.asarray(rec.vision_positions, np.int32),
             "text_positions": np.asarray(rec.text_positions, np.int32),
             "logit_positions": np.asarray(rec.logit_positions, np.int32),
+            **{k: np.asarray(getattr(rec, k), np.int32) for k in REPLAYED_COLUMNS},
             "n_text": rec.attn.shape[0], "n_heads": rec.attn.shape[1], "n_vision": rec.attn.shape[2],
             "vision_dim": rec.vision.shape[1], "n_logit_positions": rec.logit_ids.shape[0],
             "logit_k": rec.logit_ids.shape[1], "logit_entries": int(ids.size),

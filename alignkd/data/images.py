@@ -14,10 +14,12 @@ from pathlib import Path
 
 from alignkd.data.errors import SampleError
 
-# Keys of a processor's output that are per-token, not per-image. mm_token_type_ids
-# (Qwen-VL) can be recomputed from input_ids with `processor.create_mm_token_type_ids`.
+# Keys of a processor's output that are per-token, not per-image. Of these, the
+# TOKEN_INPUT_KEYS are model inputs some families need (Qwen-VL's mm_token_type_ids,
+# Gemma3's token_type_ids); the family row says which ones its forward takes.
+TOKEN_INPUT_KEYS = ("token_type_ids", "mm_token_type_ids")
 TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets",
-                        "token_type_ids", "mm_token_type_ids"})
+                        *TOKEN_INPUT_KEYS})
 
 
 @dataclass(frozen=True)
@@ -77,9 +79,16 @@ def image_inputs_from_bytes(processor, image_bytes: bytes, *, sample_id: str = "
     Goes through the processor's own __call__ with a lone image token, so every
     processor-level image kwarg applies exactly as it did when the sample was rendered.
     """
+    return image_encoding_from_bytes(processor, image_bytes, sample_id=sample_id, row=row)[0]
+
+
+def image_encoding_from_bytes(processor, image_bytes: bytes, *, sample_id: str = "<unknown>",
+                              row: int | None = None) -> tuple[dict, "object"]:
+    """(image inputs, input_ids [1, n]) of the processor on a lone image token: the ids say
+    how many image tokens this processor gives this image."""
     image = decode_image(image_bytes, sample_id, row)
     out = processor(text=[processor.image_token], images=[image], return_tensors="pt")
-    return image_inputs_of(out)
+    return image_inputs_of(out), out["input_ids"]
 
 
 def image_inputs_of(processor_output) -> dict:

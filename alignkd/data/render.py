@@ -26,7 +26,7 @@ import torch
 
 from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
-from alignkd.data.images import LoadedImage, image_inputs_of, load_image
+from alignkd.data.images import TOKEN_INPUT_KEYS, LoadedImage, image_inputs_of, load_image
 from alignkd.data.manifest import ManifestRecord
 from alignkd.errors import ConfigError
 
@@ -43,6 +43,7 @@ class RenderedSample:
     attention_mask: torch.Tensor
     labels: torch.Tensor
     image_inputs: dict = field(default_factory=dict)
+    token_inputs: dict = field(default_factory=dict)  # per-token model inputs, e.g. mm_token_type_ids [L]
     image_sha256: str | None = None
     image_bytes: bytes | None = None
     truncated: bool = False
@@ -67,6 +68,7 @@ def render_sample(record: ManifestRecord, processor, images_root: str | Path | N
     return RenderedSample(
         sample_id=sid, row=row, input_ids=ids, attention_mask=mask, labels=labels,
         image_inputs=image_inputs_of(out),
+        token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_KEYS if k in out},
         image_sha256=loaded.sha256 if loaded else None,
         image_bytes=loaded.data if loaded else None,
         truncated=truncated,

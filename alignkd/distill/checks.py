@@ -18,21 +18,17 @@ from alignkd.storage_schemas import TOKENIZER_DIR
 ROWS_TO_CHECK = 16
 
 
-def student_vision_tokens(processor) -> int:
-    """How many image tokens the student's processor emits for one image."""
-    from PIL import Image
+def check_vocabulary(student_vocab: int, teacher_vocab: int, tokenizer_size: int) -> None:
+    """Equal widths, or widths that differ only in padding rows past the shared tokenizer.
 
-    image = Image.new("RGB", (64, 64))
-    token = processor.image_token
-    enc = processor(text=[token], images=[image], return_tensors="pt")
-    return int((enc["input_ids"] == processor.image_token_id).sum())
-
-
-def check_vocabulary(student_vocab: int, teacher_vocab: int) -> None:
-    if student_vocab != teacher_vocab:
+    Called after the token-id check, so the tokenizers are known to agree; the logit
+    targets are then restricted to the shared ids (`alignkd.distill.vocab`).
+    """
+    if student_vocab != teacher_vocab and tokenizer_size > min(student_vocab, teacher_vocab):
         raise AlignKDError(
             f"the student's vocabulary has {student_vocab} entries but the cache's teacher has "
-            f"{teacher_vocab}; sparse logit ids would point at different tokens."
+            f"{teacher_vocab}, and their tokenizer has {tokenizer_size} tokens, more than the smaller head; "
+            "sparse logit ids would point past the student's head."
         )
 
 
@@ -76,15 +72,35 @@ def check_cache_integrity(cache: str) -> None:
 
 
 def check_student_fits_cache(vlm, reader) -> None:
+    """Same tokenizer (widths may differ by padding rows) and the teacher's model family.
+
+    Whether the student's processor gives each image the teacher's vision tokens is
+    checked per sample by the dataset (`check_image_fits`), since Nv varies per image.
+    """
     shapes = reader.meta["teacher_shapes"]
-    text = vlm.model.config.get_text_config()
-    check_vocabulary(int(text.vocab_size), int(shapes["vocab_size"]))
-    check_token_ids(vlm.processor.tokenizer, reader, str(vlm.path))
-    if len(reader):
-        cached_nv = len(reader[0].vision_positions)
-        student_nv = student_vision_tokens(vlm.processor)
-        if cached_nv != student_nv:
-            raise AlignKDError(
-                f"the student sees {student_nv} vision tokens per image but the cache holds {cached_nv}; "
-                "use a student with the teacher's image grid."
-            )
+    student_vocab = int(vlm.model.config.get_text_config().vocab_size)
+    teacher_vocab = int(shapes["vocab_size"])
+    try:
+        check_token_ids(vlm.processor.tokenizer, reader, str(vlm.path))
+    except AlignKDError as err:
+        if student_vocab == teacher_vocab:
+            raise
+        raise AlignKDError(
+            f"the student's vocabulary has {student_vocab} entries and the cache's teacher has {teacher_vocab}, "
+            f"and the tokenizers differ ({str(err).rstrip('.')})."
+        ) from None
+    check_vocabulary(student_vocab, teacher_vocab, len(vlm.processor.tokenizer))
+    check_family(vlm.model.config.model_type, shapes.get("model_type"))
+
+
+def check_family(student_type: str, teacher_type: str | None) -> None:
+    """The student must take the per-token inputs the cache replays (mm_token_type_ids,
+    token_type_ids): families that differ there cannot share a cache."""
+    from alignkd.models.families import FAMILIES
+
+    if teacher_type not in FAMILIES or student_type not in FAMILIES:
+        return
+    if FAMILIES[teacher_type].token_inputs != FAMILIES[student_type].token_inputs:
+        raise AlignKDError(f"the cache was built by a {teacher_type} teacher but the student is a "
+                           f"{student_type} model, which takes other per-token inputs; use a student "
+                           "of the teacher's family.")

@@ -24,12 +24,14 @@ from alignkd.errors import AlignKDError
 # holds ~190 LLaVA images at 336 px (fp32) but every one of a small world's 48 px images,
 # which then never go through the processor twice in a run of many epochs.
 IMAGE_CACHE_BYTES = 256 * 2**20
+TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # replayed per-token model inputs
 
 
 class CachedDistillDataset(Dataset):
     """Index i -> one student example with its teacher targets, as tensors."""
 
-    def __init__(self, cache_path: str, processor, images_root: str | None = None) -> None:
+    def __init__(self, cache_path: str, processor, images_root: str | None = None, *,
+                 image_token_id: int | None = None, vocab_size: int | None = None) -> None:
         from alignkd.cache.reader import open_cache
 
         self.cache_path = str(cache_path)
@@ -37,7 +39,10 @@ class CachedDistillDataset(Dataset):
         self.reader = open_cache(cache_path, check_crc=True)
         self.processor = processor
         self.images_root = images_root
-        self._image_cache: OrderedDict[str, dict] = OrderedDict()
+        self.image_token_id = image_token_id  # to check the student's image tokens per sample
+        self.vocab_size = vocab_size  # the student's logit width; teacher ids past it are dropped
+        self.logit_mode = self.reader.meta.get("build_options", {}).get("logit_mode", "topk")
+        self._image_cache: OrderedDict[str, tuple[dict, int | None]] = OrderedDict()
         self._image_cache_bytes = 0
 
     def __len__(self) -> int:
@@ -62,61 +67,105 @@ class CachedDistillDataset(Dataset):
         return path.read_bytes()
 
     def __getitem__(self, index: int) -> dict:
-        from alignkd.data import image_inputs_from_bytes
-
         sample = self.reader[index]
         image_bytes = self._image_bytes(sample)
         if image_bytes is None:
-            return item_from_record(sample, {})
+            return item_from_record(sample, {}, self.vocab_size, self.logit_mode)
         key = sample.image_sha256 or hashlib.sha256(image_bytes).hexdigest()
-        image_inputs = self._image_cache.get(key)
-        if image_inputs is None:
-            image_inputs = image_inputs_from_bytes(self.processor, image_bytes)
-            self._remember_image(key, image_inputs)
+        entry = self._image_cache.get(key)
+        if entry is None:
+            entry = self._encode_image(image_bytes, sample)
+            self._remember_image(key, entry)
         else:
             self._image_cache.move_to_end(key)
-        return item_from_record(sample, image_inputs)
+        image_inputs, n_image_tokens = entry
+        check_image_fits(sample, image_inputs, n_image_tokens, self.image_token_id)
+        return item_from_record(sample, image_inputs, self.vocab_size, self.logit_mode)
 
-    def _remember_image(self, key: str, image_inputs: dict) -> None:
+    def _encode_image(self, image_bytes: bytes, sample) -> tuple[dict, int | None]:
+        """(image inputs, how many image tokens the student's processor gives this image)."""
+        from alignkd.data import image_encoding_from_bytes
+
+        inputs, ids = image_encoding_from_bytes(self.processor, image_bytes, sample_id=sample.sample_id)
+        count = None if self.image_token_id is None else int((ids == self.image_token_id).sum())
+        return inputs, count
+
+    def _remember_image(self, key: str, entry: tuple[dict, int | None]) -> None:
         """Least-recently-used eviction until the kept tensors fit IMAGE_CACHE_BYTES."""
-        self._image_cache[key] = image_inputs
-        self._image_cache_bytes += _nbytes(image_inputs)
+        self._image_cache[key] = entry
+        self._image_cache_bytes += _nbytes(entry[0])
         while self._image_cache_bytes > IMAGE_CACHE_BYTES and len(self._image_cache) > 1:
             _, evicted = self._image_cache.popitem(last=False)
-            self._image_cache_bytes -= _nbytes(evicted)
+            self._image_cache_bytes -= _nbytes(evicted[0])
 
 
 def _nbytes(image_inputs: dict) -> int:
     return sum(v.numel() * v.element_size() for v in image_inputs.values() if isinstance(v, torch.Tensor))
 
 
-def item_from_record(rec, image_inputs: dict) -> dict:
-    """A cached (or live-built) `SampleRecord` -> the student's inputs plus `t_*` teacher targets."""
+def check_image_fits(sample, image_inputs: dict, n_image_tokens: int | None, image_token_id: int | None) -> None:
+    """Refuse a sample whose image the student's processor turns into other image tokens
+    than the teacher saw (another grid, resolution or tiling): the cached attention and
+    vision targets would not line up with the student's vision tokens."""
+    if image_token_id is not None and n_image_tokens is not None:
+        cached = int((np.asarray(sample.input_ids) == image_token_id).sum())
+        if cached != n_image_tokens:
+            raise AlignKDError(
+                f"sample {sample.sample_id}: the student's processor gives its image {n_image_tokens} image "
+                f"tokens but the teacher saw {cached}; teacher and student must share the image processor.")
+    grid = image_inputs.get("image_grid_thw")
+    if grid is not None and len(sample.image_grid_thw) and \
+            grid.reshape(-1).tolist() != np.asarray(sample.image_grid_thw).tolist():
+        raise AlignKDError(
+            f"sample {sample.sample_id}: the student's image grid {grid.reshape(-1).tolist()} differs from the "
+            f"teacher's {np.asarray(sample.image_grid_thw).tolist()}; teacher and student must share the image processor.")
+
+
+def item_from_record(rec, image_inputs: dict, vocab_size: int | None = None, logit_mode: str = "topk") -> dict:
+    """A cached (or live-built) `SampleRecord` -> the student's inputs plus `t_*` teacher targets.
+
+    The family's per-token inputs (mm_token_type_ids, token_type_ids) are the teacher's,
+    replayed. With `vocab_size`, teacher logit ids the student's head has no row for are
+    dropped (`restrict_logits`).
+    """
+    from alignkd.distill.vocab import restrict_logits
+
     ids = torch.from_numpy(np.asarray(rec.input_ids, dtype=np.int64))
     item = {"input_ids": ids,
             "labels": ids.masked_fill(~torch.from_numpy(np.asarray(rec.label_mask, dtype=bool)), -100)}
+    for name in TOKEN_INPUTS:
+        if len(getattr(rec, name)):
+            item[name] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.int64))
     for name in ("text_positions", "logit_positions", "logit_ids"):
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.int64))
     for name in ("attn", "vision", "focus", "logit_values", "logit_tail"):  # attn [T, H, Nv], vision [Nv, D]
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
+    if vocab_size is not None:
+        item["t_logit_ids"], item["t_logit_values"], item["t_logit_tail"] = restrict_logits(
+            item["t_logit_ids"], item["t_logit_values"], item["t_logit_tail"], vocab_size, logit_mode)
     item.update(image_inputs)
     return item
 
 
-def _pad(tensors: list[torch.Tensor], value, length: int | None = None) -> torch.Tensor:
-    """Right-pad the first axis of each tensor to a common length and stack."""
-    length = length or max(t.shape[0] for t in tensors)
-    out = tensors[0].new_full((len(tensors), length, *tensors[0].shape[1:]), value)
+def _pad(tensors: list[torch.Tensor], value) -> torch.Tensor:
+    """Right-pad every axis of each tensor to the largest size and stack (ragged T, Nv)."""
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
+    out = tensors[0].new_full((len(tensors), *shape), value)
     for i, t in enumerate(tensors):
-        out[i, : t.shape[0]] = t
+        out[(i, *(slice(0, n) for n in t.shape))] = t
     return out
 
 
 def collate_distill(items: list[dict], pad_token_id: int) -> dict:
     """Pad a list of examples into one batch; teacher targets get explicit validity masks.
 
-    Sequences are right-padded, so the cached positions are also batch positions.
+    Sequences are right-padded, so the cached positions are also batch positions. The
+    vision-token count may differ per sample: t_attn [B, T, H, Nv], t_vision [B, Nv, D] and
+    t_focus [B, Nv] are zero-padded to the batch's largest Nv and `t_vision_mask` [B, Nv]
+    marks the real columns (the student's capture pads the same way).
     """
+    from alignkd.data import concat_padded
+
     lengths = [it["input_ids"].shape[0] for it in items]
     width = max(it["t_logit_ids"].shape[1] for it in items)  # sampled logits differ per sample
     batch = {
@@ -125,16 +174,20 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
         "attention_mask": _pad([torch.ones(n, dtype=torch.long) for n in lengths], 0),
         "t_text_positions": _pad([it["t_text_positions"] for it in items], -1),
         "t_attn": _pad([it["t_attn"] for it in items], 0.0),
-        "t_vision": torch.stack([it["t_vision"] for it in items]),
-        "t_focus": torch.stack([it["t_focus"] for it in items]),
+        "t_vision": _pad([it["t_vision"] for it in items], 0.0),
+        "t_focus": _pad([it["t_focus"] for it in items], 0.0),
+        "t_vision_mask": _pad([torch.ones(it["t_vision"].shape[0], dtype=torch.bool) for it in items], False),
         "t_logit_positions": _pad([it["t_logit_positions"] for it in items], -1),
         "t_logit_ids": _pad([_pad_k(it["t_logit_ids"], width, -1) for it in items], -1),
         "t_logit_values": _pad([_pad_k(it["t_logit_values"], width, 0.0) for it in items], 0.0),
         "t_logit_tail": _pad([it["t_logit_tail"] for it in items], 0.0),
     }
-    image_keys = [k for k in items[0] if k not in batch and not k.startswith("t_")]
+    for key in TOKEN_INPUTS:
+        if all(key in it for it in items):
+            batch[key] = _pad([it[key] for it in items], 0)
+    image_keys = [k for k in items[0] if k not in batch and not k.startswith("t_") and k not in TOKEN_INPUTS]
     for key in image_keys:
-        batch[key] = torch.cat([it[key] for it in items if key in it])
+        batch[key] = concat_padded([it[key] for it in items if key in it])
     return batch
 
 

@@ -175,6 +175,7 @@ def attention_loss(
     row_mask: Tensor,
     head_adapter: nn.Module | None,
     mode: str = "mse",
+    vision_mask: Tensor | None = None,
 ) -> Tensor:
     """L_attn between first-layer text-query x vision-key attention maps.
 
@@ -186,6 +187,8 @@ def attention_loss(
     heads and valid rows, each row weighted by the teacher's vision mass (mean weight 1);
     both sides get an eps floor so an all-zero row becomes uniform instead of NaN. Padded rows are
     selected out with `where`, so their contents (even NaN) never reach the loss.
+    vision_mask [B, N_v] marks each sample's real vision columns when N_v varies per sample;
+    padded columns are left out of every sum, mean and renormalisation the same way.
     """
     if head_adapter is None:
         target = teacher_attn
@@ -195,24 +198,28 @@ def attention_loss(
         raise ValueError(
             f"attention_loss: adapted teacher {tuple(target.shape)} != student {tuple(student_attn.shape)}"
         )
+    B, H, T, Nv = student_attn.shape
+    cols = torch.ones(B, Nv, dtype=torch.bool, device=student_attn.device) if vision_mask is None \
+        else vision_mask.bool()
     rows = row_mask.bool()[:, None, :, None].expand_as(student_attn)
-    s = torch.where(rows, student_attn.float(), 0.0)
-    t = torch.where(rows, target.float(), 0.0)
-    B, H, T, Nv = s.shape
+    entries = rows & cols[:, None, None, :]
+    s = torch.where(entries, student_attn.float(), 0.0)
+    t = torch.where(entries, target.float(), 0.0)
     n_rows = row_mask.bool().sum().clamp(min=1)
     if mode == "mse":
-        return ((t - s) ** 2).sum() / (n_rows * H * Nv)
+        n_entries = (row_mask.bool().sum(1) * cols.sum(1)).sum().clamp(min=1)
+        return ((t - s) ** 2).sum() / (n_entries * H)
     if mode == "kl":
-        t = t.clamp(min=0) + _EPS
-        s = s.clamp(min=0) + _EPS
+        t = torch.where(entries, t.clamp(min=0) + _EPS, 0.0)
+        s = torch.where(entries, s.clamp(min=0) + _EPS, 1.0)
         # Rows whose query barely looks at the image carry little of the alignment and,
         # renormalised, amplify their gradient by 1/mass; weighting each row by the
         # teacher's vision mass (normalised to mean 1 over the valid rows) bounds both.
         mass = torch.where(rows[..., 0], t.sum(-1), 0.0)  # [B, H, T]
         weight = mass / (mass.sum() / (n_rows * H)).clamp(min=_EPS)
-        t = t / t.sum(-1, keepdim=True)
-        s = s / s.sum(-1, keepdim=True)
-        per_row = (t * (t.log() - s.log())).sum(-1)  # [B, H, T]
+        t = t / t.sum(-1, keepdim=True).clamp(min=_EPS)
+        s = s / torch.where(entries, s, 0.0).sum(-1, keepdim=True).clamp(min=_EPS)
+        per_row = torch.where(entries, t * (t.clamp(min=_EPS).log() - s.log()), 0.0).sum(-1)  # [B, H, T]
         per_row = torch.where(rows[..., 0], per_row * weight.detach(), 0.0)
         return per_row.sum() / (n_rows * H)
     raise ValueError(f"attention loss mode must be 'mse' or 'kl', got {mode!r}")
@@ -225,6 +232,7 @@ def vision_loss(
     projector_adapter: nn.Module | None,
     topk: int = 16,
     valid: Tensor | None = None,
+    vision_mask: Tensor | None = None,
 ) -> Tensor:
     """The paper's L_vis = mse(P F_T, F_S) over all N_v tokens + mse over the top-k focus tokens.
 
@@ -232,9 +240,12 @@ def vision_loss(
     tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
     or text-only samples) from both means. Its scale is the teacher features' scale,
     and both sides can shrink together; `normalized_vision_loss` is the default.
+    vision_mask [B, N_v] marks each sample's real tokens when N_v varies per sample: each
+    sample's means run over its own N_v_b tokens and its own k = min(topk, N_v_b) (topk may
+    also be a per-sample [B] tensor), so a padded batch equals its samples' losses.
     """
     target = teacher_vis.float() if projector_adapter is None else projector_adapter(teacher_vis.float())
-    return _token_mse_with_topk(student_vis.float(), target, focus, topk, valid)
+    return _token_mse_with_topk(student_vis.float(), target, focus, topk, valid, vision_mask)
 
 
 def normalized_vision_loss(
@@ -244,6 +255,7 @@ def normalized_vision_loss(
     adapter: StudentToTeacherAdapter,
     topk: int = 16,
     valid: Tensor | None = None,
+    vision_mask: Tensor | None = None,
 ) -> Tensor:
     """Scale-free L_vis: the student's tokens, mapped to the teacher's width, regress the
     teacher's tokens standardised per channel (all tokens, plus the top-k focus tokens again).
@@ -253,24 +265,33 @@ def normalized_vision_loss(
     asks the student's tokens to *contain* what the teacher's tokens encode (a linear
     read-out recovers them), the direction FitNets uses; on the demo world this trained
     far better than the paper's direction, which asks the student's tokens to equal a
-    map of the teacher's (docs/demo-notes.md).
+    map of the teacher's (docs/demo-notes.md). vision_mask as in `vision_loss`.
     """
     return _token_mse_with_topk(adapter(student_vis.float()), adapter.standardise(teacher_vis.float()), focus,
-                                topk, valid)
+                                topk, valid, vision_mask)
 
 
-def _token_mse_with_topk(pred: Tensor, target: Tensor, focus: Tensor, topk: int, valid: Tensor | None) -> Tensor:
+def _token_mse_with_topk(pred: Tensor, target: Tensor, focus: Tensor, topk: int | Tensor, valid: Tensor | None,
+                         vision_mask: Tensor | None = None) -> Tensor:
     B, Nv, _ = pred.shape
     ok = torch.ones(B, dtype=torch.bool, device=pred.device) if valid is None else valid.bool()
-    sq = ((target - pred) ** 2).mean(-1)  # [B, N_v]
-    top = focus.float().topk(min(topk, Nv), dim=-1).indices
-    every = _valid_mean(sq.mean(-1), ok)
-    chosen = _valid_mean(sq.gather(1, top).mean(-1), ok)
+    real = torch.ones(B, Nv, dtype=torch.bool, device=pred.device) if vision_mask is None else vision_mask.bool()
+    sq = torch.where(real, ((target - pred) ** 2).mean(-1), 0.0)  # [B, N_v]
+    k_b = torch.as_tensor(topk, device=pred.device).expand(B).clamp(max=Nv)
+    k_b = torch.minimum(k_b, real.sum(-1))  # [B], each sample's own k
+    k = int(k_b.max()) if B else 0
+    top = focus.float().masked_fill(~real, float("-inf")).topk(k, dim=-1).indices
+    slot_ok = torch.arange(k, device=pred.device)[None] < k_b[:, None]
+    every = _valid_mean(sq.sum(-1) / real.sum(-1).clamp(min=1), ok)
+    chosen = _valid_mean(torch.where(slot_ok, sq.gather(1, top), 0.0).sum(-1) / k_b.clamp(min=1), ok)
     return every + chosen
 
 
-def default_vision_topk(num_vision_tokens: int) -> int:
+def default_vision_topk(num_vision_tokens: int | Tensor) -> int | Tensor:
     """The paper's share of focus tokens: k = 16 of 144 (MobileVLM V2), i.e. N_v / 9, at least 1.
 
-    A fixed 16 selects every token of a 9-token image (so they all just count twice)."""
+    A fixed 16 selects every token of a 9-token image (so they all just count twice).
+    Given per-sample counts [B] (N_v varies per sample) it returns each sample's k."""
+    if isinstance(num_vision_tokens, Tensor):
+        return torch.round(num_vision_tokens.double() * 16 / 144).long().clamp(min=1)
     return max(1, round(num_vision_tokens * 16 / 144))

@@ -56,6 +56,10 @@ class AlignKDObjective(nn.Module):
         if adapters == "frozen":
             for p in [*self.head_adapter.parameters(), *self.projector_adapter.parameters()]:
                 p.requires_grad_(False)
+        if attn_loss == "kl":
+            # The KL mixes teacher heads convexly (`HeadAdapter.mix`) and never reads the
+            # bias; a parameter that gets no gradient would stall DDP's reducer.
+            self.head_adapter.bias.requires_grad_(False)
         self.weights = weights
         self.logit_mode = logit_mode
         self.logit_samples = logit_samples
@@ -116,9 +120,10 @@ class AlignKDObjective(nn.Module):
                 terms["logit"] = sparse_kl_sampled(logits, ids, values, self.logit_samples, self.temperature)
         if w.vis > 0:
             vis_loss = normalized_vision_loss if self.loss_scale == "normalized" else vision_loss
-            topk = self.vision_topk or default_vision_topk(batch["t_vision"].shape[1])
+            mask = batch.get("t_vision_mask")
+            topk = self.vision_topk or default_vision_topk(batch["t_vision"].shape[1] if mask is None else mask.sum(1))
             terms["vis"] = vis_loss(cap.vision_tokens.float(), batch["t_vision"], batch["t_focus"],
-                                    self.projector_adapter, topk=topk)
+                                    self.projector_adapter, topk=topk, vision_mask=mask)
         if w.attn > 0:
             terms["attn"] = self._attention_term(cap, batch)
         return terms
@@ -133,7 +138,8 @@ class AlignKDObjective(nn.Module):
         idx = gather[:, None, :, None].expand(-1, student.shape[1], -1, student.shape[-1])
         student_rows = student.gather(2, idx).float()              # [B, Hs, T, Nv]
         teacher_rows = batch["t_attn"].permute(0, 2, 1, 3)         # [B, Ht, T, Nv]
-        return attention_loss(student_rows, teacher_rows, row_mask, self.head_adapter, mode=self.attn_loss)
+        return attention_loss(student_rows, teacher_rows, row_mask, self.head_adapter, mode=self.attn_loss,
+                              vision_mask=batch.get("t_vision_mask"))
 
 
 def _valid_index(positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

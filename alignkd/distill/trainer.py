@@ -87,11 +87,17 @@ class DistillSummary:
     seconds: float = 0.0
 
 
-def _freeze(student, parts: tuple[str, ...]) -> None:
-    """Freeze named submodules of the student (e.g. its vision tower, as MobileVLM does)."""
+def _freeze(student, parts: tuple[str, ...], family=None) -> None:
+    """Freeze named submodules of the student (e.g. its vision tower, as MobileVLM does).
+
+    "vision_tower" also names the family's own tower where it is called otherwise
+    (Qwen-VL's `visual`, Idefics3's `vision_model`).
+    """
     modules = dict(student.named_modules())
     for part in parts:
         matches = [m for name, m in modules.items() if name.split(".")[-1] == part]
+        if not matches and part == "vision_tower" and family is not None:
+            matches = [family.get_vision_tower(student)]
         if not matches:
             raise ConfigError(f"--freeze {part}: the student has no module named {part!r}.")
         for module in matches:
@@ -128,7 +134,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     meta = reader.meta
     student = vlm.model
     student.train()
-    _freeze(student, cfg.freeze)
+    _freeze(student, cfg.freeze, vlm.family)
     weights = LossWeights(ce=cfg.w_ce, logit=cfg.w_logit, vis=cfg.w_vis, attn=cfg.w_attn)
     vision_stats = None
     if cfg.loss_scale == "normalized" and weights.vis > 0:
@@ -141,7 +147,11 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
         logit_mode=meta["build_options"]["logit_mode"], logit_samples=meta["build_options"]["logit_samples"],
         temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.resolved_attn_loss,
         adapters=cfg.adapters, loss_scale=cfg.loss_scale, vision_stats=vision_stats)
-    dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images)
+    dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images,
+                                   image_token_id=vlm.family.get_image_token_id(student.config),
+                                   vocab_size=int(student.config.get_text_config().vocab_size))
+    if len(dataset):
+        dataset[0]  # refuses a student whose processor gives other image tokens, before the Trainer starts
     out = Path(cfg.out)
     # transformers 5 reads the TensorBoard directory from the environment only.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))

@@ -57,7 +57,7 @@ def probe_attention_forward(module, query, key, value, attention_mask, dropout=0
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     state = entry[0]
     state.eager_calls += 1
-    eager = sys.modules[type(module).__module__].eager_attention_forward
+    eager = _eager_of(module)
     mask = additive_mask(module, query, key, attention_mask, is_causal)
     output, weights = eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
     # Only while capture_forward listens: a non-reentrant checkpoint recomputes layer 0
@@ -65,6 +65,11 @@ def probe_attention_forward(module, query, key, value, attention_mask, dropout=0
     if state.active:
         state.layer0_weights = weights
     return output, weights
+
+
+def _eager_of(module):
+    """The model file's own eager attention, whose weights are what output_attentions returns."""
+    return sys.modules[type(module).__module__].eager_attention_forward
 
 
 def additive_mask(module, query, key, attention_mask, is_causal):

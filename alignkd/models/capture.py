@@ -25,10 +25,11 @@ class CaptureOutput:
 
     logits: torch.Tensor  # [B, L, V]
     image_mask: torch.Tensor  # [B, L] bool, image-token positions
-    vision_tokens: torch.Tensor  # [B, Nv, d] decoder inputs at the image positions, in order
-    vision_positions: torch.Tensor  # [B, Nv] long
+    vision_tokens: torch.Tensor  # [B, Nv, d] decoder inputs at the image positions, in order (0 past Nv_b)
+    vision_positions: torch.Tensor  # [B, Nv] long, -1 past sample b's own count Nv_b
+    vision_mask: torch.Tensor  # [B, Nv] bool, the first Nv_b entries of row b
     text_query_mask: torch.Tensor  # [B, L] bool, valid text positions after the last image token
-    attn_text_vision: torch.Tensor  # [B, H, L, Nv] layer-0 probabilities (softmax over all keys)
+    attn_text_vision: torch.Tensor  # [B, H, L, Nv] layer-0 probabilities (softmax over all keys; 0 past Nv_b)
     layer0_attn: torch.Tensor | None = None  # [B, H, L, L] only with return_full_layer0=True
     loss: torch.Tensor | None = None  # the model's own loss when the batch has labels
     model_output: Any = None  # the raw transformers output, for anything else
@@ -67,14 +68,18 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     if attention_mask is None:
         attention_mask = torch.ones_like(input_ids)
     rows = torch.arange(input_ids.shape[0], device=input_ids.device)[:, None]
-    index = positions[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
+    valid = positions >= 0
+    safe = positions.clamp(min=0)
+    index = safe[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
+    attn = weights.gather(3, index)
     return CaptureOutput(
         logits=out.logits,
         image_mask=image_mask,
-        vision_tokens=embeds[rows, positions],
+        vision_tokens=torch.where(valid[..., None], embeds[rows, safe], 0.0),
         vision_positions=positions,
+        vision_mask=valid,
         text_query_mask=text_query_mask(image_mask, attention_mask),
-        attn_text_vision=weights.gather(3, index),
+        attn_text_vision=torch.where(valid[:, None, None, :], attn, 0.0),
         layer0_attn=weights if return_full_layer0 else None,
         loss=getattr(out, "loss", None),
         model_output=out,
@@ -105,16 +110,20 @@ def _run_listening(model, family, batch: dict, keep_graph: bool):
 
 
 def vision_positions(image_mask: torch.Tensor) -> torch.Tensor:
-    """[B, Nv] image-token positions in sequence order; one fixed-size image per sample."""
+    """[B, max Nv_b] image-token positions in sequence order, -1 past each sample's own count.
+
+    Counts may differ per sample (dynamic resolution, any-res tiles) and the positions need
+    not be contiguous (tiles, row separators); every sample needs at least one.
+    """
     counts = image_mask.sum(dim=1)
-    if counts.numel() == 0 or int(counts.min()) == 0 or int(counts.min()) != int(counts.max()):
+    if counts.numel() == 0 or int(counts.min()) == 0:
         raise AlignKDError(
-            "every sample in a capture batch needs exactly one image with the same number of image tokens "
-            f"(got image-token counts {counts.tolist()})."
+            f"every sample in a capture batch needs an image (got image-token counts {counts.tolist()})."
         )
     # A stable sort puts the image positions first, each row in increasing order.
-    order = torch.argsort((~image_mask).to(torch.int8), dim=1, stable=True)
-    return order[:, : int(counts[0])]
+    order = torch.argsort((~image_mask).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+    slot = torch.arange(order.shape[1], device=order.device)
+    return torch.where(slot[None] < counts[:, None], order, -1)
 
 
 def text_query_mask(image_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

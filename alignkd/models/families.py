@@ -2,8 +2,18 @@
 
 The capture code never names a model class. It asks this table where the text config
 lives, which module receives `inputs_embeds` (the decoder), where layer 0's attention
-module sits and which token id marks an image. Adding Qwen-VL or Gemma3 later means
-adding a row here (plus any mask quirk the family needs), not touching the stages.
+module sits, which token id marks an image, and which of a family's quirks apply. A
+new family is a new row here (docs/families.md says how), not an edit to the stages.
+
+Quirks a row can declare:
+- `token_inputs`: per-token model inputs the processor makes besides `input_ids` and
+  `attention_mask` that change the forward (Qwen-VL's `mm_token_type_ids` feed its 3-D
+  rope positions; Gemma3's and PaliGemma's `token_type_ids` make the image block, or the
+  prefix, bidirectional). The cache stores them so the student replays exactly the
+  teacher's inputs.
+Everything else (several image runs per image, LLaVA-NeXT's image_newline rows, a
+per-sample vision-token count) needs no row field: the capture reads image positions
+from `input_ids`, whatever their number and layout.
 """
 
 from __future__ import annotations
@@ -18,17 +28,22 @@ class VLMFamily:
     """Where one VLM family keeps the pieces the capture needs (dotted attribute paths)."""
 
     name: str
-    text_config: str  # on the top-level config
-    decoder: str  # on the top-level *ForConditionalGeneration model; its forward takes inputs_embeds
-    layers: str  # on the decoder
-    attention: str  # on each decoder layer
-    image_token_id: str  # on the top-level config
+    decoder: str = "model.language_model"  # on the *ForConditionalGeneration model; takes inputs_embeds
+    text_config: str = "text_config"  # on the top-level config
+    layers: str = "layers"  # on the decoder
+    attention: str = "self_attn"  # on each decoder layer
+    image_token_id: str = "image_token_id"  # on the top-level config
+    vision_tower: str = "model.vision_tower"  # what `distill --freeze vision_tower` freezes
+    token_inputs: tuple[str, ...] = ()
 
     def get_text_config(self, config):
         return _resolve(config, self.text_config)
 
     def get_decoder(self, model):
         return _resolve(model, self.decoder)
+
+    def get_vision_tower(self, model):
+        return _resolve(model, self.vision_tower)
 
     def get_attention_modules(self, model) -> list:
         """Every decoder layer's attention module, in layer order."""
@@ -39,25 +54,41 @@ class VLMFamily:
         return int(_resolve(config, self.image_token_id))
 
 
+_QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual"}
+
 FAMILIES: dict[str, VLMFamily] = {
-    "llava": VLMFamily(
-        name="llava",
-        text_config="text_config",
-        decoder="model.language_model",
-        layers="layers",
-        attention="self_attn",
-        image_token_id="image_token_id",
-    ),
+    "llava": VLMFamily("llava"),
+    "llava_next": VLMFamily("llava_next"),
+    "llava_onevision": VLMFamily("llava_onevision"),
+    "qwen2_vl": VLMFamily("qwen2_vl", **_QWEN),
+    "qwen2_5_vl": VLMFamily("qwen2_5_vl", **_QWEN),
+    "qwen3_vl": VLMFamily("qwen3_vl", **_QWEN),
+    "gemma3": VLMFamily("gemma3", token_inputs=("token_type_ids",)),
+    "idefics3": VLMFamily("idefics3", decoder="model.text_model", vision_tower="model.vision_model"),
+    "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model"),
+    "internvl": VLMFamily("internvl"),
+    "mistral3": VLMFamily("mistral3"),
+}
+
+# Families known not to fit the layer-0 capture, with the reason shown to the user.
+UNSUPPORTED: dict[str, str] = {
+    "llama4": "its chunked local attention and interleaved no-rope layers are not handled by the layer-0 probe yet",
+    "mllama": "its images enter through cross-attention layers, so layer 0 has no text-to-vision attention",
+    "gemma3n": "its per-layer inputs and audio tower are not handled by the capture yet",
+    "paligemma": ("its prefix-LM token_type_ids must mark each answer as the suffix, which alignkd's "
+                  "chat-template rendering does not produce yet"),
 }
 
 
 def get_family(config) -> VLMFamily:
-    """The family row for `config.model_type`, or a one-sentence refusal naming the supported list."""
+    """The family row for `config.model_type`, or a one-sentence refusal naming the family."""
     model_type = getattr(config, "model_type", None)
+    if model_type in UNSUPPORTED:
+        raise AlignKDError(f"model family {model_type!r} is not supported by alignkd: {UNSUPPORTED[model_type]}.")
     if model_type not in FAMILIES:
         supported = ", ".join(sorted(FAMILIES))
         raise AlignKDError(
-            f"model_type {model_type!r} is not supported by alignkd's capture layer (supported: {supported})."
+            f"model family {model_type!r} is not supported by alignkd's capture layer (supported: {supported})."
         )
     return FAMILIES[model_type]
 

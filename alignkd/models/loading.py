@@ -31,7 +31,9 @@ def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
              trust_remote_code: bool = False) -> LoadedVLM:
     """Load the VLM in local directory `path` for capture; the caller switches to train() if it trains."""
     import torch
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoProcessor
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    from alignkd.models.processors import load_processor
 
     path = Path(path)
     _check_model_dir(path)
@@ -51,7 +53,7 @@ def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
         )
     model.to(device).eval()
     with _naming(path, "tokenizer or processor"):
-        processor = AutoProcessor.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+        processor = load_processor(path, config.model_type, trust_remote_code=trust_remote_code)
     return LoadedVLM(model=model, processor=processor, family=family, path=path)
 
 

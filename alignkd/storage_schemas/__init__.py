@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "alignkd-cache"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: per-token model inputs and image_grid_thw columns (issue 9)
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -81,7 +81,12 @@ SAMPLE_SCHEMA = pa.schema([
     ("vision_positions", _i32_list),
     ("text_positions", _i32_list),
     ("logit_positions", _i32_list),
-    # per-sample shapes: attn [n_text, n_heads, n_vision], vision [n_vision, vision_dim],
+    # the family's per-token model inputs ([L], or [] when the family has none) and Qwen-VL's
+    # image grid (t, h, w per image, flattened; [] otherwise): the student replays them
+    ("token_type_ids", _i32_list),
+    ("mm_token_type_ids", _i32_list),
+    ("image_grid_thw", _i32_list),
+    # per-sample shapes (n_vision varies per sample in dynamic-resolution families): attn [n_text, n_heads, n_vision], vision [n_vision, vision_dim],
     # logits [n_logit_positions, logit_k] with logit_entries valid entries in total
     ("n_text", pa.int32()),
     ("n_heads", pa.int32()),
@@ -99,6 +104,9 @@ SAMPLE_SCHEMA = pa.schema([
     ("image_sha256", pa.string()),
     ("image_bytes", pa.binary()),
 ])
+# list columns the student replays as model inputs, beside input_ids
+REPLAYED_COLUMNS = ("token_type_ids", "mm_token_type_ids", "image_grid_thw")
+
 # image bytes are read per sample; small row groups keep one random read to ~32 images
 SAMPLES_ROW_GROUP = 32
 

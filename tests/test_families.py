@@ -1,0 +1,264 @@
+"""Every supported model family end to end, on a tiny real teacher/student pair per family.
+
+Per family: the probe's layer-0 rows equal a full-eager `output_attentions` forward (with
+the family's masks in force: Gemma3's sliding window and bidirectional image block), the
+cache equals the live teacher sample by sample within its stored dtype, `cache verify`
+passes, `distill` runs a few steps, and the exported student reloads through
+`AutoModelForImageTextToText`. Images have different sizes, so dynamic-resolution
+families give each sample its own vision-token count.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.catalog import run_sql
+from alignkd.cache.reader import open_cache
+from alignkd.cache.teacher_pass import model_inputs_of
+from alignkd.cache.verify import verify_cache
+from alignkd.data import collate, read_manifest, render_sample
+from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.models import capture_forward, load_vlm
+from conftest import make_image, write_manifest
+from families_tiny import FAMILY_NAMES, RAGGED, build_family
+
+BF16_RTOL = 2.0 ** -8
+SIZES = [(40, 40), (32, 64), (64, 48)]  # (height, width): three vision-token counts where Nv varies
+
+
+def _data(root: Path) -> tuple[Path, Path]:
+    from PIL import Image
+
+    images = root / "images"
+    images.mkdir(parents=True)
+    records = []
+    for i, (h, w) in enumerate(SIZES):
+        rng = np.random.default_rng(i)
+        Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)).save(images / f"{i}.png")
+        conv = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
+                {"from": "gpt", "value": ["red", "blue circle", "green square"][i]}]
+        records.append({"id": f"f{i}", "image": f"{i}.png", "conversations": conv})
+    return write_manifest(root / "data.json", records), images
+
+
+@pytest.fixture(scope="module", params=FAMILY_NAMES)
+def pair(request, tmp_path_factory):
+    """A family's teacher and student directories, its data, and a cache built with batch 2."""
+    family = request.param
+    root = tmp_path_factory.mktemp(family)
+    teacher = build_family(family, root / "teacher", "teacher", seed=0)
+    student = build_family(family, root / "student", "student", seed=1)
+    data, images = _data(root)
+    cache = root / "cache"
+    build_cache(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(cache),
+                            batch_size=2, logit_k=8, progress=False))
+    return {"family": family, "root": root, "teacher": teacher, "student": student, "data": data,
+            "images": images, "cache": cache}
+
+
+def _rendered(vlm, pair):
+    return [render_sample(r, vlm.processor, pair["images"], 512) for r in read_manifest(pair["data"])]
+
+
+def test_probe_rows_equal_full_eager(pair):
+    """Layer-0 text→vision rows and vision tokens on a mixed-size batch vs full eager."""
+    from transformers import AutoModelForImageTextToText
+
+    vlm = load_vlm(pair["teacher"])
+    batch = model_inputs_of(collate(_rendered(vlm, pair), vlm.processor.tokenizer.pad_token_id), vlm.family)
+    cap = capture_forward(vlm.model, batch, return_full_layer0=True)
+    eager = AutoModelForImageTextToText.from_pretrained(pair["teacher"], attn_implementation="eager").eval()
+    with torch.no_grad():
+        ref = eager(**batch, output_attentions=True, use_cache=False)
+    full = ref.attentions[0]
+    valid = batch["attention_mask"].bool()
+    for b in range(full.shape[0]):
+        keep = valid[b]
+        torch.testing.assert_close(cap.layer0_attn[b][:, keep][:, :, keep], full[b][:, keep][:, :, keep],
+                                   rtol=0, atol=4e-6)
+        nv = int(cap.vision_mask[b].sum())
+        pos = cap.vision_positions[b, :nv]
+        assert nv == int((batch["input_ids"][b] == vlm.family.get_image_token_id(vlm.model.config)).sum())
+        torch.testing.assert_close(cap.attn_text_vision[b][:, :, :nv], full[b][:, :, pos], rtol=0, atol=4e-6)
+        assert not cap.attn_text_vision[b][:, :, nv:].any()
+    torch.testing.assert_close(cap.logits, ref.logits, rtol=1e-4, atol=1e-4)
+
+
+def test_cache_equals_live_teacher_per_sample(pair):
+    """Each cached sample equals the teacher run on that sample alone (no batch padding)."""
+    vlm = load_vlm(pair["teacher"])
+    reader = open_cache(pair["cache"])
+    assert verify_cache(pair["cache"]) == []
+    assert len(reader) == len(SIZES)
+    pad = vlm.processor.tokenizer.pad_token_id
+    for sample in _rendered(vlm, pair):
+        cap = capture_forward(vlm.model, model_inputs_of(collate([sample], pad), vlm.family))
+        got = reader[reader.index_of(sample.sample_id)]
+        text = cap.text_query_mask[0].nonzero().squeeze(-1)
+        live_attn = cap.attn_text_vision[0][:, text].permute(1, 0, 2).numpy()
+        np.testing.assert_array_equal(got.input_ids, sample.input_ids.numpy())
+        np.testing.assert_array_equal(got.vision_positions, cap.vision_positions[0].numpy())
+        np.testing.assert_array_equal(got.text_positions, text.numpy())
+        np.testing.assert_allclose(got.attn, live_attn, rtol=BF16_RTOL, atol=2e-6)
+        np.testing.assert_allclose(got.vision, cap.vision_tokens[0].numpy(), rtol=BF16_RTOL, atol=2e-6)
+        for key in vlm.family.token_inputs:  # replayed inputs are the teacher's own
+            np.testing.assert_array_equal(getattr(got, key), sample.token_inputs[key].numpy())
+        if "image_grid_thw" in sample.image_inputs:
+            np.testing.assert_array_equal(got.image_grid_thw, sample.image_inputs["image_grid_thw"].reshape(-1))
+    counts = [r["n_vision"] for r in run_sql(pair["cache"], "SELECT n_vision FROM samples ORDER BY sample_id")
+              .to_pylist()]
+    assert counts == [len(reader[reader.index_of(f"f{i}")].vision_positions) for i in range(len(SIZES))]
+    if pair["family"] in RAGGED:  # images of different sizes -> each sample its own Nv, in one batch
+        assert counts[0] != counts[1], counts  # the first build batch holds f0 and f1
+
+
+def test_distill_runs_and_student_reloads(pair):
+    from transformers import AutoModelForImageTextToText
+
+    out = pair["root"] / "distilled"
+    summary = distill(DistillConfig(student=str(pair["student"]), cache=str(pair["cache"]), out=str(out),
+                                    max_steps=2, batch_size=3, logging_steps=1, save_steps=100, progress=False))
+    assert summary.steps == 2
+    assert all(np.isfinite(v) and v > 0 for v in summary.final_losses.values()), summary.final_losses
+    reloaded = AutoModelForImageTextToText.from_pretrained(out)
+    assert reloaded.config.model_type == pair["family"]
+    assert reloaded.config.get_text_config().num_attention_heads == 2
+    vlm = load_vlm(out)  # the exported processor loads too (stock, or assembled without video)
+    sample = _rendered(vlm, pair)[0]
+    batch = model_inputs_of(collate([sample], vlm.processor.tokenizer.pad_token_id), vlm.family)
+    assert torch.isfinite(capture_forward(vlm.model, batch).logits).all()
+
+
+def test_gemma3_rows_keep_window_and_bidirectional_image_block(tmp_path):
+    """The probe's layer-0 rows carry both Gemma3 masks: image tokens see later image tokens
+    (token_type_ids passed), and layer 0's 8-key sliding window hides early keys from late rows."""
+    teacher = build_family("gemma3", tmp_path / "teacher", "teacher")
+    data, images = _data(tmp_path)
+    vlm = load_vlm(teacher)
+    sample = _rendered(vlm, {"data": data, "images": images})[0]
+    batch = model_inputs_of(collate([sample], vlm.processor.tokenizer.pad_token_id), vlm.family)
+    assert "token_type_ids" in batch
+    weights = capture_forward(vlm.model, batch, return_full_layer0=True).layer0_attn[0]  # [H, L, L]
+    image = (batch["input_ids"][0] == vlm.family.get_image_token_id(vlm.model.config)).nonzero().squeeze(-1)
+    first, last = int(image[0]), int(image[-1])
+    assert (weights[:, first, last] > 0).all()  # bidirectional inside the image block
+    length = weights.shape[-1]
+    assert (weights[:, length - 1, : length - 8] == 0).all() and (weights[:, length - 1, length - 8:] > 0).all()
+    # without token_type_ids the image block is causal again: the probe sees the model's own masks
+    plain = {k: v for k, v in batch.items() if k != "token_type_ids"}
+    causal = capture_forward(vlm.model, plain, return_full_layer0=True).layer0_attn[0]
+    assert (causal[:, first, last] == 0).all()
+
+
+def test_unsupported_family_is_refused_by_name(tmp_path):
+    """`cache build` on a Llama4 directory: one line naming the family, before any weights load."""
+    from click.testing import CliRunner
+    from transformers import Llama4Config
+
+    from alignkd.cli import main
+
+    teacher = tmp_path / "llama4"
+    Llama4Config().save_pretrained(teacher)
+    (teacher / "model.safetensors").write_bytes(b"never read")
+    data, images = _data(tmp_path)
+    result = CliRunner().invoke(main, ["cache", "build", "--teacher", str(teacher), "--data", str(data),
+                                       "--images", str(images), "--out", str(tmp_path / "cache")])
+    assert result.exit_code == 1 and "Traceback" not in result.output
+    assert result.output.strip().splitlines() == [
+        "error: model family 'llama4' is not supported by alignkd: its chunked local attention and interleaved "
+        "no-rope layers are not handled by the layer-0 probe yet."]
+    assert not (tmp_path / "cache" / "cache.json").exists()
+
+
+def test_student_family_must_take_the_cached_token_inputs():
+    from alignkd.distill.checks import check_family
+    from alignkd.errors import AlignKDError
+
+    check_family("qwen2_vl", "qwen2_5_vl")  # both replay mm_token_type_ids
+    with pytest.raises(AlignKDError, match="built by a gemma3 teacher but the student is a qwen2_vl model"):
+        check_family("qwen2_vl", "gemma3")
+
+
+def test_published_qwen_layout_loads_without_torchvision(tmp_path):
+    """preprocessor_config.json naming Qwen2VLImageProcessor + chat_template.json, no video
+    config: AutoProcessor refuses it here, alignkd assembles the same processor class."""
+    import transformers
+
+    teacher = build_family("qwen2_vl", tmp_path / "qwen", "teacher")
+    names = sorted(p.name for p in teacher.iterdir())
+    assert "chat_template.json" in names and not any("video" in n for n in names)
+    assert json.loads((teacher / "preprocessor_config.json").read_text())["image_processor_type"] == \
+        "Qwen2VLImageProcessor"
+    with pytest.raises(Exception):
+        transformers.AutoProcessor.from_pretrained(teacher)
+    processor = load_vlm(teacher).processor
+    assert isinstance(processor, transformers.Qwen2VLProcessor)
+    assert type(processor.image_processor).__name__ == "Qwen2VLImageProcessorPil"
+    assert "<|vision_start|>" in processor.chat_template
+
+
+def test_stock_processor_used_when_it_loads(tiny_llava_dir):
+    import transformers
+
+    assert type(load_vlm(tiny_llava_dir).processor) is transformers.LlavaProcessor
+
+
+def test_padded_teacher_vocabulary_distils_over_shared_ids(tmp_path):
+    """A teacher with embedding rows past the tokenizer (Qwen2.5-VL-7B style) distils into a
+    student without them; a student with another tokenizer is refused naming both sizes."""
+    from alignkd.errors import AlignKDError
+
+    teacher = build_family("qwen2_5_vl", tmp_path / "teacher", "teacher", vocab_padding=16)
+    student = build_family("qwen2_5_vl", tmp_path / "student", "student", seed=1)
+    data, images = _data(tmp_path)
+    cache = tmp_path / "cache"
+    build_cache(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(cache),
+                            batch_size=3, logit_k=8, progress=False))
+    widths = [load_vlm(d).model.config.get_text_config().vocab_size for d in (teacher, student)]
+    assert widths[0] == widths[1] + 16
+    summary = distill(DistillConfig(student=str(student), cache=str(cache), out=str(tmp_path / "out"), max_steps=1,
+                                    batch_size=3, save_steps=100, progress=False))
+    assert summary.steps == 1 and np.isfinite(summary.final_losses["loss_logit"])
+    other = build_family("idefics3", tmp_path / "other", "student")
+    with pytest.raises(AlignKDError, match=rf"has {load_vlm(other).model.config.get_text_config().vocab_size} "
+                                           rf"entries and the cache's teacher has {widths[0]}, and the tokenizers differ"):
+        distill(DistillConfig(student=str(other), cache=str(cache), out=str(tmp_path / "out2"), max_steps=1,
+                              progress=False))
+
+
+
+def test_mistral3_rows_with_break_separated_runs_equal_full_eager():
+    """Mistral3 at the model level (its processor needs torchvision): one [IMG_BREAK]-separated
+    run per row of merged patches, images of two sizes in one batch."""
+    from PIL import Image
+
+    from families_tiny import build_mistral3
+
+    model, tok, image_processor = build_mistral3()
+    images = [Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)) for i, (h, w) in enumerate([(32, 32), (32, 64)])]
+    pix = image_processor(images, return_tensors="pt")
+    img, brk, end = (tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
+    prompt = tok("USER : what is the colour ?", add_special_tokens=False)["input_ids"]
+    rows = []
+    for h, w in pix["image_sizes"].tolist():  # 8 px patches merged 2x2: one token per 16 px
+        grid = [[img] * (w // 16) + [brk] for _ in range(h // 16)]
+        rows.append([tok.bos_token_id] + sum(grid, [])[:-1] + [end] + prompt)
+    length = max(map(len, rows))
+    input_ids = torch.tensor([r + [tok.pad_token_id] * (length - len(r)) for r in rows])
+    attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, **pix}
+    cap = capture_forward(model, batch)
+    with torch.no_grad():
+        model.set_attn_implementation("eager")
+        ref = model(**batch, output_attentions=True, use_cache=False)
+    assert cap.vision_mask.sum(1).tolist() == [4, 8]
+    for b in range(2):
+        nv = int(cap.vision_mask[b].sum())
+        torch.testing.assert_close(cap.attn_text_vision[b][:, :, :nv],
+                                   ref.attentions[0][b][:, :, cap.vision_positions[b, :nv]], rtol=0, atol=4e-6)
