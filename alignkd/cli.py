@@ -11,7 +11,7 @@ import sys
 import click
 
 from alignkd import __version__
-from alignkd.errors import AlignKDError
+from alignkd.errors import AlignKDError, describe_os_error
 
 
 class _Group(click.Group):
@@ -23,6 +23,17 @@ class _Group(click.Group):
         except AlignKDError as err:
             click.echo(f"error: {err}", err=True)
             sys.exit(1)
+        except OSError as err:  # the machine said no: full disk, permission denied, not a directory
+            click.echo(f"error: {describe_os_error(err)}", err=True)
+            sys.exit(1)
+
+
+def _hide_progress(no_progress: bool) -> None:
+    """--no-progress also silences transformers' own bars ("Loading weights", "Writing model shards")."""
+    if no_progress:
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
 
 
 @click.group(cls=_Group)
@@ -72,14 +83,16 @@ def cache_build(no_progress: bool, **opts) -> None:
 
     from alignkd.distributed import dist_info
 
+    _hide_progress(no_progress)
     summary = build_cache(BuildConfig(progress=not no_progress, **opts))
     if not dist_info().is_main:
         return
     rejects = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.rejects.items())) or "none"
+    size = (f"{summary.bytes_per_sample / 1e3:.1f} kB/sample on disk" if summary.cached_total
+            else "the cache holds no samples yet, so it cannot train a student")
     click.echo(
         f"cached {summary.samples} samples ({summary.skipped_done} rows already done), "
-        f"rejects: {rejects}; {summary.bytes_per_sample / 1e3:.1f} kB/sample on disk; "
-        f"{summary.seconds:.1f}s -> {summary.out}"
+        f"rejects: {rejects}; {size}; {summary.seconds:.1f}s -> {summary.out}"
     )
 
 
@@ -205,6 +218,7 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
     parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
     from alignkd.distributed import dist_info
 
+    _hide_progress(no_progress)
     summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, progress=not no_progress, **opts))
     if not dist_info().is_main:
         return
@@ -233,6 +247,7 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
 
     from alignkd.distill.evaluate import EvalConfig, evaluate
 
+    _hide_progress(no_progress)
     result = evaluate(EvalConfig(progress=not no_progress, **opts))
     if as_json:
         click.echo(json.dumps(asdict(result), indent=2))
@@ -263,6 +278,8 @@ def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, dis
     if ctx.invoked_subcommand is not None:
         return
     from alignkd.demo.runner import DemoConfig, run_demo
+
+    _hide_progress(no_progress)
 
     opts = {k: v for k, v in {"seeds": seeds, "teacher": teacher, "distill_steps": distill_steps}.items()
             if v is not None}

@@ -6,6 +6,8 @@ file, sample or option. The CLI prints that sentence and exits non-zero without 
 traceback; anything else is a bug and keeps its traceback.
 """
 
+from pathlib import Path
+
 
 class AlignKDError(Exception):
     """A user error: the message is shown as is, with no traceback."""
@@ -17,6 +19,43 @@ class ConfigError(AlignKDError):
 
 class NotBuiltError(AlignKDError):
     """A command that exists in the interface but is not implemented yet."""
+
+
+def describe_os_error(err: OSError) -> str:
+    """One sentence for an OSError, naming the file when the OS said which one."""
+    import os
+    import re
+
+    # pyarrow raises OSError("[Errno 27] Error writing bytes to file. Detail: [errno 27] File too large")
+    reason = err.strerror or (os.strerror(err.errno) if err.errno else str(err))
+    reason = re.sub(r"\[errno \d+\]\s*", "", reason.split("Detail:")[-1], flags=re.I).strip() or type(err).__name__
+    where = f"{err.filename}: " if err.filename else ""
+    return f"{where}{reason[0].lower()}{reason[1:]}.".replace("..", ".")
+
+
+def check_file(path, what: str) -> None:
+    """An input that must be an existing regular file."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {path} does not exist.")
+    if not p.is_file():
+        raise ConfigError(f"{what} {path} is not a file.")
+
+
+def check_dir(path, what: str) -> None:
+    """An input that must be an existing directory."""
+    p = Path(path)
+    if not p.exists():
+        raise ConfigError(f"{what} {path} does not exist.")
+    if not p.is_dir():
+        raise ConfigError(f"{what} {path} is not a directory.")
+
+
+def check_out_dir(path) -> None:
+    """--out may be new or a directory, never an existing file (or a path through one)."""
+    for p in (Path(path), *Path(path).parents):
+        if p.exists() and not p.is_dir():
+            raise ConfigError(f"--out {path} cannot be a directory: {p} is an existing file.")
 
 
 def _flag(name: str) -> str:

@@ -8,8 +8,13 @@ loss-equivalence test, to compute the same terms live.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -26,6 +31,7 @@ from alignkd.errors import AlignKDError
 from conftest import make_image, write_manifest
 
 TERMS = ("ce", "logit", "vis", "attn")
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _dataset(root, n=8):
@@ -268,3 +274,44 @@ def test_bad_options_are_one_sentence(world, tmp_path, tiny_student_dir):
                                       "--max-steps", "1", "--no-progress", *args])
         assert result.exit_code == 1, result.output
         assert needle in result.output and "Traceback" not in result.output
+
+
+KILL_MID_CHECKPOINT = """
+import os, signal, sys
+from transformers import Trainer
+from alignkd.distill.trainer import DistillConfig, distill
+
+save_rng_state = Trainer._save_rng_state
+
+def die_mid_checkpoint(self, output_dir):
+    # model and optimizer of checkpoint-6 are on disk, trainer_state.json is not yet
+    if self.state.global_step == 6:
+        os.kill(os.getpid(), signal.SIGKILL)
+    return save_rng_state(self, output_dir)
+
+Trainer._save_rng_state = die_mid_checkpoint
+distill(DistillConfig(student=sys.argv[1], cache=sys.argv[2], out=sys.argv[3], batch_size=4, lr=3e-3,
+                      logging_steps=1, progress=False, max_steps=6, save_steps=3))
+"""
+
+
+def test_killed_mid_checkpoint_resumes_to_the_same_losses_without_repeated_steps(world, tmp_path,
+                                                                                 tiny_student_dir):
+    _, full = _train(world, tiny_student_dir, tmp_path / "full", max_steps=6, save_steps=3)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT, str(tiny_student_dir),
+                           world["caches"]["topk"].out, str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert logged[-1] == 6  # steps 4-6 were logged before the kill and will be run again
+    assert not (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists()
+    _, resumed = _train(world, tiny_student_dir, out, max_steps=6, save_steps=3, resume=True)
+    steps = [r["step"] for r in resumed if "loss" in r]
+    assert steps == list(range(1, 7))  # each step once
+    assert sum("train_runtime" in r for r in resumed) == 1
+    by_step = {r["step"]: r for r in full if "loss" in r}
+    for r in resumed:
+        for term in TERMS if "loss" in r else ():
+            assert r[f"loss_{term}"] == pytest.approx(by_step[r["step"]][f"loss_{term}"], rel=1e-4, abs=1e-8)

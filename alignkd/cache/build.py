@@ -15,7 +15,8 @@ from collections import Counter
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import ConfigError, check_at_least_one, check_choices
+from alignkd.errors import (ConfigError, check_at_least_one, check_choices, check_dir, check_file,
+                            check_out_dir)
 from alignkd.storage_schemas import ATTN_DTYPES, TOKENIZER_DIR, VISION_DTYPES
 
 LOGIT_MODES = ("topk", "sampled")
@@ -60,10 +61,9 @@ class BuildConfig:
         check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
-        if not Path(self.data).is_file():
-            raise ConfigError(f"manifest {self.data} does not exist.")
-        if not Path(self.images).is_dir():
-            raise ConfigError(f"images directory {self.images} does not exist.")
+        check_file(self.data, "manifest")
+        check_dir(self.images, "images directory")
+        check_out_dir(self.out)
 
     def stored_options(self) -> dict:
         return {name: getattr(self, name) for name in STORED_OPTIONS}

@@ -12,22 +12,29 @@ in-memory connection from the shard directories where they are *now* (so a moved
 copied cache still answers, and a running build never blocks a query), and it accepts
 exactly one SELECT statement. Anything else (INSERT, CREATE, COPY, ATTACH, SET, ...)
 is refused before it runs, so the cache cannot change.
+
+A SELECT can still call DuckDB's table functions (read_csv, read_text, glob, ...), so the
+connection is also sandboxed once the views exist: `allowed_directories` is the cache's
+shards directory only, external access is off (no other file, no URL, no extension) and
+the configuration is locked, so no later statement can lift it. `sandbox_roots` is the
+seam for remote caches: a cache on an fsspec filesystem registers that filesystem on the
+connection before the views are made and lists its own URL prefix there.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import re
 from pathlib import Path
 
 import duckdb
 import pyarrow as pa
 
 from alignkd.cache.location import cache_path, filesystem, is_remote
-from alignkd.cache.shard_format import committed_shards
+from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (CATALOG_FILE, REJECT_SCHEMA, REJECTS_FILE, SAMPLE_SCHEMA,
-                                     SAMPLES_FILE, SHARD_JSON, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
+                                     SAMPLES_FILE, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
 
 
 class SQLRefusedError(AlignKDError):
@@ -45,7 +52,7 @@ def shard_row(info: dict) -> dict:
 
 
 def shards_table(cache: Path) -> pa.Table:
-    rows = [shard_row(json.loads((d / SHARD_JSON).read_text())) for d in committed_shards(cache)]
+    rows = [shard_row(read_shard_json(d)) for d in committed_shards(cache)]
     return pa.Table.from_pylist(rows, schema=SHARDS_TABLE_SCHEMA)
 
 
@@ -121,26 +128,57 @@ def catalog_shards(cache: Path) -> pa.Table:
 def run_sql(cache, query: str) -> pa.Table:
     """Run one read-only SELECT over `samples`, `rejects` and `shards`; refuse anything else."""
     cache = cache_path(cache)
+    load_cache_json(cache)  # names a path that is not a cache (or of another version)
+    _check_one_select(cache, query)
+    con = duckdb.connect(":memory:", config={"temp_directory": ""})  # no spill dir to allow
+    if is_remote(cache):  # read the Parquet through fsspec (no httpfs download), before the lock
+        con.register_filesystem(filesystem(cache))
+    try:
+        _populate(con, cache, shards_table(cache))
+        sandbox(con, sandbox_roots(cache))
+        return con.sql(query).to_arrow_table()
+    except duckdb.PermissionException as exc:
+        raise SQLRefusedError(_refusal(cache, exc)) from None
+    except duckdb.Error as exc:
+        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}.") from None
+    finally:
+        con.close()
+
+
+def _check_one_select(cache: Path, query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
-        raise SQLRefusedError(f"the query does not parse: {_first_line(exc)}") from None
+        raise SQLRefusedError(f"the query does not parse: {_first_line(exc)}.") from None
     if len(statements) != 1 or statements[0].type != duckdb.StatementType.SELECT:
         kinds = ", ".join(s.type.name for s in statements) or "empty"
         raise SQLRefusedError(
             f"alignkd cache sql is read-only and runs exactly one SELECT, so this {kinds} "
             f"statement was refused and {cache} is unchanged.")
-    con = duckdb.connect(":memory:")
-    if is_remote(cache):  # read the Parquet through fsspec: no httpfs extension to download
-        con.register_filesystem(filesystem(cache))
-    try:
-        _populate(con, cache, shards_table(cache))
-        return con.sql(query).to_arrow_table()
-    except duckdb.Error as exc:
-        raise SQLRefusedError(f"the query failed on {cache}: {_first_line(exc)}") from None
-    finally:
-        con.close()
+
+
+def sandbox_roots(cache: Path) -> list[str]:
+    """The directories a query may read: the cache's shards (a URL prefix for a remote cache)."""
+    if is_remote(cache):
+        return [f"{str(cache).rstrip('/')}/{SHARDS_DIR}/"]
+    return [str(Path(cache).resolve() / SHARDS_DIR) + "/"]
+
+
+def sandbox(con, roots: list[str]) -> None:
+    """Confine `con` to `roots`: must run after the views exist (creating them reads files)."""
+    listed = ", ".join("'" + r.replace("'", "''") + "'" for r in roots)
+    con.execute(f"SET allowed_directories = [{listed}]")
+    con.execute("SET enable_external_access = false")
+    con.execute("SET lock_configuration = true")
+
+
+def _refusal(cache: Path, exc: Exception) -> str:
+    named = re.search(r'(?:file|directory) "([^"]*)"', str(exc))
+    what = f"{named.group(1)} was refused" if named else f"this was refused ({_first_line(exc)})"
+    return (f"alignkd cache sql reads only the samples, rejects and shards of {cache}, "
+            f"so {what}.")
 
 
 def _first_line(exc: Exception) -> str:
-    return str(exc).strip().splitlines()[0]
+    """DuckDB's first line without its closing '!' or '.', so the caller ends the sentence."""
+    return str(exc).strip().splitlines()[0].rstrip("!. ")

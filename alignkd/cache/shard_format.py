@@ -209,6 +209,30 @@ def committed_shards(cache: Path) -> list[Path]:
                   key=lambda p: p.name)
 
 
+def read_shard_json(shard_dir: Path) -> dict:
+    """A committed shard's shard.json, or a CacheFormatError naming it."""
+    path = Path(shard_dir) / SHARD_JSON
+    try:
+        doc = json.loads(path.read_text())
+        if not isinstance(doc, dict):
+            raise ValueError(f"a JSON {type(doc).__name__}, not an object")
+        return doc
+    except (OSError, ValueError) as exc:
+        raise CacheFormatError(f"{path} cannot be read ({exc}); run `alignkd cache verify`.") from None
+
+
+def read_parquet(path: Path, columns=None):
+    """A shard's Parquet table, or a CacheFormatError naming the damaged file."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        return pq.read_table(path, columns=columns)
+    except (OSError, ValueError, pa.ArrowException) as exc:
+        detail = str(exc).split(": ")[-1].strip().rstrip(".")
+        raise CacheFormatError(f"{path} cannot be read as Parquet ({detail}); run `alignkd cache verify`.") from None
+
+
 def load_cache_json(path: Path) -> dict:
     """cache.json, refusing another format or schema version with a named error."""
     cache_json = cache_path(path) / CACHE_JSON

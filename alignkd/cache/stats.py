@@ -7,14 +7,13 @@ the compression ratio is raw over the bytes the shards actually take.
 
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.location import cache_path, display
-from alignkd.cache.shard_format import committed_shards, load_cache_json
-from alignkd.storage_schemas import ARRAY_KINDS, SHARD_JSON
+from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
+from alignkd.storage_schemas import ARRAY_KINDS
 
 DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass")
 
@@ -34,7 +33,7 @@ def _disk_bytes_by_kind(cache: Path) -> dict[str, int]:
     """Bytes per tensor kind (zarr arrays) and per Parquet file, summed over committed shards."""
     sizes: dict[str, int] = defaultdict(int)
     for shard in committed_shards(cache):
-        for entry in json.loads((shard / SHARD_JSON).read_text())["files"]:
+        for entry in read_shard_json(shard)["files"]:
             top = entry["path"].split("/")[0]
             sizes[top if top in ARRAY_KINDS else entry["path"]] += entry["bytes"]
     return dict(sizes)

@@ -20,7 +20,8 @@ from alignkd.cache.location import cache_path, close_handle, is_remote, open_for
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
                                         read_array_info, read_index, read_raw)
 from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
-                                     SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR, element_counts)
+                                     SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR, TOKENIZER_DIR,
+                                     element_counts)
 
 
 @dataclass(frozen=True)
@@ -50,7 +51,24 @@ def verify_cache(path) -> list[Problem]:
             problems.append(Problem(d.name, SHARD_JSON, "missing, so the shard is incomplete"))
     if is_remote(path):  # object storage has no catalog.duckdb (see rebuild_catalog)
         return problems
-    return problems + verify_catalog(path, shard_dirs)
+    return problems + verify_catalog(path, shard_dirs) + verify_tokenizer(path)
+
+
+def verify_tokenizer(path: Path) -> list[Problem]:
+    """The teacher's tokenizer kept in the cache (distill checks students against it) must load."""
+    from tokenizers import Tokenizer
+
+    tok_dir = path / TOKENIZER_DIR
+    problems = []
+    for p in sorted(tok_dir.glob("*.json")) if tok_dir.is_dir() else []:
+        rel = f"{TOKENIZER_DIR}/{p.name}"
+        try:
+            json.loads(p.read_text())
+            if p.name == "tokenizer.json":
+                Tokenizer.from_file(str(p))
+        except Exception as exc:  # noqa: BLE001 - json and the Rust tokenizer raise unrelated types
+            problems.append(Problem("", rel, f"cannot be loaded ({str(exc).splitlines()[0]})"))
+    return problems
 
 
 def verify_shard(d: Path) -> list[Problem]:
@@ -65,8 +83,12 @@ def verify_shard(d: Path) -> list[Problem]:
     problems, unreadable = _check_files(d, doc)
     if SAMPLES_FILE in unreadable or REJECTS_FILE in unreadable:
         return problems
-    rows = read_parquet(d / SAMPLES_FILE).drop_columns(["image_bytes"]).to_pylist()
-    n_rejects = read_parquet(d / REJECTS_FILE, columns=["manifest_row"]).num_rows
+    try:
+        rows = read_parquet(d / SAMPLES_FILE).drop_columns(["image_bytes"]).to_pylist()
+        n_rejects = read_parquet(d / REJECTS_FILE, columns=["manifest_row"]).num_rows
+    except CacheFormatError as exc:
+        file = REJECTS_FILE if REJECTS_FILE in str(exc) else SAMPLES_FILE
+        return problems + [Problem(name, file, f"unreadable: {str(exc).split(' (', 1)[-1].split(');')[0]}")]
     if len(rows) != doc["n_samples"] or n_rejects != doc["n_rejects"]:
         problems.append(Problem(name, SAMPLES_FILE, f"{len(rows)} samples and {n_rejects} rejects, shard.json "
                                                     f"says {doc['n_samples']} and {doc['n_rejects']}"))

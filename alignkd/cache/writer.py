@@ -36,12 +36,17 @@ from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it
 from alignkd.cache.encodings import encode
 from alignkd.cache.location import cache_path, is_remote, read_parquet, remove_tree, upload_dir
 from alignkd.cache.shard_format import ArrayFileWriter, CacheFormatError, committed_shards, load_cache_json
-from alignkd.errors import ConfigError
+from alignkd.errors import AlignKDError, ConfigError, describe_os_error
 from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
                                      CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE, REPLAYED_COLUMNS,
                                      SCALE_OF, UINT16_VOCAB,
                                      SAMPLE_SCHEMA, SAMPLES_FILE, SAMPLES_ROW_GROUP, SCHEMA_VERSION,
                                      SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
+
+
+class CacheWriteError(AlignKDError, OSError):
+    """The disk refused a write; the shard in flight was discarded. Still an OSError to callers."""
+
 
 QUEUE_DEPTH = 4  # samples in flight to the writer thread (~8 MB each at 7B shapes)
 
@@ -154,7 +159,10 @@ class _ShardInProgress:
 
     def discard(self) -> None:
         for writer in self.arrays.values():
-            writer.file.close()
+            try:
+                writer.file.close()
+            except OSError:  # flushing the rest onto the full disk that failed us
+                pass
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -234,6 +242,7 @@ class CacheWriter:
             self._lock.release()
             raise
         self._shard: _ShardInProgress | None = None
+        self._failed_shard: _ShardInProgress | None = None
         self._error: BaseException | None = None
         self._catalog_stale = False
         self._closed = False
@@ -396,6 +405,24 @@ class CacheWriter:
                 self._error = exc
 
     def _handle(self, item) -> None:
+        try:
+            self._handle_item(item)
+        except OSError as exc:
+            raise self._write_failed(exc) from None
+
+    def _write_failed(self, exc: OSError) -> CacheWriteError:
+        """A full disk (or a file size limit, or a vanished directory) mid-shard: the shard in
+        flight is discarded, so nothing half-written is left, and a rerun resumes."""
+        shard, self._shard = self._failed_shard or self._shard, None
+        self._failed_shard = None
+        name = shard.name if shard is not None else "the catalog"
+        if shard is not None:
+            shard.discard()
+        return CacheWriteError(f"cannot write {name} of cache {self.path} ({describe_os_error(exc).rstrip('.')}); nothing "
+                               "of it was kept, and rerunning the same command resumes after the last "
+                               "committed shard.")
+
+    def _handle_item(self, item) -> None:
         op, payload = item
         if self._shard is None:
             self._shard = _ShardInProgress(self.path / SHARDS_DIR, self._next_index, self.rank, self.encodings)
@@ -408,6 +435,17 @@ class CacheWriter:
             self._shard.rejects.append(payload)
 
     def _finish(self) -> None:
+        import duckdb
+
+        try:
+            self._finish_shards()
+        except OSError as exc:
+            raise self._write_failed(exc) from None
+        except duckdb.Error as exc:  # the shards are complete; only the index lags
+            raise CacheWriteError(f"catalog.duckdb of cache {self.path} could not be rebuilt "
+                                  f"({str(exc).splitlines()[0]}); rerunning the same command rebuilds it.") from None
+
+    def _finish_shards(self) -> None:
         if self._shard is not None and (self._shard.rows or self._shard.rejects):
             self._commit()
         elif self._shard is not None:
@@ -423,7 +461,9 @@ class CacheWriter:
         from alignkd.cache.catalog import record_shard
 
         shard, self._shard = self._shard, None
+        self._failed_shard = shard  # until the rename: what _write_failed discards
         doc = shard.commit()
+        self._failed_shard = None
         if self.remote is not None:
             target = self.remote / SHARDS_DIR / shard.name
             remove_tree(target)  # objects of an upload killed before its shard.json

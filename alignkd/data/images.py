@@ -45,12 +45,17 @@ def resolve_image_path(images_root: str | Path, rel_path: str, sample_id: str, r
     if Path(rel_path).is_absolute():
         raise SampleError(sample_id, row, "image_outside_root",
                           f"has an absolute image path {rel_path!r}; paths must be relative to the images root")
-    # resolve() follows symlinks, so a link inside the root that points outside is caught too
-    path = (root / rel_path).resolve()
-    if not path.is_relative_to(root):
+    try:
+        # resolve() follows symlinks, so a link inside the root that points outside is caught too
+        path = (root / rel_path).resolve()
+        outside, missing = not path.is_relative_to(root), not path.is_file()
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, a symlink loop
+        raise SampleError(sample_id, row, "missing_image",
+                          f"has image path {rel_path[:80]!r} that cannot be resolved ({err})") from None
+    if outside:
         raise SampleError(sample_id, row, "image_outside_root",
                           f"has image {rel_path!r} that resolves outside the images root {root}")
-    if not path.is_file():
+    if missing:
         raise SampleError(sample_id, row, "missing_image", f"has image {rel_path!r} that does not exist under {root}")
     return path
 

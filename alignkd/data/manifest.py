@@ -30,8 +30,10 @@ class ManifestRecord:
 def read_manifest(path: str | Path) -> list[ManifestRecord]:
     """Read a JSON list or JSONL manifest; see the module docstring for error policy."""
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise ManifestError(f"manifest {path} does not exist.")
+    if not path.is_file():
+        raise ManifestError(f"manifest {path} is not a file.")
     try:
         text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError as err:
@@ -42,6 +44,8 @@ def read_manifest(path: str | Path) -> list[ManifestRecord]:
         raw = _parse_jsonl(path, text)
     else:
         raw = _parse_json_list(path, text)
+    if not raw:
+        raise ManifestError(f"manifest {path} holds no records.")
     return [_to_record(path, row, where, item) for row, (where, item) in enumerate(raw)]
 
 

@@ -91,16 +91,40 @@ class AlignKDTrainer(Trainer):
 
 
 class JsonlMetrics(TrainerCallback):
-    """Append every logged record (step, lr, each loss term) to metrics.jsonl."""
+    """Append every logged record (step, lr, each loss term) to metrics.jsonl.
+
+    A run resumed from checkpoint N logs steps N+1... again, so at the start of training
+    the file is cut back to the records of steps <= N (and an interrupted run's closing
+    summary is dropped): each step appears once, whatever was logged before the kill.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.is_world_process_zero and self.path.is_file():
+            keep_metrics_until(self.path, state.global_step)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if state.is_world_process_zero and logs:
             self.path.parent.mkdir(parents=True, exist_ok=True)
             with self.path.open("a") as fh:
                 fh.write(json.dumps({"step": state.global_step, **logs}) + "\n")
+
+
+def keep_metrics_until(path: Path, step: int) -> None:
+    """Rewrite metrics.jsonl (atomically) with only the per-step records of steps <= `step`."""
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:  # a line cut short by the kill
+            continue
+        if record.get("step", 0) <= step and "train_runtime" not in record:
+            kept.append(line + "\n")
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(kept))
+    os.replace(tmp, path)
 
 
 def build_callbacks(out: Path) -> list[TrainerCallback]:

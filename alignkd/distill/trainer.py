@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import ConfigError, check_at_least_one, check_choices
+from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_dir, check_out_dir
 
 
 @dataclass(frozen=True)
@@ -76,10 +77,10 @@ class DistillConfig:
             raise ConfigError("--temperature must be positive.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("--warmup-ratio must be in [0, 1).")
-        if not Path(self.student).is_dir():
-            raise ConfigError(f"student model directory {self.student} does not exist.")
-        if "://" not in str(self.cache) and not Path(self.cache).is_dir():  # URLs: open_cache says
-            raise ConfigError(f"cache {self.cache} does not exist.")
+        check_dir(self.student, "student model directory")
+        if "://" not in str(self.cache):  # URLs: open_cache names a missing cache
+            check_dir(self.cache, "cache")
+        check_out_dir(self.out)
 
 
 @dataclass
@@ -127,6 +128,9 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
     reader = open_cache(cfg.cache)  # refuses another format or version by name
+    if len(reader) == 0:
+        raise AlignKDError(f"cache {cfg.cache} holds no samples (every row was rejected or none was "
+                           "built yet); there is nothing to distil.")
     if cfg.verify:
         check_cache_integrity(cfg.cache)
     vlm = load_vlm(cfg.student, dtype="float32")
@@ -182,11 +186,18 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
                           final_losses=trainer.last_terms(), seconds=time.perf_counter() - start)
 
 
-def _last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
+def _last_checkpoint(out: Path) -> str:
+    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a
+    checkpoint without it was cut off by a kill: it is removed, not resumed from."""
+    import shutil
 
     ckpt_dir = out / "checkpoints"
-    last = get_last_checkpoint(str(ckpt_dir)) if ckpt_dir.is_dir() else None
-    if last is None:
-        raise ConfigError(f"--resume: no checkpoint found under {ckpt_dir}.")
-    return last
+    found = sorted((int(m.group(1)), p) for p in (ckpt_dir.iterdir() if ckpt_dir.is_dir() else [])
+                   if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir())
+    complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
+    if not complete:
+        raise ConfigError(f"--resume: no complete checkpoint found under {ckpt_dir}.")
+    for step, p in found:
+        if step > int(complete[-1].name.split("-")[1]) and p not in complete:
+            shutil.rmtree(p)
+    return str(complete[-1])

@@ -6,6 +6,7 @@ and the cache records a weights fingerprint that must describe exactly what ran.
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,24 +39,46 @@ def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
     _check_model_dir(path)
     if dtype not in DTYPES:
         raise AlignKDError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}.")
-    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
+    with _naming(path, "config.json"):
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     family = get_family(config)
-    model = AutoModelForImageTextToText.from_pretrained(
-        path,
-        dtype=getattr(torch, dtype),
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        local_files_only=True,
-        attn_implementation="sdpa",
-    )
+    with _naming(path, "weights"):
+        model = AutoModelForImageTextToText.from_pretrained(
+            path,
+            dtype=getattr(torch, dtype),
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+            attn_implementation="sdpa",
+        )
     model.to(device).eval()
-    processor = load_processor(path, config.model_type, trust_remote_code=trust_remote_code)
+    with _naming(path, "tokenizer or processor"):
+        processor = load_processor(path, config.model_type, trust_remote_code=trust_remote_code)
     return LoadedVLM(model=model, processor=processor, family=family, path=path)
 
 
+@contextmanager
+def _naming(path: Path, part: str):
+    """A model directory that fails to load is a user error naming the directory and the part.
+
+    transformers, safetensors and tokenizers raise many unrelated types for damaged files
+    (OSError, ValueError, SafetensorError, JSONDecodeError, Exception from Rust), so this
+    boundary catches Exception; our own AlignKDErrors pass through unchanged.
+    """
+    try:
+        yield
+    except AlignKDError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        detail = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise AlignKDError(f"model directory {path}: the {part} could not be loaded ({detail}).") from None
+
+
 def _check_model_dir(path: Path) -> None:
-    if not path.is_dir():
+    if not path.exists():
         raise AlignKDError(f"model directory {path} does not exist.")
+    if not path.is_dir():
+        raise AlignKDError(f"model directory {path} is not a directory.")
     if not (path / "config.json").is_file():
         raise AlignKDError(f"model directory {path} has no config.json.")
     if not any(path.glob("*.safetensors")):
