@@ -211,7 +211,7 @@ def committed_shards(cache: Path) -> list[Path]:
 
 def read_shard_json(shard_dir: Path) -> dict:
     """A committed shard's shard.json, or a CacheFormatError naming it."""
-    path = Path(shard_dir) / SHARD_JSON
+    path = cache_path(shard_dir) / SHARD_JSON
     try:
         doc = json.loads(path.read_text())
         if not isinstance(doc, dict):
@@ -226,8 +226,10 @@ def read_parquet(path: Path, columns=None):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    from alignkd.cache.location import read_parquet as read_any  # local or object storage
+
     try:
-        return pq.read_table(path, columns=columns)
+        return read_any(path, columns=columns)
     except (OSError, ValueError, pa.ArrowException) as exc:
         detail = str(exc).split(": ")[-1].strip().rstrip(".")
         raise CacheFormatError(f"{path} cannot be read as Parquet ({detail}); run `alignkd cache verify`.") from None
