@@ -153,7 +153,8 @@ def distill_row(cfg: DemoConfig, name: str, weights: dict, seed: int, student: P
     distill(DistillConfig(student=str(student), cache=str(cache), out=str(run), max_steps=cfg.distill_steps,
                           batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, seed=seed,
                           logging_steps=10, save_steps=10**9, progress=False, verify=False,
-                          **weights), callbacks=callbacks)
+                          # two students already share the two cores; the world's samples are tiny
+                          workers=0, **weights), callbacks=callbacks)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the exported student is what is kept
     return run
 
