@@ -33,13 +33,13 @@ PNGs under `images/`, and `scenes.json` (written last) to re-derive every answer
 from __future__ import annotations
 
 import argparse
-import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
+
+from alignkd.demo.world import manifest_record, write_json
 
 GRID = 4
 CELL = 16
@@ -176,22 +176,8 @@ def _write_split(root: Path, split: str, seed: int, n: int) -> tuple[list[dict],
             scenes[image] = [[d.row, d.col, d.value] for d in scene]
         qtype = QTYPES[i % len(QTYPES)]  # 4 questions an image, 6 types: every image sees a mix
         question, answer = ask(scene, qtype, rng)
-        records.append({
-            "id": f"{split}-{i:06d}",
-            "image": image,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "qtype": qtype,
-        })
+        records.append(manifest_record(f"{split}-{i:06d}", image, question, answer, qtype))
     return records, scenes
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=0))
-    os.replace(tmp, path)
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 16000, n_val: int = 1200,
@@ -202,9 +188,9 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 16000, n_v
     all_scenes = {}
     for split, n in zip(SPLITS, (n_train, n_val, n_test)):
         records, scenes = _write_split(root, split, seed, n)
-        _write_json(root / f"{split}.json", records)
+        write_json(root / f"{split}.json", records)
         all_scenes.update(scenes)
-    _write_json(root / "scenes.json", {"seed": seed, "grid": GRID, "image_size": IMAGE_SIZE,
+    write_json(root / "scenes.json", {"seed": seed, "grid": GRID, "image_size": IMAGE_SIZE,
                                        "scenes": all_scenes})
     return root
 

@@ -200,19 +200,25 @@ def _write_split(root: Path, split: str, seed: int, n: int, qtypes: tuple[str, .
             scenes[image] = scene_to_json(scene)
         qtype = qtypes[i % len(qtypes)]  # 4 questions per image, 5 or 7 types: every image sees a mix
         question, answer = ask(scene, qtype, rng)
-        records.append({
-            "id": f"{split}-{i:06d}",
-            "image": image,
-            "conversations": [
-                {"from": "human", "value": f"<image>\n{question}"},
-                {"from": "gpt", "value": answer},
-            ],
-            "qtype": qtype,
-        })
+        records.append(manifest_record(f"{split}-{i:06d}", image, question, answer, qtype))
     return records, scenes
 
 
-def _write_json(path: Path, obj) -> None:
+def manifest_record(record_id: str, image: str, question: str, answer: str, qtype: str) -> dict:
+    """One LLaVA-format single-turn record; `qtype` lets `alignkd eval` score per type."""
+    return {
+        "id": record_id,
+        "image": image,
+        "conversations": [
+            {"from": "human", "value": f"<image>\n{question}"},
+            {"from": "gpt", "value": answer},
+        ],
+        "qtype": qtype,
+    }
+
+
+def write_json(path: Path, obj) -> None:
+    """Write `obj` to a temporary name, then rename: a reader never sees half a file."""
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(obj, indent=0))
     os.replace(tmp, path)
@@ -234,9 +240,9 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 8000, n_va
         if unknown or not qtypes:
             raise ValueError(f"qtypes must be a non-empty subset of {QTYPES}, got {qtypes!r}")
         records, scenes = _write_split(root, split, seed, n, tuple(qtypes))
-        _write_json(root / f"{split}.json", records)
+        write_json(root / f"{split}.json", records)
         all_scenes.update(scenes)
-    _write_json(root / "scenes.json", {"seed": seed, "scenes": all_scenes})
+    write_json(root / "scenes.json", {"seed": seed, "scenes": all_scenes})
     return world_paths(root)
 
 
