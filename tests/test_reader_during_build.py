@@ -52,6 +52,10 @@ def _build_pausing_in_each_shard(cfg) -> tuple[int, int, int]:
         finally:
             os.write(done_w, b"e")
             os._exit(code)
+    # Only the child holds the write end now: if it dies without a word, the parent's
+    # read returns b"" (and the test fails) instead of waiting forever.
+    os.close(done_w)
+    os.close(go_r)
     return pid, done_r, go_w
 
 

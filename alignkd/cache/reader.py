@@ -21,11 +21,10 @@ import numpy as np
 import pyarrow as pa
 
 from alignkd.cache.encodings import decode
-from alignkd.cache.location import (cache_path, close_handle, fetch_spans, is_remote, open_for_read, parquet_file,
-                                    read_parquet)
+from alignkd.cache.location import cache_path, close_handle, fetch_spans, is_remote, open_for_read, parquet_file
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json,
-                                        read_array_info, read_index, read_raw)
+                                        read_array_info, read_index, read_parquet, read_raw)
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE,
                                      element_counts)

@@ -16,9 +16,9 @@ import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
-from alignkd.cache.location import cache_path, close_handle, is_remote, open_for_read, read_parquet
+from alignkd.cache.location import cache_path, close_handle, is_remote, open_for_read
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
-                                        read_array_info, read_index, read_raw)
+                                        read_array_info, read_index, read_parquet, read_raw)
 from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
                                      SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR, TOKENIZER_DIR,
                                      element_counts)

@@ -34,8 +34,9 @@ import pyarrow.parquet as pq
 from alignkd.cache.lock import CacheLock
 from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
 from alignkd.cache.encodings import encode
-from alignkd.cache.location import cache_path, is_remote, read_parquet, remove_tree, upload_dir
-from alignkd.cache.shard_format import ArrayFileWriter, CacheFormatError, committed_shards, load_cache_json
+from alignkd.cache.location import cache_path, is_remote, remove_tree, upload_dir
+from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, committed_shards, load_cache_json,
+                                        read_parquet)
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
 from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
                                      CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE, REPLAYED_COLUMNS,

@@ -302,9 +302,13 @@ def _quiet_transformers() -> None:
 
 def run_demo(cfg: DemoConfig) -> Path:
     """Every stage of the pipeline; returns the path of report.md."""
-    import torch
+    from alignkd.demo.teacher import torch_threads
 
-    torch.set_num_threads(2)
+    with torch_threads(2):
+        return _run_demo(cfg)
+
+
+def _run_demo(cfg: DemoConfig) -> Path:
     _quiet_transformers()
     start = time.perf_counter()
     out = Path(cfg.out)

@@ -8,10 +8,11 @@ evaluator (greedy answer, normalised exact match, per question type).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -160,6 +161,23 @@ class TeacherRun:
     seconds: float
 
 
+@contextlib.contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run a block with `n` intra-op threads and restore the caller's count after it.
+
+    The demo is also called in-process (notebooks, the test suite); leaving 2 OpenMP
+    threads behind made later `fork`ed builds in the same process crash in the child.
+    """
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def train_teacher(out_dir: str | Path, seed: int = 0, world_dir: str | Path | None = None,
                   cfg: TrainConfig | None = None, threads: int = 2, log_every: int = 250,
                   device: str = "cpu", world_sizes: dict | None = None,
@@ -170,12 +188,14 @@ def train_teacher(out_dir: str | Path, seed: int = 0, world_dir: str | Path | No
     `out_dir/metrics.json`. Everything is seeded; `cfg`, `world_sizes` and
     `pretrain_steps` default to the demo recipe and are overridden only by tests.
     """
-    import torch
+    with torch_threads(threads):
+        return _train_teacher(out_dir, seed, world_dir, cfg, log_every, device, world_sizes, pretrain_steps)
 
+
+def _train_teacher(out_dir, seed, world_dir, cfg, log_every, device, world_sizes, pretrain_steps) -> TeacherRun:
     from alignkd.demo.vision_pretrain import pretrain_vision_tower
     from alignkd.distill.evaluate import EvalConfig, evaluate
 
-    torch.set_num_threads(threads)
     start = time.perf_counter()
     out = Path(out_dir)
     cfg = replace(cfg or TEACHER_TRAIN, seed=seed)
