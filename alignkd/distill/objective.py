@@ -97,7 +97,9 @@ class AlignKDObjective(nn.Module):
         for name, value in terms.items():
             grads = torch.autograd.grad(getattr(self.weights, name) * value, params, retain_graph=True,
                                         allow_unused=True)
-            norms[name] = torch.sqrt(sum((g.float() ** 2).sum() for g in grads if g is not None) + 0.0)
+            squares = [g.float().pow(2).sum() for g in grads if g is not None]
+            # a term that reaches no student parameter (all None) has norm 0, not a crash
+            norms[name] = torch.stack(squares).sum().sqrt() if squares else value.new_zeros(()).float()
         total = sum(norms.values()) + 1e-30
         return {name: (norm / total).detach() for name, norm in norms.items()}
 
