@@ -15,7 +15,19 @@ from alignkd.errors import AlignKDError, describe_os_error
 
 
 class _Group(click.Group):
-    """A click group that turns `AlignKDError` into one line on stderr and exit 1."""
+    """A click group that turns `AlignKDError` into one line on stderr and exit 1.
+
+    Under torchrun, a rank that stopped (killed, out of memory) reaches the others as a
+    failed collective or as torchrun's SIGTERM; both become one sentence naming that rank.
+    """
+
+    def resolve_command(self, ctx, args):
+        name, cmd, rest = super().resolve_command(ctx, args)
+        if cmd is not None and not isinstance(cmd, click.Group):
+            from alignkd.distributed import exit_when_torchrun_stops_us
+
+            exit_when_torchrun_stops_us(f"{ctx.command_path} {name}")
+        return name, cmd, rest
 
     def invoke(self, ctx):
         try:
@@ -25,6 +37,13 @@ class _Group(click.Group):
             sys.exit(1)
         except OSError as err:  # the machine said no: full disk, permission denied, not a directory
             click.echo(f"error: {describe_os_error(err)}", err=True)
+            sys.exit(1)
+        except RuntimeError as err:  # under torchrun: another rank went away mid-collective
+            from alignkd.distributed import is_peer_failure, report_stopped_rank
+
+            if not is_peer_failure(err):
+                raise
+            report_stopped_rank(f"{ctx.command_path} {ctx.invoked_subcommand}")
             sys.exit(1)
 
 

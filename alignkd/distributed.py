@@ -53,3 +53,110 @@ def all_reduce_sum(values: list[float]) -> list[float]:
     t = torch.tensor(values, dtype=torch.float64)
     dist.all_reduce(t)
     return t.tolist()
+
+
+# ------------------------------------------------------------------ a rank that stopped
+# Under torchrun a rank that dies (SIGKILL, OOM killer) surfaces in the others either as a
+# collective that fails ("Connection closed by peer" from gloo) or as the SIGTERM torchrun
+# sends the survivors. Either way the user gets one sentence naming the rank that stopped
+# and how to resume, from the lowest surviving rank on the node, instead of a traceback.
+
+PEER_LOST = ("connection closed by peer", "connection reset by peer", "broken pipe",
+             "remote worker crashing", "communicator was aborted", "socket timeout")
+
+RESUME_HINTS = {
+    "build": "the shards committed so far are kept: rerun the same command to resume",
+    "distill": "rerun the same command with --resume to continue from the last checkpoint",
+}
+
+
+def under_torchrun() -> bool:
+    return dist_info().world_size > 1 and "TORCHELASTIC_RUN_ID" in os.environ
+
+
+def is_peer_failure(err: BaseException) -> bool:
+    """A collective that failed because another rank went away (not a bug of ours)."""
+    if not under_torchrun() or not isinstance(err, RuntimeError):
+        return False
+    text = str(err).lower()
+    return any(sign in text for sign in PEER_LOST)
+
+
+def _sibling_ranks() -> dict[int, int] | None:
+    """rank -> pid of the live worker processes torchrun started on this node (Linux /proc)."""
+    parent, found = os.getppid(), {}
+    try:
+        pids = [int(p) for p in os.listdir("/proc") if p.isdigit()]
+    except OSError:
+        return None
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            if int(fields[1]) != parent or fields[0] in "ZX":  # fields: state, ppid, ...
+                continue
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                env = dict(kv.split(b"=", 1) for kv in f.read().split(b"\0") if b"=" in kv)
+            if b"RANK" in env:
+                found[int(env[b"RANK"])] = pid
+        except (OSError, ValueError, IndexError):
+            continue
+    return found
+
+
+def stopped_ranks() -> tuple[list[int], list[int]] | None:
+    """(ranks of this node whose process is gone, ranks still alive), or None off Linux."""
+    alive = _sibling_ranks()
+    if alive is None:
+        return None
+    info = dist_info()
+    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
+    first = info.rank - info.local_rank
+    node = range(first, first + local_world)
+    return [r for r in node if r not in alive], sorted(set(alive) | {info.rank})
+
+
+_report = {"state": ""}  # "", "reporting", "done": printed once, whichever path comes first
+
+
+def report_stopped_rank(command: str) -> None:
+    """Print the sentence once, from the lowest surviving rank of this node."""
+    import sys
+    import time
+
+    if _report["state"]:
+        return
+    _report["state"] = "reporting"
+    info = dist_info()
+    for _ in range(10):  # a killed peer's sockets close a moment before its process is gone
+        found = stopped_ranks()
+        stopped, alive = found if found is not None else ([], [info.rank])
+        if stopped or found is None:
+            break
+        time.sleep(0.1)
+    if min(alive) != info.rank:  # a lower surviving rank says it
+        _report["state"] = "done"
+        return
+    who = (f"rank {', '.join(map(str, stopped))} stopped" if stopped
+           else "another rank stopped (on another node, or torchrun was interrupted)")
+    hint = RESUME_HINTS.get(command.split()[-1], "rerun the same command")
+    sys.stderr.write(f"error: {who} during `{command}`, so rank {info.rank} stopped too; {hint}.\n")
+    sys.stderr.flush()
+    _report["state"] = "done"
+
+
+def exit_when_torchrun_stops_us(command: str) -> None:
+    """torchrun SIGTERMs the survivors when a rank dies: say so in one sentence and exit 1
+    at once (a SIGTERM leaves files exactly as a SIGKILL would, which resume handles)."""
+    import signal
+
+    if not under_torchrun():
+        return
+
+    def stop(signum, frame):
+        if _report["state"] == "reporting":
+            return  # the failed collective is already saying it; it exits right after
+        report_stopped_rank(command)
+        os._exit(1)
+
+    signal.signal(signal.SIGTERM, stop)

@@ -37,11 +37,13 @@ from pathlib import Path
 
 import numpy as np
 
+from alignkd.storage_schemas import ARRAY_KINDS
+
 POINTS = ("time", "chunk", "shard_json", "renamed", "catalog_write", "rebuild")
 # per point: the range of n for "the n-th time this moment comes" in one build process
 OCCURRENCES = {"chunk": (1, 30), "shard_json": (1, 3), "renamed": (1, 3), "catalog_write": (1, 4), "rebuild": (1, 1)}
-PLACEMENT = ("attn_offset", "vision_offset", "focus_offset", "logit_ids_offset", "logit_values_offset",
-             "logit_nnz_offset", "logit_tail_offset")
+# where a sample sits in its shard's array files: differs with the shard split, so not compared
+PLACEMENT = tuple(f"{kind}_offset" for kind in ARRAY_KINDS)
 TENSORS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions", "attn", "vision",
            "focus", "logit_ids", "logit_values", "logit_tail")
 

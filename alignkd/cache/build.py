@@ -171,7 +171,8 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
         if dist.is_main:
             save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out if "://" in str(cfg.out) else Path(cfg.out))
         done = writer.done_rows
-        summary.skipped_done = len(done)
+        # this rank's rows only: under torchrun the ranks' counts are summed below
+        summary.skipped_done = sum(r.row in done for r in records) + sum(d.row in done for d in duplicates)
         for err in duplicates:
             if err.row not in done:
                 writer.reject(err.sample_id, err.row, err.reason, str(err))
