@@ -8,6 +8,7 @@ atomic, so at most the shard that was in flight when a build died is redone.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import time
@@ -63,6 +64,8 @@ class BuildConfig:
             raise ConfigError("--limit must be at least 1.")
         check_file(self.data, "manifest")
         check_dir(self.images, "images directory")
+        if not os.access(self.images, os.X_OK):  # else every row would be an unreadable_image reject
+            raise ConfigError(f"images directory {self.images} cannot be entered (permission denied).")
         check_out_dir(self.out)
 
     def stored_options(self) -> dict:

@@ -231,6 +231,8 @@ def read_parquet(path: Path, columns=None):
     try:
         return read_any(path, columns=columns)
     except (OSError, ValueError, pa.ArrowException) as exc:
+        if isinstance(exc, PermissionError) or "[errno 13]" in str(exc).lower():  # not damage: say so
+            raise CacheFormatError(f"{path} cannot be read (permission denied).") from None
         detail = str(exc).split(": ")[-1].strip().rstrip(".")
         raise CacheFormatError(f"{path} cannot be read as Parquet ({detail}); run `alignkd cache verify`.") from None
 

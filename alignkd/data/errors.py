@@ -20,6 +20,7 @@ REASONS = frozenset({
     "placeholder_without_image",  # a turn has <image> but "image" is not set
     "image_outside_root",         # absolute path, ../ or a symlink leaving the images root
     "missing_image",              # the image file does not exist
+    "unreadable_image",           # the image exists but cannot be read (permission denied, I/O error)
     "corrupt_image",              # PIL cannot decode the image
     "template_rejected",          # the processor's chat template raised on this sample
     "image_tokens_truncated",     # max_length would cut through the image tokens

@@ -35,7 +35,7 @@ def load_image(images_root: str | Path, rel_path: str, sample_id: str, row: int 
     try:
         data = path.read_bytes()
     except OSError as err:
-        raise SampleError(sample_id, row, "missing_image",
+        raise SampleError(sample_id, row, "unreadable_image",
                           f"has image {rel_path!r} that cannot be read ({err.strerror})") from None
     return LoadedImage(decode_image(data, sample_id, row, rel_path), data, hashlib.sha256(data).hexdigest())
 
@@ -49,8 +49,9 @@ def resolve_image_path(images_root: str | Path, rel_path: str, sample_id: str, r
         # resolve() follows symlinks, so a link inside the root that points outside is caught too
         path = (root / rel_path).resolve()
         outside, missing = not path.is_relative_to(root), not path.is_file()
-    except (OSError, ValueError) as err:  # a name too long, a NUL byte, a symlink loop
-        raise SampleError(sample_id, row, "missing_image",
+    except (OSError, ValueError) as err:  # a name too long, a NUL byte, a symlink loop, a locked directory
+        reason = "unreadable_image" if isinstance(err, PermissionError) else "missing_image"
+        raise SampleError(sample_id, row, reason,
                           f"has image path {rel_path[:80]!r} that cannot be resolved ({err})") from None
     if outside:
         raise SampleError(sample_id, row, "image_outside_root",

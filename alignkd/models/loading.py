@@ -85,3 +85,9 @@ def _check_model_dir(path: Path) -> None:
         raise AlignKDError(
             f"model directory {path} has no .safetensors weights (alignkd loads safetensors only)."
         )
+    for file in sorted(p for p in path.iterdir() if p.is_file()):
+        try:  # transformers reports an unreadable weights file as a missing one
+            with open(file, "rb"):
+                pass
+        except PermissionError:
+            raise AlignKDError(f"model directory {path}: {file.name} cannot be read (permission denied).") from None
