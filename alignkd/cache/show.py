@@ -2,8 +2,8 @@
 
 The left panel overlays the text focus (Σ over text queries of the head-mean layer-0
 attention to each vision token) on the image; the right panels show the head-mean
-attention row of each answer token. Everything is read from the cache: the teacher is
-only consulted, if its directory still exists, to print token strings instead of ids.
+attention row of each answer token. Everything is read from the cache, the token strings
+too (from the tokenizer the build kept in it), on local disk or object storage.
 """
 
 from __future__ import annotations
@@ -28,20 +28,38 @@ def _grid(values: np.ndarray) -> np.ndarray:
 def _load_image(sample, images_root: str | None):
     from PIL import Image
 
-    if sample.image_bytes is not None:
-        return Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
-    if sample.image_path and images_root and (Path(images_root) / sample.image_path).is_file():
-        return Image.open(Path(images_root) / sample.image_path).convert("RGB")
+    try:
+        if sample.image_bytes is not None:
+            return Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
+        if sample.image_path and images_root and (Path(images_root) / sample.image_path).is_file():
+            return Image.open(Path(images_root) / sample.image_path).convert("RGB")
+    except (OSError, ValueError) as err:
+        raise AlignKDError(f"sample {sample.sample_id!r}: its image cannot be decoded ({err}).") from None
     return None
 
 
-def _token_labels(meta: dict, ids: list[int]) -> list[str]:
-    try:
-        from transformers import AutoTokenizer
+def _token_labels(reader, ids: list[int]) -> list[str]:
+    """Token strings from the tokenizer kept in the cache (copied down from object storage),
+    else the teacher directory if it is still there; never from the network."""
+    import tempfile
 
-        tok = AutoTokenizer.from_pretrained(meta["teacher"]["path"])
+    from transformers import AutoTokenizer
+
+    from alignkd.cache.location import filesystem, is_remote
+    from alignkd.storage_schemas import TOKENIZER_DIR
+
+    try:
+        kept = reader.path / TOKENIZER_DIR
+        if not kept.is_dir():
+            tok = AutoTokenizer.from_pretrained(reader.meta["teacher"]["path"], local_files_only=True)
+        elif is_remote(kept):
+            with tempfile.TemporaryDirectory() as tmp:
+                filesystem(kept).get(kept.path + "/", tmp, recursive=True)
+                tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
+        else:
+            tok = AutoTokenizer.from_pretrained(kept, local_files_only=True)
         return [tok.convert_ids_to_tokens(i) for i in ids]
-    except Exception:  # the teacher may be gone; ids are still informative
+    except Exception:  # noqa: BLE001 - no tokenizer left anywhere; ids are still informative
         return [f"id {i}" for i in ids]
 
 
@@ -64,7 +82,7 @@ def show_sample(cache_path: str, sample_id: str, out: str, images_root: str | No
     focus = _grid(np.asarray(sample.focus, dtype=np.float32))
     label_mask = np.asarray(sample.label_mask, dtype=bool)
     rows = [i for i, pos in enumerate(sample.text_positions) if label_mask[pos]][:MAX_TOKEN_PANELS]
-    names = _token_labels(reader.meta, [int(sample.input_ids[sample.text_positions[i]]) for i in rows])
+    names = _token_labels(reader, [int(sample.input_ids[sample.text_positions[i]]) for i in rows])
     image = _load_image(sample, images_root)
 
     fig, axes = plt.subplots(1, 1 + len(rows), figsize=(3.4 * (1 + len(rows)), 3.4), squeeze=False)
