@@ -315,3 +315,50 @@ def test_killed_mid_checkpoint_resumes_to_the_same_losses_without_repeated_steps
     for r in resumed:
         for term in TERMS if "loss" in r else ():
             assert r[f"loss_{term}"] == pytest.approx(by_step[r["step"]][f"loss_{term}"], rel=1e-4, abs=1e-8)
+
+
+KILL_MID_EXPORT = """
+import os, signal, sys
+from alignkd.distill import export
+from alignkd.distill.trainer import DistillConfig, distill
+
+replace = os.replace
+
+def die_before_config(src, dst):
+    # every other exported file (the weights too) is in place; config.json is not yet
+    if os.path.basename(dst) == "config.json":
+        os.kill(os.getpid(), signal.SIGKILL)
+    return replace(src, dst)
+
+export.os.replace = die_before_config
+distill(DistillConfig(student=sys.argv[1], cache=sys.argv[2], out=sys.argv[3], batch_size=4, lr=3e-3,
+                      logging_steps=1, progress=False, max_steps=4, save_steps=2))
+"""
+
+
+def test_killed_during_export_leaves_no_complete_looking_student_and_resume_finishes(world, tmp_path,
+                                                                                     tiny_student_dir):
+    import safetensors.torch
+    from transformers import AutoModelForImageTextToText
+
+    _train(world, tiny_student_dir, tmp_path / "full", max_steps=4, save_steps=2)
+    out = tmp_path / "killed"
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", KILL_MID_EXPORT, str(tiny_student_dir),
+                           world["caches"]["topk"].out, str(out)], env=env, capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
+    with pytest.raises((OSError, ValueError)):  # not a model yet: from_pretrained refuses, loads nothing
+        AutoModelForImageTextToText.from_pretrained(out)
+    eval_refusal = CliRunner().invoke(main, ["eval", "--model", str(out), "--data", str(world["manifest"]),
+                                             "--images", str(world["images"]), "--no-progress"])
+    assert eval_refusal.exit_code == 1 and "has no config.json" in eval_refusal.output
+
+    summary, logged = _train(world, tiny_student_dir, out, max_steps=4, save_steps=2, resume=True)
+    assert summary.steps == 4 and [r["step"] for r in logged if "loss" in r] == [1, 2, 3, 4]
+    assert not (out / ".tmp-export").exists()
+    AutoModelForImageTextToText.from_pretrained(out)
+    for name in ("model.safetensors", "adapters.safetensors"):
+        got, want = safetensors.torch.load_file(out / name), safetensors.torch.load_file(tmp_path / "full" / name)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name

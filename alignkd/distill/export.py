@@ -1,26 +1,62 @@
-"""Write what a distillation run leaves behind: a loadable student, its adapters, a loss plot."""
+"""Write what a distillation run leaves behind: a loadable student, its adapters, a loss plot.
+
+The export is written whole into OUT/.tmp-export, then each file is moved into OUT with
+`config.json` last (and the old one removed first): a run killed while exporting leaves
+no directory that `from_pretrained` would take for a finished student, and `--resume`
+(which restarts from the final checkpoint) exports again.
+"""
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from dataclasses import asdict
 from pathlib import Path
+
+EXPORT_TMP = ".tmp-export"
+LAST = "config.json"  # what makes a directory look like a model to from_pretrained
 
 
 def export_student(objective, processor, out: Path, cfg, cache_meta: dict) -> None:
     """`from_pretrained(out)` loads the student; adapters and the run config sit beside it."""
+    out = Path(out)
+    (out / LAST).unlink(missing_ok=True)  # until the end, OUT does not look like a finished model
+    tmp = out / EXPORT_TMP
+    shutil.rmtree(tmp, ignore_errors=True)
+    write_export(objective, processor, tmp, out / "metrics.jsonl", cfg, cache_meta)
+    publish(tmp, out)
+
+
+def write_export(objective, processor, tmp: Path, metrics: Path, cfg, cache_meta: dict) -> None:
     import safetensors.torch
 
-    out = Path(out)
-    objective.student.save_pretrained(out)
-    processor.save_pretrained(out)
+    objective.student.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
     adapters = {f"head_adapter.{k}": v for k, v in objective.head_adapter.state_dict().items()}
     adapters.update({f"projector_adapter.{k}": v for k, v in objective.projector_adapter.state_dict().items()})
-    safetensors.torch.save_file({k: v.contiguous() for k, v in adapters.items()}, out / "adapters.safetensors")
+    safetensors.torch.save_file({k: v.contiguous() for k, v in adapters.items()}, tmp / "adapters.safetensors")
     run = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
            "cache_teacher": cache_meta.get("teacher", {}), "cache_options": cache_meta.get("build_options", {})}
-    (out / "distill_run.json").write_text(json.dumps(run, indent=2))
-    plot_loss_curves(out / "metrics.jsonl", out / "loss_curves.png")
+    (tmp / "distill_run.json").write_text(json.dumps(run, indent=2))
+    plot_loss_curves(metrics, tmp / "loss_curves.png")
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move every exported file into `out` (durably), `config.json` last, then drop `tmp`."""
+    files = sorted((p for p in tmp.rglob("*") if p.is_file()), key=lambda p: (p.name == LAST, str(p)))
+    for path in files:
+        with open(path, "rb+") as f:
+            os.fsync(f.fileno())
+        target = out / path.relative_to(tmp)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        os.replace(path, target)
+    fd = os.open(out, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    shutil.rmtree(tmp)
 
 
 def plot_loss_curves(metrics: Path, png: Path) -> Path | None:
