@@ -43,17 +43,18 @@ def launch(args, cwd: Path, **env) -> subprocess.Popen:
                             text=True)
 
 
-def kill_held_rank(proc: subprocess.Popen, cwd: Path, ready) -> int:
-    """Wait until rank 1 holds (and `ready()`), SIGKILL it: a child of the torchrun launcher."""
-    marker, deadline = cwd / "held.pid", time.monotonic() + 180
-    while not (marker.is_file() and marker.read_text() and ready()):
+def kill_held_rank(proc: subprocess.Popen, cwd: Path, ready, held=(1,)) -> int:
+    """Wait until the `held` ranks hold (and `ready()`), SIGKILL rank 1: a child of the torchrun launcher."""
+    markers, deadline = [cwd / f"held.pid-r{r}" for r in held], time.monotonic() + 180
+    while not (all(m.is_file() for m in markers) and ready()):
         assert proc.poll() is None, f"torchrun ended before rank 1 held: {proc.communicate()[1][-3000:]}"
         assert time.monotonic() < deadline, "rank 1 never reached its moment"
         time.sleep(0.05)
-    pid = int(marker.read_text())
+    pid = int((cwd / "held.pid-r1").read_text())
     stat = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     assert int(stat[1]) == proc.pid  # a worker torchrun started, not some other process
-    marker.unlink()
+    for m in markers:
+        m.unlink()
     os.kill(pid, signal.SIGKILL)
     return pid
 
@@ -90,10 +91,12 @@ def world(tmp_path_factory, tiny_llava_dir):
 def test_build_with_a_killed_rank_resumes_to_the_uninterrupted_cache(world):
     root, args = world
     cache = root / "cache"
-    proc = launch([*args, cache], root, ALIGNKD_PAUSE_RANK="1")
-    kill_held_rank(proc, root, ready=lambda: True)
+    # rank 0 is held too, in Python: it learns of rank 1 from torchrun's SIGTERM, not from a collective
+    proc = launch([*args, cache], root, ALIGNKD_PAUSE_RANK="0,1")
+    kill_held_rank(proc, root, ready=lambda: True, held=(0, 1))
     code, _, stderr = finish(proc)
     assert code != 0
+    assert re.search(r"rank\s*: 0 \(local_rank: 0\)\n\s*exitcode\s*: 1 ", stderr), stderr[-3000:]  # our exit
     assert_one_sentence(stderr, "rank 1 stopped during `alignkd cache build`, so rank 0 stopped too; "
                                 "the shards committed so far are kept: rerun the same command to resume.")
     visible = [p for p in (cache / "shards").iterdir() if not p.name.startswith(".")]
@@ -114,6 +117,7 @@ def test_distill_with_a_killed_rank_resumes_from_its_last_checkpoint(world, tiny
     args = ["distill", "--student", tiny_student_dir, "--cache", root / "reference", "--out", run,
             "--max-steps", "4", "--save-steps", "2", "--batch-size", "2", "--logging-steps", "1",
             "--workers", "0", "--no-progress"]
+    # rank 0 trains on into step 3 and learns of rank 1 from the gradient all-reduce that fails
     proc = launch(args, root, ALIGNKD_PAUSE_RANK="1")
     kill_held_rank(proc, root, ready=lambda: (run / "checkpoints" / "checkpoint-2" / "trainer_state.json").is_file())
     code, _, stderr = finish(proc)

@@ -1,7 +1,8 @@
 """The alignkd CLI as torchrun starts it, with one rank held at a known moment so that a test
-can SIGKILL it there: ALIGNKD_PAUSE_RANK=N holds rank N, after its first committed shard
-(`cache build`) or after its first checkpoint (`distill`), having written its PID to
-ALIGNKD_PAUSE_MARKER. ALIGNKD_START_STEP=FILE records the step training starts from (rank 0).
+can SIGKILL it there: ALIGNKD_PAUSE_RANK=N (or "0,1") holds rank N, after its first committed
+shard (`cache build`) or after its first checkpoint (`distill`), having written its PID to
+ALIGNKD_PAUSE_MARKER plus "-rN". ALIGNKD_START_STEP=FILE records the step training starts from
+(rank 0).
 Nothing of alignkd is replaced: the real code runs up to the moment, then the process waits.
 """
 
@@ -17,7 +18,9 @@ from alignkd.distill import engine
 
 
 def hold() -> None:
-    Path(os.environ["ALIGNKD_PAUSE_MARKER"]).write_text(str(os.getpid()))
+    marker = Path(f"{os.environ['ALIGNKD_PAUSE_MARKER']}-r{os.environ['RANK']}")
+    marker.with_suffix(".tmp").write_text(str(os.getpid()))
+    marker.with_suffix(".tmp").rename(marker)
     time.sleep(600)
 
 
@@ -34,7 +37,7 @@ class RecordStart(TrainerCallback):
 
 def arm() -> None:
     extra = []
-    if os.environ.get("RANK") == os.environ.get("ALIGNKD_PAUSE_RANK"):
+    if os.environ.get("RANK") in os.environ.get("ALIGNKD_PAUSE_RANK", "").split(","):
         commit = writer._ShardInProgress.commit
 
         def commit_then_hold(self):
