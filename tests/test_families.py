@@ -58,7 +58,7 @@ def pair(request, tmp_path_factory):
     cache = root / "cache"
     # bf16 attention: these tests compare the cache with the live teacher at bf16 tolerance
     build_cache(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(cache),
-                            batch_size=2, logit_k=8, attn_dtype="bfloat16", progress=False))
+                            batch_size=2, logit_k=8, attn_dtype="bfloat16", vision_dtype="bfloat16", progress=False))
     return {"family": family, "root": root, "teacher": teacher, "student": student, "data": data,
             "images": images, "cache": cache}
 
