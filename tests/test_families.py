@@ -26,7 +26,7 @@ from alignkd.data import collate, read_manifest, render_sample
 from alignkd.distill.trainer import DistillConfig, distill
 from alignkd.models import capture_forward, load_vlm
 from conftest import make_image, write_manifest
-from families_tiny import FAMILY_NAMES, RAGGED, build_family
+from families_tiny import FAMILY_NAMES, MODEL_TYPES, RAGGED, build_family
 
 BF16_RTOL = 2.0 ** -8
 SIZES = [(40, 40), (32, 64), (64, 48)]  # (height, width): three vision-token counts where Nv varies
@@ -64,7 +64,8 @@ def pair(request, tmp_path_factory):
 
 
 def _rendered(vlm, pair):
-    return [render_sample(r, vlm.processor, pair["images"], 512) for r in read_manifest(pair["data"])]
+    return [render_sample(r, vlm.processor, pair["images"], 512, vlm.family.prompt_format)
+            for r in read_manifest(pair["data"])]
 
 
 def test_probe_rows_equal_full_eager(pair):
@@ -128,7 +129,7 @@ def test_distill_runs_and_student_reloads(pair):
     assert summary.steps == 2
     assert all(np.isfinite(v) and v > 0 for v in summary.final_losses.values()), summary.final_losses
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
-    assert reloaded.config.model_type == pair["family"]
+    assert reloaded.config.model_type == MODEL_TYPES.get(pair["family"], pair["family"])
     assert reloaded.config.get_text_config().num_attention_heads == 2
     vlm = load_vlm(out)  # the exported processor loads too (stock, or assembled without video)
     sample = _rendered(vlm, pair)[0]
