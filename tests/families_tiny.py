@@ -253,25 +253,25 @@ def _paligemma(text_type: str):
     return build
 
 
-# ---------------------------------------------------------------- Mistral3 (model only)
+# ---------------------------------------------------------------- Mistral3
 PIXTRAL_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 
 
-def build_mistral3(role: str = "teacher", seed: int = 0):
-    """A tiny Mistral3 model, its tokenizer and its `*Pil` image processor (no processor:
-    PixtralProcessor imports the torchvision image processor, so it cannot be built here)."""
-    import torch
+def _mistral3(role: Role):
     import transformers as tf
 
-    torch.manual_seed(seed)
+    from alignkd.models.pixtral_processor import PixtralProcessor  # the stock one needs torchvision
+
     tok = word_tokenizer(PIXTRAL_SPECIALS)
-    text = {"model_type": "mistral", **_text_kwargs(tok, ROLES[role])}
+    text = {"model_type": "mistral", **_text_kwargs(tok, role)}
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=64, patch_size=8, head_dim=16)
     config = tf.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2, vision_feature_layer=-1,
                                image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    # images resized to whole 16 px merged patches, at most 64 px: one [IMG] per 16 px, a row per 16 px of height
     image_processor = tf.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
-    return tf.Mistral3ForConditionalGeneration(config).eval(), tok, image_processor
+    processor = _with(PixtralProcessor, patch_size=8, spatial_merge_size=2)
+    return tf.Mistral3ForConditionalGeneration(config), tok, image_processor, processor, "[IMG]"
 
 
 def _with(processor_cls, **kwargs):
@@ -298,11 +298,13 @@ BUILDERS = {
     "llava_onevision": _llava_onevision,
     "paligemma": _paligemma("gemma"),
     "paligemma2": _paligemma("gemma2"),
+    "mistral3": _mistral3,
 }
 FAMILY_NAMES = tuple(BUILDERS)
 MODEL_TYPES = {"paligemma2": "paligemma"}  # builder name -> config.model_type, where they differ
 # families whose tiny processors give the three test images three different vision-token counts
-RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl", "llava_next", "llava_onevision"}
+RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl", "llava_next", "llava_onevision",
+          "mistral3"}
 
 
 def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0, vocab_padding: int = 0) -> Path:

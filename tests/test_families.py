@@ -234,33 +234,29 @@ def test_padded_teacher_vocabulary_distils_over_shared_ids(tmp_path):
                               progress=False))
 
 
-
-def test_mistral3_rows_with_break_separated_runs_equal_full_eager():
-    """Mistral3 at the model level (its processor needs torchvision): one [IMG_BREAK]-separated
-    run per row of merged patches, images of two sizes in one batch."""
+def test_mistral3_published_layout_loads_without_torchvision(tmp_path):
+    """preprocessor_config.json naming PixtralImageProcessorFast + processor_config.json naming
+    PixtralProcessor (which transformers cannot import without torchvision): alignkd's stand-in
+    loads it on the *Pil image processor and expands each image into rows of [IMG] tokens,
+    [IMG_BREAK] between rows and [IMG_END] last, one token per 16 px merged patch."""
+    import transformers
     from PIL import Image
 
-    from families_tiny import build_mistral3
-
-    model, tok, image_processor = build_mistral3()
-    images = [Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)) for i, (h, w) in enumerate([(32, 32), (32, 64)])]
-    pix = image_processor(images, return_tensors="pt")
-    img, brk, end = (tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
-    prompt = tok("USER : what is the colour ?", add_special_tokens=False)["input_ids"]
-    rows = []
-    for h, w in pix["image_sizes"].tolist():  # 8 px patches merged 2x2: one token per 16 px
-        grid = [[img] * (w // 16) + [brk] for _ in range(h // 16)]
-        rows.append([tok.bos_token_id] + sum(grid, [])[:-1] + [end] + prompt)
-    length = max(map(len, rows))
-    input_ids = torch.tensor([r + [tok.pad_token_id] * (length - len(r)) for r in rows])
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, **pix}
-    cap = capture_forward(model, batch)
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        ref = model(**batch, output_attentions=True, use_cache=False)
-    assert cap.vision_mask.sum(1).tolist() == [4, 8]
-    for b in range(2):
-        nv = int(cap.vision_mask[b].sum())
-        torch.testing.assert_close(cap.attn_text_vision[b][:, :, :nv],
-                                   ref.attentions[0][b][:, :, cap.vision_positions[b, :nv]], rtol=0, atol=4e-6)
+    teacher = build_family("mistral3", tmp_path / "mistral3", "teacher")
+    options = json.loads((teacher / "processor_config.json").read_text())
+    image_options = options.pop("image_processor")
+    (teacher / "preprocessor_config.json").write_text(
+        json.dumps({**image_options, "image_processor_type": "PixtralImageProcessorFast"}))
+    (teacher / "processor_config.json").write_text(json.dumps(options))
+    assert options["processor_class"] == "PixtralProcessor"
+    with pytest.raises(Exception):
+        transformers.AutoProcessor.from_pretrained(teacher)
+    processor = load_vlm(teacher).processor
+    assert type(processor).__module__ == "alignkd.models.pixtral_processor"
+    assert type(processor.image_processor).__name__ == "PixtralImageProcessorPil"
+    image = Image.fromarray(np.zeros((40, 64, 3), np.uint8))  # resized up to 48 x 64: 3 rows of 4
+    out = processor(text=["[IMG]"], images=[image], add_special_tokens=False)
+    row = ["[IMG]"] * 4
+    assert processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0].tolist()) == \
+        row + ["[IMG_BREAK]"] + row + ["[IMG_BREAK]"] + row + ["[IMG_END]"]
+    assert out["pixel_values"].shape[-2:] == (48, 64)
