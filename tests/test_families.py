@@ -137,6 +137,22 @@ def test_distill_runs_and_student_reloads(pair):
     assert torch.isfinite(capture_forward(vlm.model, batch).logits).all()
 
 
+def test_eval_scores_every_family(pair):
+    """`alignkd eval` renders with the family's prompt format and generates with the prompt's
+    per-token inputs (Qwen's mm_token_type_ids, Gemma3's and PaliGemma's token_type_ids)."""
+    from alignkd.distill.evaluate import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(model=str(pair["teacher"]), data=str(pair["data"]), images=str(pair["images"]),
+                                 max_new_tokens=2, progress=False))
+    assert (result.samples, result.skipped) == (len(SIZES), 0)
+    vlm = load_vlm(pair["teacher"])
+    batch = collate(_rendered(vlm, pair), vlm.processor.tokenizer.pad_token_id)
+    logits = capture_forward(vlm.model, model_inputs_of(batch, vlm.family)).logits
+    target = batch["labels"][:, 1:]
+    live = torch.nn.functional.cross_entropy(logits[:, :-1][target != -100], target[target != -100])
+    assert result.answer_ce == pytest.approx(float(live), rel=1e-4)
+
+
 def test_gemma3_rows_keep_window_and_bidirectional_image_block(tmp_path):
     """The probe's layer-0 rows carry both Gemma3 masks: image tokens see later image tokens
     (token_type_ids passed), and layer 0's 8-key sliding window hides early keys from late rows."""
