@@ -201,6 +201,8 @@ def test_student_family_must_take_the_cached_token_inputs():
     check_family("qwen2_vl", "qwen2_5_vl")  # both replay mm_token_type_ids
     with pytest.raises(AlignKDError, match="built by a gemma3 teacher but the student is a qwen2_vl model"):
         check_family("qwen2_vl", "gemma3")
+    with pytest.raises(AlignKDError, match="built by a gemma3 teacher but the student is a paligemma model"):
+        check_family("paligemma", "gemma3")  # both replay token_type_ids, with other meanings
 
 
 def test_published_qwen_layout_loads_without_torchvision(tmp_path):
