@@ -80,7 +80,8 @@ def test_rows_carry_bidirectional_prefix_and_causal_suffix(paligemma):
     for b, sample in enumerate(samples):
         weights = cap.layer0_attn[b]  # [H, L, L]
         types = sample.token_inputs["token_type_ids"]
-        last_prefix, first_suffix, last = int((types == 0).nonzero()[-1]), int((types == 1).nonzero()[0]), len(types) - 1
+        last_prefix, first_suffix = int((types == 0).nonzero()[-1]), int((types == 1).nonzero()[0])
+        last = len(types) - 1
         assert (weights[:, 0, last_prefix] > 0).all()  # the first image token sees the end of the prompt
         assert (weights[:, 16, last_prefix] > 0).all()  # the first text query row (<bos>) too
         assert (weights[:, first_suffix, last] == 0).all()  # the answer is causal

@@ -51,7 +51,8 @@ _MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[ProbeState, bool]]" 
 
 def probe_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                             is_causal=None, **kwargs):
-    """The registered attention function: eager (weights kept) for layer 0, sdpa otherwise."""
+    """The registered attention function: eager (weights kept) for layer 0, sdpa otherwise
+    (eager again where the family row says sdpa cannot run the text model)."""
     entry = _MODULES.get(module)
     if entry is None or not entry[1]:
         if entry is not None and entry[0].eager_elsewhere:
