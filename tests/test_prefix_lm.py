@@ -63,6 +63,18 @@ def test_multi_turn_folds_earlier_turns_into_the_prefix(paligemma):
     assert sample.token_inputs["token_type_ids"].tolist() == [0] * 29 + [1] * 2
 
 
+def test_truncation_keeps_the_head_of_the_answer(paligemma):
+    vlm, images = paligemma
+    conv = [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": "blue circle"}]
+    rec = ManifestRecord(row=0, sample_id="p0", image="a.png", conversations=conv)
+    cut = render_sample(rec, vlm.processor, images, 26, vlm.family.prompt_format)
+    assert cut.truncated and _tokens(vlm, cut.input_ids[cut.labels != IGNORE_INDEX]) == ["blue"]
+    assert cut.token_inputs["token_type_ids"].tolist() == [0] * 25 + [1]
+    with pytest.raises(SampleError) as err:  # a cut inside the prompt leaves no answer
+        render_sample(rec, vlm.processor, images, 25, vlm.family.prompt_format)
+    assert err.value.reason == "no_answer_tokens"
+
+
 def test_record_without_image_is_rejected_with_a_reason(paligemma):
     vlm, images = paligemma
     with pytest.raises(SampleError, match="has no image") as err:
