@@ -24,16 +24,15 @@ from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
 from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, load_image
 from alignkd.data.manifest import ManifestRecord
+from alignkd.data.render import IGNORE_INDEX, RenderedSample, truncate
 from alignkd.errors import ConfigError
 
 SUFFIX_TYPE = 1  # token_type_ids value of the causal suffix
 
 
 def render_prefix_lm(record: ManifestRecord, processor, images_root: str | Path | None,
-                     max_length: int | None):
+                     max_length: int | None) -> RenderedSample:
     """Validate, render, tokenise and label `record` as prefix (prompt) + suffix (last answer)."""
-    from alignkd.data.render import IGNORE_INDEX, RenderedSample, truncate
-
     sid, row = record.sample_id, record.row
     messages = to_messages(record, getattr(processor, "image_token", None))
     if record.image is None:  # the processor refuses text without an image
