@@ -104,7 +104,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     from tqdm import tqdm
 
     from alignkd.data import SampleError, read_manifest, render_sample
-    from alignkd.models.families import get_family
+    from alignkd.models.families import FAMILIES
 
     if model is None:
         from alignkd.models import load_vlm
@@ -112,7 +112,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
         vlm = load_vlm(cfg.model)
         model, processor = vlm.model, vlm.processor
     model.eval()
-    prompt_format = get_family(model.config).prompt_format
+    family = FAMILIES.get(model.config.model_type)  # any chat-template VLM can be scored, supported or not
+    prompt_format = family.prompt_format if family else "chat_template"
     records = read_manifest(cfg.data)[: cfg.limit]
     qtypes = _question_types(cfg.data)
     hits: list[tuple[str | None, int]] = []
