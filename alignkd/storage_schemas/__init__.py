@@ -88,11 +88,12 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
 # blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
 # zstd for ~10% more bytes; the reader's throughput target makes lz4 the right side.
 BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
-# 8-bit (and packed 4-bit) codes are stored without a compressor: on 7B-shaped samples
-# blosc gains 1.13x on uint8-log attention and ~1.0x on int8 vision, while decoding those
-# chunks cost more CPU than the whole rest of a read (bench/cache_storage.py). A raw chunk
-# is read straight into the output buffer. Their zarr.json lists only the `bytes` codec.
-UNCOMPRESSED_ENCODINGS = frozenset({"uint8-sqrt", "uint8-log", "uint4-log", "int8-channel", "int4-channel"})
+# 8-bit codes are stored without a compressor: on 7B-shaped samples blosc gains 1.13x on
+# uint8-log attention and ~1.0x on int8 vision, while decoding those chunks cost more CPU
+# than the whole rest of a read (bench/cache_storage.py); a raw chunk is read straight
+# into the output buffer, and its zarr.json lists only the `bytes` codec. The packed 4-bit
+# encodings keep blosc: they are the bytes-first tier (~5% smaller compressed).
+UNCOMPRESSED_ENCODINGS = frozenset({"uint8-sqrt", "uint8-log", "int8-channel"})
 ENCODING_ATTR = "alignkd_encoding"
 
 # ---------------------------------------------------------------- parquet rows
