@@ -220,13 +220,17 @@ def throughput(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
           "vision vs fp16 safetensors per sample)\n")
     path, st_path = work / "cache-throughput", work / "safetensors"
     raw = sum(raw_bytes(r) for r in recs)
-    st_secs = write_safetensors(st_path, recs)
-    ours_secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+    # writes alternate, twice each, and the faster of each side counts: one fsync stall on a
+    # shared disk otherwise decides the ratio
+    st_secs = ours_secs = float("inf")
+    for _ in range(2):
+        st_secs = min(st_secs, write_safetensors(st_path, recs))
+        ours_secs = min(ours_secs, write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype))
     order = np.random.default_rng(1).permutation(len(recs))
     ours_ds = CachedDistillDataset(str(path), processor=None)
     sampler = ShardWindowSampler(ours_ds.reader.shard_of, seed=0)
     st_ds = SafetensorsDataset(st_path, len(recs))
-    rows = [("writer, MB/s raw (fsync incl.)", raw / ours_secs / 1e6, raw / st_secs / 1e6, "≥ 300")]
+    rows = [("writer, MB/s raw (fsync incl.; best of 2)", raw / ours_secs / 1e6, raw / st_secs / 1e6, "≥ 300")]
     reads = {"ours": [lambda: read_random(StoredReads(path), order), lambda: read_loader(ours_ds, sampler)],
              "ref": [lambda: read_random(st_ds, order), lambda: read_loader(st_ds, [int(i) for i in order])]}
     names = [("reader, cold random, samples/s (stored widths)", "≥ 250"),

@@ -43,11 +43,14 @@ class CacheFormatError(AlignKDError):
 # ------------------------------------------------------------------ writing one array
 @dataclass
 class CompressedSample:
-    blobs: list[bytes]   # one blosc frame per chunk, the last chunk zero-padded
+    blobs: list[bytes]   # per chunk a blosc frame, or the raw bytes; the last chunk zero-padded
     crc32: int           # of the uncompressed stored values
 
 
-def array_codec() -> Blosc:
+def codec_for(encoding: str) -> Blosc | None:
+    """The compressor of an array holding `encoding` (None: chunks stored raw)."""
+    if encoding in UNCOMPRESSED_ENCODINGS:
+        return None
     return Blosc(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle=Blosc.BITSHUFFLE)
 
 
@@ -73,7 +76,7 @@ class FileInfo:
 
 
 class ArrayFileWriter:
-    """Appends compressed samples to one sharded array file, one blosc chunk at a time."""
+    """Appends samples (compressed by `compress_sample`) to one sharded array file, a chunk at a time."""
 
     def __init__(self, shard_dir: Path, kind: str, encoding: str) -> None:
         self.kind, self.encoding = kind, encoding
@@ -145,11 +148,6 @@ class ArrayInfo:
     length: int
     encoding: str
     compressed: bool    # blosc frames; False: raw chunk bytes (the `bytes` codec only)
-
-
-def codec_for(encoding: str) -> Blosc | None:
-    """The compressor of an array holding `encoding` (None: chunks stored raw)."""
-    return None if encoding in UNCOMPRESSED_ENCODINGS else array_codec()
 
 
 def read_array_info(shard_dir: Path, kind: str) -> ArrayInfo:

@@ -123,7 +123,7 @@ class _ShardInProgress:
         self.rows: list[dict] = []
         self.rejects: list[dict] = []
 
-    def add(self, rec: SampleRecord, encoded: "EncodedSample", store_images: bool) -> None:
+    def add(self, rec: SampleRecord, encoded: EncodedSample, store_images: bool) -> None:
         row = {
             "sample_id": rec.sample_id, "manifest_row": int(rec.manifest_row),
             "input_ids": np.asarray(rec.input_ids, np.int32), "label_mask": np.asarray(rec.label_mask, bool),
