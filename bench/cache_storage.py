@@ -12,9 +12,11 @@ the stored targets and from the fp32 targets, over every trainable parameter of 
 and for each term alone.
 
 Throughput is measured side by side in one run against per-sample safetensors files
-holding the same tensors at the same widths (fp16 attention/vision). The OS page cache
-cannot be dropped on a shared box, so "cold" means a fresh reader, each sample read once
-in random order. Reads return stored widths (what the distill DataLoader ships).
+holding the same tensors at the same widths (fp16 attention/vision). "Cold" means each
+file's pages were dropped from the OS page cache first (fsync, then
+posix_fadvise(DONTNEED), which needs no root), a fresh reader, each sample read once in
+random order; the DataLoader rows start cold too, as a cache far larger than RAM would.
+Reads return stored widths (what the distill DataLoader ships).
 
     .venv/bin/python bench/cache_storage.py [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
     .venv/bin/python bench/cache_storage.py --skip-fidelity --s3      # + moto S3 against local disk
@@ -151,6 +153,18 @@ class StoredReads:
         return self.reader.get(i, widen=False)
 
 
+def drop_page_cache(root: Path) -> None:
+    """Evict every file under `root` from the page cache, so the next read goes to the disk."""
+    for f in root.rglob("*"):
+        if f.is_file():
+            fd = os.open(f, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
 def read_random(ds, order) -> float:
     start = time.perf_counter()
     for i in order:
@@ -202,22 +216,30 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
 def throughput(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
     from alignkd.distill.sampling import ShardWindowSampler
 
-    print(f"\n## (b) throughput, side by side ({attn_dtype} attention, {vision_dtype} vision vs "
-          "fp16 safetensors per sample)\n")
+    print(f"\n## (b) throughput over {len(recs)} samples, side by side ({attn_dtype} attention, {vision_dtype} "
+          "vision vs fp16 safetensors per sample)\n")
     path, st_path = work / "cache-throughput", work / "safetensors"
     raw = sum(raw_bytes(r) for r in recs)
-    st_secs = write_safetensors(st_path, recs)
-    ours_secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+    # writes alternate, twice each, and the faster of each side counts: one fsync stall on a
+    # shared disk otherwise decides the ratio
+    st_secs = ours_secs = float("inf")
+    for _ in range(2):
+        st_secs = min(st_secs, write_safetensors(st_path, recs))
+        ours_secs = min(ours_secs, write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype))
     order = np.random.default_rng(1).permutation(len(recs))
     ours_ds = CachedDistillDataset(str(path), processor=None)
     sampler = ShardWindowSampler(ours_ds.reader.shard_of, seed=0)
-    rows = [
-        ("writer, MB/s raw (fsync incl.)", raw / ours_secs / 1e6, raw / st_secs / 1e6, "≥ 300"),
-        ("reader, cold random, samples/s (stored widths)", read_random(StoredReads(path), order),
-         read_random(SafetensorsDataset(st_path, len(recs)), order), "≥ 250"),
-        ("distill DataLoader(num_workers=2, batch 8), samples/s", read_loader(ours_ds, sampler),
-         read_loader(SafetensorsDataset(st_path, len(recs)), [int(i) for i in order]), "≥ 150"),
-    ]
+    st_ds = SafetensorsDataset(st_path, len(recs))
+    rows = [("writer, MB/s raw (fsync incl.; best of 2)", raw / ours_secs / 1e6, raw / st_secs / 1e6, "≥ 300")]
+    reads = {"ours": [lambda: read_random(StoredReads(path), order), lambda: read_loader(ours_ds, sampler)],
+             "ref": [lambda: read_random(st_ds, order), lambda: read_loader(st_ds, [int(i) for i in order])]}
+    names = [("reader, cold random, samples/s (stored widths)", "≥ 250"),
+             ("distill DataLoader(num_workers=2, batch 8), samples/s", "≥ 150")]
+    for k, (name, target) in enumerate(names):  # each side starts with its files out of the page cache
+        drop_page_cache(path)
+        ours = reads["ours"][k]()
+        drop_page_cache(st_path)
+        rows.append((name, ours, reads["ref"][k](), target))
     print("| measure | alignkd cache | safetensors per sample | ratio | target |")
     print("|---|---|---|---|---|")
     for name, ours, ref, target in rows:
@@ -274,11 +296,13 @@ def object_storage(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--samples", type=int, default=64)
+    ap.add_argument("--samples", type=int, default=64, help="samples in the fidelity and object-storage parts")
+    ap.add_argument("--throughput-samples", type=int, default=256,
+                    help="samples in the throughput part (the DataLoader's worker start-up is amortised over them)")
     ap.add_argument("--grad-samples", type=int, default=4, help="samples in the gradient-fidelity sums")
     ap.add_argument("--workdir", default="/tmp/alignkd-bench")
     ap.add_argument("--attn-dtype", default="uint8-log", help="storage of the throughput cache (default: the default)")
-    ap.add_argument("--vision-dtype", default="bfloat16", help="storage of the throughput cache")
+    ap.add_argument("--vision-dtype", default="int8-channel", help="storage of the throughput cache (default: the default)")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--s3", action="store_true", help="also read through a local moto S3 server (moto[server])")
@@ -289,16 +313,16 @@ def main() -> None:
 
     torch.set_num_threads(1)
     rng = np.random.default_rng(0)
-    recs = [synth(i, rng) for i in range(args.samples)]
-    raw = np.mean([raw_bytes(r) for r in recs])
-    print(f"# {args.samples} samples, mean T_text {np.mean([r.attn.shape[0] for r in recs]):.0f}; "
+    recs = [synth(i, rng) for i in range(max(args.samples, 0 if args.skip_throughput else args.throughput_samples))]
+    raw = np.mean([raw_bytes(r) for r in recs[:args.samples]])
+    print(f"# {args.samples} samples, mean T_text {np.mean([r.attn.shape[0] for r in recs[:args.samples]]):.0f}; "
           f"raw (fp16 attn/vision/log-probs) {raw / 1e6:.2f} MB/sample\n")
     if not args.skip_fidelity:
-        fidelity(work, recs, args.grad_samples)
+        fidelity(work, recs[:args.samples], args.grad_samples)
     if not args.skip_throughput:
-        throughput(work, recs, args.attn_dtype, args.vision_dtype)
+        throughput(work, recs[:args.throughput_samples], args.attn_dtype, args.vision_dtype)
     if args.s3:
-        object_storage(work, recs, args.attn_dtype, args.vision_dtype)
+        object_storage(work, recs[:args.samples], args.attn_dtype, args.vision_dtype)
     shutil.rmtree(work, ignore_errors=True)
 
 

@@ -229,25 +229,49 @@ def _llava_onevision(role: Role):
     return tf.LlavaOnevisionForConditionalGeneration(config), tok, image_processor, processor, "<image>"
 
 
-# ---------------------------------------------------------------- Mistral3 (model only)
+# ---------------------------------------------------------------- PaliGemma 1 / 2
+def _paligemma(text_type: str):
+    def build(role: Role):
+        import transformers as tf
+        from transformers.models.paligemma.processing_paligemma import EXTRA_TOKENS
+
+        # the published tokenizer already holds <image> and the <locNNNN>/<segNNN> tokens the
+        # processor adds; adding them first keeps the vocabulary equal to the tokenizer
+        tok = word_tokenizer(["<image>"], extra={"image_token": "<image>"})
+        tok.add_tokens(EXTRA_TOKENS)
+        text = {"model_type": text_type, **_text_kwargs(tok, role)}
+        if text_type == "gemma2":  # softcapping on (its defaults); layer 0 slides over 8 keys
+            text.update(sliding_window=8, layer_types=["sliding_attention", "full_attention"])
+        vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                      image_size=32, patch_size=8)
+        config = tf.PaliGemmaConfig(text_config=text, vision_config=vision, projection_dim=role.hidden,
+                                    hidden_size=role.hidden, vocab_size=len(tok),
+                                    image_token_index=tok.convert_tokens_to_ids("<image>"))
+        image_processor = tf.SiglipImageProcessorPil(size={"height": 32, "width": 32}, image_seq_length=16)
+        # no chat template, like the published checkpoints: alignkd renders prefix + suffix itself
+        return tf.PaliGemmaForConditionalGeneration(config), tok, image_processor, tf.PaliGemmaProcessor, None
+    return build
+
+
+# ---------------------------------------------------------------- Mistral3
 PIXTRAL_SPECIALS = ["[IMG]", "[IMG_BREAK]", "[IMG_END]"]
 
 
-def build_mistral3(role: str = "teacher", seed: int = 0):
-    """A tiny Mistral3 model, its tokenizer and its `*Pil` image processor (no processor:
-    PixtralProcessor imports the torchvision image processor, so it cannot be built here)."""
-    import torch
+def _mistral3(role: Role):
     import transformers as tf
 
-    torch.manual_seed(seed)
+    from alignkd.models.pixtral_processor import PixtralProcessor  # the stock one needs torchvision
+
     tok = word_tokenizer(PIXTRAL_SPECIALS)
-    text = {"model_type": "mistral", **_text_kwargs(tok, ROLES[role])}
+    text = {"model_type": "mistral", **_text_kwargs(tok, role)}
     vision = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
                   image_size=64, patch_size=8, head_dim=16)
     config = tf.Mistral3Config(text_config=text, vision_config=vision, spatial_merge_size=2, vision_feature_layer=-1,
                                image_token_index=tok.convert_tokens_to_ids("[IMG]"))
+    # images resized to whole 16 px merged patches, at most 64 px: one [IMG] per 16 px, a row per 16 px of height
     image_processor = tf.PixtralImageProcessorPil(size={"longest_edge": 64}, patch_size=8)
-    return tf.Mistral3ForConditionalGeneration(config).eval(), tok, image_processor
+    processor = _with(PixtralProcessor, patch_size=8, spatial_merge_size=2)
+    return tf.Mistral3ForConditionalGeneration(config), tok, image_processor, processor, "[IMG]"
 
 
 def _with(processor_cls, **kwargs):
@@ -272,10 +296,15 @@ BUILDERS = {
     "internvl": _internvl,
     "llava_next": _llava_next,
     "llava_onevision": _llava_onevision,
+    "paligemma": _paligemma("gemma"),
+    "paligemma2": _paligemma("gemma2"),
+    "mistral3": _mistral3,
 }
 FAMILY_NAMES = tuple(BUILDERS)
+MODEL_TYPES = {"paligemma2": "paligemma"}  # builder name -> config.model_type, where they differ
 # families whose tiny processors give the three test images three different vision-token counts
-RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl", "llava_next", "llava_onevision"}
+RAGGED = {"qwen2_vl", "qwen2_5_vl", "qwen3_vl", "idefics3", "smolvlm", "internvl", "llava_next", "llava_onevision",
+          "mistral3"}
 
 
 def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0, vocab_padding: int = 0) -> Path:
@@ -293,7 +322,7 @@ def build_family(name: str, out_dir, role: str = "teacher", seed: int = 0, vocab
     model.generation_config.pad_token_id = tok.pad_token_id
     model.generation_config.eos_token_id = tok.eos_token_id
     model.save_pretrained(out)
-    template = chat_template(image)
+    template = None if image is None else chat_template(image)  # None: the family ships no template
     if processor_cls is None:
         _save_published_layout(out, tok, image_processor, template)
     else:

@@ -90,7 +90,8 @@ def six(tmp_path_factory, tiny_llava_dir):
     data, images = make_dataset(root, 6)
     kw = dict(batch_size=4, logit_k=8)
     caches = {
-        "bf16": build(tiny_llava_dir, data, images, root / "bf16", attn_dtype="bfloat16", **kw),
+        "bf16": build(tiny_llava_dir, data, images, root / "bf16", attn_dtype="bfloat16",
+                      vision_dtype="bfloat16", **kw),
         "fp16": build(tiny_llava_dir, data, images, root / "fp16", attn_dtype="float16",
                       vision_dtype="float16", **kw),
         "u8": build(tiny_llava_dir, data, images, root / "u8", attn_dtype="uint8-sqrt", **kw),
@@ -140,15 +141,20 @@ def test_attention_and_vision_tokens_equal_live_forward(six, kind, rtol):
     assert (worst > 1e-3) if kind == "bf16" else (worst < 1e-3)
 
 
-def test_uint8_sqrt_attention_is_within_its_companding_step_of_live_forward(six):
-    """round(sqrt(p)*255) then squared: the error is at most half a step in sqrt space."""
+def test_uint8_sqrt_attention_and_default_int8_vision_are_within_their_steps_of_live_forward(six):
+    """round(sqrt(p)*255) then squared: the error is at most half a step in sqrt space. The
+    default vision encoding, int8-channel: at most half a step of each channel's scale."""
     reader = open_cache(six["caches"]["u8"])
+    assert reader.meta["storage"]["vision_dtype"] == "int8-channel"  # the cache build default
     for b in range(6):
         live = live_sample(six, b)
-        got = reader[reader.index_of(live["sample_id"])].attn
+        got = reader[reader.index_of(live["sample_id"])]
         bound = (np.sqrt(live["attn"]) + 0.5 / 255) ** 2 - live["attn"]  # one half-step up in sqrt space
-        assert np.all(np.abs(got - live["attn"]) <= bound + 1e-7)
-        assert np.abs(got - live["attn"]).max() > 0  # really lossy, so the option took effect
+        assert np.all(np.abs(got.attn - live["attn"]) <= bound + 1e-7)
+        assert np.abs(got.attn - live["attn"]).max() > 0  # really lossy, so the option took effect
+        half_step = np.abs(live["vision"]).max(0) / 127 / 2
+        assert np.all(np.abs(got.vision - live["vision"]) <= half_step * (1 + 1e-5) + 1e-9)
+        assert np.abs(got.vision - live["vision"]).max() > 0
 
 
 def test_topk_logits_are_the_true_topk_of_live_logits(six):
@@ -343,7 +349,8 @@ def test_resume_with_other_stored_option_is_refused(six, tiny_llava_dir, tmp_pat
     shutil.copytree(six["caches"]["bf16"], out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     args = ["cache", "build", "--teacher", tiny_llava_dir, "--data", six["data"], "--images", six["images"],
-            "--out", out, "--batch-size", 4, "--logit-k", 8, "--attn-dtype", "bfloat16", "--no-progress"]
+            "--out", out, "--batch-size", 4, "--logit-k", 8, "--attn-dtype", "bfloat16", "--vision-dtype", "bfloat16",
+            "--no-progress"]
     line = error_line(cli(*args, option, value))
     assert option in line and str(out) in line
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}

@@ -19,7 +19,7 @@ from alignkd.cache.catalog import SQLRefusedError, rebuild_catalog, run_sql
 from alignkd.cache.encodings import decode, encode, widen
 from alignkd.cache.lock import CacheLockedError
 from alignkd.cache.reader import open_cache
-from alignkd.cache.shard_format import CacheFormatError, read_array_info, read_index, read_raw
+from alignkd.cache.shard_format import CacheFormatError, read_array_info, read_index, read_parquet, read_raw
 from alignkd.cache.verify import verify_cache
 from alignkd.cache.writer import CacheWriter, SampleRecord
 from alignkd.storage_schemas import ARRAY_KINDS, FORMAT_NAME, SCALE_OF, SCHEMA_VERSION
@@ -116,6 +116,31 @@ def test_stored_width_read(tmp_path):
     np.testing.assert_allclose(attn.numpy(), full.attn, rtol=1e-6)
     np.testing.assert_allclose(vision.numpy(), full.vision, rtol=1e-6)
     assert full.encodings is None and full.attn_scale is None
+
+
+def test_8bit_arrays_are_stored_raw_and_read_by_zarr_python(tmp_path):
+    """uint8/int8 codes skip blosc (zarr.json lists only the bytes codec), bf16 keeps it; the
+    raw chunks read straight into the output equal what zarr-python reads, crc32 included."""
+    import zarr
+
+    recs = [make_record(i, T=7 + i, Nv=20 + 4 * i) for i in range(3)]  # ragged T and Nv
+    with CacheWriter(tmp_path / "c", META, shard_size=3, attn_dtype="uint8-log", vision_dtype="int8-channel") as w:
+        for r in recs:
+            w.add(r)
+    shard = tmp_path / "c" / "shards" / "shard-000000"
+    codecs = {k: json.loads((shard / k / "zarr.json").read_text())["codecs"][0]["configuration"]["codecs"]
+              for k in ("attn", "vision", "logit_values")}
+    assert codecs["attn"] == codecs["vision"] == [{"name": "bytes"}]
+    assert "blosc" in [c["name"] for c in codecs["logit_values"]]
+    group = zarr.open_group(shard, mode="r")
+    reader = open_cache(tmp_path / "c", check_crc=True)
+    rows = read_parquet(shard / "samples.parquet").to_pylist()
+    for i, row in enumerate(rows):
+        got = reader.get(i, widen=False)
+        for kind, value in (("attn", got.attn), ("vision", got.vision)):
+            start = row[f"{kind}_offset"]
+            np.testing.assert_array_equal(group[kind][start:start + value.size], value.ravel())
+        np.testing.assert_allclose(reader[i].attn, recs[i].attn, rtol=0.025, atol=1e-6 * recs[i].attn.max())
 
 
 def test_logit_ids_use_uint16_below_65536_and_uint32_above(tmp_path):
@@ -322,15 +347,16 @@ def test_not_a_cache_and_version_mismatch_refused(cache, tmp_path):
     assert len(problems) == 1 and problems[0].file == "cache.json" and "99" in problems[0].message
 
 
-def test_v1_cache_refused_naming_both_versions(cache, tmp_path):
+@pytest.mark.parametrize("old", [1, 2])
+def test_older_cache_refused_naming_both_versions(cache, tmp_path, old):
     path = tmp_path / "c"
     shutil.copytree(cache[0], path)
     doc = json.loads((path / "cache.json").read_text())
-    (path / "cache.json").write_text(json.dumps({**doc, "schema_version": 1}))
+    (path / "cache.json").write_text(json.dumps({**doc, "schema_version": old}))
     with pytest.raises(CacheFormatError) as err:
         open_cache(path)
-    assert "schema version 1" in str(err.value) and "version 2" in str(err.value)
-    with pytest.raises(CacheFormatError, match="schema version 1"):
+    assert f"schema version {old}" in str(err.value) and f"version {SCHEMA_VERSION}" in str(err.value)
+    with pytest.raises(CacheFormatError, match=f"schema version {old}"):
         CacheWriter(path, META)
 
 

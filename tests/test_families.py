@@ -26,7 +26,7 @@ from alignkd.data import collate, read_manifest, render_sample
 from alignkd.distill.trainer import DistillConfig, distill
 from alignkd.models import capture_forward, load_vlm
 from conftest import make_image, write_manifest
-from families_tiny import FAMILY_NAMES, RAGGED, build_family
+from families_tiny import FAMILY_NAMES, MODEL_TYPES, RAGGED, build_family
 
 BF16_RTOL = 2.0 ** -8
 SIZES = [(40, 40), (32, 64), (64, 48)]  # (height, width): three vision-token counts where Nv varies
@@ -58,13 +58,14 @@ def pair(request, tmp_path_factory):
     cache = root / "cache"
     # bf16 attention: these tests compare the cache with the live teacher at bf16 tolerance
     build_cache(BuildConfig(teacher=str(teacher), data=str(data), images=str(images), out=str(cache),
-                            batch_size=2, logit_k=8, attn_dtype="bfloat16", progress=False))
+                            batch_size=2, logit_k=8, attn_dtype="bfloat16", vision_dtype="bfloat16", progress=False))
     return {"family": family, "root": root, "teacher": teacher, "student": student, "data": data,
             "images": images, "cache": cache}
 
 
 def _rendered(vlm, pair):
-    return [render_sample(r, vlm.processor, pair["images"], 512) for r in read_manifest(pair["data"])]
+    return [render_sample(r, vlm.processor, pair["images"], 512, vlm.family.prompt_format)
+            for r in read_manifest(pair["data"])]
 
 
 def test_probe_rows_equal_full_eager(pair):
@@ -128,12 +129,28 @@ def test_distill_runs_and_student_reloads(pair):
     assert summary.steps == 2
     assert all(np.isfinite(v) and v > 0 for v in summary.final_losses.values()), summary.final_losses
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
-    assert reloaded.config.model_type == pair["family"]
+    assert reloaded.config.model_type == MODEL_TYPES.get(pair["family"], pair["family"])
     assert reloaded.config.get_text_config().num_attention_heads == 2
     vlm = load_vlm(out)  # the exported processor loads too (stock, or assembled without video)
     sample = _rendered(vlm, pair)[0]
     batch = model_inputs_of(collate([sample], vlm.processor.tokenizer.pad_token_id), vlm.family)
     assert torch.isfinite(capture_forward(vlm.model, batch).logits).all()
+
+
+def test_eval_scores_every_family(pair):
+    """`alignkd eval` renders with the family's prompt format and generates with the prompt's
+    per-token inputs (Qwen's mm_token_type_ids, Gemma3's and PaliGemma's token_type_ids)."""
+    from alignkd.distill.evaluate import EvalConfig, evaluate
+
+    result = evaluate(EvalConfig(model=str(pair["teacher"]), data=str(pair["data"]), images=str(pair["images"]),
+                                 max_new_tokens=2, progress=False))
+    assert (result.samples, result.skipped) == (len(SIZES), 0)
+    vlm = load_vlm(pair["teacher"])
+    batch = collate(_rendered(vlm, pair), vlm.processor.tokenizer.pad_token_id)
+    logits = capture_forward(vlm.model, model_inputs_of(batch, vlm.family)).logits
+    target = batch["labels"][:, 1:]
+    live = torch.nn.functional.cross_entropy(logits[:, :-1][target != -100], target[target != -100])
+    assert result.answer_ce == pytest.approx(float(live), rel=1e-4)
 
 
 def test_gemma3_rows_keep_window_and_bidirectional_image_block(tmp_path):
@@ -184,6 +201,8 @@ def test_student_family_must_take_the_cached_token_inputs():
     check_family("qwen2_vl", "qwen2_5_vl")  # both replay mm_token_type_ids
     with pytest.raises(AlignKDError, match="built by a gemma3 teacher but the student is a qwen2_vl model"):
         check_family("qwen2_vl", "gemma3")
+    with pytest.raises(AlignKDError, match="built by a gemma3 teacher but the student is a paligemma model"):
+        check_family("paligemma", "gemma3")  # both replay token_type_ids, with other meanings
 
 
 def test_published_qwen_layout_loads_without_torchvision(tmp_path):
@@ -233,33 +252,29 @@ def test_padded_teacher_vocabulary_distils_over_shared_ids(tmp_path):
                               progress=False))
 
 
-
-def test_mistral3_rows_with_break_separated_runs_equal_full_eager():
-    """Mistral3 at the model level (its processor needs torchvision): one [IMG_BREAK]-separated
-    run per row of merged patches, images of two sizes in one batch."""
+def test_mistral3_published_layout_loads_without_torchvision(tmp_path):
+    """preprocessor_config.json naming PixtralImageProcessorFast + processor_config.json naming
+    PixtralProcessor (which transformers cannot import without torchvision): alignkd's stand-in
+    loads it on the *Pil image processor and expands each image into rows of [IMG] tokens,
+    [IMG_BREAK] between rows and [IMG_END] last, one token per 16 px merged patch."""
+    import transformers
     from PIL import Image
 
-    from families_tiny import build_mistral3
-
-    model, tok, image_processor = build_mistral3()
-    images = [Image.fromarray(np.full((h, w, 3), 60 * i, np.uint8)) for i, (h, w) in enumerate([(32, 32), (32, 64)])]
-    pix = image_processor(images, return_tensors="pt")
-    img, brk, end = (tok.convert_tokens_to_ids(t) for t in ("[IMG]", "[IMG_BREAK]", "[IMG_END]"))
-    prompt = tok("USER : what is the colour ?", add_special_tokens=False)["input_ids"]
-    rows = []
-    for h, w in pix["image_sizes"].tolist():  # 8 px patches merged 2x2: one token per 16 px
-        grid = [[img] * (w // 16) + [brk] for _ in range(h // 16)]
-        rows.append([tok.bos_token_id] + sum(grid, [])[:-1] + [end] + prompt)
-    length = max(map(len, rows))
-    input_ids = torch.tensor([r + [tok.pad_token_id] * (length - len(r)) for r in rows])
-    attention_mask = torch.tensor([[1] * len(r) + [0] * (length - len(r)) for r in rows])
-    batch = {"input_ids": input_ids, "attention_mask": attention_mask, **pix}
-    cap = capture_forward(model, batch)
-    with torch.no_grad():
-        model.set_attn_implementation("eager")
-        ref = model(**batch, output_attentions=True, use_cache=False)
-    assert cap.vision_mask.sum(1).tolist() == [4, 8]
-    for b in range(2):
-        nv = int(cap.vision_mask[b].sum())
-        torch.testing.assert_close(cap.attn_text_vision[b][:, :, :nv],
-                                   ref.attentions[0][b][:, :, cap.vision_positions[b, :nv]], rtol=0, atol=4e-6)
+    teacher = build_family("mistral3", tmp_path / "mistral3", "teacher")
+    options = json.loads((teacher / "processor_config.json").read_text())
+    image_options = options.pop("image_processor")
+    (teacher / "preprocessor_config.json").write_text(
+        json.dumps({**image_options, "image_processor_type": "PixtralImageProcessorFast"}))
+    (teacher / "processor_config.json").write_text(json.dumps(options))
+    assert options["processor_class"] == "PixtralProcessor"
+    with pytest.raises(Exception):
+        transformers.AutoProcessor.from_pretrained(teacher)
+    processor = load_vlm(teacher).processor
+    assert type(processor).__module__ == "alignkd.models.pixtral_processor"
+    assert type(processor.image_processor).__name__ == "PixtralImageProcessorPil"
+    image = Image.fromarray(np.zeros((40, 64, 3), np.uint8))  # resized up to 48 x 64: 3 rows of 4
+    out = processor(text=["[IMG]"], images=[image], add_special_tokens=False)
+    row = ["[IMG]"] * 4
+    assert processor.tokenizer.convert_ids_to_tokens(out["input_ids"][0].tolist()) == \
+        row + ["[IMG_BREAK]"] + row + ["[IMG_BREAK]"] + row + ["[IMG_END]"]
+    assert out["pixel_values"].shape[-2:] == (48, 64)

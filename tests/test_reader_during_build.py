@@ -40,8 +40,8 @@ def _build_pausing_in_each_shard(cfg) -> tuple[int, int, int]:
 
             add = writer._ShardInProgress.add
 
-            def add_then_pause(shard, rec, store_images):
-                add(shard, rec, store_images)
+            def add_then_pause(shard, rec, encoded, store_images):
+                add(shard, rec, encoded, store_images)
                 if len(shard.rows) == 1:
                     os.write(done_w, b"c")
                     os.read(go_r, 1)

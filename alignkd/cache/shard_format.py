@@ -30,7 +30,8 @@ from numcodecs import Blosc
 from alignkd.cache.location import cache_path, handle_size, pread
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (ARRAY_SPECS, BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR,
-                                     FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR)
+                                     FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR,
+                                     UNCOMPRESSED_ENCODINGS)
 
 EMPTY_CHUNK = np.uint64(2**64 - 1)  # zarr's marker for a chunk that was never written
 
@@ -41,6 +42,33 @@ class CacheFormatError(AlignKDError):
 
 # ------------------------------------------------------------------ writing one array
 @dataclass
+class CompressedSample:
+    blobs: list[bytes]   # per chunk a blosc frame, or the raw bytes; the last chunk zero-padded
+    crc32: int           # of the uncompressed stored values
+
+
+def codec_for(encoding: str) -> Blosc | None:
+    """The compressor of an array holding `encoding` (None: chunks stored raw)."""
+    if encoding in UNCOMPRESSED_ENCODINGS:
+        return None
+    return Blosc(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle=Blosc.BITSHUFFLE)
+
+
+def compress_sample(stored: np.ndarray, chunk: int, codec: Blosc | None) -> CompressedSample:
+    """One sample's flat stored values -> its chunks' blosc frames, or the raw chunk bytes when
+    `codec` is None (thread-safe: the GIL is released while blosc and crc32 run)."""
+    n = stored.size
+    crc = zlib.crc32(memoryview(stored).cast("B")) if n else 0
+    encode = codec.encode if codec is not None else (lambda a: a.tobytes())
+    blobs = [encode(stored[start:start + chunk]) for start in range(0, n - n % chunk, chunk)]
+    if n % chunk:
+        last = np.zeros(chunk, stored.dtype)
+        last[: n % chunk] = stored[n - n % chunk:]
+        blobs.append(encode(last))
+    return CompressedSample(blobs, crc)
+
+
+@dataclass
 class FileInfo:
     path: str      # relative to the shard directory
     bytes: int
@@ -48,10 +76,11 @@ class FileInfo:
 
 
 class ArrayFileWriter:
-    """Appends samples to one sharded array file, one blosc chunk at a time."""
+    """Appends samples (compressed by `compress_sample`) to one sharded array file, a chunk at a time."""
 
     def __init__(self, shard_dir: Path, kind: str, encoding: str) -> None:
         self.kind, self.encoding = kind, encoding
+        self.compressed = encoding not in UNCOMPRESSED_ENCODINGS
         self.dtype = np.dtype(ENCODED_DTYPE[encoding])
         self.chunk = ARRAY_SPECS[kind]["chunk"]
         self.rel = f"{kind}/c/0"
@@ -59,26 +88,22 @@ class ArrayFileWriter:
         self.path.parent.mkdir(parents=True)
         self.file = open(self.path, "wb")
         self.sha = hashlib.sha256()
-        self.codec = Blosc(cname=BLOSC["cname"], clevel=BLOSC["clevel"], shuffle=Blosc.BITSHUFFLE)
         self.index: list[tuple[int, int]] = []
         self.pos = 0      # bytes written
         self.length = 0   # elements, always a multiple of self.chunk
 
-    def append(self, stored: np.ndarray) -> tuple[int, int]:
-        """Write one sample's flat stored values; return (element offset, crc32)."""
-        offset, n, c = self.length, stored.size, self.chunk
-        crc = zlib.crc32(memoryview(stored).cast("B")) if n else 0
-        for start in range(0, n - n % c, c):
-            self._write_chunk(stored[start:start + c])
-        if n % c:
-            last = np.zeros(c, self.dtype)
-            last[: n % c] = stored[n - n % c:]
-            self._write_chunk(last)
-        self.length += -(-n // c) * c
-        return offset, crc
+    def append_compressed(self, sample: CompressedSample) -> tuple[int, int]:
+        """Write one sample compressed by `compress_sample`; return (element offset, crc32).
 
-    def _write_chunk(self, chunk: np.ndarray) -> None:
-        blob = self.codec.encode(chunk)
+        Samples start on chunk boundaries, so a sample compresses without knowing where it
+        lands: the writer's encoder threads compress, and only these writes are serial."""
+        offset = self.length
+        for blob in sample.blobs:
+            self._write_chunk(blob)
+        self.length += len(sample.blobs) * self.chunk
+        return offset, sample.crc32
+
+    def _write_chunk(self, blob: bytes) -> None:
         self.file.write(blob)
         self.sha.update(blob)
         self.index.append((self.pos, len(blob)))
@@ -109,7 +134,7 @@ class ArrayFileWriter:
         zarr.create_array(
             store=store, name=self.kind, shape=(self.length,), dtype=self.dtype,
             chunks=(self.chunk,), shards=(max(self.length, self.chunk),),
-            compressors=BloscCodec(**BLOSC), fill_value=0,
+            compressors=BloscCodec(**BLOSC) if self.compressed else None, fill_value=0,
             attributes={ENCODING_ATTR: self.encoding})
 
 
@@ -122,6 +147,7 @@ class ArrayInfo:
     chunk: int
     length: int
     encoding: str
+    compressed: bool    # blosc frames; False: raw chunk bytes (the `bytes` codec only)
 
 
 def read_array_info(shard_dir: Path, kind: str) -> ArrayInfo:
@@ -131,9 +157,10 @@ def read_array_info(shard_dir: Path, kind: str) -> ArrayInfo:
         codec = meta["codecs"][0]
         if codec["name"] != "sharding_indexed":
             raise ValueError(f"codec {codec['name']}")
+        inner = [c["name"] for c in codec["configuration"]["codecs"]]
         return ArrayInfo(kind, shard_dir / kind / "c" / "0", np.dtype(meta["data_type"]),
                          int(codec["configuration"]["chunk_shape"][0]), int(meta["shape"][0]),
-                         meta["attributes"][ENCODING_ATTR])
+                         meta["attributes"][ENCODING_ATTR], "blosc" in inner)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
         raise CacheFormatError(f"{meta_path} is missing or not an alignkd sharded array ({exc}).") from None
 
@@ -178,10 +205,13 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
     rows = index[c0:c1]
     starts, sizes = rows[:, 0], rows[:, 1]
     if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
-        first = int(starts[0])
-        buf = memoryview(data if data is not None else pread(fd, int(starts[-1] + sizes[-1]) - first, first))
-        for k, (s, z) in enumerate(zip(starts.tolist(), sizes.tolist())):
-            _decompress(buf[s - first:s - first + z], out[k * c:(k + 1) * c], info)
+        first, end = int(starts[0]), int(starts[-1] + sizes[-1])
+        if not info.compressed and data is None and isinstance(fd, int):
+            _pread_into(fd, out, first, end, info)  # raw chunks: straight into the output, no copy
+        else:
+            buf = memoryview(data if data is not None else pread(fd, end - first, first))
+            for k, (s, z) in enumerate(zip(starts.tolist(), sizes.tolist())):
+                _decompress(buf[s - first:s - first + z], out[k * c:(k + 1) * c], info)
     else:
         for k, (s, z) in enumerate(zip(starts.tolist(), sizes.tolist())):
             if s == int(EMPTY_CHUNK):
@@ -192,7 +222,18 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
     return out[skip:skip + n]
 
 
+def _pread_into(fd: int, out: np.ndarray, first: int, end: int, info: ArrayInfo) -> None:
+    if end - first != out.nbytes or os.preadv(fd, [memoryview(out).cast("B")], first) != out.nbytes:
+        raise CacheFormatError(f"{info.path}: raw chunks at bytes {first}-{end} do not hold the "
+                               f"{out.size} values the index promises (truncated?).")
+
+
 def _decompress(src, dest: np.ndarray, info: ArrayInfo) -> None:
+    if not info.compressed:
+        if len(src) != dest.nbytes:
+            raise CacheFormatError(f"{info.path}: a raw chunk has {len(src)} bytes, not {dest.nbytes}.")
+        dest.view(np.uint8)[:] = np.frombuffer(src, np.uint8)
+        return
     try:
         numcodecs.blosc.decompress(src, dest)
     except Exception as exc:  # numcodecs raises RuntimeError/ValueError on bad frames

@@ -137,7 +137,7 @@ class TeacherPass:
             rendered, image_paths = [], []
             for rec in chunk:
                 try:
-                    sample = render_sample(rec, processor, cfg.images, cfg.max_length)
+                    sample = render_sample(rec, processor, cfg.images, cfg.max_length, self.vlm.family.prompt_format)
                     if rec.image is None:  # the capture needs one image per sample in a batch
                         raise SampleError(rec.sample_id, rec.row, "no_image",
                                           "has no image, and Align-KD needs one to distil attention")

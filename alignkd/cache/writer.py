@@ -24,6 +24,8 @@ import shutil
 import tempfile
 import threading
 import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -35,8 +37,8 @@ from alignkd.cache.lock import CacheLock
 from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
 from alignkd.cache.encodings import encode
 from alignkd.cache.location import cache_path, is_remote, remove_tree, upload_dir
-from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, committed_shards, load_cache_json,
-                                        read_parquet)
+from alignkd.cache.shard_format import (ArrayFileWriter, CacheFormatError, CompressedSample, codec_for,
+                                        committed_shards, compress_sample, load_cache_json, read_parquet)
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
 from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON,
                                      CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE, REPLAYED_COLUMNS,
@@ -50,6 +52,9 @@ class CacheWriteError(AlignKDError, OSError):
 
 
 QUEUE_DEPTH = 4  # samples in flight to the writer thread (~8 MB each at 7B shapes)
+# Encoding and compressing a 7B-shaped sample is ~15 ms of numpy/blosc CPU, which one
+# thread cannot do at a GPU teacher's rate; the writer thread then only appends and hashes.
+ENCODER_THREADS = min(4, os.cpu_count() or 1)
 
 
 def check_record(rec: SampleRecord) -> None:
@@ -79,6 +84,27 @@ def pack_logits(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
     return ids[valid], values[valid], valid.sum(axis=1).astype(np.int32)
 
 
+@dataclass
+class EncodedSample:
+    arrays: dict[str, CompressedSample]  # every array kind, compressed chunk by chunk
+    logit_entries: int
+
+
+def encode_sample(rec: SampleRecord, encodings: dict[str, str]) -> EncodedSample:
+    """A record's tensors -> each array's stored values, compressed. Pure and thread-safe
+    (numpy and blosc release the GIL), so the writer runs it on a pool of encoder threads."""
+    ids, values, nnz = pack_logits(rec.logit_ids, rec.logit_values)
+    tensors = {"attn": rec.attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
+               "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail}
+    stored = {}
+    for kind, tensor in tensors.items():
+        stored[kind], scale = encode(tensor, encodings[kind])
+        if kind in SCALE_OF:
+            stored[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
+    return EncodedSample({k: compress_sample(stored[k], ARRAY_SPECS[k]["chunk"], codec_for(encodings[k]))
+                          for k in ARRAY_KINDS}, int(ids.size))
+
+
 class _ShardInProgress:
     """One temp shard directory being filled."""
 
@@ -97,10 +123,7 @@ class _ShardInProgress:
         self.rows: list[dict] = []
         self.rejects: list[dict] = []
 
-    def add(self, rec: SampleRecord, store_images: bool) -> None:
-        ids, values, nnz = pack_logits(rec.logit_ids, rec.logit_values)
-        tensors = self._encode({"attn": rec.attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
-                                "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail})
+    def add(self, rec: SampleRecord, encoded: EncodedSample, store_images: bool) -> None:
         row = {
             "sample_id": rec.sample_id, "manifest_row": int(rec.manifest_row),
             "input_ids": np.asarray(rec.input_ids, np.int32), "label_mask": np.asarray(rec.label_mask, bool),
@@ -110,23 +133,14 @@ class _ShardInProgress:
             **{k: np.asarray(getattr(rec, k), np.int32) for k in REPLAYED_COLUMNS},
             "n_text": rec.attn.shape[0], "n_heads": rec.attn.shape[1], "n_vision": rec.attn.shape[2],
             "vision_dim": rec.vision.shape[1], "n_logit_positions": rec.logit_ids.shape[0],
-            "logit_k": rec.logit_ids.shape[1], "logit_entries": int(ids.size),
+            "logit_k": rec.logit_ids.shape[1], "logit_entries": encoded.logit_entries,
             "teacher_ce": float(rec.teacher_ce), "teacher_entropy": float(rec.teacher_entropy),
             "teacher_tail_mass": float(rec.teacher_tail_mass), "image_path": rec.image_path,
             "image_sha256": rec.image_sha256, "image_bytes": rec.image_bytes if store_images else None,
         }
         for kind in ARRAY_KINDS:
-            row[f"{kind}_offset"], row[f"{kind}_crc32"] = self.arrays[kind].append(tensors[kind])
+            row[f"{kind}_offset"], row[f"{kind}_crc32"] = self.arrays[kind].append_compressed(encoded.arrays[kind])
         self.rows.append(row)
-
-    def _encode(self, tensors: dict) -> dict:
-        """Each tensor in its array's stored dtype; a scaled encoding fills its scale array too."""
-        out = {}
-        for kind, tensor in tensors.items():
-            out[kind], scale = encode(tensor, self.arrays[kind].encoding)
-            if kind in SCALE_OF:
-                out[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
-        return out
 
     def commit(self) -> dict:
         """Seal, fsync and rename into place; return the shard.json document."""
@@ -249,7 +263,9 @@ class CacheWriter:
         self._closed = False
         self._queue: queue.Queue | None = None
         self._thread: threading.Thread | None = None
+        self._encoders: ThreadPoolExecutor | None = None
         if background:
+            self._encoders = ThreadPoolExecutor(ENCODER_THREADS, thread_name_prefix="alignkd-cache-encode")
             self._queue = queue.Queue(maxsize=QUEUE_DEPTH)
             self._thread = threading.Thread(target=self._drain, name="alignkd-cache-writer", daemon=True)
             self._thread.start()
@@ -258,7 +274,9 @@ class CacheWriter:
     def add(self, rec: SampleRecord) -> None:
         self._raise_pending()
         check_record(rec)
-        self._submit(("add", rec))
+        # encoding starts now on the pool; the writer thread takes the results in order
+        encoded = self._encoders.submit(encode_sample, rec, self.encodings) if self._encoders else None
+        self._submit(("add", (rec, encoded)))
 
     def reject(self, sample_id: str, manifest_row: int, reason: str, message: str) -> None:
         self._raise_pending()
@@ -273,6 +291,7 @@ class CacheWriter:
             if self._thread is not None:
                 self._queue.put(None)
                 self._thread.join()
+                self._encoders.shutdown(cancel_futures=True)
             elif self._error is None:
                 self._finish()
             if self._error is not None:
@@ -429,7 +448,9 @@ class CacheWriter:
             self._shard = _ShardInProgress(self.path / SHARDS_DIR, self._next_index, self.rank, self.encodings)
             self._next_index += 1
         if op == "add":
-            self._shard.add(payload, self.store_images)
+            rec, encoded = payload
+            encoded = encoded.result() if encoded is not None else encode_sample(rec, self.encodings)
+            self._shard.add(rec, encoded, self.store_images)
             if len(self._shard.rows) >= self.shard_size:
                 self._commit()
         else:

@@ -18,7 +18,8 @@ from alignkd.data.errors import SampleError
 # TOKEN_INPUT_KEYS are model inputs some families need (Qwen-VL's mm_token_type_ids,
 # Gemma3's token_type_ids); the family row says which ones its forward takes.
 TOKEN_INPUT_KEYS = ("token_type_ids", "mm_token_type_ids")
-TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets",
+# ("labels": PaliGemma's processor adds them whenever it returns token_type_ids)
+TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "labels",
                         *TOKEN_INPUT_KEYS})
 
 

@@ -13,6 +13,9 @@ Label mask method, independent of any particular template:
    found in the expanded text where we expect it) and label every token that overlaps a
    span.
 
+Families without a chat template that train as a prefix-LM (PaliGemma) are rendered by
+`alignkd.data.prefix_lm` instead; the family row's `prompt_format` says which.
+
 Truncation keeps the head of the sequence (prompt, image, first answers) and cuts the tail,
 but never through image tokens: the model cannot take part of an image.
 """
@@ -50,8 +53,17 @@ class RenderedSample:
 
 
 def render_sample(record: ManifestRecord, processor, images_root: str | Path | None,
-                  max_length: int | None) -> RenderedSample:
-    """Validate, render, tokenise and label `record`; raise SampleError on bad input."""
+                  max_length: int | None, prompt_format: str = "chat_template") -> RenderedSample:
+    """Validate, render, tokenise and label `record`; raise SampleError on bad input.
+
+    `prompt_format` is the model family's (`VLMFamily.prompt_format`).
+    """
+    if prompt_format == "prefix_lm":
+        from alignkd.data.prefix_lm import render_prefix_lm
+
+        return render_prefix_lm(record, processor, images_root, max_length)
+    if prompt_format != "chat_template":
+        raise ValueError(f"unknown prompt_format {prompt_format!r}")
     sid, row = record.sample_id, record.row
     messages = to_messages(record, getattr(processor, "image_token", None))
     if record.image is not None and images_root is None:
@@ -64,7 +76,7 @@ def render_sample(record: ManifestRecord, processor, images_root: str | Path | N
     spans = _expanded_spans(processor, text, spans, replacements, messages, has_image=loaded is not None)
     labels = _labels(ids, offsets, spans, processor)
     image_pos = _image_positions(ids, offsets, replacements, processor)
-    ids, mask, labels, truncated = _truncate(sid, row, ids, out["attention_mask"][0], labels, image_pos, max_length)
+    ids, mask, labels, truncated = truncate(sid, row, ids, out["attention_mask"][0], labels, image_pos, max_length)
     return RenderedSample(
         sample_id=sid, row=row, input_ids=ids, attention_mask=mask, labels=labels,
         image_inputs=image_inputs_of(out),
@@ -177,7 +189,7 @@ def _image_positions(ids: torch.Tensor, offsets: torch.Tensor, replacements: lis
     return hit.nonzero().flatten()
 
 
-def _truncate(sid, row, ids, mask, labels, image_pos, max_length):
+def truncate(sid, row, ids, mask, labels, image_pos, max_length):
     truncated = max_length is not None and len(ids) > max_length
     if truncated:
         if len(image_pos) and int(image_pos.max()) >= max_length:

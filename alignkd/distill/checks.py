@@ -108,12 +108,15 @@ def check_student_fits_cache(vlm, reader) -> None:
 
 def check_family(student_type: str, teacher_type: str | None) -> None:
     """The student must take the per-token inputs the cache replays (mm_token_type_ids,
-    token_type_ids): families that differ there cannot share a cache."""
+    token_type_ids) with the same meaning: families that differ there cannot share a cache.
+    Gemma3's and PaliGemma's token_type_ids share a name but mark the image and the answer
+    respectively, so the prompt format is compared too."""
     from alignkd.models.families import FAMILIES
 
     if teacher_type not in FAMILIES or student_type not in FAMILIES:
         return
-    if FAMILIES[teacher_type].token_inputs != FAMILIES[student_type].token_inputs:
+    teacher, student = FAMILIES[teacher_type], FAMILIES[student_type]
+    if (teacher.token_inputs, teacher.prompt_format) != (student.token_inputs, student.prompt_format):
         raise AlignKDError(f"the cache was built by a {teacher_type} teacher but the student is a "
                            f"{student_type} model, which takes other per-token inputs; use a student "
                            "of the teacher's family.")

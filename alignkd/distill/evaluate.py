@@ -77,6 +77,7 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], float, int]:
     """Exact-match hits, summed answer CE and answer-token count for one batch."""
     from alignkd.data import collate
+    from alignkd.data.images import TOKEN_INPUT_KEYS
 
     batch = collate(samples, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
@@ -87,6 +88,8 @@ def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], f
     spans = [_last_answer_span(s.labels) for s in samples]
     ids, mask = left_pad([s.input_ids[:start] for s, (start, _) in zip(samples, spans)], tok.pad_token_id)
     images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
+    for key in set(images) & set(TOKEN_INPUT_KEYS):  # per-token inputs (Qwen, Gemma3, PaliGemma): the prompt's part
+        images[key] = left_pad([s.token_inputs[key][:start] for s, (start, _) in zip(samples, spans)], 0)[0]
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id, **images)
@@ -101,6 +104,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     from tqdm import tqdm
 
     from alignkd.data import SampleError, read_manifest, render_sample
+    from alignkd.models.families import FAMILIES
 
     if model is None:
         from alignkd.models import load_vlm
@@ -108,6 +112,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
         vlm = load_vlm(cfg.model)
         model, processor = vlm.model, vlm.processor
     model.eval()
+    family = FAMILIES.get(model.config.model_type)  # any chat-template VLM can be scored, supported or not
+    prompt_format = family.prompt_format if family else "chat_template"
     records = read_manifest(cfg.data)[: cfg.limit]
     qtypes = _question_types(cfg.data)
     hits: list[tuple[str | None, int]] = []
@@ -117,7 +123,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
         samples = []
         for rec in records[start:start + cfg.batch_size]:
             try:
-                samples.append(render_sample(rec, processor, cfg.images, cfg.max_length))
+                samples.append(render_sample(rec, processor, cfg.images, cfg.max_length, prompt_format))
             except SampleError:
                 skipped += 1
         if samples:

@@ -5,7 +5,9 @@ would force eager attention in every layer, materialising L×L for all of them (
 official code's out-of-memory problem). Instead we register one attention function by
 name and give it to the text config only. It runs the model file's own
 `eager_attention_forward` for the layer-0 module, so the probabilities are exactly what
-a full-eager forward returns, and `sdpa_attention_forward` for every other call.
+a full-eager forward returns, and `sdpa_attention_forward` for every other call, or the
+model file's eager attention again where the family row says sdpa cannot run this text
+model (Gemma2's softcapping in PaliGemma2: `VLMFamily.eager_text_models`).
 
 The name is also registered in `AttentionMaskInterface` with `sdpa_mask`: the decoder
 builds its mask through that table, and an unknown name there silently drops padding.
@@ -35,6 +37,7 @@ class ProbeState:
     """One model's probe: whether a capture is listening, what it caught, call counts."""
 
     previous_impl: str
+    eager_elsewhere: bool = False  # every layer eager (sdpa cannot run this text model)
     active: bool = False
     layer0_weights: torch.Tensor | None = None
     eager_calls: int = 0
@@ -48,23 +51,30 @@ _MODULES: "weakref.WeakKeyDictionary[torch.nn.Module, tuple[ProbeState, bool]]" 
 
 def probe_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                             is_causal=None, **kwargs):
-    """The registered attention function: eager (weights kept) for layer 0, sdpa otherwise."""
+    """The registered attention function: eager (weights kept) for layer 0, sdpa otherwise
+    (eager again where the family row says sdpa cannot run the text model)."""
     entry = _MODULES.get(module)
     if entry is None or not entry[1]:
+        if entry is not None and entry[0].eager_elsewhere:
+            entry[0].eager_calls += 1
+            return _run_eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
         if entry is not None:
             entry[0].sdpa_calls += 1
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
                                       scaling=scaling, is_causal=is_causal, **kwargs)
     state = entry[0]
     state.eager_calls += 1
-    eager = _eager_of(module)
-    mask = additive_mask(module, query, key, attention_mask, is_causal)
-    output, weights = eager(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
+    output, weights = _run_eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs)
     # Only while capture_forward listens: a non-reentrant checkpoint recomputes layer 0
     # during backward, and that replay must not overwrite what the capture returned.
     if state.active:
         state.layer0_weights = weights
     return output, weights
+
+
+def _run_eager(module, query, key, value, attention_mask, dropout, scaling, is_causal, **kwargs):
+    mask = additive_mask(module, query, key, attention_mask, is_causal)
+    return _eager_of(module)(module, query, key, value, mask, scaling=scaling, dropout=dropout, **kwargs)
 
 
 def _eager_of(module):
@@ -106,7 +116,8 @@ def install_probe(model) -> ProbeState:
         return entry[0]
     _register()
     text_config = family.get_text_config(model.config)
-    state = ProbeState(previous_impl=text_config._attn_implementation)
+    state = ProbeState(previous_impl=text_config._attn_implementation,
+                       eager_elsewhere=family.get_attn_implementation(model.config) == "eager")
     model.set_attn_implementation({family.text_config: ATTN_NAME})
     if text_config._attn_implementation != ATTN_NAME:
         raise RuntimeError(f"could not set {ATTN_NAME} on {type(model).__name__}'s text config")

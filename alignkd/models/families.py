@@ -11,6 +11,13 @@ Quirks a row can declare:
   rope positions; Gemma3's and PaliGemma's `token_type_ids` make the image block, or the
   prefix, bidirectional). The cache stores them so the student replays exactly the
   teacher's inputs.
+- `prompt_format`: how a LLaVA-style record becomes text. "chat_template" (the
+  processor's own template) for every family except PaliGemma, whose checkpoints ship
+  no template and which is trained as a prefix-LM: "prefix_lm" renders the prompt as a
+  bidirectional prefix and the answer as a causal suffix (`alignkd.data.prefix_lm`).
+- `eager_text_models`: text-model types whose attention sdpa cannot run (Gemma2's logit
+  softcapping, which PaliGemma2 uses): such a model loads with eager attention and the
+  probe runs eager in every layer, not just layer 0.
 Everything else (several image runs per image, LLaVA-NeXT's image_newline rows, a
 per-sample vision-token count) needs no row field: the capture reads image positions
 from `input_ids`, whatever their number and layout.
@@ -35,6 +42,8 @@ class VLMFamily:
     image_token_id: str = "image_token_id"  # on the top-level config
     vision_tower: str = "model.vision_tower"  # what `distill --freeze vision_tower` freezes
     token_inputs: tuple[str, ...] = ()
+    prompt_format: str = "chat_template"  # or "prefix_lm"
+    eager_text_models: tuple[str, ...] = ()
 
     def get_text_config(self, config):
         return _resolve(config, self.text_config)
@@ -53,6 +62,12 @@ class VLMFamily:
     def get_image_token_id(self, config) -> int:
         return int(_resolve(config, self.image_token_id))
 
+    def get_attn_implementation(self, config) -> str:
+        """What the model loads with and what the probe runs outside layer 0: sdpa, or
+        eager where the text model's attention has something sdpa lacks (softcapping)."""
+        text_type = getattr(self.get_text_config(config), "model_type", None)
+        return "eager" if text_type in self.eager_text_models else "sdpa"
+
 
 _QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual"}
 
@@ -68,6 +83,9 @@ FAMILIES: dict[str, VLMFamily] = {
     "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model"),
     "internvl": VLMFamily("internvl"),
     "mistral3": VLMFamily("mistral3"),
+    # PaliGemma (Gemma LM) and PaliGemma2 (Gemma2 LM) share the model_type
+    "paligemma": VLMFamily("paligemma", token_inputs=("token_type_ids",), prompt_format="prefix_lm",
+                           eager_text_models=("gemma2",)),
 }
 
 # Families known not to fit the layer-0 capture, with the reason shown to the user.
@@ -75,8 +93,6 @@ UNSUPPORTED: dict[str, str] = {
     "llama4": "its chunked local attention and interleaved no-rope layers are not handled by the layer-0 probe yet",
     "mllama": "its images enter through cross-attention layers, so layer 0 has no text-to-vision attention",
     "gemma3n": "its per-layer inputs and audio tower are not handled by the capture yet",
-    "paligemma": ("its prefix-LM token_type_ids must mark each answer as the suffix, which alignkd's "
-                  "chat-template rendering does not produce yet"),
 }
 
 

@@ -49,7 +49,7 @@ def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
             use_safetensors=True,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
-            attn_implementation="sdpa",
+            attn_implementation=family.get_attn_implementation(config),
         )
     model.to(device).eval()
     with _naming(path, "tokenizer or processor"):

@@ -8,16 +8,23 @@ assembled without its video slot: the directory's tokenizer, its image processor
 `*Pil` classes, chosen automatically when torchvision is absent) and its chat template,
 through the class's own `from_pretrained`, so every saved processor option still applies.
 The stock processor is used whenever it loads.
+
+A processor class that transformers itself declares torchvision-only (Mistral3's
+`PixtralProcessor`) is replaced by alignkd's stand-in of the same name
+(`STAND_INS`), which works on the `*Pil` image processor.
 """
 
 from __future__ import annotations
 
+import importlib
 import inspect
 from pathlib import Path
 
 from alignkd.errors import AlignKDError
 
 SKIPPED_SLOTS = ("video_processor",)
+# transformers processor classes that cannot be imported without torchvision -> alignkd's stand-in
+STAND_INS = {"PixtralProcessor": "alignkd.models.pixtral_processor"}
 
 
 def load_processor(path: Path, model_type: str, *, trust_remote_code: bool = False):
@@ -46,6 +53,8 @@ def assemble_without_video(path: Path, model_type: str):
         raise AlignKDError(f"transformers names no processor class for model type {model_type!r}")
 
     stock = getattr(transformers, name)
+    if getattr(stock, "is_dummy", False) and name in STAND_INS:  # a placeholder for a torchvision-only class
+        stock = getattr(importlib.import_module(STAND_INS[name]), name)
     # SmolVLM's __init__ requires a video_processor argument: give it None explicitly
     extra = {slot: None for slot in SKIPPED_SLOTS if slot in inspect.signature(stock.__init__).parameters}
     return without_video(stock).from_pretrained(path, local_files_only=True, **extra)
