@@ -12,7 +12,7 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "alignkd-cache"
-SCHEMA_VERSION = 3  # 2: per-token model inputs, image_grid_thw, compact encodings; 3: 8-bit arrays uncompressed
+SCHEMA_VERSION = 3  # 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -88,12 +88,12 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
 # blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
 # zstd for ~10% more bytes; the reader's throughput target makes lz4 the right side.
 BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
-# 8-bit codes are stored without a compressor: on 7B-shaped samples blosc gains 1.13x on
-# uint8-log attention and ~1.0x on int8 vision, while decoding those chunks cost more CPU
-# than the whole rest of a read (bench/cache_storage.py); a raw chunk is read straight
-# into the output buffer, and its zarr.json lists only the `bytes` codec. The packed 4-bit
-# encodings keep blosc: they are the bytes-first tier (~5% smaller compressed).
-UNCOMPRESSED_ENCODINGS = frozenset({"uint8-sqrt", "uint8-log", "int8-channel"})
+# Codes that blosc barely shrinks are stored without a compressor: on 7B-shaped samples
+# lz4-bitshuffle gains 1.13x on uint8-log attention and ~1.0x on int8 vision, while
+# decoding those chunks cost more CPU than the whole rest of a read (bench/cache_storage.py).
+# A raw chunk is read straight into the output buffer; its zarr.json lists only the `bytes`
+# codec. uint8-sqrt codes (1.49x) and the packed 4-bit tier keep blosc.
+UNCOMPRESSED_ENCODINGS = frozenset({"uint8-log", "int8-channel"})
 ENCODING_ATTR = "alignkd_encoding"
 
 # ---------------------------------------------------------------- parquet rows
