@@ -86,8 +86,8 @@ def cache() -> None:
               show_default=True)
 @click.option("--attn-dtype", type=click.Choice(["uint8-log", "bfloat16", "float16", "uint8-sqrt", "uint4-log"]),
               default="uint8-log", show_default=True, help="Attention storage; see docs/cache-format.md.")
-@click.option("--vision-dtype", type=click.Choice(["int8-channel", "bfloat16", "float16", "int4-channel"]),
-              default="int8-channel", show_default=True, help="Vision-token storage; see docs/cache-format.md.")
+@click.option("--vision-dtype", type=click.Choice(["bfloat16", "float16", "int8-channel", "int4-channel"]),
+              default="bfloat16", show_default=True, help="Vision-token storage; see docs/cache-format.md.")
 @click.option("--store-images/--no-store-images", default=True, show_default=True)
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")

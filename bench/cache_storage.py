@@ -302,7 +302,7 @@ def main() -> None:
     ap.add_argument("--grad-samples", type=int, default=4, help="samples in the gradient-fidelity sums")
     ap.add_argument("--workdir", default="/tmp/alignkd-bench")
     ap.add_argument("--attn-dtype", default="uint8-log", help="storage of the throughput cache (default: the default)")
-    ap.add_argument("--vision-dtype", default="int8-channel", help="storage of the throughput cache (default: the default)")
+    ap.add_argument("--vision-dtype", default="bfloat16", help="storage of the throughput cache (default: the default)")
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--s3", action="store_true", help="also read through a local moto S3 server (moto[server])")

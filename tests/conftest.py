@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -61,3 +63,32 @@ def small_dataset(tmp_path) -> tuple[Path, Path]:
             conv += [{"from": "human", "value": "how many ?"}, {"from": "gpt", "value": "2"}]
         records.append({"id": f"s{i}", "image": f"img{i}.png", "conversations": conv})
     return write_manifest(tmp_path / "data.json", records), images
+
+
+@pytest.fixture(scope="session")
+def s3():
+    """A moto server and the AWS environment pointing at it; yields a bucket's URL maker.
+
+    One server per test session: moto keeps buckets in process-wide state, and fsspec caches
+    S3 clients per endpoint, so a second server in the same run would find the first one's
+    bucket and be reached through clients of the first one's (stopped) port."""
+    from moto.server import ThreadedMotoServer
+
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    server.start()
+    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
+           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    import s3fs
+
+    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
+    fs.mkdir("alignkd-test")
+    yield {"url": lambda name: f"s3://alignkd-test/{name}", "fs": fs, "env": env}
+    server.stop()
+    for k, v in saved.items():
+        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)

@@ -132,6 +132,9 @@ def test_8bit_arrays_are_stored_raw_and_read_by_zarr_python(tmp_path):
               for k in ("attn", "vision", "logit_values")}
     assert codecs["attn"] == codecs["vision"] == [{"name": "bytes"}]
     assert "blosc" in [c["name"] for c in codecs["logit_values"]]
+    # raw padding is stored as is, so raw arrays use 4 KB chunks: one per small sample, plus
+    # 16 index bytes per chunk and the index's crc32c
+    assert (shard / "attn" / "c" / "0").stat().st_size == 3 * 4096 + 3 * 16 + 4
     group = zarr.open_group(shard, mode="r")
     reader = open_cache(tmp_path / "c", check_crc=True)
     rows = read_parquet(shard / "samples.parquet").to_pylist()

@@ -4,7 +4,6 @@ with the standard AWS environment. Build, resume after a kill, verify, sql, dist
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,31 +20,6 @@ from test_cache_build import cli, make_dataset
 from test_cache_storage import META, make_record
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-@pytest.fixture(scope="module")
-def s3():
-    """A moto server and the AWS environment pointing at it; yields a fresh bucket's URL maker."""
-    from moto.server import ThreadedMotoServer
-
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    env = {"AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "test",
-           "AWS_SECRET_ACCESS_KEY": "test", "AWS_DEFAULT_REGION": "us-east-1"}
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    import s3fs
-
-    fs = s3fs.S3FileSystem(use_listings_cache=False, skip_instance_cache=True)
-    fs.mkdir("alignkd-test")
-    yield {"url": lambda name: f"s3://alignkd-test/{name}", "fs": fs, "env": env}
-    server.stop()
-    for k, v in saved.items():
-        os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
 
 
 def _same_samples(a, b) -> None:

@@ -14,7 +14,6 @@ from alignkd.cache.catalog import SQLRefusedError, run_sql
 from alignkd.cache.writer import CacheWriter
 from test_cache_build import cli, make_dataset
 from test_cache_storage import META, make_record
-from test_s3 import s3  # noqa: F401  (the moto server fixture)
 
 
 def bucket_digest(fs) -> dict:
@@ -23,7 +22,7 @@ def bucket_digest(fs) -> dict:
 
 
 @pytest.fixture(scope="module")
-def remote(s3, tmp_path_factory):  # noqa: F811
+def remote(s3, tmp_path_factory):
     root = tmp_path_factory.mktemp("s3-sandbox")
     url = s3["url"]("sandbox")
     with CacheWriter(url, META, shard_size=2) as w:
@@ -77,7 +76,7 @@ def test_sql_on_s3_still_answers(remote):
     assert result.exit_code == 0 and result.output.split()[1:] == [f'"s00{i}"' for i in range(5)]
 
 
-def test_show_on_s3_draws_the_same_picture_as_local(s3, tmp_path, tiny_llava_dir):  # noqa: F811
+def test_show_on_s3_draws_the_same_picture_as_local(s3, tmp_path, tiny_llava_dir):
     from PIL import Image
 
     from alignkd.cache.reader import open_cache

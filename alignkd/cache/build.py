@@ -51,7 +51,7 @@ class BuildConfig:
     logit_samples: int = 64
     logit_positions: str = "response"
     attn_dtype: str = "uint8-log"  # the default storage: BENCHMARKS.md, "Cache storage"
-    vision_dtype: str = "int8-channel"
+    vision_dtype: str = "bfloat16"
     store_images: bool = True
     trust_remote_code: bool = False
     progress: bool = True

@@ -29,9 +29,9 @@ from numcodecs import Blosc
 
 from alignkd.cache.location import cache_path, handle_size, pread
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import (ARRAY_SPECS, BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR,
+from alignkd.storage_schemas import (BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR,
                                      FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR,
-                                     UNCOMPRESSED_ENCODINGS)
+                                     UNCOMPRESSED_ENCODINGS, chunk_elements)
 
 EMPTY_CHUNK = np.uint64(2**64 - 1)  # zarr's marker for a chunk that was never written
 
@@ -82,7 +82,7 @@ class ArrayFileWriter:
         self.kind, self.encoding = kind, encoding
         self.compressed = encoding not in UNCOMPRESSED_ENCODINGS
         self.dtype = np.dtype(ENCODED_DTYPE[encoding])
-        self.chunk = ARRAY_SPECS[kind]["chunk"]
+        self.chunk = chunk_elements(kind, encoding)
         self.rel = f"{kind}/c/0"
         self.path = shard_dir / self.rel
         self.path.parent.mkdir(parents=True)

@@ -44,7 +44,8 @@ from alignkd.storage_schemas import (ARRAY_KINDS, ARRAY_SPECS, ATTN_DTYPES, CACH
                                      CACHE_JSON_FIELDS, FORMAT_NAME, REJECT_SCHEMA, REJECTS_FILE, REPLAYED_COLUMNS,
                                      SCALE_OF, UINT16_VOCAB,
                                      SAMPLE_SCHEMA, SAMPLES_FILE, SAMPLES_ROW_GROUP, SCHEMA_VERSION,
-                                     SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, shard_name)
+                                     SHARD_JSON, SHARDS_DIR, TEMP_PREFIX, VISION_DTYPES, chunk_elements,
+                                     shard_name)
 
 
 class CacheWriteError(AlignKDError, OSError):
@@ -101,8 +102,9 @@ def encode_sample(rec: SampleRecord, encodings: dict[str, str]) -> EncodedSample
         stored[kind], scale = encode(tensor, encodings[kind])
         if kind in SCALE_OF:
             stored[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
-    return EncodedSample({k: compress_sample(stored[k], ARRAY_SPECS[k]["chunk"], codec_for(encodings[k]))
-                          for k in ARRAY_KINDS}, int(ids.size))
+    arrays = {k: compress_sample(stored[k], chunk_elements(k, encodings[k]), codec_for(encodings[k]))
+              for k in ARRAY_KINDS}
+    return EncodedSample(arrays, int(ids.size))
 
 
 class _ShardInProgress:

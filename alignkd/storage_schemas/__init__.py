@@ -94,6 +94,17 @@ BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 # A raw chunk is read straight into the output buffer; its zarr.json lists only the `bytes`
 # codec. uint8-sqrt codes (1.49x) and the packed 4-bit tier keep blosc.
 UNCOMPRESSED_ENCODINGS = frozenset({"uint8-log", "int8-channel"})
+# A raw chunk stores its zero padding too (blosc squeezes it to nothing), so raw arrays use
+# 4096-element chunks: at most 4 KB of padding per sample, where 65536 made a small
+# model's ~2 KB attention sample take 64 KB. 16 index bytes per 4 KB chunk is 0.4%.
+RAW_CHUNK = 4096
+
+
+def chunk_elements(kind: str, encoding: str) -> int:
+    """Inner chunk size (elements) of array `kind` holding `encoding`."""
+    return RAW_CHUNK if encoding in UNCOMPRESSED_ENCODINGS else ARRAY_SPECS[kind]["chunk"]
+
+
 ENCODING_ATTR = "alignkd_encoding"
 
 # ---------------------------------------------------------------- parquet rows
