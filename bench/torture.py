@@ -3,7 +3,7 @@
 Each kill lands at one of these moments, chosen by a seeded generator:
 
     time           a random moment in the build (model load, forward, writer, anything)
-    chunk          right after the n-th blosc chunk reached a shard file (mid-shard)
+    chunk          right after the n-th sample array reached a shard file (mid-shard)
     shard_json     right after a shard's shard.json was written, before the rename
     renamed        after the rename, before the shard's catalog row
     catalog_write  inside a catalog write (a record_shard or a rebuild), before it closes
@@ -86,7 +86,7 @@ def arm(kill: Kill) -> None:
     if kill.point == "time":
         threading.Timer(kill.delay, _die).start()
     elif kill.point == "chunk":
-        _after_nth(shard_format.ArrayFileWriter, "_write_chunk", kill.n)
+        _after_nth(shard_format.ArrayFileWriter, "_write_sample", kill.n)
     elif kill.point == "shard_json":
         _after_nth(writer, "_write_durable", kill.n, when=lambda path, data: Path(path).name == SHARD_JSON)
     elif kill.point == "renamed":

@@ -43,7 +43,8 @@ class CacheFormatError(AlignKDError):
 # ------------------------------------------------------------------ writing one array
 @dataclass
 class CompressedSample:
-    blobs: list[bytes]   # per chunk a blosc frame, or the raw bytes; the last chunk zero-padded
+    data: bytes          # the sample's chunks back to back: blosc frames, or the raw bytes
+    sizes: np.ndarray    # bytes of each chunk in `data` (the last chunk was zero-padded)
     crc32: int           # of the uncompressed stored values
 
 
@@ -59,13 +60,15 @@ def compress_sample(stored: np.ndarray, chunk: int, codec: Blosc | None) -> Comp
     `codec` is None (thread-safe: the GIL is released while blosc and crc32 run)."""
     n = stored.size
     crc = zlib.crc32(memoryview(stored).cast("B")) if n else 0
-    encode = codec.encode if codec is not None else (lambda a: a.tobytes())
-    blobs = [encode(stored[start:start + chunk]) for start in range(0, n - n % chunk, chunk)]
     if n % chunk:
-        last = np.zeros(chunk, stored.dtype)
-        last[: n % chunk] = stored[n - n % chunk:]
-        blobs.append(encode(last))
-    return CompressedSample(blobs, crc)
+        padded = np.zeros(n + chunk - n % chunk, stored.dtype)
+        padded[:n] = stored
+        stored = padded
+    n_chunks = stored.size // chunk
+    if codec is None:  # raw: one buffer, every chunk the same size
+        return CompressedSample(stored.tobytes(), np.full(n_chunks, chunk * stored.itemsize), crc)
+    blobs = [codec.encode(stored[k * chunk:(k + 1) * chunk]) for k in range(n_chunks)]
+    return CompressedSample(b"".join(blobs), np.array([len(b) for b in blobs], dtype=np.int64), crc)
 
 
 @dataclass
@@ -88,7 +91,7 @@ class ArrayFileWriter:
         self.path.parent.mkdir(parents=True)
         self.file = open(self.path, "wb")
         self.sha = hashlib.sha256()
-        self.index: list[tuple[int, int]] = []
+        self.index: list[np.ndarray] = []  # per sample, [n_chunks, 2] of (byte offset, length)
         self.pos = 0      # bytes written
         self.length = 0   # elements, always a multiple of self.chunk
 
@@ -98,16 +101,17 @@ class ArrayFileWriter:
         Samples start on chunk boundaries, so a sample compresses without knowing where it
         lands: the writer's encoder threads compress, and only these writes are serial."""
         offset = self.length
-        for blob in sample.blobs:
-            self._write_chunk(blob)
-        self.length += len(sample.blobs) * self.chunk
+        if len(sample.sizes):
+            self._write_sample(sample)
+        self.length += len(sample.sizes) * self.chunk
         return offset, sample.crc32
 
-    def _write_chunk(self, blob: bytes) -> None:
-        self.file.write(blob)
-        self.sha.update(blob)
-        self.index.append((self.pos, len(blob)))
-        self.pos += len(blob)
+    def _write_sample(self, sample: CompressedSample) -> None:
+        self.file.write(sample.data)
+        self.sha.update(sample.data)
+        starts = self.pos + np.concatenate([[0], np.cumsum(sample.sizes)[:-1]])
+        self.index.append(np.stack([starts, sample.sizes], axis=1))
+        self.pos += len(sample.data)
 
     def finish(self) -> FileInfo | None:
         """Write the shard index, fsync, close. An array with no data gets no file."""
@@ -117,7 +121,7 @@ class ArrayFileWriter:
             self.file.close()
             self.path.unlink()
             return None
-        index = np.asarray(self.index, dtype="<u8").tobytes()
+        index = np.concatenate(self.index).astype("<u8").tobytes()
         tail = index + google_crc32c.value(index).to_bytes(4, "little")
         self.file.write(tail)
         self.sha.update(tail)
