@@ -234,12 +234,15 @@ def throughput(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
     reads = {"ours": [lambda: read_random(StoredReads(path), order), lambda: read_loader(ours_ds, sampler)],
              "ref": [lambda: read_random(st_ds, order), lambda: read_loader(st_ds, [int(i) for i in order])]}
     names = [("reader, cold random, samples/s (stored widths)", "≥ 250"),
-             ("distill DataLoader(num_workers=2, batch 8), samples/s", "≥ 150")]
+             ("distill DataLoader(num_workers=2, batch 8), cold, samples/s", "≥ 150")]
     for k, (name, target) in enumerate(names):  # each side starts with its files out of the page cache
         drop_page_cache(path)
         ours = reads["ours"][k]()
         drop_page_cache(st_path)
         rows.append((name, ours, reads["ref"][k](), target))
+    # a second epoch: what the cold pass left in the page cache (all of it, if RAM allows)
+    rows.append(("distill DataLoader(num_workers=2, batch 8), warm, samples/s", reads["ours"][1](),
+                 reads["ref"][1](), "≥ 150"))
     print("| measure | alignkd cache | safetensors per sample | ratio | target |")
     print("|---|---|---|---|---|")
     for name, ours, ref, target in rows:
@@ -282,9 +285,10 @@ def object_storage(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None
         print(f"\n## (c) object storage: moto S3 on 127.0.0.1 against local disk ({attn_dtype} / {vision_dtype})\n")
         print("| measure | moto S3 | local disk | ratio |")
         print("|---|---|---|---|")
+        remote_reads = read_random(StoredReads(url), order)
+        drop_page_cache(local)  # local reads start cold, as in (b)
         rows = [("writer, MB/s raw", raw / s3_secs / 1e6, raw / local_secs / 1e6),
-                ("reader, cold random, samples/s", read_random(StoredReads(url), order),
-                 read_random(StoredReads(local), order))]
+                ("reader, cold random, samples/s", remote_reads, read_random(StoredReads(local), order))]
         loaders = [CachedDistillDataset(p, processor=None) for p in (url, str(local))]
         rows.append(("distill DataLoader(num_workers=2, batch 8), samples/s",
                      *[read_loader(ds, ShardWindowSampler(ds.reader.shard_of, seed=0)) for ds in loaders]))
