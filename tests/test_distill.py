@@ -295,15 +295,20 @@ distill(DistillConfig(student=sys.argv[1], cache=sys.argv[2], out=sys.argv[3], b
 """
 
 
+def _run_until_killed(script: str, student, cache, out) -> None:
+    """Run a distill `script` in a fresh interpreter; it must end by SIGKILL."""
+    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
+           "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-c", script, str(student), str(cache), str(out)], env=env,
+                          capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+
+
 def test_killed_mid_checkpoint_resumes_to_the_same_losses_without_repeated_steps(world, tmp_path,
                                                                                  tiny_student_dir):
     _, full = _train(world, tiny_student_dir, tmp_path / "full", max_steps=6, save_steps=3)
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_MID_CHECKPOINT, str(tiny_student_dir),
-                           world["caches"]["topk"].out, str(out)], env=env, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _run_until_killed(KILL_MID_CHECKPOINT, tiny_student_dir, world["caches"]["topk"].out, out)
     logged = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert logged[-1] == 6  # steps 4-6 were logged before the kill and will be run again
     assert not (out / "checkpoints" / "checkpoint-6" / "trainer_state.json").exists()
@@ -343,11 +348,7 @@ def test_killed_during_export_leaves_no_complete_looking_student_and_resume_fini
 
     _train(world, tiny_student_dir, tmp_path / "full", max_steps=4, save_steps=2)
     out = tmp_path / "killed"
-    env = {**os.environ, "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}",
-           "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-c", KILL_MID_EXPORT, str(tiny_student_dir),
-                           world["caches"]["topk"].out, str(out)], env=env, capture_output=True, text=True)
-    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    _run_until_killed(KILL_MID_EXPORT, tiny_student_dir, world["caches"]["topk"].out, out)
     assert (out / "model.safetensors").is_file() and not (out / "config.json").exists()
     with pytest.raises((OSError, ValueError)):  # not a model yet: from_pretrained refuses, loads nothing
         AutoModelForImageTextToText.from_pretrained(out)
