@@ -113,7 +113,12 @@ def _record(T: int, Nv: int, seed: int, logit_ids=None) -> SampleRecord:
         mm_token_type_ids=np.r_[np.zeros(2), np.ones(Nv), np.zeros(L - 2 - Nv)].astype(np.int32))
 
 
-def test_collate_pads_ragged_targets_with_a_vision_mask():
+@pytest.mark.parametrize("in_place", [False, True])
+def test_collate_pads_ragged_targets_with_a_vision_mask(in_place, monkeypatch):
+    """Both ways of padding (fill the batch, or only its padding for large batches) agree."""
+    from alignkd.distill import dataset
+
+    monkeypatch.setattr(dataset, "PAD_IN_PLACE_ELEMENTS", 0 if in_place else 1 << 20)
     records = [_record(T, Nv, seed) for seed, (T, Nv) in enumerate(SHAPES)]
     batch = collate_distill([item_from_record(r, {}) for r in records], pad_token_id=0)
     assert batch["t_attn"].shape == (2, 4, HT, 5) and batch["t_vision"].shape == (2, 5, DT)

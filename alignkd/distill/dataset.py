@@ -185,19 +185,26 @@ def widen_targets(batch: dict) -> dict:
     return out
 
 
+PAD_IN_PLACE_ELEMENTS = 1 << 20  # above this, fill only the padding (7B-shaped attention batches)
+
+
 def _pad(tensors: list[torch.Tensor], value) -> torch.Tensor:
     """Right-pad every axis of each tensor to the largest size and stack (ragged T, Nv).
 
     Inside a DataLoader worker the batch is allocated in shared memory, as torch's default
     collate does: otherwise sending it to the trainer copies every byte once more (a third
-    of a 7B-shaped batch's collate time). Only the padding is filled, not the whole batch.
+    of a 7B-shaped batch's collate time). A large batch has only its padding filled; a small
+    one is filled whole, which is cheaper than the per-axis slicing.
     """
-    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())]
-    out = _empty_batch(tensors[0], (len(tensors), *shape))
+    shape = (len(tensors), *(max(t.shape[d] for t in tensors) for d in range(tensors[0].dim())))
+    out = _empty_batch(tensors[0], shape)
+    in_place = out.numel() > PAD_IN_PLACE_ELEMENTS
+    if not in_place:
+        out.fill_(value)
     for i, t in enumerate(tensors):
         out[(i, *(slice(0, n) for n in t.shape))] = t
-        for axis, n in enumerate(t.shape):  # the padding: past the tensor on `axis`, inside it before
-            if n < shape[axis]:
+        for axis, n in enumerate(t.shape if in_place else ()):  # past the tensor on `axis`, inside before
+            if n < shape[axis + 1]:
                 out[(i, *(slice(0, m) for m in t.shape[:axis]), slice(n, None))] = value
     return out
 
