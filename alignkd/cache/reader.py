@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import os
 import zlib
+from collections import OrderedDict
 
 import numpy as np
 import pyarrow as pa
@@ -32,6 +33,7 @@ from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COL
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
                  *REPLAYED_COLUMNS)
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
+IMAGE_GROUP_BYTES = 64 * 2**20  # image bytes kept per reader (per DataLoader worker)
 
 
 # A read returns the same record the builder wrote; logit rows come back left-packed
@@ -101,7 +103,8 @@ class CacheReader:
             self._pid = os.getpid()
             self._open: dict[int, dict] = {}   # shard number -> {kind: (info, fd, index)}
             self._parquet: dict[int, tuple] = {}
-            self._image_group: tuple | None = None
+            self._image_groups: OrderedDict[tuple[int, int], list] = OrderedDict()  # LRU of row groups
+            self._image_groups_bytes = 0
             # fsspec filesystems are not fork-safe: each process re-creates its remote paths
             # (and with them its own S3 client) from the URLs
             self._dirs = [cache_path(str(d)) for d in self._shard_dirs] if is_remote(self.path) \
@@ -138,7 +141,7 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_pid", "_open", "_parquet", "_image_group", "_dirs"):
+        for key in ("_pid", "_open", "_parquet", "_image_groups", "_image_groups_bytes", "_dirs"):
             state.pop(key, None)
         state["_pid"] = None
         return state
@@ -229,10 +232,23 @@ class CacheReader:
             self._parquet[shard] = (pf, starts)
         pf, starts = self._parquet[shard]
         group = int(np.searchsorted(starts, row, side="right") - 1)
-        if self._image_group is None or self._image_group[:2] != (shard, group):
+        column = self._image_groups.get((shard, group))
+        if column is None:
             column = pf.read_row_group(group, columns=["image_bytes"]).column(0).to_pylist()
-            self._image_group = (shard, group, column)
-        return self._image_group[2][row - int(starts[group])]
+            self._remember_image_group((shard, group), column)
+        else:
+            self._image_groups.move_to_end((shard, group))
+        return column[row - int(starts[group])]
+
+    def _remember_image_group(self, key: tuple[int, int], column: list) -> None:
+        """Keep decoded row groups of image bytes, least recently used out past IMAGE_GROUP_BYTES:
+        a shuffled read order jumps between row groups, and re-reading one per sample cost
+        ~0.35 ms of a small sample's ~1 ms read."""
+        self._image_groups[key] = column
+        self._image_groups_bytes += sum(len(b) for b in column if b)
+        while self._image_groups_bytes > IMAGE_GROUP_BYTES and len(self._image_groups) > 1:
+            _, old = self._image_groups.popitem(last=False)
+            self._image_groups_bytes -= sum(len(b) for b in old if b)
 
 
 def unpack_logits(ids: np.ndarray, values: np.ndarray, nnz: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
