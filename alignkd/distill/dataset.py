@@ -203,10 +203,17 @@ def _pad(tensors: list[torch.Tensor], value) -> torch.Tensor:
         out.fill_(value)
     for i, t in enumerate(tensors):
         out[(i, *(slice(0, n) for n in t.shape))] = t
-        for axis, n in enumerate(t.shape if in_place else ()):  # past the tensor on `axis`, inside before
-            if n < shape[axis + 1]:
-                out[(i, *(slice(0, m) for m in t.shape[:axis]), slice(n, None))] = value
+        if in_place:
+            _fill_padding(out[i], t.shape, value)
     return out
+
+
+def _fill_padding(row: torch.Tensor, filled: tuple[int, ...], value) -> None:
+    """Set all of `row` outside its leading `filled` box to `value`: for each axis, the part
+    past the box on that axis and inside it on the axes before (together, the complement)."""
+    for axis, n in enumerate(filled):
+        if n < row.shape[axis]:
+            row[(*(slice(0, m) for m in filled[:axis]), slice(n, None))] = value
 
 
 def _empty_batch(like: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
