@@ -1,16 +1,17 @@
 """CacheWriter: computed numpy tensors in, committed shards out. Knows nothing of models.
 
 A shard is built in `shards/.tmp-shard-NNNNNN/`: tensors are encoded, checksummed and
-blosc-compressed chunk by chunk as samples arrive (bounded memory, one sequential file
-per array), rows and rejects collect in memory. At `shard_size` samples (or on close)
+cut into chunks (blosc-compressed, or raw for uint8-log/int8 codes) as samples arrive
+(bounded memory, one sequential file per array), rows and rejects collect in memory. At `shard_size` samples (or on close)
 the shard is committed: array indexes and zarr.json, samples.parquet, rejects.parquet,
 then shard.json with every file's size and sha256 LAST, fsync, rename to `shard-NNNNNN`,
 fsync the parent, and only then the catalog row. A crash loses at most the shard in
 flight; a resumed writer deletes its stale temp dirs and skips `done_rows`.
 
-With `background=True` (the default) all of that runs on one thread behind a bounded
-queue, so the teacher's next forward overlaps compression and I/O; an error on that
-thread is re-raised by the next `add`, `reject` or `close`. The writer takes ownership of
+With `background=True` (the default) each sample is encoded and compressed on a small
+pool of encoder threads, and the writes, commits and catalog updates run in order on one
+writer thread behind a bounded queue, so the teacher's next forward overlaps all of it;
+an error there is re-raised by the next `add`, `reject` or `close`. The writer takes ownership of
 the arrays handed to `add`: do not modify them afterwards.
 """
 
