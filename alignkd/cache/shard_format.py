@@ -184,17 +184,28 @@ def read_index(fd: int, info: ArrayInfo) -> np.ndarray:
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
 
 
+def _chunk_table(info: ArrayInfo, index: np.ndarray, offset: int, n: int) -> tuple[int, np.ndarray, np.ndarray]:
+    """First chunk number, and the byte offsets and lengths of the chunks holding elements
+    [offset, offset+n)."""
+    c0, c1 = offset // info.chunk, -(-(offset + n) // info.chunk)
+    rows = index[c0:c1]
+    return c0, rows[:, 0], rows[:, 1]
+
+
+def _adjacent_span(starts: np.ndarray, sizes: np.ndarray) -> tuple[int, int] | None:
+    """[start, end) bytes covering the chunks when they are written back to back, else None."""
+    if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
+        return int(starts[0]), int(starts[-1] + sizes[-1])
+    return None
+
+
 def byte_span(info: ArrayInfo, index: np.ndarray, offset: int, n: int) -> tuple[int, int] | None:
     """[start, end) bytes of the file holding elements [offset, offset+n) when those chunks are
     adjacent (what the writer produces), else None."""
     if n == 0:
         return None
-    c = info.chunk
-    rows = index[offset // c:-(-(offset + n) // c)]
-    starts, sizes = rows[:, 0], rows[:, 1]
-    if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
-        return int(starts[0]), int(starts[-1] + sizes[-1])
-    return None
+    _, starts, sizes = _chunk_table(info, index, offset, n)
+    return _adjacent_span(starts, sizes)
 
 
 def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
@@ -204,12 +215,11 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
     if n == 0:
         return np.empty(0, info.dtype)
     c = info.chunk
-    c0, c1 = offset // c, -(-(offset + n) // c)
-    out = np.empty((c1 - c0) * c, info.dtype)
-    rows = index[c0:c1]
-    starts, sizes = rows[:, 0], rows[:, 1]
-    if (starts != EMPTY_CHUNK).all() and (starts[1:] == starts[:-1] + sizes[:-1]).all():
-        first, end = int(starts[0]), int(starts[-1] + sizes[-1])
+    c0, starts, sizes = _chunk_table(info, index, offset, n)
+    out = np.empty(len(starts) * c, info.dtype)
+    span = _adjacent_span(starts, sizes)
+    if span is not None:
+        first, end = span
         if not info.compressed and data is None and isinstance(fd, int):
             _pread_into(fd, out, first, end, info)  # raw chunks: straight into the output, no copy
         else:
