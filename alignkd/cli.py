@@ -225,6 +225,9 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
               help="Every N steps, log each term's share of the student's gradient norm (0: off).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 @click.option("--workers", default=2, show_default=True, help="DataLoader worker processes reading the cache.")
+@click.option("--shuffle", default="uniform", show_default=True,
+              help="Training order: uniform (a new permutation each epoch) or window:N (shards shuffled N at a "
+                   "time, for caches far larger than memory on remote storage).")
 def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.
 

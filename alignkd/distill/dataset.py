@@ -49,11 +49,10 @@ class CachedDistillDataset(Dataset):
     def __len__(self) -> int:
         return len(self.reader)
 
-    def train_sampler(self, seed: int):
-        """Shard-window shuffled order (see alignkd.distill.sampling)."""
-        from alignkd.distill.sampling import ShardWindowSampler
-
-        return ShardWindowSampler(self.reader.shard_of, seed=seed)
+    @property
+    def shard_of(self) -> np.ndarray:
+        """Each sample's shard number: what the window order groups by (distill.sampling)."""
+        return self.reader.shard_of
 
     def collate(self, items: list[dict]) -> dict:
         return collate_distill(items, self.processor.tokenizer.pad_token_id)

@@ -25,8 +25,9 @@ class QuietProgressCallback(ProgressCallback):
 
 
 class AlignKDTrainer(Trainer):
-    def __init__(self, *args, grad_share_steps: int = 0, **kwargs) -> None:
+    def __init__(self, *args, grad_share_steps: int = 0, train_order=None, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.train_order = train_order  # a sampling.TrainOrder; None: the Trainer's own sampler
         # One bar, no per-step dicts on the console: they go to metrics.jsonl / TensorBoard.
         self.pop_callback(PrinterCallback)
         if self.pop_callback(ProgressCallback) is not None:
@@ -38,10 +39,13 @@ class AlignKDTrainer(Trainer):
         self._share_sums: dict[str, list[float]] = defaultdict(list)
 
     def _get_train_sampler(self, train_dataset=None):
+        from alignkd.distill.sampling import make_sampler
+
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if hasattr(dataset, "train_sampler"):  # the cache's shard-window order
-            return dataset.train_sampler(self.args.data_seed if self.args.data_seed is not None else self.args.seed)
-        return super()._get_train_sampler(train_dataset)
+        if self.train_order is None or not hasattr(dataset, "shard_of"):
+            return super()._get_train_sampler(train_dataset)
+        seed = self.args.data_seed if self.args.data_seed is not None else self.args.seed
+        return make_sampler(self.train_order, dataset.shard_of, seed)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         objective = self.accelerator.unwrap_model(model)

@@ -51,6 +51,7 @@ class DistillConfig:
     grad_share_steps: int = 0         # every N steps, log each term's share of the student's gradient
     progress: bool = True
     workers: int = 2  # DataLoader workers reading the cache (0: in the training process)
+    shuffle: str = "uniform"          # training order: uniform | window:N (alignkd.distill.sampling)
 
     @property
     def resolved_attn_loss(self) -> str:
@@ -77,6 +78,9 @@ class DistillConfig:
             raise ConfigError("--temperature must be positive.")
         if not 0 <= self.warmup_ratio < 1:
             raise ConfigError("--warmup-ratio must be in [0, 1).")
+        from alignkd.distill.sampling import parse_order
+
+        parse_order(self.shuffle)
         check_dir(self.student, "student model directory")
         if "://" not in str(self.cache):  # URLs: open_cache names a missing cache
             check_dir(self.cache, "cache")
@@ -123,6 +127,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     from alignkd.distill.engine import AlignKDTrainer, build_callbacks
     from alignkd.distill.export import export_student
     from alignkd.distill.objective import AlignKDObjective, LossWeights
+    from alignkd.distill.sampling import parse_order
     from alignkd.models import load_vlm
 
     start = time.perf_counter()
@@ -178,7 +183,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
     trainer = AlignKDTrainer(
         model=objective, args=args, train_dataset=dataset,
         data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),
-        grad_share_steps=cfg.grad_share_steps)
+        grad_share_steps=cfg.grad_share_steps, train_order=parse_order(cfg.shuffle))
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
     if trainer.is_world_process_zero():
         export_student(objective, vlm.processor, out, cfg, meta)
