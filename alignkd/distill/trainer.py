@@ -113,10 +113,13 @@ def _freeze(student, parts: tuple[str, ...], family=None) -> None:
                 p.requires_grad_(False)
 
 
-def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary:
+def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=None) -> DistillSummary:
     """Train `cfg.student` from the teacher cache at `cfg.cache`; never loads the teacher.
 
     `callbacks` are extra `transformers.TrainerCallback`s (notebook users, tests).
+    `wrap_objective(objective) -> nn.Module` puts a module around the objective that the
+    Trainer then trains (bench/online_teacher.py feeds it a live teacher's targets); the
+    export still takes the student from the objective.
     """
     import torch
     from transformers import TrainingArguments
@@ -181,7 +184,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None) -> DistillSummary
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
     )
     trainer = AlignKDTrainer(
-        model=objective, args=args, train_dataset=dataset,
+        model=objective if wrap_objective is None else wrap_objective(objective), args=args, train_dataset=dataset,
         data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),
         grad_share_steps=cfg.grad_share_steps, train_order=parse_order(cfg.shuffle))
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
