@@ -101,6 +101,30 @@ def test_round_trip_each_dtype(tmp_path, attn_dtype, vision_dtype):
                (rec.sample_id, rec.manifest_row, rec.teacher_ce, rec.image_path, rec.image_bytes)
 
 
+def test_reader_keeps_at_most_max_open_shards_open(tmp_path, monkeypatch):
+    """A uniform order over many shards must not hold a descriptor per shard file: open shards
+    are closed least recently used first, and a closed shard reads the same again."""
+    from alignkd.cache import reader as reader_module
+
+    recs = write_cache(tmp_path / "c", n=12, shard_size=2, background=False)  # 6 shards
+    monkeypatch.setattr(reader_module, "MAX_OPEN_SHARDS", 2)
+    reader = open_cache(tmp_path / "c", prefetch_shards=True)
+    fds = lambda: len(os.listdir("/proc/self/fd"))  # noqa: E731
+    before = fds()
+    order = [0, 11, 3, 7, 5, 1, 9, 0, 11]
+    per_shard = None
+    for i in order:
+        got = reader[i]
+        np.testing.assert_array_equal(got.logit_ids, recs[i].logit_ids)
+        assert got.sample_id == recs[i].sample_id
+        assert len(reader._open) <= 2
+        if len(reader._open) == 1:
+            per_shard = fds() - before
+    assert per_shard and fds() - before <= 2 * per_shard
+    reader.close()
+    assert fds() == before
+
+
 def test_stored_width_read(tmp_path):
     """get(widen=False) hands back the stored bytes and scales; widening them gives the float32 read."""
     import torch

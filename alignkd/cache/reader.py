@@ -34,6 +34,10 @@ _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions"
                  *REPLAYED_COLUMNS)
 _STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
 IMAGE_GROUP_BYTES = 64 * 2**20  # image bytes kept per reader (per DataLoader worker)
+# Shards whose files stay open per reader (per DataLoader worker), least recently used out:
+# each holds one descriptor per array kind, and a uniform order over LLaVA-665K's ~2,600
+# shards would otherwise hold ~23k descriptors per worker, past the usual 1,024-20,000 limit.
+MAX_OPEN_SHARDS = 64
 
 
 # A read returns the same record the builder wrote; logit rows come back left-packed
@@ -48,18 +52,23 @@ class SampleNotFoundError(AlignKDError, KeyError):
         return str(self.args[0])
 
 
-def open_cache(path, *, images: bool = True, check_crc: bool = False) -> "CacheReader":
+def open_cache(path, *, images: bool = True, check_crc: bool = False, prefetch_shards: bool = False) -> "CacheReader":
     """Open the cache at `path` for reading; `images=False` skips image bytes,
-    `check_crc=True` checks every tensor against its stored crc32 (slower)."""
-    return CacheReader(path, images=images, check_crc=check_crc)
+    `check_crc=True` checks every tensor against its stored crc32 (slower),
+    `prefetch_shards=True` asks the OS to read a whole local shard ahead when it is first
+    touched (for an order that reads shard by shard, `--shuffle window:N`)."""
+    return CacheReader(path, images=images, check_crc=check_crc, prefetch_shards=prefetch_shards)
 
 
 class CacheReader:
-    def __init__(self, path, *, images: bool = True, check_crc: bool = False) -> None:
+    def __init__(self, path, *, images: bool = True, check_crc: bool = False, prefetch_shards: bool = False) -> None:
         self.path = cache_path(path)
         self.meta = load_cache_json(self.path)
         self.images = images and bool(self.meta.get("storage", {}).get("store_images", True))
         self.check_crc = check_crc
+        # A whole-shard read-ahead pays only when the shard's other samples come next; under a
+        # uniform order it would read every shard in full for a handful of samples each.
+        self.prefetch_shards = prefetch_shards
         self._load_rows()
         self._pid: int | None = None
 
@@ -101,8 +110,8 @@ class CacheReader:
     def _process_state(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._open: dict[int, dict] = {}   # shard number -> {kind: (info, fd, index)}
-            self._parquet: dict[int, tuple] = {}
+            self._open: OrderedDict[int, dict] = OrderedDict()   # shard -> {kind: (info, fd, index)}, LRU
+            self._parquet: OrderedDict[int, tuple] = OrderedDict()  # shard -> (ParquetFile, row starts), LRU
             self._image_groups: OrderedDict[tuple[int, int], list] = OrderedDict()  # LRU of row groups
             self._image_groups_bytes = 0
             # fsspec filesystems are not fork-safe: each process re-creates its remote paths
@@ -112,7 +121,9 @@ class CacheReader:
 
     def _shard_arrays(self, shard: int) -> dict:
         arrays = self._open.get(shard)
-        if arrays is None:
+        if arrays is not None:
+            self._open.move_to_end(shard)
+        else:
             arrays = {}
             for kind in ARRAY_KINDS:
                 info = read_array_info(self._dirs[shard], kind)
@@ -123,20 +134,21 @@ class CacheReader:
                     except FileNotFoundError:
                         raise CacheFormatError(f"{info.path} is missing; run alignkd cache verify.") from None
                     index = read_index(fd, info)
-                    if isinstance(fd, int) and hasattr(os, "posix_fadvise"):
-                        # prefetch: the shard-window sampler reads a shard's samples together
+                    if self.prefetch_shards and isinstance(fd, int) and hasattr(os, "posix_fadvise"):
                         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
                 arrays[kind] = (info, fd, index)
             self._open[shard] = arrays
+            while len(self._open) > MAX_OPEN_SHARDS:
+                _close_arrays(self._open.popitem(last=False)[1])
         return arrays
 
     def close(self) -> None:
         """Close this process's file descriptors (reopened lazily on the next read)."""
         if self._pid == os.getpid():
             for arrays in self._open.values():
-                for _, fd, _ in arrays.values():
-                    if fd is not None:
-                        close_handle(fd)
+                _close_arrays(arrays)
+            for pf, _ in self._parquet.values():
+                pf.close()
         self._pid = None
 
     def __getstate__(self) -> dict:
@@ -230,6 +242,9 @@ class CacheReader:
             pf = parquet_file(self._dirs[shard] / SAMPLES_FILE)
             starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
             self._parquet[shard] = (pf, starts)
+            while len(self._parquet) > MAX_OPEN_SHARDS:
+                self._parquet.popitem(last=False)[1][0].close()
+        self._parquet.move_to_end(shard)
         pf, starts = self._parquet[shard]
         group = int(np.searchsorted(starts, row, side="right") - 1)
         column = self._image_groups.get((shard, group))
@@ -249,6 +264,12 @@ class CacheReader:
         while self._image_groups_bytes > IMAGE_GROUP_BYTES and len(self._image_groups) > 1:
             _, old = self._image_groups.popitem(last=False)
             self._image_groups_bytes -= sum(len(b) for b in old if b)
+
+
+def _close_arrays(arrays: dict) -> None:
+    for _, fd, _ in arrays.values():
+        if fd is not None:
+            close_handle(fd)
 
 
 def unpack_logits(ids: np.ndarray, values: np.ndarray, nnz: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

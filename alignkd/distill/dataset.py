@@ -31,13 +31,14 @@ class CachedDistillDataset(Dataset):
     """Index i -> one student example with its teacher targets, as tensors."""
 
     def __init__(self, cache_path: str, processor, images_root: str | None = None, *,
-                 image_token_id: int | None = None, vocab_size: int | None = None, check_crc: bool = False) -> None:
+                 image_token_id: int | None = None, vocab_size: int | None = None, check_crc: bool = False,
+                 prefetch_shards: bool = False) -> None:
         from alignkd.cache.reader import open_cache
 
         self.cache_path = str(cache_path)
         # crc32 per tensor names a sample corrupted after `verify`, at ~1/3 of the read's CPU;
         # `alignkd distill` turns it on when --no-verify skipped the sha256 check of every file
-        self.reader = open_cache(cache_path, check_crc=check_crc)
+        self.reader = open_cache(cache_path, check_crc=check_crc, prefetch_shards=prefetch_shards)
         self.processor = processor
         self.images_root = images_root
         self.image_token_id = image_token_id  # to check the student's image tokens per sample

@@ -159,10 +159,11 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
         logit_mode=meta["build_options"]["logit_mode"], logit_samples=meta["build_options"]["logit_samples"],
         temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.resolved_attn_loss,
         adapters=cfg.adapters, loss_scale=cfg.loss_scale, vision_stats=vision_stats)
+    order = parse_order(cfg.shuffle)
     dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images,
                                    image_token_id=vlm.family.get_image_token_id(student.config),
                                    vocab_size=int(student.config.get_text_config().vocab_size),
-                                   check_crc=not cfg.verify)
+                                   check_crc=not cfg.verify, prefetch_shards=order.kind == "window")
     if len(dataset):
         dataset[0]  # refuses a student whose processor gives other image tokens, before the Trainer starts
     out = Path(cfg.out)
@@ -186,7 +187,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     trainer = AlignKDTrainer(
         model=objective if wrap_objective is None else wrap_objective(objective), args=args, train_dataset=dataset,
         data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),
-        grad_share_steps=cfg.grad_share_steps, train_order=parse_order(cfg.shuffle))
+        grad_share_steps=cfg.grad_share_steps, train_order=order)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
     if trainer.is_world_process_zero():
         export_student(objective, vlm.processor, out, cfg, meta)
