@@ -67,7 +67,9 @@ def cache() -> None:
 
 
 @cache.command("build")
-@click.option("--teacher", required=True, help="Teacher model directory (Hugging Face, safetensors).")
+@click.option("--teacher", required=True,
+              help="Teacher model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
+                   "through the local Hugging Face cache.")
 @click.option("--data", required=True, help="LLaVA-format manifest (JSON list or JSONL).")
 @click.option("--images", required=True, help="Root directory the manifest's image paths are relative to.")
 @click.option("--out", required=True, help="Cache directory to create or resume.")
@@ -189,7 +191,9 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 
 
 @main.command()
-@click.option("--student", required=True, help="Student model directory (Hugging Face, safetensors).")
+@click.option("--student", required=True,
+              help="Student model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
+                   "through the local Hugging Face cache.")
 @click.option("--cache", "cache_dir", required=True, help="Teacher cache from `alignkd cache build`.")
 @click.option("--out", required=True, help="Output directory for the student, adapters and metrics.")
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
@@ -249,7 +253,8 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
 
 
 @main.command(name="eval")
-@click.option("--model", required=True, help="Any saved student or teacher directory.")
+@click.option("--model", required=True,
+              help="Any saved student or teacher directory, or a hub id org/name[@revision].")
 @click.option("--data", required=True, help="Held-out LLaVA-format manifest.")
 @click.option("--images", required=True, help="Image root for the manifest.")
 @click.option("--max-length", default=2048, show_default=True)

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from alignkd.errors import (ConfigError, check_at_least_one, check_choices, check_dir, check_file,
                             check_out_dir)
+from alignkd.hub import check_model_arg
 from alignkd.storage_schemas import ATTN_DTYPES, TOKENIZER_DIR, VISION_DTYPES
 
 LOGIT_MODES = ("topk", "sampled")
@@ -62,6 +63,7 @@ class BuildConfig:
         check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
+        check_model_arg(self.teacher, "--teacher", "model directory")
         check_file(self.data, "manifest")
         check_dir(self.images, "images directory")
         if not os.access(self.images, os.X_OK):  # else every row would be an unreadable_image reject
@@ -97,6 +99,12 @@ def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> No
                 f"but this run asks for {value}; rerun with the same option or pass --overwrite."
             )
     old_teacher = existing.get("teacher", {})
+    old_rev, new_rev = old_teacher.get("revision"), identity.get("revision")
+    if old_rev and new_rev and old_rev != new_rev:  # a local directory records none: its fingerprints decide
+        raise ConfigError(
+            f"cache {cfg.out} was built by a different teacher (revision {old_rev}, and --teacher {cfg.teacher} "
+            f"is revision {new_rev}); use the same teacher or pass --overwrite."
+        )
     for key in ("config_sha256", "weights_fingerprint", "tokenizer_fingerprint"):
         if key in old_teacher and old_teacher[key] != identity[key]:
             raise ConfigError(

@@ -53,10 +53,14 @@ def tokenizer_fingerprint(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
-def teacher_identity(model_dir: Path) -> dict:
+def teacher_identity(model_dir: Path, *, repo_id: str | None = None, revision: str | None = None) -> dict:
+    """What cache.json records about the teacher. A teacher named by hub id also records the
+    id and the commit hash of the snapshot that ran; a local directory records neither."""
     model_dir = Path(model_dir).resolve()
+    hub = {"repo_id": repo_id, "revision": revision} if repo_id is not None else {}
     return {
         "path": str(model_dir),
+        **hub,
         "config_sha256": config_hash(model_dir),
         "weights_fingerprint": weights_fingerprint(model_dir),
         "tokenizer_fingerprint": tokenizer_fingerprint(model_dir),

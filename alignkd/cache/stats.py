@@ -108,7 +108,8 @@ def render_stats(s: dict) -> str:
             continue
         lines.append(f"  {col:<18}" + "".join(f"{q[k]:9.4f}" for k in ("min", "p10", "p50", "p90", "max")))
     t = s["teacher"]
-    lines.append(f"teacher {t.get('path')} ({s['teacher_shapes'].get('model_type')}, "
+    name = f"{t['repo_id']}@{str(t.get('revision'))[:12]}" if t.get("repo_id") else t.get("path")
+    lines.append(f"teacher {name} ({s['teacher_shapes'].get('model_type')}, "
                  f"config {str(t.get('config_sha256'))[:12]}, weights {str(t.get('weights_fingerprint'))[:12]})")
     lines.append("build " + " ".join(f"{k}={v}" for k, v in s["build_options"].items()))
     return "\n".join(lines)

@@ -9,13 +9,13 @@ teacher said about a sample".
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Iterator
 
 import numpy as np
 import torch
 
 from alignkd.cache.identity import teacher_identity
+from alignkd.hub import resolve_model
 
 
 @dataclass
@@ -111,9 +111,10 @@ class TeacherPass:
         # one GPU per torchrun rank: a bare "cuda" becomes this rank's device
         self.device = f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device
         self.show_progress = cfg.progress and dist.is_main
-        self.vlm = load_vlm(cfg.teacher, dtype=cfg.dtype, device=self.device,
+        source = resolve_model(cfg.teacher, "--teacher", trust_remote_code=cfg.trust_remote_code)
+        self.vlm = load_vlm(source.path, dtype=cfg.dtype, device=self.device,
                             trust_remote_code=cfg.trust_remote_code)
-        self.identity = teacher_identity(Path(cfg.teacher))
+        self.identity = teacher_identity(source.path, repo_id=source.repo_id, revision=source.revision)
         text = self.vlm.model.config.get_text_config()
         self.shapes = {
             "num_heads": int(text.num_attention_heads),

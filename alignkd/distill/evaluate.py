@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from alignkd.errors import ConfigError
+from alignkd.hub import check_model_arg, resolve_model
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
@@ -36,8 +37,7 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
-        if not Path(self.model).is_dir():
-            raise ConfigError(f"model directory {self.model} does not exist.")
+        check_model_arg(self.model, "--model", "model directory")
         if not Path(self.data).is_file():
             raise ConfigError(f"manifest {self.data} does not exist.")
         if not Path(self.images).is_dir():
@@ -109,7 +109,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     if model is None:
         from alignkd.models import load_vlm
 
-        vlm = load_vlm(cfg.model)
+        vlm = load_vlm(resolve_model(cfg.model, "--model").path)
         model, processor = vlm.model, vlm.processor
     model.eval()
     family = FAMILIES.get(model.config.model_type)  # any chat-template VLM can be scored, supported or not

@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_dir, check_out_dir
+from alignkd.hub import check_model_arg, resolve_model
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,7 @@ class DistillConfig:
         from alignkd.distill.sampling import parse_order
 
         parse_order(self.shuffle)
-        check_dir(self.student, "student model directory")
+        check_model_arg(self.student, "--student", "student model directory")
         if "://" not in str(self.cache):  # URLs: open_cache names a missing cache
             check_dir(self.cache, "cache")
         check_out_dir(self.out)
@@ -141,7 +142,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
                            "built yet); there is nothing to distil.")
     if cfg.verify:
         check_cache_integrity(cfg.cache)
-    vlm = load_vlm(cfg.student, dtype="float32")
+    vlm = load_vlm(resolve_model(cfg.student, "--student").path, dtype="float32")
     check_student_fits_cache(vlm, reader)
     meta = reader.meta
     student = vlm.model
