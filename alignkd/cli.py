@@ -179,7 +179,8 @@ def cache_stats(cache_dir: str, as_json: bool) -> None:
 @click.option("--out", required=True, help="PNG file to write.")
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
 def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> None:
-    """Draw the teacher's text focus over the image, plus per-answer-token attention rows.
+    """Draw the teacher's text focus over each image, its vision tokens laid out as the model
+    family lays them out, plus per-answer-token attention rows.
 
     \b
     Example:

@@ -19,7 +19,7 @@ from pathlib import Path
 from alignkd.errors import (ConfigError, check_at_least_one, check_choices, check_dir, check_file,
                             check_out_dir)
 from alignkd.hub import check_model_arg
-from alignkd.storage_schemas import ATTN_DTYPES, TOKENIZER_DIR, VISION_DTYPES
+from alignkd.storage_schemas import ATTN_DTYPES, PROCESSOR_FILES, TOKENIZER_DIR, VISION_DTYPES
 
 LOGIT_MODES = ("topk", "sampled")
 POSITION_POLICIES = ("response", "text")
@@ -113,17 +113,24 @@ def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> No
             )
 
 
-def save_tokenizer(tokenizer, cache) -> None:
+def save_tokenizer(tokenizer, cache, teacher_dir: Path | None = None) -> None:
     """Keep the teacher's tokenizer in the cache, so distill can check a student against it
-    after the teacher directory is gone. Written to a temporary name, then renamed (on
-    object storage: saved locally, then uploaded)."""
+    after the teacher directory is gone, and beside it the teacher's processor files
+    (`PROCESSOR_FILES`), whose settings `cache show` needs to lay out the vision tokens.
+    Written to a temporary name, then renamed (on object storage: saved locally, then uploaded)."""
     from alignkd.cache.location import cache_path, is_remote, upload_dir
+
+    def save(into: Path) -> None:
+        tokenizer.save_pretrained(into)
+        for name in PROCESSOR_FILES if teacher_dir is not None else ():
+            if (Path(teacher_dir) / name).is_file():
+                shutil.copyfile(Path(teacher_dir) / name, into / name)
 
     if is_remote(cache):
         target = cache_path(cache) / TOKENIZER_DIR
         if not target.is_dir():
             with tempfile.TemporaryDirectory() as tmp:
-                tokenizer.save_pretrained(tmp)
+                save(Path(tmp))
                 upload_dir(Path(tmp), target)
         return
     target = cache / TOKENIZER_DIR
@@ -131,7 +138,7 @@ def save_tokenizer(tokenizer, cache) -> None:
         return
     tmp = cache / f".tmp-{TOKENIZER_DIR}"
     shutil.rmtree(tmp, ignore_errors=True)
-    tokenizer.save_pretrained(tmp)
+    save(tmp)
     tmp.rename(target)
 
 
@@ -180,7 +187,8 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 # catalog.duckdb a shard behind; the shard directories are the truth.
                 rebuild_catalog(cfg.out)
         if dist.is_main:
-            save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out if "://" in str(cfg.out) else Path(cfg.out))
+            save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out if "://" in str(cfg.out) else Path(cfg.out),
+                           teacher.vlm.path)
         done = writer.done_rows
         # this rank's rows only: under torchrun the ranks' counts are summed below
         summary.skipped_done = sum(r.row in done for r in records) + sum(d.row in done for d in duplicates)

@@ -1,15 +1,22 @@
-"""`alignkd cache show`: what the teacher's text looked at in the image.
+"""`alignkd cache show`: what the teacher's text looked at in each image.
 
-The left panel overlays the text focus (Σ over text queries of the head-mean layer-0
-attention to each vision token) on the image; the right panels show the head-mean
-attention row of each answer token. Everything is read from the cache, the token strings
-too (from the tokenizer the build kept in it), on local disk or object storage.
+One row of panels per image: the text focus (Σ over text queries of the head-mean layer-0
+attention to each vision token) over the image, then the head-mean attention row of each
+answer token. The vision tokens are laid out as the teacher's family lays them out
+(alignkd/cache/vision_layout.py): Qwen's merged-patch grid, Pixtral's rows, tiles with their
+global view, LLaVA-NeXT's any-res canvas without its newline tokens, a square elsewhere.
+
+Everything is read from the cache, on local disk or object storage: the panel titles are
+the answer tokens decoded as text by the tokenizer the build kept in it (never raw BPE
+pieces such as "Ġbuilding"), and the processor settings a layout needs come from the
+processor files kept beside that tokenizer (for a cache built before they were kept: the
+teacher directory, if it is still there; never the network).
 """
 
 from __future__ import annotations
 
 import io
-import math
+import textwrap
 from pathlib import Path
 
 import numpy as np
@@ -17,12 +24,103 @@ import numpy as np
 from alignkd.errors import AlignKDError
 
 MAX_TOKEN_PANELS = 8
+PANEL_INCHES = 3.4
 
 
-def _grid(values: np.ndarray) -> np.ndarray:
-    """Vision tokens -> a 2-D grid: square when Nv is a square (LLaVA), else one row."""
-    side = int(math.isqrt(len(values)))
-    return values.reshape(side, side) if side * side == len(values) else values[None, :]
+def show_sample(cache_path: str, sample_id: str, out: str, images_root: str | None = None) -> Path:
+    """Draw `sample_id` of the cache at `cache_path` and save it as the PNG `out`."""
+    import matplotlib.pyplot as plt
+
+    fig = sample_figure(cache_path, sample_id, images_root)
+    out_path = Path(out)
+    try:
+        out_path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(out_path, dpi=100)
+    finally:
+        plt.close(fig)
+    return out_path
+
+
+def sample_figure(cache_path: str, sample_id: str, images_root: str | None = None):
+    """The figure `show_sample` saves: a row of panels per image of the sample."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from alignkd.cache.reader import open_cache
+    from alignkd.cache.vision_layout import image_grids, layout_image
+
+    reader = open_cache(cache_path)
+    try:
+        sample = reader[reader.index_of(sample_id)]
+    except KeyError:
+        raise AlignKDError(f"sample {sample_id!r} is not in cache {cache_path}.") from None
+    if len(sample.text_positions) == 0:
+        raise AlignKDError(f"sample {sample_id!r} has no text queries after the image to show.")
+    family = reader.meta.get("teacher_shapes", {}).get("model_type", "")
+    tokenizer, settings = kept_tokenizer_and_settings(reader)
+    images = _load_images(sample, images_root)
+    grids = image_grids(sample, family, token_name=tokenizer.convert_ids_to_tokens if tokenizer else None,
+                        image_sizes=[None if im is None else (im.height, im.width) for im in images],
+                        settings=settings)
+    attn = np.asarray(sample.attn, dtype=np.float32).mean(axis=1)  # [T, Nv], head mean
+    focus = np.asarray(sample.focus, dtype=np.float32)
+    label_mask = np.asarray(sample.label_mask, dtype=bool)
+    rows = [i for i, pos in enumerate(sample.text_positions) if label_mask[pos]][:MAX_TOKEN_PANELS]
+    names = token_texts(tokenizer, [int(sample.input_ids[sample.text_positions[i]]) for i in rows])
+
+    layouts = [layout_image(focus[g.start:g.end], g, family) for g in grids]
+    heights = [PANEL_INCHES * float(np.clip(_aspect(image, layout), 0.3, 1.5)) + 0.7
+               for image, layout in zip(images, layouts)]
+    fig, axes = plt.subplots(len(grids), 1 + len(rows), squeeze=False, height_ratios=heights,
+                             figsize=(PANEL_INCHES * (1 + len(rows)), sum(heights)))
+    for k, (grid, image, layout) in enumerate(zip(grids, images, layouts)):
+        span = slice(grid.start, grid.end)
+        _draw(axes[k][0], image, layout, "inferno")
+        axes[k][0].set_title(_focus_title(sample_id, k, len(grids), layout, focus[span]), fontsize=9)
+        for ax, row, name in zip(axes[k][1:], rows, names):
+            _draw(ax, image, layout_image(attn[row, span], grid, family), "viridis")
+            ax.set_title(f"answer token {name}"[:28], fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def _aspect(image, layout) -> float:
+    """Height over width of a panel: the image's, else the picture's."""
+    if image is not None:
+        return image.height / image.width
+    return layout.picture.shape[0] / layout.picture.shape[1]
+
+
+def _focus_title(sample_id: str, k: int, n_images: int, layout, values: np.ndarray) -> str:
+    head = f"{sample_id}: text focus" if n_images == 1 else f"{sample_id} image {k + 1}: text focus"
+    note = layout.note
+    total = float(values.sum())
+    if layout.not_picture.any() and total > 0:
+        note += f" ({values[layout.not_picture].sum() / total:.0%} of the focus)"
+    return head + "\n" + textwrap.fill(note, 52)
+
+
+def _draw(ax, image, layout, cmap: str) -> None:
+    """The layout's picture over the image, on the part of the image it covers."""
+    if image is None:
+        ax.imshow(layout.picture, cmap=cmap, interpolation="nearest")
+    else:
+        top, left, bottom, right = layout.region
+        width, height = image.size
+        ax.imshow(image, extent=(0, width, height, 0))
+        ax.imshow(layout.picture, cmap=cmap, alpha=0.55, interpolation="nearest",
+                  extent=(left * width, right * width, bottom * height, top * height))
+        ax.set_xlim(min(0.0, left * width), max(width, right * width))
+        ax.set_ylim(max(height, bottom * height), min(0.0, top * height))
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _load_images(sample, images_root: str | None) -> list:
+    """Each image of the sample (one today), None where it is neither stored nor under `images_root`."""
+    return [_load_image(sample, images_root)]
 
 
 def _load_image(sample, images_root: str | None):
@@ -38,70 +136,58 @@ def _load_image(sample, images_root: str | None):
     return None
 
 
-def _token_labels(reader, ids: list[int]) -> list[str]:
-    """Token strings from the tokenizer kept in the cache (copied down from object storage),
-    else the teacher directory if it is still there; never from the network."""
+def kept_tokenizer_and_settings(reader) -> tuple[object | None, dict]:
+    """The tokenizer and processor settings kept in the cache (copied down from object
+    storage), else the teacher directory's if it is still there; never from the network."""
     import tempfile
 
-    from transformers import AutoTokenizer
-
     from alignkd.cache.location import filesystem, is_remote
+    from alignkd.cache.vision_layout import read_settings
     from alignkd.storage_schemas import TOKENIZER_DIR
 
-    try:
-        kept = reader.path / TOKENIZER_DIR
-        if not kept.is_dir():
-            tok = AutoTokenizer.from_pretrained(reader.meta["teacher"]["path"], local_files_only=True)
-        elif is_remote(kept):
-            with tempfile.TemporaryDirectory() as tmp:
+    kept = reader.path / TOKENIZER_DIR
+    teacher = reader.meta.get("teacher", {}).get("path")
+    teacher = teacher if teacher and Path(teacher).is_dir() else None
+    with tempfile.TemporaryDirectory() as tmp:
+        local = None
+        if kept.is_dir():
+            if is_remote(kept):
                 filesystem(kept).get(kept.path + "/", tmp, recursive=True)
-                tok = AutoTokenizer.from_pretrained(tmp, local_files_only=True)
-        else:
-            tok = AutoTokenizer.from_pretrained(kept, local_files_only=True)
-        return [tok.convert_ids_to_tokens(i) for i in ids]
-    except Exception:  # noqa: BLE001 - no tokenizer left anywhere; ids are still informative
-        return [f"id {i}" for i in ids]
+                local = tmp
+            else:
+                local = kept
+        tokenizer = _tokenizer_from([local, teacher])
+        settings = (read_settings(local) if local else {}) or (read_settings(teacher) if teacher else {})
+    return tokenizer, settings
 
 
-def show_sample(cache_path: str, sample_id: str, out: str, images_root: str | None = None) -> Path:
-    import matplotlib
+def _tokenizer_from(directories: list):
+    from transformers import AutoTokenizer
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    for directory in directories:
+        if directory is None:
+            continue
+        try:
+            return AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        except Exception:  # noqa: BLE001 - a damaged or partial tokenizer: try the next place
+            continue
+    return None
 
-    from alignkd.cache.reader import open_cache
 
-    reader = open_cache(cache_path)
-    try:
-        sample = reader[reader.index_of(sample_id)]
-    except KeyError:
-        raise AlignKDError(f"sample {sample_id!r} is not in cache {cache_path}.") from None
-    if len(sample.text_positions) == 0:
-        raise AlignKDError(f"sample {sample_id!r} has no text queries after the image to show.")
-    attn = np.asarray(sample.attn, dtype=np.float32)          # [T, H, Nv]
-    focus = _grid(np.asarray(sample.focus, dtype=np.float32))
-    label_mask = np.asarray(sample.label_mask, dtype=bool)
-    rows = [i for i, pos in enumerate(sample.text_positions) if label_mask[pos]][:MAX_TOKEN_PANELS]
-    names = _token_labels(reader, [int(sample.input_ids[sample.text_positions[i]]) for i in rows])
-    image = _load_image(sample, images_root)
+def token_texts(tokenizer, ids: list[int]) -> list[str]:
+    """Each id decoded on its own as text ("building", not the BPE piece "Ġbuilding");
+    a token that is only whitespace is shown quoted ('\\n'). "id N" without a tokenizer."""
+    texts = []
+    for i in ids:
+        try:
+            text = tokenizer.decode([i])
+        except Exception:  # noqa: BLE001 - no tokenizer, or an id it does not know
+            texts.append(f"id {i}")
+            continue
+        texts.append(text.strip() or repr(text))
+    return texts
 
-    fig, axes = plt.subplots(1, 1 + len(rows), figsize=(3.4 * (1 + len(rows)), 3.4), squeeze=False)
-    ax = axes[0][0]
-    extent = (0, image.width, image.height, 0) if image is not None else None
-    if image is not None:
-        ax.imshow(image, extent=extent)
-    ax.imshow(focus, cmap="inferno", alpha=0.55 if image is not None else 1.0, extent=extent,
-              interpolation="nearest")
-    ax.set_title(f"{sample_id}: text focus")
-    for ax, row, name in zip(axes[0][1:], rows, names):
-        ax.imshow(_grid(attn[row].mean(axis=0)), cmap="viridis", interpolation="nearest")
-        ax.set_title(f"answer token {name!s}"[:28], fontsize=9)
-    for ax in axes[0]:
-        ax.set_xticks([])
-        ax.set_yticks([])
-    fig.tight_layout()
-    out_path = Path(out)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)
-    return out_path
+
+def _token_labels(reader, ids: list[int]) -> list[str]:
+    """The texts of `ids` from the tokenizer kept in `reader`'s cache."""
+    return token_texts(kept_tokenizer_and_settings(reader)[0], ids)

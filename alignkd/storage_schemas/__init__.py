@@ -24,6 +24,9 @@ SHARD_JSON = "shard.json"          # written last: its presence means the shard 
 TEMP_PREFIX = ".tmp-"              # in-flight shards; readers skip anything starting with "."
 LOCK_FILE = ".lock"                # rank 0; rank r > 0 uses ".lock-r{r}"
 TOKENIZER_DIR = "tokenizer"        # the teacher's tokenizer (save_pretrained), for distill's id check
+# the teacher directory's processor files, copied into TOKENIZER_DIR when present: `cache show`
+# reads the processor's settings from them (tile size, grid pinpoints, tokens per tile)
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
 
 
 def shard_name(index: int, rank: int = 0) -> str:
