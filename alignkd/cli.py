@@ -70,8 +70,10 @@ def cache() -> None:
 @click.option("--teacher", required=True,
               help="Teacher model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
                    "through the local Hugging Face cache.")
-@click.option("--data", required=True, help="LLaVA-format manifest (JSON list or JSONL).")
-@click.option("--images", required=True, help="Root directory the manifest's image paths are relative to.")
+@click.option("--data", required=True,
+              help="Records: a JSON list or JSONL manifest (LLaVA conversations or chat messages), or a Parquet "
+                   "file or directory (images as bytes).")
+@click.option("--images", default=None, help="Root directory the records' image paths are relative to.")
 @click.option("--out", required=True, help="Cache directory to create or resume.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-length", default=2048, show_default=True, help="Tokens per sample; the tail is cut.")
@@ -256,8 +258,8 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
 @main.command(name="eval")
 @click.option("--model", required=True,
               help="Any saved student or teacher directory, or a hub id org/name[@revision].")
-@click.option("--data", required=True, help="Held-out LLaVA-format manifest.")
-@click.option("--images", required=True, help="Image root for the manifest.")
+@click.option("--data", required=True, help="Held-out records: JSON/JSONL manifest or Parquet file/directory.")
+@click.option("--images", default=None, help="Image root for the records' image paths.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--limit", type=int, default=None)

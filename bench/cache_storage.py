@@ -60,8 +60,7 @@ def synth(i: int, rng: np.random.Generator) -> SampleRecord:
         focus=attn.mean(1).sum(0), logit_positions=np.arange(L - P - 1, L - 1, dtype=np.int32),
         logit_ids=ids, logit_values=logp.astype(np.float32),
         logit_tail=(1 - np.exp(logp).sum(1)).clip(0).astype(np.float32),
-        teacher_ce=1.0, teacher_entropy=2.0, teacher_tail_mass=0.1, image_path=None, image_sha256=None,
-        image_bytes=None)
+        teacher_ce=1.0, teacher_entropy=2.0, teacher_tail_mass=0.1)
 
 
 CHOICES = [("bfloat16", "bfloat16"), ("float16", "float16"), ("uint8-sqrt", "bfloat16"),

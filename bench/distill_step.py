@@ -195,7 +195,7 @@ class Bench:
         with torch.autocast(**self.autocast):
             cap = capture_forward(self.teacher.model, {k: v for k, v in batch.items() if k != "labels"})
         records = records_from_capture(
-            rendered, [r.image for r in recs], batch, cap, logit_mode=cfg.logit_mode, logit_k=cfg.logit_k,
+            rendered, batch, cap, logit_mode=cfg.logit_mode, logit_k=cfg.logit_k,
             logit_samples=cfg.logit_samples, positions_policy=cfg.logit_positions, seed=cfg.seed,
             store_images=False)
         items = [item_from_record(rec, sample.image_inputs) for rec, sample in zip(records, rendered)]

@@ -25,7 +25,6 @@ import statistics
 import tempfile
 import time
 from dataclasses import replace
-from types import SimpleNamespace
 
 VOCAB = 32000
 PREFIX = 35  # system prompt and "USER:" before the image
@@ -107,12 +106,9 @@ def timed(fn, repeats: int, device) -> float:
 
 
 def records_for(batch, cap):
-    from alignkd.cache.teacher_pass import records_from_capture
+    from alignkd.cache.teacher_pass import batch_samples, records_from_capture
 
-    samples = [SimpleNamespace(sample_id=f"s{b}", row=b, input_ids=batch["input_ids"][b].cpu(),
-                               labels=batch["labels"][b].cpu(), image_sha256=None, image_bytes=None)
-               for b in range(batch["input_ids"].shape[0])]
-    return records_from_capture(samples, [None] * len(samples), batch, cap, logit_mode="topk", logit_k=16,
+    return records_from_capture(batch_samples(batch, cap), batch, cap, logit_mode="topk", logit_k=16,
                                 logit_samples=64, positions_policy="response", seed=0, store_images=False)
 
 

@@ -24,7 +24,6 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -49,19 +48,14 @@ class OnlineTargets(nn.Module):
 
     @torch.no_grad()
     def live_targets(self, batch: dict) -> dict:
-        from alignkd.cache.teacher_pass import model_inputs_of, records_from_capture
+        from alignkd.cache.teacher_pass import batch_samples, model_inputs_of, records_from_capture
         from alignkd.distill.dataset import collate_distill, item_from_record
         from alignkd.models import capture_forward
 
         vlm = self._teacher[0]
         cap = capture_forward(vlm.model, model_inputs_of(batch, vlm.family))
-        lengths = batch["attention_mask"].sum(1).tolist()
-        samples = [SimpleNamespace(sample_id=f"b{b}", row=b, input_ids=batch["input_ids"][b, :n].cpu(),
-                                   labels=batch["labels"][b, :n].cpu(), image_sha256=None, image_bytes=None,
-                                   token_inputs={})
-                   for b, n in enumerate(lengths)]
         o = self.options
-        records = records_from_capture(samples, [None] * len(samples), batch, cap, logit_mode=o["logit_mode"],
+        records = records_from_capture(batch_samples(batch, cap), batch, cap, logit_mode=o["logit_mode"],
                                        logit_k=o["logit_k"], logit_samples=o["logit_samples"],
                                        positions_policy=o["logit_positions"], seed=o["seed"], store_images=False)
         items = [item_from_record(r, {}) for r in records]

@@ -49,6 +49,7 @@ def chat_template(image: str) -> str:
         "{{ bos_token }}{% for message in messages %}{% if message['role'] == 'user' %}USER : "
         "{% for item in message['content'] %}{% if item['type'] == 'image' %}" + image +
         "{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
+        "{% elif message['role'] == 'system' %}{% for item in message['content'] %}{{ item['text'] }}{% endfor %} "
         "{% else %}ASSISTANT : {% for item in message['content'] %}{% if item['type'] == 'text' %}"
         "{{ item['text'] }}{% endif %}{% endfor %}{{ eos_token }} {% endif %}{% endfor %}"
         "{% if add_generation_prompt %}ASSISTANT : {% endif %}"

@@ -30,6 +30,10 @@ def world(tmp_path_factory, tiny_llava_dir, tiny_student_dir):
     write_manifest(root / "missing-image.json", [{"id": "b0", "image": "gone.png", "conversations": CONV}])
     (root / "empty-list.json").write_text("[]")
     (root / "blank.json").write_text("")
+    (root / "fake.parquet").write_bytes(b"PAR1 this is not parquet")
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), root / "noturns.parquet")
     (root / "object.json").write_text('{"records": 1}')
     (root / "file.txt").write_text("x")
     (root / "emptydir").mkdir()
@@ -79,7 +83,12 @@ CASES = {
     "build: teacher tokenizer corrupt": (lambda w, r: build_args(w, teacher=r / "badtok", out=r / "o-tok"),
                                          "{root}/badtok"),
     "build: manifest missing": (lambda w, r: build_args(w, data=r / "nope.json"), "nope.json does not exist"),
-    "build: manifest is a dir": (lambda w, r: build_args(w, data=r / "emptydir"), "emptydir is not a file"),
+    "build: data dir without parquet": (lambda w, r: build_args(w, data=r / "emptydir"),
+                                        "emptydir holds no .parquet files"),
+    "build: parquet not parquet": (lambda w, r: build_args(w, data=r / "fake.parquet"),
+                                   "fake.parquet is not a readable Parquet file"),
+    "build: parquet without turns": (lambda w, r: build_args(w, data=r / "noturns.parquet"),
+                                     "noturns.parquet needs exactly one of the columns conversations, messages"),
     "build: manifest blank": (lambda w, r: build_args(w, data=r / "blank.json"), "blank.json is empty"),
     "build: manifest not JSON": (lambda w, r: build_args(w, data=r / "file.txt"), "file.txt line 1"),
     "build: manifest an object": (lambda w, r: build_args(w, data=r / "object.json"), "object.json holds a JSON object"),

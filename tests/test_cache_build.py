@@ -213,7 +213,8 @@ def test_bad_rows_are_rejected_and_every_row_is_accounted_for(tmp_path, tiny_lla
         {"id": "escape", "image": "../outside.png", "conversations": conversation(0)},
         {"id": "corrupt", "image": "corrupt.png", "conversations": conversation(0)},
         {"id": "noplace", "image": "img0.png", "conversations": conversation(0, image=False)},
-        {"id": "textonly", "conversations": conversation(1, image=False)},
+        {"id": "latesystem", "image": "img0.png", "conversations": conversation(0) + [
+            {"from": "system", "value": "be brief"}] + conversation(1, image=False)},
     ]
     data, images = make_dataset(tmp_path, 4, extra=bad)
     out = build(tiny_llava_dir, data, images, tmp_path / "cache", batch_size=3)
@@ -225,22 +226,31 @@ def test_bad_rows_are_rejected_and_every_row_is_accounted_for(tmp_path, tiny_lla
     assert [s["sample_id"] for s in samples] == ["s0", "s1", "s2", "s3"]
     assert {r["sample_id"]: r["reason"] for r in rejects} == {
         "missing": "missing_image", "s0": "duplicate_id", "escape": "image_outside_root",
-        "corrupt": "corrupt_image", "noplace": "image_without_placeholder", "textonly": "no_image"}
+        "corrupt": "corrupt_image", "noplace": "image_without_placeholder", "latesystem": "bad_conversation"}
     rows = sorted(r["manifest_row"] for r in samples + rejects)
     assert rows == list(range(len(json.loads(data.read_text()))))
 
 
-def test_text_only_rows_are_rejected_without_losing_their_batch(tmp_path, tiny_llava_dir):
+def test_text_only_rows_are_cached_inside_an_image_batch(tmp_path, tiny_llava_dir):
+    """A text-only record batched with image records: no vision tokens and no attention rows for
+    it, its logits and labels as for any sample, and its neighbours unchanged."""
     data, images = make_dataset(tmp_path, 3, extra=[{"id": "t", "conversations": conversation(0, image=False)}])
     records = json.loads(data.read_text())
     write_manifest(data, [records[0], records[3], records[1], records[2]])  # text-only inside batch 1
-    result = cli("cache", "build", "--teacher", tiny_llava_dir, "--data", data, "--images", images,
-                 "--out", tmp_path / "cache", "--batch-size", 4, "--no-progress")
-    assert result.exit_code == 0, result.output
-    assert "cached 3 samples" in result.output and "1 no_image" in result.output
-    assert sql(tmp_path / "cache", "SELECT reason, manifest_row FROM rejects") == [
-        {"reason": "no_image", "manifest_row": 1}]
-    assert sorted(open_cache(tmp_path / "cache").sample_ids) == ["s0", "s1", "s2"]
+    for name, size in (("cache", 4), ("alone", 1)):
+        result = cli("cache", "build", "--teacher", tiny_llava_dir, "--data", data, "--images", images,
+                     "--out", tmp_path / name, "--batch-size", size, "--attn-dtype", "float16", "--no-progress")
+        assert result.exit_code == 0, result.output
+        assert result.output.startswith("cached 4 samples (0 rows already done), rejects: none")
+    assert sql(tmp_path / "cache", "SELECT sample_id, n_images, n_vision, n_text, n_logit_positions > 0 AS logits "
+                                   "FROM samples WHERE sample_id = 't'") == [
+        {"sample_id": "t", "n_images": 0, "n_vision": 0, "n_text": 0, "logits": True}]
+    batched, alone = open_cache(tmp_path / "cache"), open_cache(tmp_path / "alone")
+    for sid in ("s0", "t", "s1", "s2"):  # batch 1 held the text-only sample; batch size 1 never mixes
+        a, b = batched[batched.index_of(sid)], alone[alone.index_of(sid)]
+        np.testing.assert_array_equal(a.input_ids, b.input_ids)
+        np.testing.assert_allclose(a.attn, b.attn, rtol=2e-3, atol=1e-6)
+        np.testing.assert_allclose(a.logit_values, b.logit_values, rtol=2e-3, atol=2e-3)
 
 
 # ---------------------------------------------------------------- 3. SIGKILL + resume
@@ -253,7 +263,7 @@ def forty(tmp_path_factory, tiny_llava_dir):
     """38 good rows and two rejects (so rejects must survive a resume too), and reference builds."""
     root = tmp_path_factory.mktemp("forty")
     extra = [{"id": "gone", "image": "gone.png", "conversations": conversation(0)},
-             {"id": "text", "conversations": conversation(1, image=False)}]
+             {"id": "noplace", "image": "img0.png", "conversations": conversation(1, image=False)}]
     data, images = make_dataset(root, N_RESUME - 2, extra=extra)
     refs, seconds = {}, {}
     for mode in ("topk", "sampled"):
@@ -399,7 +409,7 @@ def test_verify_stats_and_sql_agree_on_a_fresh_build(forty):
     assert stats["samples"] == row["n"] == N_RESUME - 2
     assert stats["tokens"]["logit_positions"] == row["p"] and stats["tokens"]["text_query_rows"] == row["t"]
     by_reason = {r["reason"]: r["n"] for r in sql(ref, "SELECT reason, count(*) AS n FROM rejects GROUP BY reason")}
-    assert stats["rejects"] == by_reason == {"missing_image": 1, "no_image": 1}
+    assert stats["rejects"] == by_reason == {"missing_image": 1, "image_without_placeholder": 1}
     assert stats["shards"] == sql(ref, "SELECT count(*) AS n FROM shards")[0]["n"] == 10
     assert stats["build_options"]["logit_mode"] == "topk"
 

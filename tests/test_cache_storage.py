@@ -52,7 +52,8 @@ def make_record(i: int, *, T=6, H=3, Nv=20, D=24, P=5, K=4, sampled=False, seed=
         vision=rng.normal(0, 0.3, (Nv, D)).astype(np.float32), focus=attn.mean(1).sum(0),
         logit_positions=np.arange(L - P - 1, L - 1, dtype=np.int32), logit_ids=ids, logit_values=values,
         logit_tail=tail, teacher_ce=1.0 + i, teacher_entropy=2.0, teacher_tail_mass=float(tail.mean()),
-        image_path=f"img/{i}.png", image_sha256=hashlib.sha256(b"%d" % i).hexdigest(), image_bytes=b"PNG%d" % i)
+        image_paths=(f"img/{i}.png",), image_sha256=(hashlib.sha256(b"%d" % i).hexdigest(),),
+        image_bytes=(b"PNG%d" % i,), image_n_vision=np.array([Nv], np.int32))
 
 
 def write_cache(path, n=5, *, rejects=(), shard_size=2, **kw) -> list[SampleRecord]:
@@ -97,8 +98,8 @@ def test_round_trip_each_dtype(tmp_path, attn_dtype, vision_dtype):
         for name in ("focus", "logit_ids", "input_ids", "label_mask",
                      "vision_positions", "text_positions", "logit_positions"):
             np.testing.assert_array_equal(getattr(got, name), getattr(rec, name), err_msg=name)
-        assert (got.sample_id, got.manifest_row, got.teacher_ce, got.image_path, got.image_bytes) == \
-               (rec.sample_id, rec.manifest_row, rec.teacher_ce, rec.image_path, rec.image_bytes)
+        assert (got.sample_id, got.manifest_row, got.teacher_ce, got.image_paths, got.image_bytes) == \
+               (rec.sample_id, rec.manifest_row, rec.teacher_ce, rec.image_paths, rec.image_bytes)
 
 
 def test_reader_keeps_at_most_max_open_shards_open(tmp_path, monkeypatch):

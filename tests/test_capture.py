@@ -167,10 +167,15 @@ def test_reentrant_checkpointing_refused_non_reentrant_works(tiny_student_dir):
     assert grad is not None and grad.abs().sum() > 0
 
 
-def test_batch_without_images_refused(teacher):
+def test_batch_without_images_captures_no_vision(teacher):
+    """A text-only batch: no vision tokens or columns, and the logits of a plain forward."""
     batch = dict(teacher.processor.tokenizer(["USER: what is the colour ?"], return_tensors="pt"))
-    with pytest.raises(AlignKDError, match="needs an image"):
-        capture_forward(teacher.model, batch)
+    cap = capture_forward(teacher.model, batch)
+    assert cap.vision_positions.shape == (1, 0) and cap.attn_text_vision.shape[-1] == 0
+    assert cap.vision_tokens.shape[:2] == (1, 0) and not cap.vision_mask.any()
+    with torch.no_grad():
+        plain = teacher.model(**batch).logits
+    torch.testing.assert_close(cap.logits, plain)
 
 
 def test_load_vlm_errors(tmp_path, tiny_llava_dir):

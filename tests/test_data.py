@@ -12,6 +12,7 @@ from conftest import make_image, write_manifest
 
 from alignkd.data import (
     IGNORE_INDEX,
+    ImageRef,
     ManifestError,
     ManifestRecord,
     ProcessorError,
@@ -44,7 +45,8 @@ def images(tmp_path):
 
 
 def record(conv, image="a.png", sample_id="x", row=0) -> ManifestRecord:
-    return ManifestRecord(row=row, sample_id=sample_id, image=image, conversations=conv)
+    images = () if image is None else tuple(ImageRef(path=p) for p in ([image] if isinstance(image, str) else image))
+    return ManifestRecord(row=row, sample_id=sample_id, images=images, turns=conv)
 
 
 def turns(*values):
@@ -60,8 +62,9 @@ def labelled_tokens(processor, sample) -> list[str]:
 def test_read_json_and_jsonl_give_the_same_records(small_dataset, tmp_path):
     manifest, _ = small_dataset
     records = read_manifest(manifest)
-    assert [(r.row, r.sample_id, r.image) for r in records] == [(i, f"s{i}", f"img{i}.png") for i in range(6)]
-    assert records[2].conversations[2] == {"from": "human", "value": "how many ?"}
+    assert [(r.row, r.sample_id, r.images) for r in records] == \
+        [(i, f"s{i}", (ImageRef(path=f"img{i}.png"),)) for i in range(6)]
+    assert records[2].turns[2] == {"from": "human", "value": "how many ?"}
     raw = json.loads(manifest.read_text())
     assert read_manifest(write_manifest(tmp_path / "d.jsonl", raw, jsonl=True)) == records
     # JSONL content under a .json name is detected by content
@@ -124,7 +127,9 @@ def test_single_turn_labels_are_answer_plus_eos(processor, images):
     assert (sample.labels[-3:] == sample.input_ids[-3:]).all() and (sample.labels[:-3] == IGNORE_INDEX).all()
     assert sample.attention_mask.tolist() == [1] * len(tokens)
     assert sample.image_inputs["pixel_values"].shape == (1, 3, 32, 32)
-    assert sample.image_bytes == (images / "a.png").read_bytes() and len(sample.image_sha256) == 64
+    [img] = sample.images
+    assert img.data == (images / "a.png").read_bytes() and len(img.sha256) == 64 and img.name == "a.png"
+    assert sample.image_token_counts == (N_IMAGE_TOKENS,)
     assert not sample.truncated
 
 
@@ -163,7 +168,7 @@ def test_labels_follow_another_template(processor, images):
 def test_text_only_record(processor):
     sample = render_sample(record(turns("how many ?", "3"), image=None), processor, None, 64)
     assert labelled_tokens(processor, sample) == ["3", "</s>"]
-    assert sample.image_inputs == {} and sample.image_sha256 is None and sample.image_bytes is None
+    assert sample.image_inputs == {} and sample.images == () and sample.image_token_counts == ()
 
 
 # --- refusals --------------------------------------------------------------------------
@@ -178,7 +183,7 @@ def bad_cases(tmp_path, images):
         "corrupt_image": record(ok, image="bad.png"),
         "image_without_placeholder": record(turns("what is the colour ?", "red")),
         "placeholder_without_image": record(ok, image=None),
-        "unknown_role": record([{"from": "system", "value": "be brief"}] + ok),
+        "unknown_role": record([{"from": "narrator", "value": "be brief"}] + ok),
         "image_outside_root": record(ok, image="../outside.png"),
         "image_outside_root/abs": record(ok, image=str(tmp_path / "outside.png")),
         "image_outside_root/symlink": record(ok, image="link.png"),
@@ -189,9 +194,11 @@ def bad_cases(tmp_path, images):
         "bad_conversation/not_a_string": record(turns(QUESTION, 3)),
         "bad_conversation/no_value": record([{"from": "human"}]),
         "bad_conversation/image_in_answer": record(turns("what ?", "<image> red")),
-        "bad_conversation/two_images": record(turns(QUESTION + " <image>", "red")),
-        "missing_id": ManifestRecord(0, "row0", None, ok, problem="missing_id"),
-        "bad_record": ManifestRecord(0, "x", None, [], problem="bad_record"),
+        "placeholder_without_image/two_for_one": record(turns(QUESTION + " <image>", "red")),
+        "image_without_placeholder/two_for_one": record(ok, image=["a.png", "b.png"]),
+        "bad_conversation/system_not_first": record(ok + [{"from": "system", "value": "be brief"}] + ok),
+        "missing_id": ManifestRecord(0, "row0", (), ok, problem="missing_id"),
+        "bad_record": ManifestRecord(0, "x", (), [], problem="bad_record"),
     }
 
 
@@ -218,7 +225,7 @@ def test_missing_id_from_a_real_manifest(processor, images, tmp_path):
     recs = read_manifest(write_manifest(tmp_path / "m.jsonl", [
         {"id": "ok", "image": "a.png", "conversations": turns(QUESTION, "red")},
         {"image": "a.png", "conversations": turns(QUESTION, "red")},
-        {"id": "y", "image": ["a.png", "b.png"], "conversations": turns(QUESTION, "red")},
+        {"id": "y", "image": ["a.png", 7], "conversations": turns(QUESTION, "red")},
     ], jsonl=True))
     render_sample(recs[0], processor, images, 128)
     for rec, reason, sid in [(recs[1], "missing_id", "row1"), (recs[2], "bad_record", "y")]:
@@ -274,7 +281,7 @@ def test_truncation_refuses_to_cut_the_image_or_every_answer(processor, images):
 
 def test_image_inputs_from_bytes_match_render(processor, images):
     sample = render_sample(record(turns(QUESTION, "red")), processor, images, 128)
-    rebuilt = image_inputs_from_bytes(processor, sample.image_bytes)
+    rebuilt = image_inputs_from_bytes(processor, sample.images[0].data)
     assert rebuilt.keys() == sample.image_inputs.keys()
     assert torch.equal(rebuilt["pixel_values"], sample.image_inputs["pixel_values"])
     with pytest.raises(SampleError, match="'s9'") as info:

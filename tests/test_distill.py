@@ -86,12 +86,12 @@ def _live_batch(cfg, student_processor):
     rendered = [render_sample(r, teacher.processor, cfg.images, cfg.max_length) for r in recs]
     batch = collate(rendered, pad_token_id=teacher.processor.tokenizer.pad_token_id)
     cap = capture_forward(teacher.model, {k: v for k, v in batch.items() if k != "labels"})
-    records = records_from_capture(rendered, [r.image for r in recs], batch, cap, logit_mode=cfg.logit_mode,
+    records = records_from_capture(rendered, batch, cap, logit_mode=cfg.logit_mode,
                                    logit_k=cfg.logit_k, logit_samples=cfg.logit_samples,
                                    positions_policy=cfg.logit_positions, seed=cfg.seed, store_images=True)
     from alignkd.data import image_inputs_from_bytes
 
-    items = [item_from_record(rec, image_inputs_from_bytes(student_processor, rec.image_bytes)) for rec in records]
+    items = [item_from_record(rec, image_inputs_from_bytes(student_processor, rec.image_bytes[0])) for rec in records]
     return collate_distill(items, student_processor.tokenizer.pad_token_id)
 
 

@@ -33,6 +33,7 @@ SIZES = [(40, 40), (32, 64), (64, 48)]  # (height, width): three vision-token co
 
 
 def _data(root: Path) -> tuple[Path, Path]:
+    """One record per image size, then a two-image record (sizes 0 and 1) and a text-only one."""
     from PIL import Image
 
     images = root / "images"
@@ -44,7 +45,20 @@ def _data(root: Path) -> tuple[Path, Path]:
         conv = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
                 {"from": "gpt", "value": ["red", "blue circle", "green square"][i]}]
         records.append({"id": f"f{i}", "image": f"{i}.png", "conversations": conv})
+    records.append({"id": "two", "image": ["0.png", "1.png"], "conversations": [
+        {"from": "human", "value": "<image>\n<image>\nwhat is the colour of this image ?"},
+        {"from": "gpt", "value": "red"}]})
+    records.append({"id": "text", "conversations": [{"from": "human", "value": "how many ?"},
+                                                    {"from": "gpt", "value": "3"}]})
     return write_manifest(root / "data.json", records), images
+
+
+def _expected_rejects(vlm) -> dict[str, str]:
+    """What a family refuses of `_data`: several images, or (PaliGemma) no image."""
+    out = {} if vlm.family.multi_image else {"two": "multi_image_unsupported"}
+    if vlm.family.prompt_format == "prefix_lm":
+        out["text"] = "no_image"
+    return out
 
 
 @pytest.fixture(scope="module", params=FAMILY_NAMES)
@@ -63,9 +77,11 @@ def pair(request, tmp_path_factory):
             "images": images, "cache": cache}
 
 
-def _rendered(vlm, pair):
-    return [render_sample(r, vlm.processor, pair["images"], 512, vlm.family.prompt_format)
-            for r in read_manifest(pair["data"])]
+def _rendered(vlm, pair, image_only: bool = True):
+    """The records the family takes; `image_only` leaves out the text-only one."""
+    skip = set(_expected_rejects(vlm)) | ({"text"} if image_only else set())
+    return [render_sample(r, vlm.processor, pair["images"], 512, vlm.family.render_rules(vlm.model.config))
+            for r in read_manifest(pair["data"]) if r.sample_id not in skip]
 
 
 def test_probe_rows_equal_full_eager(pair):
@@ -93,16 +109,22 @@ def test_probe_rows_equal_full_eager(pair):
 
 
 def test_cache_equals_live_teacher_per_sample(pair):
-    """Each cached sample equals the teacher run on that sample alone (no batch padding)."""
+    """Each cached sample equals the teacher run on that sample alone (no batch padding): the
+    one-image samples, the two-image sample where the family takes several images (each image's
+    share of the vision tokens included) and the text-only one (no vision tokens, no rows)."""
     vlm = load_vlm(pair["teacher"])
     reader = open_cache(pair["cache"])
     assert verify_cache(pair["cache"]) == []
-    assert len(reader) == len(SIZES)
+    rejects = {r["sample_id"]: r["reason"] for r in run_sql(pair["cache"], "SELECT * FROM rejects").to_pylist()}
+    assert rejects == _expected_rejects(vlm)
+    assert len(reader) == len(SIZES) + 2 - len(rejects)
     pad = vlm.processor.tokenizer.pad_token_id
-    for sample in _rendered(vlm, pair):
+    for sample in _rendered(vlm, pair, image_only=False):
         cap = capture_forward(vlm.model, model_inputs_of(collate([sample], pad), vlm.family))
         got = reader[reader.index_of(sample.sample_id)]
-        text = cap.text_query_mask[0].nonzero().squeeze(-1)
+        assert got.n_images == len(sample.images) and list(got.image_n_vision) == list(sample.image_token_counts)
+        assert sum(got.image_n_vision) == len(got.vision_positions)
+        text = (cap.text_query_mask[0] & bool(sample.images)).nonzero().squeeze(-1)
         live_attn = cap.attn_text_vision[0][:, text].permute(1, 0, 2).numpy()
         np.testing.assert_array_equal(got.input_ids, sample.input_ids.numpy())
         np.testing.assert_array_equal(got.vision_positions, cap.vision_positions[0].numpy())
@@ -113,8 +135,8 @@ def test_cache_equals_live_teacher_per_sample(pair):
             np.testing.assert_array_equal(getattr(got, key), sample.token_inputs[key].numpy())
         if "image_grid_thw" in sample.image_inputs:
             np.testing.assert_array_equal(got.image_grid_thw, sample.image_inputs["image_grid_thw"].reshape(-1))
-    counts = [r["n_vision"] for r in run_sql(pair["cache"], "SELECT n_vision FROM samples ORDER BY sample_id")
-              .to_pylist()]
+    counts = [r["n_vision"] for r in run_sql(pair["cache"], "SELECT n_vision FROM samples WHERE sample_id LIKE 'f%' "
+                                                        "ORDER BY sample_id").to_pylist()]
     assert counts == [len(reader[reader.index_of(f"f{i}")].vision_positions) for i in range(len(SIZES))]
     if pair["family"] in RAGGED:  # images of different sizes -> each sample its own Nv, in one batch
         assert counts[0] != counts[1], counts  # the first build batch holds f0 and f1
@@ -125,7 +147,8 @@ def test_distill_runs_and_student_reloads(pair):
 
     out = pair["root"] / "distilled"
     summary = distill(DistillConfig(student=str(pair["student"]), cache=str(pair["cache"]), out=str(out),
-                                    max_steps=2, batch_size=3, logging_steps=1, save_steps=100, progress=False))
+                                    max_steps=2, batch_size=len(SIZES) + 2, logging_steps=1, save_steps=100,
+                                    progress=False))  # every sample, the text-only one too, in each step
     assert summary.steps == 2
     assert all(np.isfinite(v) and v > 0 for v in summary.final_losses.values()), summary.final_losses
     reloaded = AutoModelForImageTextToText.from_pretrained(out)
@@ -144,9 +167,10 @@ def test_eval_scores_every_family(pair):
 
     result = evaluate(EvalConfig(model=str(pair["teacher"]), data=str(pair["data"]), images=str(pair["images"]),
                                  max_new_tokens=2, progress=False))
-    assert (result.samples, result.skipped) == (len(SIZES), 0)
     vlm = load_vlm(pair["teacher"])
-    batch = collate(_rendered(vlm, pair), vlm.processor.tokenizer.pad_token_id)
+    rendered = _rendered(vlm, pair, image_only=False)
+    assert (result.samples, result.skipped) == (len(rendered), len(SIZES) + 2 - len(rendered))
+    batch = collate(rendered, vlm.processor.tokenizer.pad_token_id)
     logits = capture_forward(vlm.model, model_inputs_of(batch, vlm.family)).logits
     target = batch["labels"][:, 1:]
     live = torch.nn.functional.cross_entropy(logits[:, :-1][target != -100], target[target != -100])

@@ -22,7 +22,7 @@ from PIL import Image
 
 from alignkd.data import REASONS, ManifestError, SampleError, read_manifest, render_sample
 from alignkd.data.images import decode_image, load_image
-from alignkd.data.manifest import ManifestRecord
+from alignkd.data.manifest import ImageRef, image_refs, record_from_fields
 
 FUZZ = settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck), derandomize=True)
 
@@ -37,12 +37,21 @@ roles = st.one_of(st.sampled_from(["human", "gpt", "user", "assistant", "system"
 turn = st.one_of(st.fixed_dictionaries({"from": roles, "value": st.one_of(odd_text, json_leaf)}), json_value)
 IMAGE_NAMES = ["ok.png", "empty.png", "truncated.png", "bomb.png", "garbage.png", "link-out.png", "missing.png",
                "../outside.png", "/etc/passwd", "sub/../ok.png", "dir", "", "a\u0000b.png", "x" * 5000]
+content_item = st.one_of(st.fixed_dictionaries({"type": st.just("image")}),
+                         st.fixed_dictionaries({"type": st.just("text"), "text": st.one_of(odd_text, json_leaf)}),
+                         json_value)
+message = st.one_of(st.fixed_dictionaries({"role": roles, "content": st.one_of(
+    odd_text, st.lists(content_item, max_size=4), json_leaf)}), json_value)
 record = st.fixed_dictionaries({}, optional={
     "id": st.one_of(odd_text, st.integers(), json_leaf),
-    "image": st.one_of(st.sampled_from(IMAGE_NAMES), json_leaf),
+    "image": st.one_of(st.sampled_from(IMAGE_NAMES), st.lists(st.sampled_from(IMAGE_NAMES), max_size=3), json_leaf),
     "conversations": st.one_of(st.lists(turn, max_size=5), json_value,
                                st.just([{"from": "human", "value": "<image>\nwhat colour ?"},
                                         {"from": "gpt", "value": "red"}])),
+    "messages": st.one_of(st.lists(message, max_size=5), json_value,
+                          st.just([{"role": "system", "content": "be brief"},
+                                   {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": "what ?"}]},
+                                   {"role": "assistant", "content": "red"}])),
     "extra": json_value})
 
 
@@ -112,10 +121,7 @@ def test_manifest_parser_on_raw_bytes(tmp_path_factory, data):
 @given(item=record, row=st.integers(0, 10))
 def test_every_record_renders_or_is_a_reject(image_root, processor, small_bomb_limit, item, row):
     raw_id = item.get("id")
-    rec = ManifestRecord(row=row, sample_id=str(raw_id) if raw_id is not None else f"row{row}",
-                         image=item.get("image") if isinstance(item.get("image"), str) and item.get("image") else None,
-                         conversations=item.get("conversations") if isinstance(item.get("conversations"), list) else [],
-                         problem=None if isinstance(item.get("conversations"), list) else "bad_record")
+    rec = record_from_fields(row, raw_id, image_refs(item), item)
     try:
         sample = render_sample(rec, processor, image_root, max_length=64)
     except SampleError as err:
@@ -141,7 +147,7 @@ def test_image_bytes_decode_or_are_corrupt(data):
 @given(name=st.one_of(st.sampled_from(IMAGE_NAMES), odd_text))
 def test_image_paths_load_or_are_rejected(image_root, small_bomb_limit, name):
     try:
-        loaded = load_image(image_root, name, "s", 3)
+        loaded = load_image(image_root, ImageRef(path=name), "s", 3)
     except SampleError as err:
         assert err.reason in {"image_outside_root", "missing_image", "corrupt_image"}, err
         return

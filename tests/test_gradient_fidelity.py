@@ -26,7 +26,7 @@ def live(tiny_llava_dir, tiny_student_dir, tmp_path_factory):
     """fp32 teacher records of six samples, and a student objective with its processor."""
     from alignkd.cache.teacher_pass import records_from_capture
     from alignkd.data import collate, render_sample
-    from alignkd.data.manifest import ManifestRecord
+    from alignkd.data.manifest import ImageRef, ManifestRecord
     from alignkd.models import capture_forward, load_vlm
 
     root = tmp_path_factory.mktemp("fidelity")
@@ -36,11 +36,11 @@ def live(tiny_llava_dir, tiny_student_dir, tmp_path_factory):
         make_image(root / f"{i}.png", seed=30 + i)
         conv = [{"from": "human", "value": "<image>\nwhat is the shape of this image ?"},
                 {"from": "gpt", "value": ["red", "blue circle", "yes", "no", "green square", "3"][i]}]
-        recs.append(ManifestRecord(sample_id=f"g{i}", row=i, image=f"{i}.png", conversations=conv))
+        recs.append(ManifestRecord(sample_id=f"g{i}", row=i, images=(ImageRef(f"{i}.png"),), turns=conv))
     rendered = [render_sample(r, teacher.processor, str(root), 256) for r in recs]
     batch = collate(rendered, pad_token_id=teacher.processor.tokenizer.pad_token_id)
     cap = capture_forward(teacher.model, {k: v for k, v in batch.items() if k != "labels"})
-    records = records_from_capture(rendered, [r.image for r in recs], batch, cap, logit_mode="topk", logit_k=8,
+    records = records_from_capture(rendered, batch, cap, logit_mode="topk", logit_k=8,
                                    logit_samples=16, positions_policy="response", seed=0, store_images=True)
     student = load_vlm(tiny_student_dir)
     text = json.loads((tiny_llava_dir / "config.json").read_text())["text_config"]
@@ -56,7 +56,7 @@ def _reference_batch(live) -> dict:
     from alignkd.data import image_inputs_from_bytes
 
     proc = live["processor"]
-    items = [item_from_record(r, image_inputs_from_bytes(proc, r.image_bytes)) for r in live["records"]]
+    items = [item_from_record(r, image_inputs_from_bytes(proc, r.image_bytes[0])) for r in live["records"]]
     return collate_distill(items, proc.tokenizer.pad_token_id)
 
 

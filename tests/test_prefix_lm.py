@@ -13,7 +13,7 @@ import torch
 
 from alignkd.cache.teacher_pass import model_inputs_of
 from alignkd.data import IGNORE_INDEX, SampleError, collate, render_sample
-from alignkd.data.manifest import ManifestRecord
+from alignkd.data.manifest import ImageRef, ManifestRecord
 from alignkd.models import capture_forward, load_vlm
 from alignkd.models.attention_probe import probe_state
 from conftest import make_image
@@ -31,8 +31,8 @@ def paligemma(tmp_path_factory):
 
 def _render(vlm, images, *values, image="a.png"):
     conv = [{"from": "human" if i % 2 == 0 else "gpt", "value": v} for i, v in enumerate(values)]
-    rec = ManifestRecord(row=0, sample_id="p0", image=image, conversations=conv)
-    return render_sample(rec, vlm.processor, images, 256, vlm.family.prompt_format)
+    rec = ManifestRecord(row=0, sample_id="p0", images=(ImageRef(image),) if image else (), turns=conv)
+    return render_sample(rec, vlm.processor, images, 256, vlm.family.render_rules(vlm.model.config))
 
 
 def _tokens(vlm, ids) -> list[str]:
@@ -66,18 +66,18 @@ def test_multi_turn_folds_earlier_turns_into_the_prefix(paligemma):
 def test_truncation_keeps_the_head_of_the_answer(paligemma):
     vlm, images = paligemma
     conv = [{"from": "human", "value": QUESTION}, {"from": "gpt", "value": "blue circle"}]
-    rec = ManifestRecord(row=0, sample_id="p0", image="a.png", conversations=conv)
-    cut = render_sample(rec, vlm.processor, images, 26, vlm.family.prompt_format)
+    rec = ManifestRecord(row=0, sample_id="p0", images=(ImageRef("a.png"),), turns=conv)
+    cut = render_sample(rec, vlm.processor, images, 26, vlm.family.render_rules(vlm.model.config))
     assert cut.truncated and _tokens(vlm, cut.input_ids[cut.labels != IGNORE_INDEX]) == ["blue"]
     assert cut.token_inputs["token_type_ids"].tolist() == [0] * 25 + [1]
     with pytest.raises(SampleError) as err:  # a cut inside the prompt leaves no answer
-        render_sample(rec, vlm.processor, images, 25, vlm.family.prompt_format)
+        render_sample(rec, vlm.processor, images, 25, vlm.family.render_rules(vlm.model.config))
     assert err.value.reason == "no_answer_tokens"
 
 
 def test_record_without_image_is_rejected_with_a_reason(paligemma):
     vlm, images = paligemma
-    with pytest.raises(SampleError, match="has no image") as err:
+    with pytest.raises(SampleError, match="has 0 images, and paligemma") as err:
         _render(vlm, images, "how many ?", "3", image=None)
     assert err.value.reason == "no_image"
 

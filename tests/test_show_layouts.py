@@ -56,8 +56,9 @@ def grid_of(processor, tok, placeholder: str, img, family: str, tmp_path) -> Ima
     settings from the files the processor saves."""
     ids = processor(text=[placeholder], images=[img], return_tensors="pt")["input_ids"][0].numpy()
     processor.save_pretrained(tmp_path / "saved")
-    sample = SimpleNamespace(input_ids=ids, vision_positions=np.flatnonzero(ids == processor.image_token_id),
-                             image_grid_thw=np.zeros(0, np.int32))
+    positions = np.flatnonzero(ids == processor.image_token_id)
+    sample = SimpleNamespace(input_ids=ids, vision_positions=positions, image_grid_thw=np.zeros(0, np.int32),
+                             vision_ranges=lambda: [(0, len(positions))])
     (grid,) = image_grids(sample, family, token_name=tok.convert_ids_to_tokens,
                           image_sizes=[(img.height, img.width)], settings=read_settings(tmp_path / "saved"))
     return grid

@@ -36,8 +36,8 @@ STORED_OPTIONS = (
 @dataclass(frozen=True)
 class BuildConfig:
     teacher: str
-    data: str
-    images: str
+    data: str                  # a JSON/JSONL manifest, a .parquet file or a directory of them
+    images: str | None         # root of the manifest's image paths (Parquet images come from their bytes)
     out: str
     batch_size: int = 8
     max_length: int = 2048
@@ -64,10 +64,12 @@ class BuildConfig:
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
         check_model_arg(self.teacher, "--teacher", "model directory")
-        check_file(self.data, "manifest")
-        check_dir(self.images, "images directory")
-        if not os.access(self.images, os.X_OK):  # else every row would be an unreadable_image reject
-            raise ConfigError(f"images directory {self.images} cannot be entered (permission denied).")
+        if not Path(self.data).is_dir():  # a directory is a Parquet dataset (data.sources)
+            check_file(self.data, "manifest")
+        if self.images is not None:
+            check_dir(self.images, "images directory")
+            if not os.access(self.images, os.X_OK):  # else every row would be an unreadable_image reject
+                raise ConfigError(f"images directory {self.images} cannot be entered (permission denied).")
         check_out_dir(self.out)
 
     def stored_options(self) -> dict:
@@ -158,16 +160,15 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     from alignkd.cache.reader import open_cache
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
-    from alignkd.data import REASONS, read_manifest, split_duplicates
+    from alignkd.data import REASONS, open_source, split_duplicates
     from alignkd.distributed import all_reduce_sum, barrier, init_process_group
 
     start = time.perf_counter()
     dist = init_process_group(cfg.device)
-    records = read_manifest(cfg.data)
-    if cfg.limit is not None:
-        records = records[: cfg.limit]
-    records, duplicates = split_duplicates(records)
-    records = [r for r in records if r.row % dist.world_size == dist.rank]
+    source = open_source(cfg.data)
+    index = source.index()[: cfg.limit]  # (row, id) of every record; images stay on disk until their batch
+    index, duplicates = split_duplicates(index)
+    index = [r for r in index if r.row % dist.world_size == dist.rank]
     duplicates = duplicates if dist.is_main else []
     teacher = TeacherPass(cfg, dist)
     meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
@@ -191,13 +192,14 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                            teacher.vlm.path)
         done = writer.done_rows
         # this rank's rows only: under torchrun the ranks' counts are summed below
-        summary.skipped_done = sum(r.row in done for r in records) + sum(d.row in done for d in duplicates)
+        summary.skipped_done = sum(r.row in done for r in index) + sum(d.row in done for d in duplicates)
         for err in duplicates:
             if err.row not in done:
                 writer.reject(err.sample_id, err.row, err.reason, str(err))
                 summary.rejects[err.reason] += 1
-        todo = [r for r in records if r.row not in done]
-        for outcome in teacher.run(todo, initial_rejects=sum(summary.rejects.values())):
+        todo = {r.row for r in index if r.row not in done}
+        for outcome in teacher.run(source.records(todo), total=len(todo),
+                                   initial_rejects=sum(summary.rejects.values())):
             if outcome.reject is not None:
                 err = outcome.reject
                 writer.reject(err.sample_id, err.row, err.reason, str(err))

@@ -86,7 +86,7 @@ def _encode_log(p: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]
     levels = len(lut) - 1
     log_g = float(np.log(lut[-1] / lut[-2]))
     c = np.log((1 + np.exp(log_g)) / 2) / log_g
-    m = p.max(axis=-1, keepdims=True).clip(min=0.0)
+    m = p.max(axis=-1, keepdims=True, initial=0.0)           # initial: a row may have no columns (no image)
     safe = np.where(m > 0, m, np.float32(1.0))               # an all-zero row stays 0
     x = np.log(np.maximum(p, np.float32(1e-30)))             # in place from here on
     x *= np.float32(1 / log_g)
@@ -98,7 +98,7 @@ def _encode_log(p: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]
 
 
 def _encode_int(x: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
-    s = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0) / top
+    s = np.abs(x.reshape(-1, x.shape[-1])).max(axis=0, initial=0.0) / top  # initial: a sample may have no tokens
     safe = np.where(s > 0, s, 1.0)
     q = np.clip(np.rint(x / safe), -top, top).astype(np.int8)
     return q.reshape(-1), s.astype(np.float32)
@@ -127,11 +127,11 @@ def decode(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None,
     elif encoding in ("uint8-log", "uint4-log"):
         q, lut = (stored, _LOG_LUT) if encoding == "uint8-log" else (_unpack(stored), _LOG4_LUT)
         last = shape[-1] if shape else q.size
-        out = (lut[q].reshape(-1, last) * scale[:, None]).reshape(-1)
+        out = (lut[q].reshape(-1 if last else 0, last) * scale[:, None]).reshape(-1)
     elif encoding in ("int8-channel", "int4-channel"):
         q = stored.astype(np.float32) if encoding == "int8-channel" else _INT4_LUT[_unpack(stored)]
         last = shape[-1] if shape else q.size
-        out = (q.reshape(-1, last) * scale[None, :]).reshape(-1)
+        out = (q.reshape(-1 if last else 0, last) * scale[None, :]).reshape(-1)
     elif encoding == "log-float16":
         out = np.exp(stored.astype(np.float32))
     elif encoding in ("int32", "uint16", "uint32"):

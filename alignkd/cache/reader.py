@@ -28,11 +28,11 @@ from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_s
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE,
-                                     element_counts)
+                                     SCALED_ENCODINGS, element_counts)
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
-                 *REPLAYED_COLUMNS)
-_STRING_COLUMNS = ("sample_id", "image_path", "image_sha256")
+                 "image_paths", "image_sha256", "image_n_vision", *REPLAYED_COLUMNS)
+_STRING_COLUMNS = ("sample_id",)
 IMAGE_GROUP_BYTES = 64 * 2**20  # image bytes kept per reader (per DataLoader worker)
 # Shards whose files stay open per reader (per DataLoader worker), least recently used out:
 # each holds one descriptor per array kind, and a uniform order over LLaVA-665K's ~2,600
@@ -97,6 +97,11 @@ class CacheReader:
 
     def __len__(self) -> int:
         return len(self.sample_ids)
+
+    @property
+    def vision_counts(self) -> np.ndarray:
+        """Each sample's vision-token count (0 for a text-only sample)."""
+        return self._cols["n_vision"]
 
     def index_of(self, sample_id: str) -> int:
         if self._id_index is None:
@@ -181,8 +186,10 @@ class CacheReader:
         else:
             packed = {k: v for k, v in shapes.items() if k in ("attn", "vision") and enc[k] in PACKED_ENCODINGS}
             shapes.update({k: (*v[:-1], v[-1] // 2) for k, v in packed.items()})  # two values per byte
-            t = {k: raw[k].reshape(shapes[k]) if raw[k].size or k in ("attn", "vision") else raw[k]
-                 for k in ("attn", "vision", "attn_scale", "vision_scale")}
+            t = {k: raw[k].reshape(shapes[k]) for k in ("attn", "vision")}
+            for kind in ("attn", "vision"):  # scales only exist (maybe empty: no image) for scaled encodings
+                scale = f"{kind}_scale"
+                t[scale] = raw[scale].reshape(shapes[scale]) if enc[kind] in SCALED_ENCODINGS else raw[scale]
             values, kept = raw["logit_values"], {k: enc[k] for k in ("attn", "vision", "logit_values")}
         ids, values = unpack_logits(decode(raw["logit_ids"], enc["logit_ids"]), values,
                                     raw["logit_nnz"], c["logit_k"])
@@ -195,11 +202,13 @@ class CacheReader:
             logit_tail=decode(raw["logit_tail"], enc["logit_tail"]),
             teacher_ce=float(self._cols["teacher_ce"][i]), teacher_entropy=float(self._cols["teacher_entropy"][i]),
             teacher_tail_mass=float(self._cols["teacher_tail_mass"][i]),
-            image_path=self._cols["image_path"][i], image_sha256=self._cols["image_sha256"][i],
+            image_paths=tuple(self._list("image_paths", i)), image_sha256=tuple(self._list("image_sha256", i)),
+            image_n_vision=self._list("image_n_vision", i),
             image_bytes=self.image_bytes(i) if self.images else None, encodings=kept,
             **{k: self._list(k, i) for k in REPLAYED_COLUMNS},
-            attn_scale=None if widen or not t["attn_scale"].size else t["attn_scale"],
-            vision_scale=None if widen or not t["vision_scale"].size else t["vision_scale"])
+            # a scaled encoding always hands its scales back, even none (a text-only sample's [0, H])
+            attn_scale=None if widen or enc["attn"] not in SCALED_ENCODINGS else t["attn_scale"],
+            vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"])
 
     def _read_raw(self, i: int, c: dict) -> tuple[dict, dict]:
         """Every array's stored values for sample i (flat, stored dtype) and the arrays' encodings."""
@@ -234,8 +243,10 @@ class CacheReader:
         values, offsets = self._lists[name]
         return values[offsets[i]:offsets[i + 1]]
 
-    def image_bytes(self, i: int) -> bytes | None:
-        """The stored image of sample i (None when the cache was built without images)."""
+    def image_bytes(self, i: int) -> tuple[bytes, ...] | None:
+        """The stored images of sample i (None when the cache was built without images)."""
+        if not self.images:
+            return None
         self._process_state()
         shard, row = int(self._shard_of[i]), int(self._row_in_shard[i])
         if shard not in self._parquet:
@@ -253,17 +264,21 @@ class CacheReader:
             self._remember_image_group((shard, group), column)
         else:
             self._image_groups.move_to_end((shard, group))
-        return column[row - int(starts[group])]
+        return tuple(column[row - int(starts[group])])
 
     def _remember_image_group(self, key: tuple[int, int], column: list) -> None:
         """Keep decoded row groups of image bytes, least recently used out past IMAGE_GROUP_BYTES:
         a shuffled read order jumps between row groups, and re-reading one per sample cost
         ~0.35 ms of a small sample's ~1 ms read."""
         self._image_groups[key] = column
-        self._image_groups_bytes += sum(len(b) for b in column if b)
+        self._image_groups_bytes += _group_bytes(column)
         while self._image_groups_bytes > IMAGE_GROUP_BYTES and len(self._image_groups) > 1:
             _, old = self._image_groups.popitem(last=False)
-            self._image_groups_bytes -= sum(len(b) for b in old if b)
+            self._image_groups_bytes -= _group_bytes(old)
+
+
+def _group_bytes(column: list) -> int:
+    return sum(len(b) for images in column for b in images or ())
 
 
 def _close_arrays(arrays: dict) -> None:

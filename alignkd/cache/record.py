@@ -27,13 +27,25 @@ class SampleRecord:
     teacher_ce: float
     teacher_entropy: float
     teacher_tail_mass: float
-    image_path: str | None = None
-    image_sha256: str | None = None
-    image_bytes: bytes | None = None
+    # one entry per image, in placeholder order (none for a text-only sample); image k's
+    # vision tokens are the next image_n_vision[k] entries of the vision-token axis
+    image_paths: tuple[str, ...] = ()           # the manifest's path ("" for bytes without one)
+    image_sha256: tuple[str, ...] = ()
+    image_bytes: tuple[bytes, ...] | None = None  # None: the cache keeps no image bytes
+    image_n_vision: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [n_images]
     # the family's per-token model inputs, replayed by the student (empty when unused)
     token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [L] or [0]
     mm_token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [L] or [0]
     image_grid_thw: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [3 * images] or [0]
+
+    @property
+    def n_images(self) -> int:
+        return len(self.image_sha256)
+
+    def vision_ranges(self) -> list[tuple[int, int]]:
+        """[start, end) of each image's tokens on the vision-token axis."""
+        ends = np.cumsum(np.asarray(self.image_n_vision, dtype=np.int64)).tolist()
+        return list(zip([0, *ends[:-1]], ends))
     # Set only by `CacheReader.get(i, widen=False)`: attn, vision and logit_values then stay in
     # their stored width (see alignkd/cache/encodings.py) and these say how to widen them.
     encodings: dict | None = None         # {"attn": ..., "vision": ..., "logit_values": ...}

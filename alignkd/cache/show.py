@@ -56,6 +56,8 @@ def sample_figure(cache_path: str, sample_id: str, images_root: str | None = Non
         sample = reader[reader.index_of(sample_id)]
     except KeyError:
         raise AlignKDError(f"sample {sample_id!r} is not in cache {cache_path}.") from None
+    if sample.n_images == 0:
+        raise AlignKDError(f"sample {sample_id!r} is text only: there is no image attention to show.")
     if len(sample.text_positions) == 0:
         raise AlignKDError(f"sample {sample_id!r} has no text queries after the image to show.")
     family = reader.meta.get("teacher_shapes", {}).get("model_type", "")
@@ -119,20 +121,23 @@ def _draw(ax, image, layout, cmap: str) -> None:
 
 
 def _load_images(sample, images_root: str | None) -> list:
-    """Each image of the sample (one today), None where it is neither stored nor under `images_root`."""
-    return [_load_image(sample, images_root)]
+    """Each image of the sample, in order; None where it is neither stored nor under `images_root`."""
+    stored = sample.image_bytes or ()
+    return [_load_image(sample, k, stored[k] if k < len(stored) else None, images_root)
+            for k in range(sample.n_images)]
 
 
-def _load_image(sample, images_root: str | None):
+def _load_image(sample, k: int, data: bytes | None, images_root: str | None):
     from PIL import Image
 
+    name = sample.image_paths[k] if k < len(sample.image_paths) else ""
     try:
-        if sample.image_bytes is not None:
-            return Image.open(io.BytesIO(sample.image_bytes)).convert("RGB")
-        if sample.image_path and images_root and (Path(images_root) / sample.image_path).is_file():
-            return Image.open(Path(images_root) / sample.image_path).convert("RGB")
+        if data is not None:
+            return Image.open(io.BytesIO(data)).convert("RGB")
+        if name and images_root and (Path(images_root) / name).is_file():
+            return Image.open(Path(images_root) / name).convert("RGB")
     except (OSError, ValueError) as err:
-        raise AlignKDError(f"sample {sample.sample_id!r}: its image cannot be decoded ({err}).") from None
+        raise AlignKDError(f"sample {sample.sample_id!r}: its image {k + 1} cannot be decoded ({err}).") from None
     return None
 
 

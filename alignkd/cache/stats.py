@@ -56,8 +56,12 @@ def cache_stats(cache: str) -> dict:
                coalesce(sum(list_sum(list_transform(label_mask, lambda x: x::INT))), 0) AS answer_tokens,
                coalesce(sum(n_text), 0) AS text_query_rows,
                coalesce(sum(n_logit_positions), 0) AS logit_positions,
-               coalesce(sum(octet_length(image_bytes)), 0) AS image_bytes
+               coalesce(sum(list_sum(list_transform(image_bytes, lambda b: octet_length(b)))), 0) AS image_bytes,
+               coalesce(sum(n_images), 0) AS images,
+               count(*) FILTER (WHERE n_images = 0) AS text_only,
+               count(*) FILTER (WHERE n_images > 1) AS multi_image
         FROM samples""")
+    distinct = _one_row(cache, "SELECT count(DISTINCT h) AS n FROM (SELECT unnest(image_sha256) AS h FROM samples)")
     quantiles = {}
     for col in DISTRIBUTION_COLUMNS:
         quantiles[col] = _one_row(cache, f"""
@@ -76,6 +80,9 @@ def cache_stats(cache: str) -> dict:
         "samples": counts.get("samples", 0), "shards": len(committed_shards(path)),
         "rejects": rejects, "tokens": {k: counts.get(k, 0) for k in
                                        ("tokens", "answer_tokens", "text_query_rows", "logit_positions")},
+        "images": {"images": counts.get("images", 0), "distinct_images": distinct.get("n", 0),
+                   "text_only_samples": counts.get("text_only", 0),
+                   "multi_image_samples": counts.get("multi_image", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
         "bytes_per_sample": sum(disk.values()) / n,
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
@@ -95,6 +102,7 @@ def render_stats(s: dict) -> str:
              f"rejects {sum(s['rejects'].values())}"
              + "".join(f"\n  reject {reason}: {n}" for reason, n in s["rejects"].items()),
              "tokens " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["tokens"].items()),
+             "images " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["images"].items()),
              f"on disk {_kb(s['bytes_per_sample'])} per sample; tensors compress "
              + (f"{s['tensor_compression_ratio']:.2f}x vs raw fp16/int32" if s["tensor_compression_ratio"]
                 else "n/a"),

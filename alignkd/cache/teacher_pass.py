@@ -30,13 +30,14 @@ def _f32(t: torch.Tensor) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, logit_k: int, logit_samples: int,
+def records_from_capture(samples, batch, cap, *, logit_mode: str, logit_k: int, logit_samples: int,
                          positions_policy: str, seed: int, store_images: bool,
                          token_inputs: tuple[str, ...] = ()) -> list:
     """Slice a batched teacher capture into one `SampleRecord` per sample.
 
     The batch is right-padded, so batch positions are also positions in each sample. Each
-    record keeps only its own Nv_b vision columns, and the family's `token_inputs`.
+    record keeps only its own Nv_b vision columns (every image's, in order), and the
+    family's `token_inputs`. A text-only sample has no vision tokens and no attention rows.
     """
     from alignkd.cache.sparse_logits import encode_sampled, encode_topk, teacher_stats
     from alignkd.cache.record import SampleRecord
@@ -44,11 +45,12 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
 
     positions = select_positions(batch["labels"], cap.text_query_mask, batch["attention_mask"],
                                  positions_policy)
-    grids = _per_sample_grids(batch, len(samples))
+    grids = _per_sample_grids(samples, batch)
     records = []
     for b, sample in enumerate(samples):
-        rows = cap.text_query_mask[b].nonzero().squeeze(-1)
         nv = int(cap.vision_mask[b].sum())  # this sample's own vision-token count
+        # attention rows: text that sees the images; a text-only sample has none
+        rows = (cap.text_query_mask[b] & (nv > 0)).nonzero().squeeze(-1)
         attn = cap.attn_text_vision[b][:, rows, :nv].permute(1, 0, 2).float()  # [T, H, Nv_b]
         logit_pos = positions[b].nonzero().squeeze(-1)
         logits = cap.logits[b, logit_pos].float()
@@ -74,22 +76,48 @@ def records_from_capture(samples, image_paths, batch, cap, *, logit_mode: str, l
             logit_values=_f32(target.values),
             logit_tail=_f32(target.tail),
             teacher_ce=stats.ce, teacher_entropy=stats.entropy, teacher_tail_mass=stats.tail,
-            image_path=image_paths[b],
-            image_sha256=sample.image_sha256,
-            image_bytes=sample.image_bytes if store_images else None,
+            image_paths=tuple(img.name or "" for img in sample.images),
+            image_sha256=tuple(img.sha256 for img in sample.images),
+            image_bytes=tuple(img.data for img in sample.images) if store_images else None,
+            image_n_vision=_vision_counts(sample, nv),
             image_grid_thw=grids[b],
             **{k: v.numpy().astype(np.int32) for k, v in sample.token_inputs.items() if k in token_inputs},
         ))
     return records
 
 
-def _per_sample_grids(batch, n: int) -> list[np.ndarray]:
-    """Each sample's rows of `image_grid_thw` (Qwen-VL; one image per sample), flattened."""
+def batch_samples(batch: dict, cap) -> list:
+    """Minimal stand-ins for the rendered samples of a batch that came from elsewhere (a cached
+    batch re-run through a live teacher, a synthetic one): each sample's vision tokens count as
+    one image, with no name, hash or bytes. Enough for `records_from_capture(store_images=False)`."""
+    from types import SimpleNamespace
+
+    lengths = batch["attention_mask"].sum(1).tolist()
+    counts = cap.vision_mask.sum(1).tolist()
+    blank = SimpleNamespace(name="", sha256="", data=b"")
+    return [SimpleNamespace(sample_id=f"b{b}", row=b, input_ids=batch["input_ids"][b, :n].cpu(),
+                            labels=batch["labels"][b, :n].cpu(), images=(blank,) if nv else (),
+                            image_token_counts=(nv,) if nv else (), token_inputs={})
+            for b, (n, nv) in enumerate(zip(lengths, counts))]
+
+
+def _vision_counts(sample, nv: int) -> np.ndarray:
+    """Each image's share of the sample's nv vision tokens (the renderer counted them)."""
+    counts = np.asarray(getattr(sample, "image_token_counts", ()) or (), np.int32)
+    if len(counts) != len(sample.images) or int(counts.sum()) != nv:
+        raise RuntimeError(f"sample {sample.sample_id}: per-image token counts {counts.tolist()} do not add up to "
+                           f"the {nv} vision tokens the teacher consumed")
+    return counts
+
+
+def _per_sample_grids(samples, batch) -> list[np.ndarray]:
+    """Each sample's rows of `image_grid_thw` (Qwen-VL: one row per image, in batch order), flattened."""
     grid = batch.get("image_grid_thw")
     if grid is None:
-        return [np.zeros(0, np.int32)] * n
-    grid = grid.cpu().numpy().astype(np.int32).reshape(n, -1)
-    return list(grid)
+        return [np.zeros(0, np.int32)] * len(samples)
+    grid = grid.cpu().numpy().astype(np.int32).reshape(-1, 3)
+    ends = np.cumsum([len(s.images) for s in samples])
+    return [grid[end - len(s.images):end].reshape(-1) for s, end in zip(samples, ends)]
 
 
 def model_inputs_of(batch: dict, family) -> dict:
@@ -123,7 +151,10 @@ class TeacherPass:
             "model_type": self.vlm.model.config.model_type,
         }
 
-    def run(self, records, initial_rejects: int = 0) -> Iterator[Outcome]:
+    def run(self, records, total: int, initial_rejects: int = 0) -> Iterator[Outcome]:
+        """Outcomes of `records` (an iterable of `total` ManifestRecords, streamed), batch by batch."""
+        from itertools import islice
+
         from tqdm import tqdm
 
         from alignkd.data import SampleError, render_sample
@@ -131,29 +162,25 @@ class TeacherPass:
         cfg = self.cfg
         processor = self.vlm.processor
         pad_id = processor.tokenizer.pad_token_id
-        bar = tqdm(total=len(records), unit="sample", disable=not self.show_progress, desc="cache build")
+        rules = self.vlm.family.render_rules(self.vlm.model.config)
+        bar = tqdm(total=total, unit="sample", disable=not self.show_progress, desc="cache build")
         n_rejects = initial_rejects
-        for start in range(0, len(records), cfg.batch_size):
-            chunk = records[start:start + cfg.batch_size]
-            rendered, image_paths = [], []
+        records = iter(records)
+        while chunk := list(islice(records, cfg.batch_size)):
+            rendered = []
             for rec in chunk:
                 try:
-                    sample = render_sample(rec, processor, cfg.images, cfg.max_length, self.vlm.family.prompt_format)
-                    if rec.image is None:  # the capture needs one image per sample in a batch
-                        raise SampleError(rec.sample_id, rec.row, "no_image",
-                                          "has no image, and Align-KD needs one to distil attention")
-                    rendered.append(sample)
-                    image_paths.append(rec.image)
+                    rendered.append(render_sample(rec, processor, cfg.images, cfg.max_length, rules))
                 except SampleError as err:
                     n_rejects += 1
                     yield Outcome(reject=err)
             if rendered:
-                yield from (Outcome(record=r) for r in self._forward(rendered, image_paths, pad_id))
+                yield from (Outcome(record=r) for r in self._forward(rendered, pad_id))
             bar.update(len(chunk))
             bar.set_postfix(rejects=n_rejects)
         bar.close()
 
-    def _forward(self, rendered, image_paths, pad_id) -> list:
+    def _forward(self, rendered, pad_id) -> list:
         from alignkd.data import collate
         from alignkd.models import capture_forward
 
@@ -167,6 +194,6 @@ class TeacherPass:
         # Sparse encoding runs where the logits are: copying [B, L, V] logits to the host
         # would cost more than the teacher forward on a GPU.
         return records_from_capture(
-            rendered, image_paths, on_device, cap, logit_mode=self.cfg.logit_mode, logit_k=self.cfg.logit_k,
+            rendered, on_device, cap, logit_mode=self.cfg.logit_mode, logit_k=self.cfg.logit_k,
             logit_samples=self.cfg.logit_samples, positions_policy=self.cfg.logit_positions,
             seed=self.cfg.seed, store_images=self.cfg.store_images, token_inputs=self.vlm.family.token_inputs)

@@ -92,10 +92,20 @@ def verify_shard(d: Path) -> list[Problem]:
     if len(rows) != doc["n_samples"] or n_rejects != doc["n_rejects"]:
         problems.append(Problem(name, SAMPLES_FILE, f"{len(rows)} samples and {n_rejects} rejects, shard.json "
                                                     f"says {doc['n_samples']} and {doc['n_rejects']}"))
+    problems += [Problem(name, SAMPLES_FILE, msg) for msg in map(_image_columns_problem, rows) if msg]
     for kind in ARRAY_KINDS:
         if f"{kind}/c/0" not in unreadable and f"{kind}/zarr.json" not in unreadable:
             problems += _check_array(d, doc, kind, rows)
     return problems
+
+
+def _image_columns_problem(row: dict) -> str | None:
+    """The per-image columns must agree with n_images and split n_vision exactly."""
+    lengths = {len(row[c]) for c in ("image_paths", "image_sha256", "image_n_vision")}
+    if lengths != {row["n_images"]} or sum(row["image_n_vision"]) != row["n_vision"]:
+        return (f"sample {row['sample_id']}: {row['n_images']} images with per-image vision counts "
+                f"{row['image_n_vision']}, but {row['n_vision']} vision tokens")
+    return None
 
 
 def _check_files(d: Path, doc: dict) -> tuple[list[Problem], set[str]]:

@@ -102,7 +102,7 @@ def image_grids(sample, family: str, *, token_name=None, image_sizes=(), setting
     `token_name(id) -> str` names the token before each run (Idefics3/SmolVLM tiles);
     `image_sizes` gives each image's (height, width), None where the image is not at hand.
     """
-    spans = [(0, len(sample.vision_positions))]
+    spans = sample.vision_ranges()
     thw_rows = np.asarray(sample.image_grid_thw, dtype=np.int64).reshape(-1, 3)
     grids = []
     for k, (start, end) in enumerate(spans):

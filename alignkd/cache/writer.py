@@ -138,8 +138,10 @@ class _ShardInProgress:
             "vision_dim": rec.vision.shape[1], "n_logit_positions": rec.logit_ids.shape[0],
             "logit_k": rec.logit_ids.shape[1], "logit_entries": encoded.logit_entries,
             "teacher_ce": float(rec.teacher_ce), "teacher_entropy": float(rec.teacher_entropy),
-            "teacher_tail_mass": float(rec.teacher_tail_mass), "image_path": rec.image_path,
-            "image_sha256": rec.image_sha256, "image_bytes": rec.image_bytes if store_images else None,
+            "teacher_tail_mass": float(rec.teacher_tail_mass), "n_images": rec.n_images,
+            "image_paths": list(rec.image_paths), "image_sha256": list(rec.image_sha256),
+            "image_n_vision": np.asarray(rec.image_n_vision, np.int32),
+            "image_bytes": list(rec.image_bytes) if store_images and rec.image_bytes is not None else [],
         }
         for kind in ARRAY_KINDS:
             row[f"{kind}_offset"], row[f"{kind}_crc32"] = self.arrays[kind].append_compressed(encoded.arrays[kind])

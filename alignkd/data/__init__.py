@@ -1,7 +1,8 @@
-"""The data layer: LLaVA manifests, conversation rendering, label masks, image loading.
+"""The data layer: record sources (JSON/JSONL, Parquet), conversation rendering, label masks, images.
 
-    records = read_manifest("train.jsonl")
-    records, duplicates = split_duplicates(records)
+    source = open_source("train.jsonl")            # or a .parquet file / directory
+    kept, duplicates = split_duplicates(source.index())
+    records = list(source.records({r.row for r in kept}))
     sample = render_sample(records[0], processor, "images/", max_length=2048)
     batch = collate([sample], pad_token_id=processor.tokenizer.pad_token_id)
 """
@@ -9,10 +10,13 @@
 from alignkd.data.collate import collate, concat_padded
 from alignkd.data.errors import REASONS, ManifestError, ProcessorError, SampleError
 from alignkd.data.images import image_encoding_from_bytes, image_inputs_from_bytes
-from alignkd.data.manifest import ManifestRecord, read_manifest, split_duplicates
-from alignkd.data.render import IGNORE_INDEX, RenderedSample, render_sample
+from alignkd.data.manifest import ImageRef, ManifestRecord, read_manifest, split_duplicates
+from alignkd.data.render import RenderRules, render_sample
+from alignkd.data.sample import IGNORE_INDEX, LoadedImage, RenderedSample
+from alignkd.data.sources import open_source
 
 __all__ = [
-    "IGNORE_INDEX", "REASONS", "ManifestError", "ManifestRecord", "ProcessorError", "RenderedSample",
-    "SampleError", "collate", "concat_padded", "image_encoding_from_bytes", "image_inputs_from_bytes", "read_manifest", "render_sample", "split_duplicates",
+    "IGNORE_INDEX", "REASONS", "ImageRef", "LoadedImage", "ManifestError", "ManifestRecord", "ProcessorError",
+    "RenderRules", "RenderedSample", "SampleError", "collate", "concat_padded", "image_encoding_from_bytes",
+    "image_inputs_from_bytes", "open_source", "read_manifest", "render_sample", "split_duplicates",
 ]

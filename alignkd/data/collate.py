@@ -15,7 +15,7 @@ from collections.abc import Mapping
 
 import torch
 
-from alignkd.data.render import IGNORE_INDEX
+from alignkd.data.sample import IGNORE_INDEX
 
 
 def collate(samples, pad_token_id: int, padding_side: str = "right") -> dict[str, torch.Tensor]:

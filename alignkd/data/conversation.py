@@ -1,16 +1,22 @@
-"""LLaVA conversations to chat messages with structured content.
+"""Record turns to chat messages with structured content.
 
-LLaVA records say `{"from": "human", "value": "<image>\\nWhat is this?"}`. Processors'
-chat templates take `{"role": "user", "content": [{"type": "image"}, {"type": "text",
-...}]}` and print their own image token, so we turn the `<image>` placeholder into an
-image item at the same position. Whitespace touching the placeholder is dropped (the
+Two spellings reach us:
+- LLaVA: `{"from": "human", "value": "<image>\\nWhat is this?"}`;
+- the Hugging Face chat format: `{"role": "user", "content": "..."}`, where `content` is a
+  string or a list of `{"type": "image"}` / `{"type": "text", "text": ...}` items.
+
+Processors' chat templates take `{"role": "user", "content": [{"type": "image"}, {"type":
+"text", ...}]}` and print their own image token, so an `<image>` placeholder in text becomes
+an image item at the same position. Whitespace touching the placeholder is dropped (the
 "\\n" after "<image>" is LLaVA's separator, and each template brings its own); all other
 text is passed through untouched.
 
-Roles: "human"/"user" and "gpt"/"assistant" are accepted, since both spellings occur
-in public LLaVA-style dumps. System turns are refused: few VLM templates agree on them.
-Turns must alternate user/assistant, start with the user and end with the assistant,
-because only assistant turns carry labels and a trailing question teaches nothing.
+Roles: "human"/"user", "gpt"/"assistant" and "system" (both spellings occur in public
+dumps). A system turn may only come first; it goes to the chat template, which decides
+what to do with it (`render` refuses a template that drops it). After it, turns must
+alternate user/assistant, start with the user and end with the assistant, because only
+assistant turns carry labels and a trailing question teaches nothing. Images sit in user
+turns only, one placeholder per image of the record, in order.
 """
 
 from __future__ import annotations
@@ -19,11 +25,12 @@ from alignkd.data.errors import SampleError
 from alignkd.data.manifest import ManifestRecord
 
 PLACEHOLDER = "<image>"
-ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant"}
+ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 _PROBLEM_DETAILS = {
     "missing_id": "has no usable 'id' field (a non-empty string or integer)",
-    "bad_record": "is not a LLaVA record ('image' must be a non-empty string and 'conversations' a list)",
+    "bad_record": ("is not a record alignkd can read ('image' must be a non-empty string or a list of them, and "
+                   "exactly one of 'conversations' and 'messages' must be a list)"),
 }
 
 
@@ -36,62 +43,99 @@ def to_messages(record: ManifestRecord, image_token: str | None = None) -> list[
     sid, row = record.sample_id, record.row
     if record.problem is not None:
         raise SampleError(sid, row, record.problem, _PROBLEM_DETAILS[record.problem])
-    turns = [_check_turn(sid, row, i, turn) for i, turn in enumerate(record.conversations)]
-    _check_order(sid, row, [role for role, _ in turns])
-    _check_placeholders(record, turns, image_token)
-    return [{"role": role, "content": _content(role, value)} for role, value in turns]
+    read = _llava_turn if record.chat_format == "conversations" else _chat_turn
+    messages = [read(sid, row, i, turn) for i, turn in enumerate(record.turns)]
+    _check_order(sid, row, [m["role"] for m in messages])
+    _check_images(record, messages, image_token)
+    return messages
 
 
-def _check_turn(sid: str, row: int, i: int, turn: object) -> tuple[str, str]:
+def _llava_turn(sid: str, row: int, i: int, turn: object) -> dict:
     if not isinstance(turn, dict) or "from" not in turn or "value" not in turn:
         raise SampleError(sid, row, "bad_conversation", f"has turn {i} without 'from' and 'value'")
-    role = ROLES.get(turn["from"]) if isinstance(turn["from"], str) else None
-    if role is None:
-        raise SampleError(sid, row, "unknown_role",
-                          f"has turn {i} from {turn['from']!r}; expected human/user or gpt/assistant")
+    role = _role(sid, row, i, turn["from"])
     value = turn["value"]
     if not isinstance(value, str) or not value.strip():
         raise SampleError(sid, row, "bad_conversation", f"has turn {i} whose value is not a non-empty string")
-    return role, value
+    return {"role": role, "content": _split_placeholders(value)}
+
+
+def _chat_turn(sid: str, row: int, i: int, turn: object) -> dict:
+    if not isinstance(turn, dict) or "role" not in turn or "content" not in turn:
+        raise SampleError(sid, row, "bad_conversation", f"has message {i} without 'role' and 'content'")
+    role = _role(sid, row, i, turn["role"])
+    content = turn["content"]
+    if isinstance(content, str):
+        items = _split_placeholders(content)
+    elif isinstance(content, list) and content:
+        items = [_chat_item(sid, row, i, item) for item in content]
+    else:
+        raise SampleError(sid, row, "bad_conversation", f"has message {i} whose content is not a string or a list")
+    has_text = any(it["type"] == "text" and it["text"].strip() for it in items)
+    if not has_text and (role != "user" or not any(it["type"] == "image" for it in items)):
+        raise SampleError(sid, row, "bad_conversation", f"has message {i} with no text")
+    if role == "assistant":  # one text item, as the label-span search expects
+        text = "".join(it["text"] for it in items if it["type"] == "text")
+        items = [{"type": "text", "text": text}] + [it for it in items if it["type"] == "image"]
+    return {"role": role, "content": items}
+
+
+def _chat_item(sid: str, row: int, i: int, item: object) -> dict:
+    kind = item.get("type") if isinstance(item, dict) else None
+    if kind == "image":
+        return {"type": "image"}
+    if kind == "text" and isinstance(item.get("text"), str):
+        return {"type": "text", "text": item["text"]}
+    raise SampleError(sid, row, "bad_conversation",
+                      f"has message {i} with a content item that is neither {{'type': 'image'}} nor "
+                      "{'type': 'text', 'text': ...}")
+
+
+def _role(sid: str, row: int, i: int, name: object) -> str:
+    role = ROLES.get(name) if isinstance(name, str) else None
+    if role is None:
+        raise SampleError(sid, row, "unknown_role",
+                          f"has turn {i} from {name!r}; expected system, human/user or gpt/assistant")
+    return role
 
 
 def _check_order(sid: str, row: int, roles: list[str]) -> None:
-    if not roles:
+    body = roles[1:] if roles[:1] == ["system"] else roles
+    if not body:
         raise SampleError(sid, row, "bad_conversation", "has no conversation turns")
-    for i, role in enumerate(roles):
+    offset = len(roles) - len(body)
+    for i, role in enumerate(body):
         expected = "user" if i % 2 == 0 else "assistant"
         if role != expected:
-            raise SampleError(sid, row, "bad_conversation",
-                              f"has a {role} turn at position {i} where a {expected} turn belongs")
-    if roles[-1] != "assistant":
+            where = "after the first turn" if role == "system" else f"at position {i + offset}"
+            raise SampleError(sid, row, "bad_conversation", f"has a {role} turn {where} where a {expected} "
+                              "turn belongs" + (" (a system turn may only come first)" if role == "system" else ""))
+    if body[-1] != "assistant":
         raise SampleError(sid, row, "bad_conversation", "ends with a user turn that has no answer")
 
 
-def _check_placeholders(record: ManifestRecord, turns: list[tuple[str, str]], image_token: str | None) -> None:
+def _check_images(record: ManifestRecord, messages: list[dict], image_token: str | None) -> None:
     sid, row = record.sample_id, record.row
     count = 0
-    for i, (role, value) in enumerate(turns):
-        n = value.count(PLACEHOLDER)
-        if n and role == "assistant":
-            raise SampleError(sid, row, "bad_conversation", f"has {PLACEHOLDER} in assistant turn {i}")
-        if image_token and image_token != PLACEHOLDER and image_token in value:
+    for i, msg in enumerate(messages):
+        n = sum(item["type"] == "image" for item in msg["content"])
+        if n and msg["role"] != "user":
+            raise SampleError(sid, row, "bad_conversation", f"has an image in {msg['role']} turn {i}")
+        if image_token and image_token != PLACEHOLDER and any(
+                item["type"] == "text" and image_token in item["text"] for item in msg["content"]):
             raise SampleError(sid, row, "bad_conversation",
                               f"has the processor's image token {image_token!r} as literal text in turn {i}")
         count += n
-    if count > 1:
-        raise SampleError(sid, row, "bad_conversation",
-                          f"has {count} {PLACEHOLDER} placeholders; one image per sample is supported")
-    if record.image is not None and count == 0:
+    images = len(record.images)
+    if images > count:
         raise SampleError(sid, row, "image_without_placeholder",
-                          f"names image {record.image!r} but no turn has an {PLACEHOLDER} placeholder")
-    if record.image is None and count == 1:
+                          f"names {images} image(s) but its turns hold {count} {PLACEHOLDER} placeholder(s)")
+    if count > images:
         raise SampleError(sid, row, "placeholder_without_image",
-                          f"has an {PLACEHOLDER} placeholder but no 'image' field")
+                          f"has {count} {PLACEHOLDER} placeholder(s) but names {images} image(s)")
 
 
-def _content(role: str, value: str) -> list[dict]:
-    if role == "assistant":
-        return [{"type": "text", "text": value}]
+def _split_placeholders(value: str) -> list[dict]:
     parts = value.split(PLACEHOLDER)
     content = []
     for i, part in enumerate(parts):

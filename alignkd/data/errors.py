@@ -15,9 +15,9 @@ REASONS = frozenset({
     "bad_record",                 # "image" is not a string or "conversations" not a list
     "duplicate_id",               # a later record repeats an earlier id
     "bad_conversation",           # empty, wrong order, empty values, misplaced <image>
-    "unknown_role",               # a "from" other than human/user/gpt/assistant
-    "image_without_placeholder",  # "image" is set but no turn has <image>
-    "placeholder_without_image",  # a turn has <image> but "image" is not set
+    "unknown_role",               # a role other than system, human/user, gpt/assistant
+    "image_without_placeholder",  # more images than <image> placeholders (or image items)
+    "placeholder_without_image",  # more <image> placeholders (or image items) than images
     "image_outside_root",         # absolute path, ../ or a symlink leaving the images root
     "missing_image",              # the image file does not exist
     "unreadable_image",           # the image exists but cannot be read (permission denied, I/O error)
@@ -25,7 +25,9 @@ REASONS = frozenset({
     "template_rejected",          # the processor's chat template raised on this sample
     "image_tokens_truncated",     # max_length would cut through the image tokens
     "no_answer_tokens",           # no assistant token survives truncation
-    "no_image",                   # a text-only record: Align-KD distils text-to-vision attention
+    "no_image",                   # a text-only record for a family that needs an image (PaliGemma)
+    "system_unsupported",         # the family's chat template refuses or drops a system turn
+    "multi_image_unsupported",    # several images for a family alignkd takes one image per sample from
 })
 
 

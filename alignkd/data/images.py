@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import hashlib
 import io
-from dataclasses import dataclass
 from pathlib import Path
 
 from alignkd.data.errors import SampleError
+from alignkd.data.sample import LoadedImage
 
 # Keys of a processor's output that are per-token, not per-image. Of these, the
 # TOKEN_INPUT_KEYS are model inputs some families need (Qwen-VL's mm_token_type_ids,
@@ -23,22 +23,23 @@ TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "offset_mapping", "text_r
                         *TOKEN_INPUT_KEYS})
 
 
-@dataclass(frozen=True)
-class LoadedImage:
-    image: object  # PIL.Image.Image in RGB
-    data: bytes
-    sha256: str
+def load_image(images_root: str | Path | None, ref, sample_id: str, row: int | None) -> LoadedImage:
+    """Decode one `ImageRef`: its bytes (Parquet), or its path under `images_root`, refusing
+    anything that leaves the root."""
+    from alignkd.errors import ConfigError
 
-
-def load_image(images_root: str | Path, rel_path: str, sample_id: str, row: int | None) -> LoadedImage:
-    """Read `rel_path` under `images_root`, refusing anything that leaves the root."""
-    path = resolve_image_path(images_root, rel_path, sample_id, row)
-    try:
-        data = path.read_bytes()
-    except OSError as err:
-        raise SampleError(sample_id, row, "unreadable_image",
-                          f"has image {rel_path!r} that cannot be read ({err.strerror})") from None
-    return LoadedImage(decode_image(data, sample_id, row, rel_path), data, hashlib.sha256(data).hexdigest())
+    if ref.data is not None:
+        data = ref.data
+    elif images_root is None:
+        raise ConfigError(f"sample {sample_id!r} names image {ref.path!r} but no images directory was given.")
+    else:
+        path = resolve_image_path(images_root, ref.path, sample_id, row)
+        try:
+            data = path.read_bytes()
+        except OSError as err:
+            raise SampleError(sample_id, row, "unreadable_image",
+                              f"has image {ref.path!r} that cannot be read ({err.strerror})") from None
+    return LoadedImage(decode_image(data, sample_id, row, ref.name), data, hashlib.sha256(data).hexdigest(), ref.path)
 
 
 def resolve_image_path(images_root: str | Path, rel_path: str, sample_id: str, row: int | None) -> Path:

@@ -1,10 +1,16 @@
-"""LLaVA-format manifests: a JSON list of records, or JSONL with one record a line.
+"""Manifests as JSON: a JSON list of records, or JSONL with one record a line.
+
+A record is LLaVA's `{"id", "image", "conversations": [{"from", "value"}]}` or the Hugging
+Face chat format `{"id", "image", "messages": [{"role", "content"}]}`; `image` (or
+`images`) is one relative path, a list of them (several images, one `<image>` placeholder
+or `{"type": "image"}` item each, in order), or absent for a text-only record.
 
 A file that cannot be parsed stops the build with the line number (`ManifestError`):
 nothing useful can be salvaged from a half-read JSON list. A record whose own fields
-are malformed (no id, an "image" that is not a string) is kept with `problem` set, so
-that `render_sample` rejects just that row and the build carries on. We never invent an
-id for such a row: a made-up id would silently enter the cache.
+are malformed (no id, an "image" that is not a string or list of strings) is kept with
+`problem` set, so that `render_sample` rejects just that row and the build carries on.
+We never invent an id for such a row: a made-up id would silently enter the cache.
+Parquet datasets are read by `alignkd.data.parquet_source` into the same records.
 """
 
 from __future__ import annotations
@@ -17,13 +23,30 @@ from alignkd.data.errors import ManifestError, SampleError
 
 
 @dataclass(frozen=True)
+class ImageRef:
+    """One image of a record: a path under the images root, or encoded bytes (Parquet)."""
+
+    path: str | None = None
+    data: bytes | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path if self.path is not None else f"<{len(self.data or b'')} bytes>"
+
+
+@dataclass(frozen=True)
 class ManifestRecord:
-    """One manifest entry. `row` is its 0-based position among the records."""
+    """One manifest entry. `row` is its 0-based position among the records.
+
+    `turns` is the record's `conversations` (LLaVA: {"from", "value"}) or `messages` (chat:
+    {"role", "content"}) list as written; `alignkd.data.conversation` validates both.
+    """
 
     row: int
     sample_id: str
-    image: str | None
-    conversations: list[dict]
+    images: tuple[ImageRef, ...]
+    turns: list
+    chat_format: str = "conversations"  # or "messages"
     problem: str | None = None  # a SampleError reason found while reading, if any
 
 
@@ -75,7 +98,7 @@ def _is_wrapper_object(text: str) -> bool:
         value = json.loads(text)
     except json.JSONDecodeError:
         return False
-    return isinstance(value, dict) and "conversations" not in value
+    return isinstance(value, dict) and "conversations" not in value and "messages" not in value
 
 
 def _parse_json_list(path: Path, text: str) -> list[tuple[str, object]]:
@@ -103,21 +126,39 @@ def _parse_jsonl(path: Path, text: str) -> list[tuple[str, object]]:
 def _to_record(path: Path, row: int, where: str, item: object) -> ManifestRecord:
     if not isinstance(item, dict):
         raise ManifestError(f"{path} {where} is a JSON {_json_type(item)}, not an object.")
-    raw_id, image, conv = item.get("id"), item.get("image"), item.get("conversations")
+    return record_from_fields(row, item.get("id"), image_refs(item), item)
+
+
+def image_refs(item: dict) -> tuple[ImageRef, ...] | None:
+    """The record's images from `image` or `images`: a path, a list of paths, or none
+    (None: malformed, e.g. both keys, a number, an empty string)."""
+    if "image" in item and "images" in item and item["image"] is not None and item["images"] is not None:
+        return None
+    value = item.get("image", item.get("images"))
+    if value is None:
+        return ()
+    values = value if isinstance(value, list) else [value]
+    if not values and isinstance(value, list):
+        return ()
+    if not all(isinstance(v, str) and v for v in values):
+        return None
+    return tuple(ImageRef(path=v) for v in values)
+
+
+def record_from_fields(row: int, raw_id, images: tuple[ImageRef, ...] | None, item: dict) -> ManifestRecord:
+    """A ManifestRecord from a record's id, its images (None: malformed) and its turn list."""
     problem = None
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
         problem, sample_id = "missing_id", f"row{row}"
     else:
         sample_id = str(raw_id)  # some LLaVA dumps use integer ids
-    if not (image is None or (isinstance(image, str) and image)) or not isinstance(conv, list):
+    has_conv, has_msgs = item.get("conversations") is not None, item.get("messages") is not None
+    chat_format = "messages" if has_msgs and not has_conv else "conversations"
+    turns = item.get(chat_format)
+    if images is None or has_conv == has_msgs or not isinstance(turns, list):
         problem = problem or "bad_record"
-    return ManifestRecord(
-        row=row,
-        sample_id=sample_id,
-        image=image if isinstance(image, str) and image else None,
-        conversations=conv if isinstance(conv, list) else [],
-        problem=problem,
-    )
+    return ManifestRecord(row=row, sample_id=sample_id, images=images or (),
+                          turns=turns if isinstance(turns, list) else [], chat_format=chat_format, problem=problem)
 
 
 def _json_type(value: object) -> str:

@@ -24,22 +24,26 @@ from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
 from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, load_image
 from alignkd.data.manifest import ManifestRecord
-from alignkd.data.render import IGNORE_INDEX, RenderedSample, truncate
-from alignkd.errors import ConfigError
+from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
 
 SUFFIX_TYPE = 1  # token_type_ids value of the causal suffix
 
 
 def render_prefix_lm(record: ManifestRecord, processor, images_root: str | Path | None,
-                     max_length: int | None) -> RenderedSample:
-    """Validate, render, tokenise and label `record` as prefix (prompt) + suffix (last answer)."""
+                     max_length: int | None, family: str = "PaliGemma") -> RenderedSample:
+    """Validate, render, tokenise and label `record` as prefix (prompt) + suffix (last answer).
+
+    One image per record: the processor puts the image tokens first, as PaliGemma was
+    trained, and refuses text without an image; a system turn is folded into the prefix
+    as its first line, like every earlier turn.
+    """
     sid, row = record.sample_id, record.row
     messages = to_messages(record, getattr(processor, "image_token", None))
-    if record.image is None:  # the processor refuses text without an image
-        raise SampleError(sid, row, "no_image", "has no image, and a prefix-LM family (PaliGemma) needs one")
-    if images_root is None:
-        raise ConfigError(f"sample {sid!r} names an image but no images directory was given.")
-    loaded = load_image(images_root, record.image, sid, row)
+    if len(record.images) != 1:
+        reason = "no_image" if not record.images else "multi_image_unsupported"
+        raise SampleError(sid, row, reason, f"has {len(record.images)} images, and {family} (a prefix-LM) "
+                          "takes exactly one image per sample")
+    loaded = load_image(images_root, record.images[0], sid, row)
     prompt, answer = split_prompt(messages)
     out = processor(text=[processor.image_token + prompt], images=[loaded.image], suffix=[answer],
                     return_tensors="pt")
@@ -55,7 +59,7 @@ def render_prefix_lm(record: ManifestRecord, processor, images_root: str | Path 
         sample_id=sid, row=row, input_ids=ids, attention_mask=mask, labels=labels,
         image_inputs=image_inputs_of(out),
         token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_KEYS if k in out},
-        image_sha256=loaded.sha256, image_bytes=loaded.data, truncated=truncated,
+        images=(loaded,), image_token_counts=(len(image_pos),), truncated=truncated,
     )
 
 

@@ -16,86 +16,91 @@ Label mask method, independent of any particular template:
 Families without a chat template that train as a prefix-LM (PaliGemma) are rendered by
 `alignkd.data.prefix_lm` instead; the family row's `prompt_format` says which.
 
-Truncation keeps the head of the sequence (prompt, image, first answers) and cuts the tail,
+A record may have no image (text only: CE and logit KD still apply) or several, each an
+`<image>` placeholder or image item; the processor takes them in order, and each image's
+expansion is found in its record of replacements so the vision-token axis splits into one
+range per image. A system turn goes to the template, which must print it: a template that
+refuses or drops it makes the record a reject that names the family.
+
+Truncation keeps the head of the sequence (prompt, images, first answers) and cuts the tail,
 but never through image tokens: the model cannot take part of an image.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
-from alignkd.data.images import TOKEN_INPUT_KEYS, LoadedImage, image_inputs_of, load_image
+from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, load_image
 from alignkd.data.manifest import ManifestRecord
-from alignkd.errors import ConfigError
-
-IGNORE_INDEX = -100  # the label value torch's cross-entropy skips
+from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
 
 
-@dataclass
-class RenderedSample:
-    """A tokenised sample; tensors are 1-D except image_inputs (batch dim 1)."""
+@dataclass(frozen=True)
+class RenderRules:
+    """What the model family allows (`alignkd.models.families.VLMFamily` carries the same facts)."""
 
-    sample_id: str
-    row: int
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-    labels: torch.Tensor
-    image_inputs: dict = field(default_factory=dict)
-    token_inputs: dict = field(default_factory=dict)  # per-token model inputs, e.g. mm_token_type_ids [L]
-    image_sha256: str | None = None
-    image_bytes: bytes | None = None
-    truncated: bool = False
+    family: str = "this model"
+    prompt_format: str = "chat_template"   # or "prefix_lm"
+    multi_image: bool = True
+    # the id the model fills with vision tokens (Gemma3's <image_soft_token>, where the processor's
+    # own image_token_id is <start_of_image>); None: the processor's
+    image_token_id: int | None = None
 
 
 def render_sample(record: ManifestRecord, processor, images_root: str | Path | None,
-                  max_length: int | None, prompt_format: str = "chat_template") -> RenderedSample:
-    """Validate, render, tokenise and label `record`; raise SampleError on bad input.
-
-    `prompt_format` is the model family's (`VLMFamily.prompt_format`).
-    """
-    if prompt_format == "prefix_lm":
+                  max_length: int | None, rules: RenderRules = RenderRules()) -> RenderedSample:
+    """Validate, render, tokenise and label `record`; raise SampleError on bad input."""
+    if rules.prompt_format == "prefix_lm":
         from alignkd.data.prefix_lm import render_prefix_lm
 
-        return render_prefix_lm(record, processor, images_root, max_length)
-    if prompt_format != "chat_template":
-        raise ValueError(f"unknown prompt_format {prompt_format!r}")
+        return render_prefix_lm(record, processor, images_root, max_length, rules.family)
+    if rules.prompt_format != "chat_template":
+        raise ValueError(f"unknown prompt_format {rules.prompt_format!r}")
     sid, row = record.sample_id, record.row
     messages = to_messages(record, getattr(processor, "image_token", None))
-    if record.image is not None and images_root is None:
-        raise ConfigError(f"sample {sid!r} names an image but no images directory was given.")
-    loaded = load_image(images_root, record.image, sid, row) if record.image is not None else None
-    text, spans = render_with_spans(processor, messages, sid, row)
+    if len(record.images) > 1 and not rules.multi_image:
+        raise SampleError(sid, row, "multi_image_unsupported",
+                          f"has {len(record.images)} images, but alignkd takes one image per sample for {rules.family}")
+    loaded = [load_image(images_root, ref, sid, row) for ref in record.images]
+    text, spans = render_with_spans(processor, messages, sid, row, rules.family)
     out = _encode(processor, text, loaded)
     ids, offsets = out["input_ids"][0].long(), out["offset_mapping"][0]
-    replacements = (out.get("text_replacement_offsets") or [[]])[0]
-    spans = _expanded_spans(processor, text, spans, replacements, messages, has_image=loaded is not None)
+    replacements = _image_replacements(out)
+    if len(replacements) != len(loaded):
+        raise ProcessorError(f"{type(processor).__name__} reported {len(replacements)} image expansions for "
+                             f"{len(loaded)} images, so alignkd cannot place the labels.")
+    spans = _expanded_spans(processor, text, spans, replacements, messages)
     labels = _labels(ids, offsets, spans, processor)
     image_pos = _image_positions(ids, offsets, replacements, processor)
+    per_image = _tokens_per_image(ids, offsets, replacements, rules.image_token_id or _image_token_id(processor))
     ids, mask, labels, truncated = truncate(sid, row, ids, out["attention_mask"][0], labels, image_pos, max_length)
     return RenderedSample(
         sample_id=sid, row=row, input_ids=ids, attention_mask=mask, labels=labels,
-        image_inputs=image_inputs_of(out),
+        image_inputs=image_inputs_of(out) if loaded else {},
         token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_KEYS if k in out},
-        image_sha256=loaded.sha256 if loaded else None,
-        image_bytes=loaded.data if loaded else None,
-        truncated=truncated,
+        images=tuple(loaded), image_token_counts=per_image, truncated=truncated,
     )
 
 
-def render_with_spans(processor, messages: list[dict], sample_id: str, row: int) -> tuple[str, list[tuple[int, int]]]:
+def render_with_spans(processor, messages: list[dict], sample_id: str, row: int,
+                      family: str = "this model") -> tuple[str, list[tuple[int, int]]]:
     """The rendered conversation and the character span of every assistant turn."""
-    full = _apply(processor, messages, False, sample_id, row)
+    full = _apply(processor, messages, False, sample_id, row, family)
+    system = [_text(m) for m in messages if m["role"] == "system"]
+    if any(text.strip() not in full for text in system):
+        raise SampleError(sample_id, row, "system_unsupported",
+                          f"has a system turn that the chat template of {family} leaves out of the prompt")
     spans = []
     for k, msg in enumerate(messages):
         if msg["role"] != "assistant":
             continue
-        prompt = _apply(processor, messages[:k], True, sample_id, row)
-        upto = _apply(processor, messages[: k + 1], False, sample_id, row)
+        prompt = _apply(processor, messages[:k], True, sample_id, row, family)
+        upto = _apply(processor, messages[: k + 1], False, sample_id, row, family)
         answer = msg["content"][0]["text"].strip()
         if not (upto.startswith(prompt) and full.startswith(upto) and answer in upto[len(prompt):]):
             raise ProcessorError(
@@ -105,21 +110,28 @@ def render_with_spans(processor, messages: list[dict], sample_id: str, row: int)
     return full, spans
 
 
-def _apply(processor, messages, add_generation_prompt: bool, sample_id: str, row: int) -> str:
+def _text(message: dict) -> str:
+    return " ".join(item["text"] for item in message["content"] if item["type"] == "text")
+
+
+def _apply(processor, messages, add_generation_prompt: bool, sample_id: str, row: int, family: str) -> str:
     from jinja2.exceptions import TemplateError
 
     try:
         return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except TemplateError as err:  # e.g. a template's raise_exception("...roles must alternate...")
+        if messages and messages[0]["role"] == "system":
+            raise SampleError(sample_id, row, "system_unsupported",
+                              f"has a system turn, which the chat template of {family} refuses ({err})") from None
         raise SampleError(sample_id, row, "template_rejected", f"is refused by the chat template ({err})") from None
 
 
-def _encode(processor, text: str, loaded: LoadedImage | None):
+def _encode(processor, text: str, loaded: list):
     kwargs = {"return_tensors": "pt", "return_offsets_mapping": True, "return_text_replacement_offsets": True}
     bos = getattr(processor.tokenizer, "bos_token", None)
     if bos and text.startswith(bos):  # the template wrote BOS already; same rule as transformers
         kwargs["add_special_tokens"] = False
-    out = processor(text=[text], images=[loaded.image] if loaded else None, **kwargs)
+    out = processor(text=[text], images=[img.image for img in loaded] or None, **kwargs)
     if "offset_mapping" not in out:
         raise ProcessorError(
             f"{type(processor).__name__} returned no offset mapping; alignkd needs a processor with a fast "
@@ -127,16 +139,21 @@ def _encode(processor, text: str, loaded: LoadedImage | None):
     return out
 
 
-def _expanded_spans(processor, text, spans, replacements, messages, has_image: bool) -> list[tuple[int, int]]:
+def _image_replacements(out) -> list[dict]:
+    """The processor's record of where it expanded each image placeholder (none for text only:
+    some processors then return an empty tensor instead of an empty list)."""
+    reps = out.get("text_replacement_offsets")
+    rows = list(reps[0]) if reps is not None and len(reps) else []
+    return [rep for rep in rows if isinstance(rep, dict) and rep["type"] == "image"]
+
+
+def _expanded_spans(processor, text, spans, replacements, messages) -> list[tuple[int, int]]:
     """Answer spans moved onto the placeholder-expanded text the offsets refer to.
 
     The expanded text is rebuilt from the processor's own replacement record and each
     answer is checked to sit inside its moved span, so a processor that expands images
     some other way fails loudly instead of shifting every label.
     """
-    if has_image and not any(rep["type"] == "image" for rep in replacements):
-        raise ProcessorError(f"{type(processor).__name__} did not report where it expanded the image placeholder, "
-                             "so alignkd cannot place the labels.")
     expanded, last = [], 0
     for rep in replacements:
         expanded += [text[last:rep["span"][0]], rep["replacement"]]
@@ -178,25 +195,30 @@ def _labels(ids: torch.Tensor, offsets: torch.Tensor, spans: list[tuple[int, int
 
 
 def _image_positions(ids: torch.Tensor, offsets: torch.Tensor, replacements: list[dict], processor) -> torch.Tensor:
-    """Positions of every token the processor put in for the image (wrappers included)."""
+    """Positions of every token the processor put in for the images (wrappers included)."""
     hit = torch.zeros_like(ids, dtype=torch.bool)
     for rep in replacements:
-        if rep["type"] == "image":
-            hit |= _overlapping(offsets, *rep["new_span"])
-    token_id = getattr(processor, "image_token_id", None)
+        hit |= _overlapping(offsets, *rep["new_span"])
+    token_id = _image_token_id(processor)
     if token_id is not None:
         hit |= ids == token_id
     return hit.nonzero().flatten()
 
 
-def truncate(sid, row, ids, mask, labels, image_pos, max_length):
-    truncated = max_length is not None and len(ids) > max_length
-    if truncated:
-        if len(image_pos) and int(image_pos.max()) >= max_length:
-            raise SampleError(sid, row, "image_tokens_truncated",
-                              f"needs {int(image_pos.max()) + 1} tokens to hold its image but max_length is {max_length}")
-        ids, mask, labels = ids[:max_length], mask[:max_length], labels[:max_length]
-    if not (labels != IGNORE_INDEX).any():
-        raise SampleError(sid, row, "no_answer_tokens",
-                          f"has no answer tokens left within max_length {max_length} ({len(ids)} tokens kept)")
-    return ids, mask.long(), labels, truncated
+def _tokens_per_image(ids: torch.Tensor, offsets: torch.Tensor, replacements: list[dict],
+                      token_id: int | None) -> tuple[int, ...]:
+    """How many image tokens (`token_id`, the id the model fills with vision tokens) each image's expansion holds."""
+    if token_id is None or not replacements:
+        return ()
+    counts = tuple(int(((ids == token_id) & _overlapping(offsets, *rep["new_span"])).sum()) for rep in replacements)
+    if sum(counts) != int((ids == token_id).sum()):
+        raise ProcessorError("the processor put image tokens outside the expansions it reported; "
+                             "alignkd cannot tell which vision tokens belong to which image.")
+    return counts
+
+
+def _image_token_id(processor) -> int | None:
+    token_id = getattr(processor, "image_token_id", None)
+    if token_id is None and getattr(processor, "image_token", None):
+        token_id = processor.tokenizer.convert_tokens_to_ids(processor.image_token)
+    return token_id

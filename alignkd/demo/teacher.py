@@ -79,10 +79,11 @@ def prepare_examples(manifest: Path, processor, images_root: Path, limit: int | 
     texts, pixels, index = [], [], []
     for rec in records:
         sample = render_sample(rec, processor, images_root, max_length=None)
-        if sample.image_sha256 not in image_rows:
-            image_rows[sample.image_sha256] = len(pixels)
+        key = sample.images[0].sha256  # the demo's records carry one image each
+        if key not in image_rows:
+            image_rows[key] = len(pixels)
             pixels.append(sample.image_inputs["pixel_values"][0])
-        index.append(image_rows[sample.image_sha256])
+        index.append(image_rows[key])
         # Keep tokens only: a RenderedSample also holds the image bytes, ~5 kB a record.
         texts.append({"input_ids": sample.input_ids, "attention_mask": sample.attention_mask,
                       "labels": sample.labels, "image_inputs": {}})

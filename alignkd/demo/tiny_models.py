@@ -25,6 +25,8 @@ CHAT_TEMPLATE = (
     "{% for item in message['content'] %}"
     "{% if item['type'] == 'image' %}<image>\n{% elif item['type'] == 'text' %}{{ item['text'] }}{% endif %}"
     "{% endfor %} "
+    "{% elif message['role'] == 'system' %}"  # printed bare before the first turn, as LLaVA-1.5's template does
+    "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %} "
     "{% else %}ASSISTANT: "
     "{% for item in message['content'] %}{% if item['type'] == 'text' %}{{ item['text'] }}{% endif %}{% endfor %}"
     "{{ eos_token }} "

@@ -88,7 +88,7 @@ def check_student_fits_cache(vlm, reader) -> None:
     """Same tokenizer (widths may differ by padding rows) and the teacher's model family.
 
     Whether the student's processor gives each image the teacher's vision tokens is
-    checked per sample by the dataset (`check_image_fits`), since Nv varies per image.
+    checked per sample by the dataset (`check_images_fit`), since Nv varies per image.
     """
     shapes = reader.meta["teacher_shapes"]
     student_vocab = int(vlm.model.config.get_text_config().vocab_size)

@@ -58,35 +58,42 @@ class CachedDistillDataset(Dataset):
     def collate(self, items: list[dict]) -> dict:
         return collate_distill(items, self.processor.tokenizer.pad_token_id)
 
-    def _image_bytes(self, sample) -> bytes | None:
+    def _image_blobs(self, sample) -> list[bytes]:
+        """The sample's encoded images in order: from the cache, or from --images."""
         if sample.image_bytes is not None:
-            return sample.image_bytes
-        if sample.image_path is None:
-            return None
-        if self.images_root is None:
-            raise AlignKDError(
-                f"cache {self.cache_path} holds no image bytes for sample {sample.sample_id}; "
-                "pass --images with the directory the cache was built from."
-            )
-        path = Path(self.images_root) / sample.image_path
-        if not path.is_file():
-            raise AlignKDError(f"image {path} for sample {sample.sample_id} does not exist.")
-        return path.read_bytes()
+            return list(sample.image_bytes)
+        blobs = []
+        for name in sample.image_paths:
+            if self.images_root is None or not name:
+                raise AlignKDError(
+                    f"cache {self.cache_path} holds no image bytes for sample {sample.sample_id}; "
+                    + ("pass --images with the directory the cache was built from." if name else
+                       "its image came as bytes with no path, so rebuild the cache with --store-images."))
+            path = Path(self.images_root) / name
+            if not path.is_file():
+                raise AlignKDError(f"image {path} for sample {sample.sample_id} does not exist.")
+            blobs.append(path.read_bytes())
+        return blobs
 
     def __getitem__(self, index: int) -> dict:
+        from alignkd.data import concat_padded
+
         sample = self.reader.get(index, widen=False)  # stored widths: the objective widens on its device
-        image_bytes = self._image_bytes(sample)
-        if image_bytes is None:
+        blobs = self._image_blobs(sample)
+        if not blobs:
             return item_from_record(sample, {}, self.vocab_size, self.logit_mode)
-        key = sample.image_sha256 or hashlib.sha256(image_bytes).hexdigest()
-        entry = self._image_cache.get(key)
-        if entry is None:
-            entry = self._encode_image(image_bytes, sample)
-            self._remember_image(key, entry)
-        else:
-            self._image_cache.move_to_end(key)
-        image_inputs, n_image_tokens = entry
-        check_image_fits(sample, image_inputs, n_image_tokens, self.image_token_id)
+        encoded = []
+        for k, blob in enumerate(blobs):
+            key = sample.image_sha256[k] if k < len(sample.image_sha256) else hashlib.sha256(blob).hexdigest()
+            entry = self._image_cache.get(key)
+            if entry is None:
+                entry = self._encode_image(blob, sample)
+                self._remember_image(key, entry)
+            else:
+                self._image_cache.move_to_end(key)
+            encoded.append(entry)
+        check_images_fit(sample, encoded, self.image_token_id)
+        image_inputs = {name: concat_padded([inputs[name] for inputs, _ in encoded]) for name in encoded[0][0]}
         return item_from_record(sample, image_inputs, self.vocab_size, self.logit_mode)
 
     def _encode_image(self, image_bytes: bytes, sample) -> tuple[dict, int | None]:
@@ -110,22 +117,24 @@ def _nbytes(image_inputs: dict) -> int:
     return sum(v.numel() * v.element_size() for v in image_inputs.values() if isinstance(v, torch.Tensor))
 
 
-def check_image_fits(sample, image_inputs: dict, n_image_tokens: int | None, image_token_id: int | None) -> None:
-    """Refuse a sample whose image the student's processor turns into other image tokens
+def check_images_fit(sample, encoded: list[tuple[dict, int | None]], image_token_id: int | None) -> None:
+    """Refuse a sample whose images the student's processor turns into other image tokens
     than the teacher saw (another grid, resolution or tiling): the cached attention and
-    vision targets would not line up with the student's vision tokens."""
-    if image_token_id is not None and n_image_tokens is not None:
-        cached = int((np.asarray(sample.input_ids) == image_token_id).sum())
-        if cached != n_image_tokens:
-            raise AlignKDError(
-                f"sample {sample.sample_id}: the student's processor gives its image {n_image_tokens} image "
-                f"tokens but the teacher saw {cached}; teacher and student must share the image processor.")
-    grid = image_inputs.get("image_grid_thw")
-    if grid is not None and len(sample.image_grid_thw) and \
-            grid.reshape(-1).tolist() != np.asarray(sample.image_grid_thw).tolist():
+    vision targets would not line up with the student's vision tokens. `encoded` holds
+    (image inputs, image-token count) per image, in order."""
+    cached = np.asarray(sample.image_n_vision).tolist()
+    if image_token_id is not None and None not in (counts := [n for _, n in encoded]) and counts != cached:
+        one = len(counts) == 1
         raise AlignKDError(
-            f"sample {sample.sample_id}: the student's image grid {grid.reshape(-1).tolist()} differs from the "
-            f"teacher's {np.asarray(sample.image_grid_thw).tolist()}; teacher and student must share the image processor.")
+            f"sample {sample.sample_id}: the student's processor gives its image{'' if one else 's'} "
+            f"{counts[0] if one else counts} image tokens but the teacher saw {cached[0] if one else cached}; "
+            "teacher and student must share the image processor.")
+    grids = [inputs["image_grid_thw"].reshape(-1).tolist() for inputs, _ in encoded if "image_grid_thw" in inputs]
+    grid = [v for g in grids for v in g]
+    if grid and len(sample.image_grid_thw) and grid != np.asarray(sample.image_grid_thw).tolist():
+        raise AlignKDError(
+            f"sample {sample.sample_id}: the student's image grid {grid} differs from the teacher's "
+            f"{np.asarray(sample.image_grid_thw).tolist()}; teacher and student must share the image processor.")
 
 
 def item_from_record(rec, image_inputs: dict, vocab_size: int | None = None, logit_mode: str = "topk") -> dict:

@@ -29,7 +29,7 @@ def normalise_answer(text: str) -> str:
 class EvalConfig:
     model: str
     data: str
-    images: str
+    images: str | None = None
     max_length: int = 2048
     max_new_tokens: int = 16
     batch_size: int = 64
@@ -38,9 +38,9 @@ class EvalConfig:
 
     def __post_init__(self) -> None:
         check_model_arg(self.model, "--model", "model directory")
-        if not Path(self.data).is_file():
+        if not Path(self.data).exists():
             raise ConfigError(f"manifest {self.data} does not exist.")
-        if not Path(self.images).is_dir():
+        if self.images is not None and not Path(self.images).is_dir():
             raise ConfigError(f"images directory {self.images} does not exist.")
 
 
@@ -103,7 +103,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     """Score `cfg.model` (or an already loaded `model`/`processor`) on `cfg.data`."""
     from tqdm import tqdm
 
-    from alignkd.data import SampleError, read_manifest, render_sample
+    from alignkd.data import RenderRules, SampleError, open_source, render_sample
     from alignkd.models.families import FAMILIES
 
     if model is None:
@@ -113,8 +113,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
         model, processor = vlm.model, vlm.processor
     model.eval()
     family = FAMILIES.get(model.config.model_type)  # any chat-template VLM can be scored, supported or not
-    prompt_format = family.prompt_format if family else "chat_template"
-    records = read_manifest(cfg.data)[: cfg.limit]
+    rules = family.render_rules(model.config) if family else RenderRules(family=model.config.model_type)
+    records = list(open_source(cfg.data).records())[: cfg.limit]
     qtypes = _question_types(cfg.data)
     hits: list[tuple[str | None, int]] = []
     ce_sum, ce_tokens, skipped = 0.0, 0, 0
@@ -123,7 +123,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
         samples = []
         for rec in records[start:start + cfg.batch_size]:
             try:
-                samples.append(render_sample(rec, processor, cfg.images, cfg.max_length, prompt_format))
+                samples.append(render_sample(rec, processor, cfg.images, cfg.max_length, rules))
             except SampleError:
                 skipped += 1
         if samples:
@@ -145,6 +145,8 @@ def _question_types(manifest: str) -> dict[str, str]:
     """Optional per-record `qtype` field, used to break accuracy down by question type."""
     import json
 
+    if Path(manifest).is_dir() or Path(manifest).suffix.lower() == ".parquet":
+        return {}
     text = Path(manifest).read_text()
     try:
         records = json.loads(text)

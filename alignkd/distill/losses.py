@@ -199,6 +199,8 @@ def attention_loss(
             f"attention_loss: adapted teacher {tuple(target.shape)} != student {tuple(student_attn.shape)}"
         )
     B, H, T, Nv = student_attn.shape
+    if Nv == 0 or T == 0:  # text-only batch: no rows to distil; 0 that still reaches every parameter
+        return (student_attn.sum() + target.sum()) * 0.0
     cols = torch.ones(B, Nv, dtype=torch.bool, device=student_attn.device) if vision_mask is None \
         else vision_mask.bool()
     rows = row_mask.bool()[:, None, :, None].expand_as(student_attn)
@@ -238,7 +240,7 @@ def vision_loss(
 
     student_vis [B, N_v, d_s], teacher_vis [B, N_v, d_t], focus [B, N_v]; the top-k
     tokens thus count twice. k clamps to N_v. valid [B] drops samples (e.g. padding
-    or text-only samples) from both means. Its scale is the teacher features' scale,
+    samples) from both means, as do samples without vision tokens (text only). Its scale is the teacher features' scale,
     and both sides can shrink together; `normalized_vision_loss` is the default.
     vision_mask [B, N_v] marks each sample's real tokens when N_v varies per sample: each
     sample's means run over its own N_v_b tokens and its own k = min(topk, N_v_b) (topk may
@@ -276,6 +278,7 @@ def _token_mse_with_topk(pred: Tensor, target: Tensor, focus: Tensor, topk: int 
     B, Nv, _ = pred.shape
     ok = torch.ones(B, dtype=torch.bool, device=pred.device) if valid is None else valid.bool()
     real = torch.ones(B, Nv, dtype=torch.bool, device=pred.device) if vision_mask is None else vision_mask.bool()
+    ok = ok & real.any(-1)  # a text-only sample has no vision tokens and takes no part in either mean
     sq = torch.where(real, ((target - pred) ** 2).mean(-1), 0.0)  # [B, N_v]
     k_b = torch.as_tensor(topk, device=pred.device).expand(B).clamp(max=Nv)
     k_b = torch.minimum(k_b, real.sum(-1))  # [B], each sample's own k

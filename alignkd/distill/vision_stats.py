@@ -23,13 +23,18 @@ def teacher_vision_stats(reader, max_samples: int = MAX_SAMPLES) -> tuple[torch.
     n = len(reader)
     if n == 0:
         raise ValueError("teacher_vision_stats needs at least one cached sample")
-    picks = np.unique(np.linspace(0, n - 1, min(n, max_samples)).round().astype(np.int64))
+    with_vision = np.flatnonzero(reader.vision_counts > 0)  # text-only samples hold no tokens
+    m = len(with_vision)
+    picks = with_vision[np.unique(np.linspace(0, m - 1, min(m, max_samples)).round().astype(np.int64))] if m else []
     total = count = total_sq = 0
     for i in picks:
         vis = np.asarray(reader[int(i)].vision, dtype=np.float64)  # [Nv, d_t]
         total = total + vis.sum(0)
         total_sq = total_sq + (vis**2).sum(0)
         count += vis.shape[0]
+    if count == 0:  # a text-only cache: nothing to standardise, and L_vis has no tokens
+        width = int(reader.meta["teacher_shapes"]["hidden_size"])
+        return torch.zeros(width), torch.ones(width)
     mean = total / count
     var = np.maximum(total_sq / count - mean**2, 0.0)
     std = np.sqrt(var)

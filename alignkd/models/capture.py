@@ -28,7 +28,7 @@ class CaptureOutput:
     vision_tokens: torch.Tensor  # [B, Nv, d] decoder inputs at the image positions, in order (0 past Nv_b)
     vision_positions: torch.Tensor  # [B, Nv] long, -1 past sample b's own count Nv_b
     vision_mask: torch.Tensor  # [B, Nv] bool, the first Nv_b entries of row b
-    text_query_mask: torch.Tensor  # [B, L] bool, valid text positions after the last image token
+    text_query_mask: torch.Tensor  # [B, L] bool, valid text positions after the last image token (all: text only)
     attn_text_vision: torch.Tensor  # [B, H, L, Nv] layer-0 probabilities (softmax over all keys; 0 past Nv_b)
     layer0_attn: torch.Tensor | None = None  # [B, H, L, L] only with return_full_layer0=True
     loss: torch.Tensor | None = None  # the model's own loss when the batch has labels
@@ -112,22 +112,20 @@ def _run_listening(model, family, batch: dict, keep_graph: bool):
 def vision_positions(image_mask: torch.Tensor) -> torch.Tensor:
     """[B, max Nv_b] image-token positions in sequence order, -1 past each sample's own count.
 
-    Counts may differ per sample (dynamic resolution, any-res tiles) and the positions need
-    not be contiguous (tiles, row separators); every sample needs at least one.
+    Counts may differ per sample (dynamic resolution, any-res tiles, several images, none
+    for a text-only sample) and the positions need not be contiguous (tiles, row
+    separators, text between images).
     """
     counts = image_mask.sum(dim=1)
-    if counts.numel() == 0 or int(counts.min()) == 0:
-        raise AlignKDError(
-            f"every sample in a capture batch needs an image (got image-token counts {counts.tolist()})."
-        )
     # A stable sort puts the image positions first, each row in increasing order.
-    order = torch.argsort((~image_mask).to(torch.int8), dim=1, stable=True)[:, : int(counts.max())]
+    order = torch.argsort((~image_mask).to(torch.int8), dim=1, stable=True)[:, : int(counts.max()) if counts.numel() else 0]
     slot = torch.arange(order.shape[1], device=order.device)
     return torch.where(slot[None] < counts[:, None], order, -1)
 
 
 def text_query_mask(image_mask: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Valid (attention_mask 1) positions strictly after each sample's last image token."""
+    """Valid (attention_mask 1) positions strictly after each sample's last image token: the
+    text that sees every image (every valid position of a text-only sample)."""
     length = image_mask.shape[1]
     idx = torch.arange(length, device=image_mask.device).expand_as(image_mask)
     last_image = torch.where(image_mask, idx, torch.full_like(idx, -1)).max(dim=1).values

@@ -18,6 +18,10 @@ Quirks a row can declare:
 - `eager_text_models`: text-model types whose attention sdpa cannot run (Gemma2's logit
   softcapping, which PaliGemma2 uses): such a model loads with eager attention and the
   probe runs eager in every layer, not just layer 0.
+- `multi_image`: whether alignkd takes records with several images for the family. It is
+  True where a two-image record's cache equals the live teacher (tests/test_families.py,
+  tests/test_records.py); PaliGemma, a prefix-LM with its image first, takes one, and a
+  record with several is a reject naming the family.
 Everything else (several image runs per image, LLaVA-NeXT's image_newline rows, a
 per-sample vision-token count) needs no row field: the capture reads image positions
 from `input_ids`, whatever their number and layout.
@@ -44,6 +48,14 @@ class VLMFamily:
     token_inputs: tuple[str, ...] = ()
     prompt_format: str = "chat_template"  # or "prefix_lm"
     eager_text_models: tuple[str, ...] = ()
+    multi_image: bool = False
+
+    def render_rules(self, config):
+        """The facts the data layer's renderer needs (it does not import this module)."""
+        from alignkd.data.render import RenderRules
+
+        return RenderRules(family=self.name, prompt_format=self.prompt_format, multi_image=self.multi_image,
+                           image_token_id=self.get_image_token_id(config))
 
     def get_text_config(self, config):
         return _resolve(config, self.text_config)
@@ -69,20 +81,21 @@ class VLMFamily:
         return "eager" if text_type in self.eager_text_models else "sdpa"
 
 
-_QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual"}
+_QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual", "multi_image": True}
 
 FAMILIES: dict[str, VLMFamily] = {
-    "llava": VLMFamily("llava"),
-    "llava_next": VLMFamily("llava_next"),
-    "llava_onevision": VLMFamily("llava_onevision"),
+    "llava": VLMFamily("llava", multi_image=True),
+    "llava_next": VLMFamily("llava_next", multi_image=True),
+    "llava_onevision": VLMFamily("llava_onevision", multi_image=True),
     "qwen2_vl": VLMFamily("qwen2_vl", **_QWEN),
     "qwen2_5_vl": VLMFamily("qwen2_5_vl", **_QWEN),
     "qwen3_vl": VLMFamily("qwen3_vl", **_QWEN),
-    "gemma3": VLMFamily("gemma3", token_inputs=("token_type_ids",)),
-    "idefics3": VLMFamily("idefics3", decoder="model.text_model", vision_tower="model.vision_model"),
-    "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model"),
-    "internvl": VLMFamily("internvl"),
-    "mistral3": VLMFamily("mistral3"),
+    "gemma3": VLMFamily("gemma3", token_inputs=("token_type_ids",), multi_image=True),
+    "idefics3": VLMFamily("idefics3", decoder="model.text_model", vision_tower="model.vision_model",
+                          multi_image=True),
+    "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model", multi_image=True),
+    "internvl": VLMFamily("internvl", multi_image=True),
+    "mistral3": VLMFamily("mistral3", multi_image=True),
     # PaliGemma (Gemma LM) and PaliGemma2 (Gemma2 LM) share the model_type
     "paligemma": VLMFamily("paligemma", token_inputs=("token_type_ids",), prompt_format="prefix_lm",
                            eager_text_models=("gemma2",)),

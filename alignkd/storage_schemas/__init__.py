@@ -12,7 +12,9 @@ from __future__ import annotations
 import pyarrow as pa
 
 FORMAT_NAME = "alignkd-cache"
-SCHEMA_VERSION = 3  # 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed
+# 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed;
+# 4: any number of images per sample (text-only samples, several images: list-valued image columns)
+SCHEMA_VERSION = 4
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -140,9 +142,13 @@ SAMPLE_SCHEMA = pa.schema([
     ("teacher_ce", pa.float64()),
     ("teacher_entropy", pa.float64()),
     ("teacher_tail_mass", pa.float64()),
-    ("image_path", pa.string()),
-    ("image_sha256", pa.string()),
-    ("image_bytes", pa.binary()),
+    # the sample's images in order (none for text only): image k owns the next image_n_vision[k]
+    # entries of the vision-token axis; image_bytes is [] when the cache keeps no images
+    ("n_images", pa.int32()),
+    ("image_paths", pa.list_(pa.string())),
+    ("image_sha256", pa.list_(pa.string())),
+    ("image_n_vision", _i32_list),
+    ("image_bytes", pa.list_(pa.binary())),
 ])
 # list columns the student replays as model inputs, beside input_ids
 REPLAYED_COLUMNS = ("token_type_ids", "mm_token_type_ids", "image_grid_thw")

@@ -1,0 +1,168 @@
+"""Where records come from: a JSON/JSONL manifest, or a Parquet dataset read row group by row group.
+
+    source = open_source("train.json")            # or a .parquet file, or a directory of them
+    index = source.index()                         # (row, id, problem) of every row: cheap
+    for record in source.records(rows={0, 5}):    # ManifestRecords, in row order, streamed
+        ...
+
+Both kinds number rows 0.. in file order (a Parquet directory: its *.parquet files sorted
+by name, then their rows), so resume, `--limit`, torchrun's row split, duplicate ids and
+reject rows mean the same thing for every source.
+
+**Parquet** in the layout Hugging Face datasets publish (LLaVA-OneVision, ShareGPT4V-style
+exports): an `id` column; a `conversations` (LLaVA turns) or `messages` (chat) column; an
+image column `image` or `images` holding one `{bytes, path}` struct, a list of them, or
+null (text only). Images come from the bytes (a struct with no bytes falls back to its path
+under `--images`). A dataset without an `id` column gets `FILE#ROW` ids (the file's name
+and the row within it): stable across runs, never random. Only one row group is held in
+memory at a time, and row groups holding no wanted row are not read at all: millions of
+rows with their images stream through.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+from alignkd.data.errors import ManifestError
+from alignkd.data.manifest import ImageRef, ManifestRecord, read_manifest, record_from_fields
+
+ID_COLUMN = "id"
+TURN_COLUMNS = ("conversations", "messages")
+IMAGE_COLUMNS = ("image", "images")
+
+
+@dataclass(frozen=True)
+class RowId:
+    row: int
+    sample_id: str
+    problem: str | None = None
+
+
+class JsonSource:
+    """A JSON list or JSONL manifest, parsed whole (manifests of paths are small)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._records = read_manifest(path)
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def index(self) -> list[RowId]:
+        return [RowId(r.row, r.sample_id, r.problem) for r in self._records]
+
+    def records(self, rows: set[int] | None = None) -> Iterator[ManifestRecord]:
+        return (r for r in self._records if rows is None or r.row in rows)
+
+
+class ParquetSource:
+    """A Parquet file or a directory of them; see the module docstring for the layout."""
+
+    def __init__(self, path: Path) -> None:
+        import pyarrow.parquet as pq
+
+        self.path = path
+        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
+        if not files:
+            raise ManifestError(f"directory {path} holds no .parquet files.")
+        self._files = []
+        for f in files:
+            try:
+                pf = pq.ParquetFile(f)
+            except PermissionError:
+                raise ManifestError(f"Parquet file {f} cannot be read (permission denied).") from None
+            except Exception as err:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+                raise ManifestError(f"{f} is not a readable Parquet file ({err}).") from None
+            self._files.append((f, pf))
+        self._columns = self._check_columns()
+
+    def _check_columns(self) -> dict[str, str | None]:
+        names = set(self._files[0][1].schema_arrow.names)
+        turns = [c for c in TURN_COLUMNS if c in names]
+        if len(turns) != 1:
+            raise ManifestError(f"{self._files[0][0]} needs exactly one of the columns {', '.join(TURN_COLUMNS)} "
+                                f"(it has {', '.join(sorted(names))}).")
+        images = [c for c in IMAGE_COLUMNS if c in names]
+        if len(images) > 1:
+            raise ManifestError(f"{self._files[0][0]} has both an 'image' and an 'images' column; keep one.")
+        for f, pf in self._files[1:]:
+            if set(pf.schema_arrow.names) != names:
+                raise ManifestError(f"{f} has other columns than {self._files[0][0]}; every file of a "
+                                    "dataset directory must share one schema.")
+        return {"turns": turns[0], "image": images[0] if images else None,
+                "id": ID_COLUMN if ID_COLUMN in names else None}
+
+    def __len__(self) -> int:
+        return sum(pf.metadata.num_rows for _, pf in self._files)
+
+    def index(self) -> list[RowId]:
+        out, row = [], 0
+        for f, pf in self._files:
+            if self._columns["id"] is None:
+                out += [RowId(row + i, f"{f.name}#{i}") for i in range(pf.metadata.num_rows)]
+            else:
+                ids = pf.read(columns=[ID_COLUMN]).column(0).to_pylist()
+                out += [_row_id(row + i, raw) for i, raw in enumerate(ids)]
+            row += pf.metadata.num_rows
+        return out
+
+    def records(self, rows: set[int] | None = None) -> Iterator[ManifestRecord]:
+        """Every wanted row's record, reading one row group at a time."""
+        first = 0
+        for f, pf in self._files:
+            for g in range(pf.num_row_groups):
+                n = pf.metadata.row_group(g).num_rows
+                wanted = range(first, first + n) if rows is None else [r for r in range(first, first + n) if r in rows]
+                if wanted:
+                    yield from self._group_records(f, pf, g, first, wanted)
+                first += n
+
+    def _group_records(self, f: Path, pf, group: int, first: int, wanted) -> Iterator[ManifestRecord]:
+        cols = [c for c in self._columns.values() if c is not None]
+        table = pf.read_row_group(group, columns=cols)
+        data = {c: table.column(c) for c in cols}
+        del table
+        base = first - sum(pf.metadata.row_group(g).num_rows for g in range(group))  # row 0 of this file
+        for row in wanted:
+            i = row - first
+            item = {self._columns["turns"]: data[self._columns["turns"]][i].as_py()}
+            raw_id = data[ID_COLUMN][i].as_py() if self._columns["id"] else f"{f.name}#{row - base}"
+            images = _image_refs(data[self._columns["image"]][i].as_py()) if self._columns["image"] else ()
+            yield record_from_fields(row, raw_id, images, item)
+
+
+def _row_id(row: int, raw) -> RowId:
+    if isinstance(raw, bool) or not isinstance(raw, (str, int)) or str(raw) == "":
+        return RowId(row, f"row{row}", "missing_id")
+    return RowId(row, str(raw))
+
+
+def _image_refs(value) -> tuple[ImageRef, ...] | None:
+    """`{bytes, path}` struct, a list of them, or null -> ImageRefs (None: malformed)."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list) else [value]
+    refs = []
+    for item in items:
+        if not isinstance(item, dict):
+            return None
+        data, path = item.get("bytes"), item.get("path")
+        if data:
+            refs.append(ImageRef(path=path or None, data=bytes(data)))
+        elif isinstance(path, str) and path:
+            refs.append(ImageRef(path=path))
+        else:
+            return None
+    return tuple(refs)
+
+
+def open_source(path) -> JsonSource | ParquetSource:
+    """The record source at `path`: a .parquet file or a directory of them, else JSON/JSONL."""
+    path = Path(path)
+    if not path.exists():
+        raise ManifestError(f"manifest {path} does not exist.")
+    if path.is_dir() or path.suffix.lower() == ".parquet":
+        return ParquetSource(path)
+    return JsonSource(path)
