@@ -363,3 +363,12 @@ def test_killed_during_export_leaves_no_complete_looking_student_and_resume_fini
     for name in ("model.safetensors", "adapters.safetensors"):
         got, want = safetensors.torch.load_file(out / name), safetensors.torch.load_file(tmp_path / "full" / name)
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want), name
+
+
+def test_temperature_needs_a_topk_cache(world, tiny_student_dir, tmp_path):
+    from alignkd.errors import ConfigError
+
+    cfg = DistillConfig(student=str(tiny_student_dir), cache=world["caches"]["sampled"].out, out=str(tmp_path / "o"),
+                        max_steps=1, temperature=2.0, progress=False, workers=0)
+    with pytest.raises(ConfigError, match="--temperature 2.0 needs a cache built with --logit-mode topk"):
+        distill(cfg)

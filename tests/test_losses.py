@@ -76,6 +76,28 @@ def test_topk_temperature_scales_by_tau_squared():
     torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
 
 
+def test_a_temperature_1_cache_is_tempered_exactly_when_the_tail_is_stored_whole():
+    """The cache holds temperature-1 targets; distilling at tau re-tempers them. With every token
+    of the vocabulary in S (an empty tail) that is exactly the teacher at tau; with a tail it is
+    the documented even-spread estimate, which bounds the tempered tail mass from above."""
+    from alignkd.distill.losses import temper_topk_target
+
+    teacher, student = randn(3, 20, seed=16), randn(3, 20, seed=17)
+    full = encode_topk(teacher, 20, temperature=1.0)
+    values, tail = temper_topk_target(full.values, full.ids, full.tail, 2.0, 20)
+    at_tau = encode_topk(teacher, 20, temperature=2.0)
+    torch.testing.assert_close(values, at_tau.values, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(sparse_kl_topk(student, full.ids, values, tail, 2.0),
+                               sparse_kl_topk(student, at_tau.ids, at_tau.values, at_tau.tail, 2.0))
+    part = encode_topk(teacher, 5, temperature=1.0)
+    values, tail = temper_topk_target(part.values, part.ids, part.tail, 2.0, 20)
+    exact = encode_topk(teacher, 5, temperature=2.0)
+    assert (tail >= exact.tail - 1e-6).all() and (values.exp().sum(-1) + tail - 1).abs().max() < 1e-5
+    same_values, same_tail = temper_topk_target(part.values, part.ids, part.tail, 1.0, 20)
+    torch.testing.assert_close(same_values, part.values)
+    torch.testing.assert_close(same_tail, part.tail)
+
+
 def test_topk_gradients_finite_when_k_covers_vocab():
     student = randn(2, 10, seed=8).requires_grad_()
     t = encode_topk(randn(2, 10, seed=9), 10)

@@ -57,6 +57,26 @@ def sparse_kl_topk(
     return _valid_mean(head + tail_term, valid.any(-1)) * temperature**2
 
 
+def temper_topk_target(teacher_logp: Tensor, ids: Tensor, tail: Tensor, temperature: float,
+                       vocab_size: int) -> tuple[Tensor, Tensor]:
+    """A top-k target stored at temperature 1 (what `cache build` writes) taken to temperature tau:
+    p_i^(1/tau), renormalised. Returns (log-probs of S, tail mass), the inputs `sparse_kl_topk`
+    expects at tau.
+
+    The tail's tokens are not stored, so their tempered mass is computed as if the tail mass were
+    spread evenly over the vocabulary's other V - |S| tokens: exact at tau = 1 or for an empty
+    tail, and an upper bound on it for tau > 1 (x^(1/tau) is concave).
+    """
+    valid = ids >= 0
+    scaled = torch.where(valid, teacher_logp.float() / temperature, torch.full_like(teacher_logp, _MASKED))
+    rest = (vocab_size - valid.sum(-1)).clamp(min=1).float()
+    r = tail.float().clamp(min=0)
+    log_tail = torch.where(r > 0, rest.log() + (r.clamp(min=1e-30).log() - rest.log()) / temperature,
+                           torch.full_like(r, _MASKED))
+    log_z = torch.logsumexp(torch.cat([scaled, log_tail[:, None]], dim=-1), dim=-1, keepdim=True)
+    return torch.where(valid, scaled - log_z, teacher_logp), (log_tail - log_z[:, 0]).exp()
+
+
 def sparse_kl_sampled(
     student_logits: Tensor, ids: Tensor, counts: Tensor, n: int | Tensor, temperature: float = 1.0
 ) -> Tensor:

@@ -106,7 +106,7 @@ class AlignKDObjective(nn.Module):
     def loss_terms(self, cap, batch: dict) -> dict[str, torch.Tensor]:
         """Every enabled term from a student capture and the cached teacher targets."""
         from alignkd.distill.losses import (ce_loss, default_vision_topk, normalized_vision_loss, sparse_kl_sampled,
-                                            sparse_kl_topk, vision_loss)
+                                            sparse_kl_topk, temper_topk_target, vision_loss)
 
         terms: dict[str, torch.Tensor] = {}
         w = self.weights
@@ -118,8 +118,10 @@ class AlignKDObjective(nn.Module):
             ids = batch["t_logit_ids"][rows, cols]
             values = batch["t_logit_values"][rows, cols]
             if self.logit_mode == "topk":
-                terms["logit"] = sparse_kl_topk(logits, ids, values, batch["t_logit_tail"][rows, cols],
-                                                self.temperature)
+                tail = batch["t_logit_tail"][rows, cols]
+                if self.temperature != 1.0:  # the cache holds the teacher at temperature 1
+                    values, tail = temper_topk_target(values, ids, tail, self.temperature, logits.shape[-1])
+                terms["logit"] = sparse_kl_topk(logits, ids, values, tail, self.temperature)
             else:
                 terms["logit"] = sparse_kl_sampled(logits, ids, values, self.logit_samples, self.temperature)
         if w.vis > 0:

@@ -145,6 +145,9 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     vlm = load_vlm(resolve_model(cfg.student, "--student").path, dtype="float32")
     check_student_fits_cache(vlm, reader)
     meta = reader.meta
+    if cfg.temperature != 1.0 and meta["build_options"]["logit_mode"] != "topk":
+        raise ConfigError(f"--temperature {cfg.temperature} needs a cache built with --logit-mode topk: sampled "
+                          "logit targets are draws from the teacher at temperature 1 and cannot be re-tempered.")
     student = vlm.model
     student.train()
     _freeze(student, cfg.freeze, vlm.family)
