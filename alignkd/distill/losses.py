@@ -14,8 +14,9 @@ for the same t. Policies:
 
 Temperature convention: the logit losses take q = softmax(z_s / tau) and are
 multiplied by tau^2 (Hinton et al.), so the gradient scale does not shrink as tau
-grows and the weights w_logit stay comparable across temperatures. The cached
-teacher side must have been built at the same tau.
+grows and the weights w_logit stay comparable across temperatures. The cache holds the
+teacher at tau = 1; `temper_topk_target` takes a top-k target to tau (sampled targets cannot
+be re-tempered, and `distill` refuses tau != 1 on them).
 """
 
 from __future__ import annotations
