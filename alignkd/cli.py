@@ -111,12 +111,20 @@ def cache_build(no_progress: bool, **opts) -> None:
     if not dist_info().is_main:
         return
     rejects = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.rejects.items())) or "none"
-    size = (f"{summary.bytes_per_sample / 1e3:.1f} kB/sample on disk" if summary.cached_total
+    size = (_footprint_words(summary) if summary.cached_total
             else "the cache holds no samples yet, so it cannot train a student")
     click.echo(
         f"cached {summary.samples} samples ({summary.skipped_done} rows already done), "
         f"rejects: {rejects}; {size}; {summary.seconds:.1f}s -> {summary.out}"
     )
+
+
+def _footprint_words(summary) -> str:
+    """Bytes as `cache stats` counts them: the shards per sample, what the cache holds once, images shared."""
+    from alignkd.cache.stats import kilobytes
+
+    return (f"{kilobytes(summary.bytes_per_sample)} per sample in shards + {kilobytes(sum(summary.fixed.values()))} "
+            f"once ({', '.join(summary.fixed)}); {summary.images:,} images, {summary.distinct_images:,} distinct")
 
 
 @cache.command("sql")

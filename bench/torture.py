@@ -80,7 +80,7 @@ def _after_nth(owner, name: str, n: int, when=lambda *a, **k: True, before: bool
 
 def arm(kill: Kill) -> None:
     """Make this process die at `kill`'s moment."""
-    from alignkd.cache import catalog, shard_format, writer
+    from alignkd.cache import catalog, shard_commit, shard_format
     from alignkd.storage_schemas import SHARD_JSON
 
     if kill.point == "time":
@@ -88,7 +88,7 @@ def arm(kill: Kill) -> None:
     elif kill.point == "chunk":
         _after_nth(shard_format.ArrayFileWriter, "_write_sample", kill.n)
     elif kill.point == "shard_json":
-        _after_nth(writer, "_write_durable", kill.n, when=lambda path, data: Path(path).name == SHARD_JSON)
+        _after_nth(shard_commit, "write_durable", kill.n, when=lambda path, data: Path(path).name == SHARD_JSON)
     elif kill.point == "renamed":
         _after_nth(catalog, "record_shard", kill.n, before=True)
     elif kill.point == "catalog_write":

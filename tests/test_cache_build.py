@@ -231,6 +231,27 @@ def test_bad_rows_are_rejected_and_every_row_is_accounted_for(tmp_path, tiny_lla
     assert rows == list(range(len(json.loads(data.read_text()))))
 
 
+def assert_closing_line(output: str, out: Path, head: str, images: int, distinct: int) -> None:
+    """`cache build` closes with `cache stats`' own bytes per sample (the shards over the samples),
+    what the cache holds once (everything beside shards/), and its images against distinct ones."""
+    import re
+
+    from alignkd.cache.stats import kilobytes
+
+    stats = json.loads(cli("cache", "stats", out, "--json").output)
+    per_sample = kilobytes(stats["bytes_per_sample"])
+    assert f"on disk {per_sample} per sample;" in cli("cache", "stats", out).output  # what stats prints
+    fixed = sum(p.stat().st_size for p in out.rglob("*") if p.is_file() and p.relative_to(out).parts[0]
+                in ("cache.json", "catalog.duckdb", "tokenizer"))
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {
+        "cache.json", "catalog.duckdb", "tokenizer", "shards"}
+    expected = (f"{head}; {per_sample} per sample in shards + {kilobytes(fixed)} once "
+                f"(cache.json, catalog.duckdb, tokenizer); {images} images, {distinct} distinct; ")
+    line = output.strip().splitlines()[-1]
+    assert re.fullmatch(re.escape(expected) + r"\d+\.\ds -> " + re.escape(str(out)), line), (line, expected)
+    assert (stats["images"]["images"], stats["images"]["distinct_images"]) == (images, distinct)
+
+
 def test_text_only_rows_are_cached_inside_an_image_batch(tmp_path, tiny_llava_dir):
     """A text-only record batched with image records: no vision tokens and no attention rows for
     it, its logits and labels as for any sample, and its neighbours unchanged."""
@@ -241,7 +262,8 @@ def test_text_only_rows_are_cached_inside_an_image_batch(tmp_path, tiny_llava_di
         result = cli("cache", "build", "--teacher", tiny_llava_dir, "--data", data, "--images", images,
                      "--out", tmp_path / name, "--batch-size", size, "--attn-dtype", "float16", "--no-progress")
         assert result.exit_code == 0, result.output
-        assert result.output.startswith("cached 4 samples (0 rows already done), rejects: none")
+        assert_closing_line(result.output, tmp_path / name, "cached 4 samples (0 rows already done), rejects: none",
+                            images=3, distinct=3)
     assert sql(tmp_path / "cache", "SELECT sample_id, n_images, n_vision, n_text, n_logit_positions > 0 AS logits "
                                    "FROM samples WHERE sample_id = 't'") == [
         {"sample_id": "t", "n_images": 0, "n_vision": 0, "n_text": 0, "logits": True}]

@@ -36,9 +36,9 @@ def _build_pausing_in_each_shard(cfg) -> tuple[int, int, int]:
     if pid == 0:
         code = 1
         try:
-            from alignkd.cache import writer
+            from alignkd.cache import shard_commit
 
-            add = writer._ShardInProgress.add
+            add = shard_commit.ShardInProgress.add
 
             def add_then_pause(shard, rec, encoded, store_images):
                 add(shard, rec, encoded, store_images)
@@ -46,7 +46,7 @@ def _build_pausing_in_each_shard(cfg) -> tuple[int, int, int]:
                     os.write(done_w, b"c")
                     os.read(go_r, 1)
 
-            writer._ShardInProgress.add = add_then_pause
+            shard_commit.ShardInProgress.add = add_then_pause
             build_cache(cfg)
             code = 0
         finally:

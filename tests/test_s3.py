@@ -76,13 +76,12 @@ KILLED = """
 import os, sys, time
 sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
 from test_cache_storage import make_record, META
-from alignkd.cache.location import cache_path
+from alignkd.cache.storage import open_store
 from alignkd.cache.writer import CacheWriter
 w = CacheWriter({url!r}, META, shard_size=2)
 for i in range(3):
     w.add(make_record(i))
-done = cache_path({url!r}) / "shards" / "shard-000000" / "shard.json"
-while not done.is_file():
+while not open_store({url!r}).is_file("shards/shard-000000/shard.json"):
     time.sleep(0.05)
 os._exit(0)  # killed: the third sample's shard is never uploaded
 """

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from transformers import TrainerCallback
 
-from alignkd.cache import writer
+from alignkd.cache import shard_commit
 from alignkd.distill import engine
 
 
@@ -38,14 +38,14 @@ class RecordStart(TrainerCallback):
 def arm() -> None:
     extra = []
     if os.environ.get("RANK") in os.environ.get("ALIGNKD_PAUSE_RANK", "").split(","):
-        commit = writer._ShardInProgress.commit
+        commit = shard_commit.ShardInProgress.commit
 
         def commit_then_hold(self):
             doc = commit(self)
             hold()
             return doc
 
-        writer._ShardInProgress.commit = commit_then_hold
+        shard_commit.ShardInProgress.commit = commit_then_hold
         extra.append(Hold())
     if os.environ.get("ALIGNKD_START_STEP"):
         extra.append(RecordStart())

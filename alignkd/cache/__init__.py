@@ -2,7 +2,8 @@
 
 Storage API (imported lazily so `import alignkd.cache.build` stays light):
 `CacheWriter`, `SampleRecord` (writer), `open_cache`, `CacheReader`, `CachedSample`
-(reader), `run_sql`, `rebuild_catalog` (catalog), `verify_cache`, `Problem` (verify).
+(reader), `run_sql`, `rebuild_catalog` (catalog), `verify_cache`, `Problem` (verify),
+`open_store` (storage: the one seam between the cache and local disk or object storage).
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ _EXPORTS = {
     "open_cache": "reader", "CacheReader": "reader", "CachedSample": "reader",
     "run_sql": "catalog", "rebuild_catalog": "catalog",
     "verify_cache": "verify", "Problem": "verify",
-    "CacheFormatError": "shard_format", "CacheLockedError": "lock",
+    "CacheFormatError": "shard_format", "CacheLockedError": "lock", "open_store": "storage",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 import time
 from collections import Counter
 from dataclasses import asdict, dataclass, field
@@ -82,13 +81,12 @@ class BuildSummary:
     samples: int
     rejects: Counter = field(default_factory=Counter)
     skipped_done: int = 0
-    bytes_on_disk: int = 0
     cached_total: int = 0  # samples in the whole cache, earlier runs of a resume included
+    bytes_per_sample: float = 0.0  # the shards' bytes per sample, as `cache stats` counts them
+    fixed: dict = field(default_factory=dict)  # what the cache holds once (tokenizer, cache.json, ...): bytes
+    images: int = 0
+    distinct_images: int = 0
     seconds: float = 0.0
-
-    @property
-    def bytes_per_sample(self) -> float:
-        return self.bytes_on_disk / max(self.cached_total, 1)
 
 
 def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> None:
@@ -119,8 +117,8 @@ def save_tokenizer(tokenizer, cache, teacher_dir: Path | None = None) -> None:
     """Keep the teacher's tokenizer in the cache, so distill can check a student against it
     after the teacher directory is gone, and beside it the teacher's processor files
     (`PROCESSOR_FILES`), whose settings `cache show` needs to lay out the vision tokens.
-    Written to a temporary name, then renamed (on object storage: saved locally, then uploaded)."""
-    from alignkd.cache.location import cache_path, is_remote, upload_dir
+    Written whole under a temporary name, then published (renamed, or uploaded to object storage)."""
+    from alignkd.cache.storage import open_store
 
     def save(into: Path) -> None:
         tokenizer.save_pretrained(into)
@@ -128,26 +126,7 @@ def save_tokenizer(tokenizer, cache, teacher_dir: Path | None = None) -> None:
             if (Path(teacher_dir) / name).is_file():
                 shutil.copyfile(Path(teacher_dir) / name, into / name)
 
-    if is_remote(cache):
-        target = cache_path(cache) / TOKENIZER_DIR
-        if not target.is_dir():
-            with tempfile.TemporaryDirectory() as tmp:
-                save(Path(tmp))
-                upload_dir(Path(tmp), target)
-        return
-    target = cache / TOKENIZER_DIR
-    if target.is_dir():
-        return
-    tmp = cache / f".tmp-{TOKENIZER_DIR}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save(tmp)
-    tmp.rename(target)
-
-
-def directory_bytes(path) -> int:
-    from alignkd.cache.location import tree_bytes
-
-    return tree_bytes(path)
+    open_store(cache).write_dir(TOKENIZER_DIR, save)
 
 
 def build_cache(cfg: BuildConfig) -> BuildSummary:
@@ -157,7 +136,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     writes its own shards; rank 0 creates the cache first and rebuilds the catalog last.
     """
     from alignkd.cache.catalog import rebuild_catalog
-    from alignkd.cache.reader import open_cache
+    from alignkd.cache.stats import build_footprint
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS, open_source, split_duplicates
@@ -188,8 +167,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 # catalog.duckdb a shard behind; the shard directories are the truth.
                 rebuild_catalog(cfg.out)
         if dist.is_main:
-            save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out if "://" in str(cfg.out) else Path(cfg.out),
-                           teacher.vlm.path)
+            save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out, teacher.vlm.path)
         done = writer.done_rows
         # this rank's rows only: under torchrun the ranks' counts are summed below
         summary.skipped_done = sum(r.row in done for r in index) + sum(d.row in done for d in duplicates)
@@ -216,7 +194,9 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
             [summary.samples, summary.skipped_done] + [summary.rejects[r] for r in reasons])]
         summary.samples, summary.skipped_done = totals[:2]
         summary.rejects = Counter({r: n for r, n in zip(reasons, totals[2:]) if n})
-    summary.bytes_on_disk = directory_bytes(cfg.out)
-    summary.cached_total = len(open_cache(cfg.out, images=False))
+    footprint = build_footprint(cfg.out)
+    summary.cached_total, summary.bytes_per_sample = footprint["samples"], footprint["bytes_per_sample"]
+    summary.fixed, summary.images = footprint["fixed"], footprint["images"]
+    summary.distinct_images = footprint["distinct_images"]
     summary.seconds = time.perf_counter() - start
     return summary

@@ -16,9 +16,9 @@ is refused before it runs, so the cache cannot change.
 A SELECT can still call DuckDB's table functions (read_csv, read_text, glob, ...), so the
 connection is also sandboxed once the views exist: `allowed_directories` is the cache's
 shards directory only, external access is off (no other file, no URL, no extension) and
-the configuration is locked, so no later statement can lift it. `sandbox_roots` is the
-seam for remote caches: a cache on an fsspec filesystem registers that filesystem on the
-connection before the views are made and lists its own URL prefix there.
+the configuration is locked, so no later statement can lift it. On object storage the
+store registers its filesystem on the connection before the views are made
+(`CacheStore.register_with`), and `sandbox_roots` is the URL prefix of its shards.
 """
 
 from __future__ import annotations
@@ -30,8 +30,8 @@ from pathlib import Path
 import duckdb
 import pyarrow as pa
 
-from alignkd.cache.location import cache_path, filesystem, is_remote
 from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
+from alignkd.cache.storage import CacheStore, open_store
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (CATALOG_FILE, REJECT_SCHEMA, REJECTS_FILE, SAMPLE_SCHEMA,
                                      SAMPLES_FILE, SHARDS_DIR, SHARDS_TABLE_SCHEMA)
@@ -51,29 +51,28 @@ def shard_row(info: dict) -> dict:
             "committed_at": info["committed_at"]}
 
 
-def shards_table(cache: Path) -> pa.Table:
+def shards_table(cache) -> pa.Table:
     rows = [shard_row(read_shard_json(d)) for d in committed_shards(cache)]
     return pa.Table.from_pylist(rows, schema=SHARDS_TABLE_SCHEMA)
 
 
-def _view_sql(con, cache: Path, file_name: str, schema: pa.Schema, have_shards: bool) -> str:
+def _view_sql(con, cache: CacheStore, file_name: str, schema: pa.Schema, have_shards: bool) -> str:
     if have_shards:
-        # object storage: an s3:// glob that DuckDB resolves through the registered fsspec filesystem
-        root = str(cache).rstrip("/") if is_remote(cache) else str(Path(cache).resolve())
-        glob = f"{root}/{SHARDS_DIR}/shard-*/{file_name}".replace("'", "''")
+        # an absolute path, or a URL glob that DuckDB resolves through the store's registered filesystem
+        glob = f"{cache.absolute(SHARDS_DIR)}/shard-*/{file_name}".replace("'", "''")
         return f"SELECT * FROM read_parquet('{glob}')"
     types = con.from_arrow(schema.empty_table()).dtypes
     cols = ", ".join(f'CAST(NULL AS {t}) AS "{f.name}"' for f, t in zip(schema, types))
     return f"SELECT {cols} WHERE false"
 
 
-def _create_views(con, cache: Path, have_shards: bool) -> None:
+def _create_views(con, cache: CacheStore, have_shards: bool) -> None:
     for view, file_name, schema in (("samples", SAMPLES_FILE, SAMPLE_SCHEMA),
                                     ("rejects", REJECTS_FILE, REJECT_SCHEMA)):
         con.execute(f"CREATE OR REPLACE VIEW {view} AS {_view_sql(con, cache, file_name, schema, have_shards)}")
 
 
-def _populate(con, cache: Path, table: pa.Table) -> None:
+def _populate(con, cache: CacheStore, table: pa.Table) -> None:
     con.register("shard_rows", table)
     con.execute("CREATE TABLE shards AS SELECT * FROM shard_rows")
     con.unregister("shard_rows")
@@ -85,15 +84,15 @@ def rebuild_catalog(cache) -> Path | None:
 
     Caches on object storage have no catalog.duckdb (a DuckDB file cannot be updated in
     place there); `run_sql` builds the same tables in memory for every cache."""
-    if is_remote(cache):
+    store = open_store(cache)
+    target = store.local_path(CATALOG_FILE)
+    if target is None:
         return None
-    cache = Path(cache)
-    target = cache / CATALOG_FILE
-    tmp = cache / f"{CATALOG_FILE}.tmp-{os.getpid()}"
+    tmp = target.with_name(f"{CATALOG_FILE}.tmp-{os.getpid()}")
     tmp.unlink(missing_ok=True)
     con = duckdb.connect(str(tmp))
     try:
-        _populate(con, cache, shards_table(cache))
+        _populate(con, store, shards_table(store))
     finally:
         con.close()
     # A process killed while writing the old catalog leaves its WAL behind, and DuckDB
@@ -103,9 +102,14 @@ def rebuild_catalog(cache) -> Path | None:
     return target
 
 
-def record_shard(cache: Path, info: dict) -> None:
-    """Add one freshly committed shard to catalog.duckdb (held read-write only briefly)."""
-    con = duckdb.connect(str(Path(cache) / CATALOG_FILE))
+def record_shard(cache, info: dict) -> None:
+    """Add one freshly committed shard to catalog.duckdb (held read-write only briefly);
+    nothing on object storage, which has no catalog.duckdb."""
+    cache = open_store(cache)
+    target = cache.local_path(CATALOG_FILE)
+    if target is None:
+        return
+    con = duckdb.connect(str(target))
     try:
         con.execute("DELETE FROM shards WHERE name = ?", [info["name"]])
         con.register("shard_rows", pa.Table.from_pylist([shard_row(info)], schema=SHARDS_TABLE_SCHEMA))
@@ -116,9 +120,9 @@ def record_shard(cache: Path, info: dict) -> None:
         con.close()
 
 
-def catalog_shards(cache: Path) -> pa.Table:
+def catalog_shards(cache) -> pa.Table:
     """The `shards` table as catalog.duckdb has it, opened read-only."""
-    con = duckdb.connect(str(Path(cache) / CATALOG_FILE), read_only=True)
+    con = duckdb.connect(str(open_store(cache).local_path(CATALOG_FILE)), read_only=True)
     try:
         return con.sql("SELECT * FROM shards ORDER BY name").to_arrow_table()
     finally:
@@ -127,12 +131,11 @@ def catalog_shards(cache: Path) -> pa.Table:
 
 def run_sql(cache, query: str) -> pa.Table:
     """Run one read-only SELECT over `samples`, `rejects` and `shards`; refuse anything else."""
-    cache = cache_path(cache)
+    cache = open_store(cache)
     load_cache_json(cache)  # names a path that is not a cache (or of another version)
     _check_one_select(cache, query)
     con = duckdb.connect(":memory:", config={"temp_directory": ""})  # no spill dir to allow
-    if is_remote(cache):  # read the Parquet through fsspec (no httpfs download), before the lock
-        con.register_filesystem(filesystem(cache))
+    cache.register_with(con)  # before the lock: object storage is read through its own filesystem
     try:
         _populate(con, cache, shards_table(cache))
         sandbox(con, sandbox_roots(cache))
@@ -145,7 +148,7 @@ def run_sql(cache, query: str) -> pa.Table:
         con.close()
 
 
-def _check_one_select(cache: Path, query: str) -> None:
+def _check_one_select(cache: CacheStore, query: str) -> None:
     try:
         statements = duckdb.extract_statements(query)
     except duckdb.Error as exc:
@@ -157,11 +160,9 @@ def _check_one_select(cache: Path, query: str) -> None:
             f"statement was refused and {cache} is unchanged.")
 
 
-def sandbox_roots(cache: Path) -> list[str]:
-    """The directories a query may read: the cache's shards (a URL prefix for a remote cache)."""
-    if is_remote(cache):
-        return [f"{str(cache).rstrip('/')}/{SHARDS_DIR}/"]
-    return [str(Path(cache).resolve() / SHARDS_DIR) + "/"]
+def sandbox_roots(cache) -> list[str]:
+    """The directories a query may read: the cache's shards (a URL prefix on object storage)."""
+    return [open_store(cache).absolute(SHARDS_DIR) + "/"]
 
 
 def sandbox(con, roots: list[str]) -> None:
@@ -172,7 +173,7 @@ def sandbox(con, roots: list[str]) -> None:
     con.execute("SET lock_configuration = true")
 
 
-def _refusal(cache: Path, exc: Exception) -> str:
+def _refusal(cache: CacheStore, exc: Exception) -> str:
     named = re.search(r'(?:file|directory) "([^"]*)"', str(exc))
     what = f"{named.group(1)} was refused" if named else f"this was refused ({_first_line(exc)})"
     return (f"alignkd cache sql reads only the samples, rejects and shards of {cache}, "

@@ -2,14 +2,17 @@
 
 Opening reads cache.json (refusing another format or version) and every shard's
 samples.parquet once, minus the image bytes, into flat numpy columns: offsets, shapes,
-token ids and positions. A sample read is then, per array, one `os.pread` of the
+token ids and positions. A sample read is then, per array, one positional read of the
 sample's contiguous chunks (the writer aligns samples to chunk boundaries) and one blosc
-decode per chunk (see shard_format). Image bytes are read on demand from the
-samples.parquet row group that holds them.
+decode per chunk (see shard_format): an `os.pread` (raw chunks: `os.preadv` into the
+output) locally, one batch of ranged GETs for all arrays on object storage (the storage
+seam, alignkd/cache/storage/). Image bytes are read on demand from the samples.parquet
+row group that holds them.
 
-DataLoader workers: file descriptors, shard indexes and parquet handles are opened
-lazily and keyed by pid, so a reader created in the parent can be forked or pickled
-(spawn) and each worker opens its own files; nothing held by the parent is shared.
+DataLoader workers: file handles, shard indexes and parquet handles are opened lazily and
+keyed by pid, so a reader created in the parent can be forked or pickled (spawn) and each
+worker opens its own files (and its own object-storage client); nothing held by the
+parent is shared.
 """
 
 from __future__ import annotations
@@ -22,10 +25,10 @@ import numpy as np
 import pyarrow as pa
 
 from alignkd.cache.encodings import decode
-from alignkd.cache.location import cache_path, close_handle, fetch_spans, is_remote, open_for_read, parquet_file
 from alignkd.cache.record import SampleRecord
-from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json,
+from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
+from alignkd.cache.storage import open_store
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE,
                                      SCALED_ENCODINGS, element_counts)
@@ -62,8 +65,8 @@ def open_cache(path, *, images: bool = True, check_crc: bool = False, prefetch_s
 
 class CacheReader:
     def __init__(self, path, *, images: bool = True, check_crc: bool = False, prefetch_shards: bool = False) -> None:
-        self.path = cache_path(path)
-        self.meta = load_cache_json(self.path)
+        self.store = open_store(path)
+        self.meta = load_cache_json(self.store)
         self.images = images and bool(self.meta.get("storage", {}).get("store_images", True))
         self.check_crc = check_crc
         # A whole-shard read-ahead pays only when the shard's other samples come next; under a
@@ -74,9 +77,9 @@ class CacheReader:
 
     # ---------------------------------------------------------------- rows, loaded once
     def _load_rows(self) -> None:
-        self._shard_dirs = committed_shards(self.path)
+        self._shards = committed_shards(self.store)
         columns = [f.name for f in SAMPLE_SCHEMA if f.name != "image_bytes"]
-        tables = [read_parquet(d / SAMPLES_FILE, columns=columns) for d in self._shard_dirs]
+        tables = [read_parquet(shard, SAMPLES_FILE, columns=columns) for shard in self._shards]
         table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table().select(columns)
         counts = [t.num_rows for t in tables]
         self._shard_of = np.repeat(np.arange(len(tables), dtype=np.int32), counts)
@@ -99,6 +102,11 @@ class CacheReader:
         return len(self.sample_ids)
 
     @property
+    def path(self) -> str:
+        """The cache's location as it was given (a directory or a URL)."""
+        return str(self.store)
+
+    @property
     def vision_counts(self) -> np.ndarray:
         """Each sample's vision-token count (0 for a text-only sample)."""
         return self._cols["n_vision"]
@@ -115,14 +123,10 @@ class CacheReader:
     def _process_state(self) -> None:
         if self._pid != os.getpid():
             self._pid = os.getpid()
-            self._open: OrderedDict[int, dict] = OrderedDict()   # shard -> {kind: (info, fd, index)}, LRU
+            self._open: OrderedDict[int, dict] = OrderedDict()   # shard -> {kind: (info, handle, index)}, LRU
             self._parquet: OrderedDict[int, tuple] = OrderedDict()  # shard -> (ParquetFile, row starts), LRU
             self._image_groups: OrderedDict[tuple[int, int], list] = OrderedDict()  # LRU of row groups
             self._image_groups_bytes = 0
-            # fsspec filesystems are not fork-safe: each process re-creates its remote paths
-            # (and with them its own S3 client) from the URLs
-            self._dirs = [cache_path(str(d)) for d in self._shard_dirs] if is_remote(self.path) \
-                else self._shard_dirs
 
     def _shard_arrays(self, shard: int) -> dict:
         arrays = self._open.get(shard)
@@ -131,24 +135,21 @@ class CacheReader:
         else:
             arrays = {}
             for kind in ARRAY_KINDS:
-                info = read_array_info(self._dirs[shard], kind)
-                fd = index = None
+                info = read_array_info(self._shards[shard], kind)
+                handle = index = None
                 if info.length:
-                    try:
-                        fd = open_for_read(info.path)
-                    except FileNotFoundError:
-                        raise CacheFormatError(f"{info.path} is missing; run alignkd cache verify.") from None
-                    index = read_index(fd, info)
-                    if self.prefetch_shards and isinstance(fd, int) and hasattr(os, "posix_fadvise"):
-                        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
-                arrays[kind] = (info, fd, index)
+                    handle = open_array(self._shards[shard], info)
+                    index = read_index(handle, info)
+                    if self.prefetch_shards:
+                        handle.will_need()
+                arrays[kind] = (info, handle, index)
             self._open[shard] = arrays
             while len(self._open) > MAX_OPEN_SHARDS:
                 _close_arrays(self._open.popitem(last=False)[1])
         return arrays
 
     def close(self) -> None:
-        """Close this process's file descriptors (reopened lazily on the next read)."""
+        """Close this process's file handles (reopened lazily on the next read)."""
         if self._pid == os.getpid():
             for arrays in self._open.values():
                 _close_arrays(arrays)
@@ -158,7 +159,7 @@ class CacheReader:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        for key in ("_pid", "_open", "_parquet", "_image_groups", "_image_groups_bytes", "_dirs"):
+        for key in ("_pid", "_open", "_parquet", "_image_groups", "_image_groups_bytes"):
             state.pop(key, None)
         state["_pid"] = None
         return state
@@ -216,27 +217,29 @@ class CacheReader:
         arrays = self._shard_arrays(shard)
         enc = {kind: info.encoding for kind, (info, _, _) in arrays.items()}
         sizes = element_counts(c, enc)
-        fetched = self._fetch_remote(arrays, c, sizes)
+        fetched = self._fetch_batched(shard, arrays, c, sizes)
         raw = {}
-        for kind, (info, fd, index) in arrays.items():
-            raw[kind] = read_raw(fd, info, index, c[f"{kind}_offset"], sizes[kind], fetched.get(kind))
+        for kind, (info, handle, index) in arrays.items():
+            raw[kind] = read_raw(handle, info, index, c[f"{kind}_offset"], sizes[kind], fetched.get(kind))
             if self.check_crc and zlib.crc32(memoryview(raw[kind]).cast("B") if raw[kind].size else b"") \
                     != c[f"{kind}_crc32"]:
                 raise CacheFormatError(f"sample {self.sample_ids[i]}: {kind} fails its crc32 in "
-                                       f"{self._shard_dirs[shard].name}; run alignkd cache verify.")
+                                       f"{self._shards[shard].name}; run alignkd cache verify.")
         return raw, enc
 
-    @staticmethod
-    def _fetch_remote(arrays: dict, c: dict, sizes: dict) -> dict:
-        """On object storage, every array's byte range of one sample in one concurrent batch of
-        ranged GETs (9 sequential round trips otherwise); locally nothing (one pread each)."""
+    def _fetch_batched(self, shard: int, arrays: dict, c: dict, sizes: dict) -> dict:
+        """Where a read is a round trip (object storage), every array's byte range of one sample in
+        one concurrent batch (9 sequential round trips otherwise); locally nothing (one pread each)."""
+        store = self._shards[shard]
+        if not store.batched_reads:
+            return {}
         wanted = {}
-        for kind, (info, fd, index) in arrays.items():
-            if fd is not None and not isinstance(fd, int):
+        for kind, (info, handle, index) in arrays.items():
+            if handle is not None:
                 span = byte_span(info, index, c[f"{kind}_offset"], sizes[kind])
                 if span is not None:
-                    wanted[kind] = (fd, span)
-        data = fetch_spans([h for h, _ in wanted.values()], [s for _, s in wanted.values()])
+                    wanted[kind] = (handle, span)
+        data = store.read_spans([h for h, _ in wanted.values()], [s for _, s in wanted.values()])
         return dict(zip(wanted, data))
 
     def _list(self, name: str, i: int) -> np.ndarray:
@@ -250,7 +253,7 @@ class CacheReader:
         self._process_state()
         shard, row = int(self._shard_of[i]), int(self._row_in_shard[i])
         if shard not in self._parquet:
-            pf = parquet_file(self._dirs[shard] / SAMPLES_FILE)
+            pf = self._shards[shard].parquet_file(SAMPLES_FILE)
             starts = np.cumsum([0] + [pf.metadata.row_group(g).num_rows for g in range(pf.num_row_groups)])
             self._parquet[shard] = (pf, starts)
             while len(self._parquet) > MAX_OPEN_SHARDS:
@@ -282,9 +285,9 @@ def _group_bytes(column: list) -> int:
 
 
 def _close_arrays(arrays: dict) -> None:
-    for _, fd, _ in arrays.values():
-        if fd is not None:
-            close_handle(fd)
+    for _, handle, _ in arrays.values():
+        if handle is not None:
+            handle.close()
 
 
 def unpack_logits(ids: np.ndarray, values: np.ndarray, nnz: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -27,7 +27,7 @@ import numcodecs.blosc
 import numpy as np
 from numcodecs import Blosc
 
-from alignkd.cache.location import cache_path, handle_size, pread
+from alignkd.cache.storage import CacheStore, open_store
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import (BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR,
                                      FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR,
@@ -146,39 +146,52 @@ class ArrayFileWriter:
 @dataclass
 class ArrayInfo:
     kind: str
-    path: Path          # the single shard file KIND/c/0 (a UPath on object storage)
+    path: str           # the single shard file KIND/c/0, named for messages
     dtype: np.dtype
     chunk: int
     length: int
     encoding: str
     compressed: bool    # blosc frames; False: raw chunk bytes (the `bytes` codec only)
+    rel: str = ""       # KIND/c/0, relative to the shard: what `open_array` opens
 
 
-def read_array_info(shard_dir: Path, kind: str) -> ArrayInfo:
-    meta_path = shard_dir / kind / "zarr.json"
+def read_array_info(shard, kind: str) -> ArrayInfo:
+    """The array `kind` of a shard (a store or a shard directory), from its zarr.json."""
+    shard = open_store(shard)
+    meta_rel = f"{kind}/zarr.json"
     try:
-        meta = json.loads(meta_path.read_text())
+        meta = json.loads(shard.read_text(meta_rel))
         codec = meta["codecs"][0]
         if codec["name"] != "sharding_indexed":
             raise ValueError(f"codec {codec['name']}")
         inner = [c["name"] for c in codec["configuration"]["codecs"]]
-        return ArrayInfo(kind, shard_dir / kind / "c" / "0", np.dtype(meta["data_type"]),
+        rel = f"{kind}/c/0"
+        return ArrayInfo(kind, shard.name_of(rel), np.dtype(meta["data_type"]),
                          int(codec["configuration"]["chunk_shape"][0]), int(meta["shape"][0]),
-                         meta["attributes"][ENCODING_ATTR], "blosc" in inner)
+                         meta["attributes"][ENCODING_ATTR], "blosc" in inner, rel)
     except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
-        raise CacheFormatError(f"{meta_path} is missing or not an alignkd sharded array ({exc}).") from None
+        raise CacheFormatError(f"{shard.name_of(meta_rel)} is missing or not an alignkd sharded array "
+                               f"({exc}).") from None
 
 
-def read_index(fd: int, info: ArrayInfo) -> np.ndarray:
+def open_array(shard: CacheStore, info: ArrayInfo):
+    """A positional-read handle on the array's file (see `CacheStore.open_ranged`)."""
+    try:
+        return shard.open_ranged(info.rel)
+    except FileNotFoundError:
+        raise CacheFormatError(f"{info.path} is missing; run alignkd cache verify.") from None
+
+
+def read_index(handle, info: ArrayInfo) -> np.ndarray:
     """The [n_chunks, 2] (offset, nbytes) table at the end of the shard file."""
     import google_crc32c
 
     n_chunks = max(info.length, info.chunk) // info.chunk
-    size = handle_size(fd)
+    size = handle.size()
     nbytes = 16 * n_chunks + 4
     if size < nbytes:
         raise CacheFormatError(f"{info.path} is truncated ({size} bytes).")
-    raw = pread(fd, nbytes, size - nbytes)
+    raw = handle.pread(nbytes, size - nbytes)
     if google_crc32c.value(raw[:-4]).to_bytes(4, "little") != raw[-4:]:
         raise CacheFormatError(f"{info.path} has a corrupt shard index (crc32c mismatch).")
     return np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
@@ -208,7 +221,7 @@ def byte_span(info: ArrayInfo, index: np.ndarray, offset: int, n: int) -> tuple[
     return _adjacent_span(starts, sizes)
 
 
-def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
+def read_raw(handle, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
              data: bytes | None = None) -> np.ndarray:
     """Elements [offset, offset+n) in the stored dtype: one pread when the chunks are adjacent.
     `data`: the bytes of `byte_span` already fetched (object stores fetch a sample's spans at once)."""
@@ -220,10 +233,10 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
     span = _adjacent_span(starts, sizes)
     if span is not None:
         first, end = span
-        if not info.compressed and data is None and isinstance(fd, int):
-            _pread_into(fd, out, first, end, info)  # raw chunks: straight into the output, no copy
+        if not info.compressed and data is None:
+            _pread_into(handle, out, first, end, info)  # raw chunks: straight into the output, no copy
         else:
-            buf = memoryview(data if data is not None else pread(fd, end - first, first))
+            buf = memoryview(data if data is not None else handle.pread(end - first, first))
             for k, (s, z) in enumerate(zip(starts.tolist(), sizes.tolist())):
                 _decompress(buf[s - first:s - first + z], out[k * c:(k + 1) * c], info)
     else:
@@ -231,13 +244,13 @@ def read_raw(fd: int, info: ArrayInfo, index: np.ndarray, offset: int, n: int,
             if s == int(EMPTY_CHUNK):
                 out[k * c:(k + 1) * c] = 0
             else:
-                _decompress(pread(fd, z, s), out[k * c:(k + 1) * c], info)
+                _decompress(handle.pread(z, s), out[k * c:(k + 1) * c], info)
     skip = offset - c0 * c
     return out[skip:skip + n]
 
 
-def _pread_into(fd: int, out: np.ndarray, first: int, end: int, info: ArrayInfo) -> None:
-    if end - first != out.nbytes or os.preadv(fd, [memoryview(out).cast("B")], first) != out.nbytes:
+def _pread_into(handle, out: np.ndarray, first: int, end: int, info: ArrayInfo) -> None:
+    if end - first != out.nbytes or handle.pread_into(memoryview(out).cast("B"), first) != out.nbytes:
         raise CacheFormatError(f"{info.path}: raw chunks at bytes {first}-{end} do not hold the "
                                f"{out.size} values the index promises (truncated?).")
 
@@ -255,56 +268,58 @@ def _decompress(src, dest: np.ndarray, info: ArrayInfo) -> None:
 
 
 # ------------------------------------------------------------------ shard directories
-def committed_shards(cache: Path) -> list[Path]:
-    """Complete shard directories (shard.json present), sorted by name; temp dirs skipped."""
-    root = cache_path(cache) / SHARDS_DIR
-    if not root.is_dir():
-        return []
-    return sorted((p for p in root.iterdir() if p.name.startswith("shard-") and (p / SHARD_JSON).is_file()),
-                  key=lambda p: p.name)
+def committed_shards(cache) -> list[CacheStore]:
+    """Complete shards (shard.json present) of a cache, as stores named by the shard, sorted by
+    name; temp dirs skipped."""
+    store = open_store(cache)
+    names = [n for n in store.list(SHARDS_DIR) if n.startswith("shard-")]
+    return [store.sub(f"{SHARDS_DIR}/{n}") for n in names if store.is_file(f"{SHARDS_DIR}/{n}/{SHARD_JSON}")]
 
 
-def read_shard_json(shard_dir: Path) -> dict:
+def read_shard_json(shard) -> dict:
     """A committed shard's shard.json, or a CacheFormatError naming it."""
-    path = cache_path(shard_dir) / SHARD_JSON
+    shard = open_store(shard)
     try:
-        doc = json.loads(path.read_text())
+        doc = json.loads(shard.read_text(SHARD_JSON))
         if not isinstance(doc, dict):
             raise ValueError(f"a JSON {type(doc).__name__}, not an object")
         return doc
     except (OSError, ValueError) as exc:
-        raise CacheFormatError(f"{path} cannot be read ({exc}); run `alignkd cache verify`.") from None
+        raise CacheFormatError(f"{shard.name_of(SHARD_JSON)} cannot be read ({exc}); "
+                               "run `alignkd cache verify`.") from None
 
 
-def read_parquet(path: Path, columns=None):
-    """A shard's Parquet table, or a CacheFormatError naming the damaged file."""
+def read_parquet(shard, name: str, columns=None):
+    """The Parquet table `name` of a shard (samples or rejects), or a CacheFormatError naming the
+    damaged file."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    from alignkd.cache.location import read_parquet as read_any  # local or object storage
-
+    shard = open_store(shard)
     try:
-        return read_any(path, columns=columns)
+        return shard.read_parquet(name, columns=columns)
     except (OSError, ValueError, pa.ArrowException) as exc:
+        path = shard.name_of(name)
         if isinstance(exc, PermissionError) or "[errno 13]" in str(exc).lower():  # not damage: say so
             raise CacheFormatError(f"{path} cannot be read (permission denied).") from None
         detail = str(exc).split(": ")[-1].strip().rstrip(".")
         raise CacheFormatError(f"{path} cannot be read as Parquet ({detail}); run `alignkd cache verify`.") from None
 
 
-def load_cache_json(path: Path) -> dict:
+def load_cache_json(cache) -> dict:
     """cache.json, refusing another format or schema version with a named error."""
-    cache_json = cache_path(path) / CACHE_JSON
+    store = open_store(cache)
+    cache_json = store.name_of(CACHE_JSON)
     try:
-        doc = json.loads(cache_json.read_text())
+        doc = json.loads(store.read_text(CACHE_JSON))
     except FileNotFoundError:
-        raise CacheFormatError(f"{path} is not an alignkd cache: {CACHE_JSON} is missing.") from None
+        raise CacheFormatError(f"{store} is not an alignkd cache: {CACHE_JSON} is missing.") from None
     except (OSError, ValueError) as exc:
         raise CacheFormatError(f"{cache_json} cannot be read ({exc}).") from None
     if doc.get("format") != FORMAT_NAME:
         raise CacheFormatError(f"{cache_json} has format {doc.get('format')!r}, not {FORMAT_NAME!r}.")
     if doc.get("schema_version") != SCHEMA_VERSION:
         raise CacheFormatError(
-            f"{path} is an alignkd cache of schema version {doc.get('schema_version')}, but this alignkd "
-            f"reads version {SCHEMA_VERSION}; rebuild the cache or use a matching alignkd.")
+            f"{store} is an alignkd cache of schema version {doc.get('schema_version')}, but this alignkd "
+            f"reads version {SCHEMA_VERSION}; rebuild the cache or use a matching alignkd."
+        )
     return doc

@@ -144,23 +144,12 @@ def _load_image(sample, k: int, data: bytes | None, images_root: str | None):
 def kept_tokenizer_and_settings(reader) -> tuple[object | None, dict]:
     """The tokenizer and processor settings kept in the cache (copied down from object
     storage), else the teacher directory's if it is still there; never from the network."""
-    import tempfile
-
-    from alignkd.cache.location import filesystem, is_remote
     from alignkd.cache.vision_layout import read_settings
     from alignkd.storage_schemas import TOKENIZER_DIR
 
-    kept = reader.path / TOKENIZER_DIR
     teacher = reader.meta.get("teacher", {}).get("path")
     teacher = teacher if teacher and Path(teacher).is_dir() else None
-    with tempfile.TemporaryDirectory() as tmp:
-        local = None
-        if kept.is_dir():
-            if is_remote(kept):
-                filesystem(kept).get(kept.path + "/", tmp, recursive=True)
-                local = tmp
-            else:
-                local = kept
+    with reader.store.local_copy(TOKENIZER_DIR) as local:
         tokenizer = _tokenizer_from([local, teacher])
         settings = (read_settings(local) if local else {}) or (read_settings(teacher) if teacher else {})
     return tokenizer, settings

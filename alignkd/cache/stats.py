@@ -2,18 +2,20 @@
 
 "Raw" bytes are the tensors at fp16 (attention, vision tokens, focus, log-probs) and
 int32 (token ids, counts, offsets), the way a naive per-sample dump would store them;
-the compression ratio is raw over the bytes the shards actually take.
+the compression ratio is raw over the bytes the shards actually take. "Per sample" is the
+shards' bytes (tensors and per-sample rows) over the samples; what a cache holds once,
+whatever its size (the tokenizer, cache.json, catalog.duckdb), is `fixed_bytes`, which
+`cache build`'s closing line prints beside it (`build_footprint`).
 """
 
 from __future__ import annotations
 
 from collections import defaultdict
-from pathlib import Path
 
 from alignkd.cache.catalog import run_sql
-from alignkd.cache.location import cache_path, display
 from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
-from alignkd.storage_schemas import ARRAY_KINDS
+from alignkd.cache.storage import CacheStore, open_store
+from alignkd.storage_schemas import ARRAY_KINDS, SHARDS_DIR
 
 DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass")
 
@@ -29,7 +31,10 @@ RAW_BYTES_SQL = {
 }
 
 
-def _disk_bytes_by_kind(cache: Path) -> dict[str, int]:
+DISTINCT_IMAGES_SQL = "SELECT count(DISTINCT h) AS n FROM (SELECT unnest(image_sha256) AS h FROM samples)"
+
+
+def _disk_bytes_by_kind(cache) -> dict[str, int]:
     """Bytes per tensor kind (zarr arrays) and per Parquet file, summed over committed shards."""
     sizes: dict[str, int] = defaultdict(int)
     for shard in committed_shards(cache):
@@ -39,15 +44,38 @@ def _disk_bytes_by_kind(cache: Path) -> dict[str, int]:
     return dict(sizes)
 
 
-def _one_row(cache: str, sql: str) -> dict:
+def _one_row(cache, sql: str) -> dict:
     """The single result row, with DuckDB's DECIMAL sums turned into plain numbers."""
     rows = run_sql(cache, sql).to_pylist()
     row = rows[0] if rows else {}
     return {k: (int(v) if type(v).__name__ == "Decimal" else v) for k, v in row.items()}
 
 
-def cache_stats(cache: str) -> dict:
-    path = cache_path(cache)
+def bytes_per_sample(disk: dict[str, int], samples: int) -> float:
+    """The shards' bytes over the samples: the number `cache stats` and `cache build` print."""
+    return sum(disk.values()) / max(samples, 1)
+
+
+def fixed_parts(store: CacheStore) -> dict[str, int]:
+    """Bytes of what a cache holds once, whatever its size: every entry beside shards/ (the
+    tokenizer, cache.json, catalog.duckdb; the writer's hidden lock files aside)."""
+    return {name: store.tree_bytes(name) for name in store.list()
+            if name != SHARDS_DIR and not name.startswith(".")}
+
+
+def build_footprint(cache) -> dict:
+    """What `cache build` closes with, counted as `cache_stats` counts it: samples, bytes per
+    sample, the fixed part, and images against distinct images."""
+    store = open_store(cache)
+    counts = _one_row(store, "SELECT count(*) AS samples, coalesce(sum(n_images), 0) AS images FROM samples")
+    return {"samples": counts["samples"], "bytes_per_sample": bytes_per_sample(_disk_bytes_by_kind(store),
+                                                                               counts["samples"]),
+            "fixed": fixed_parts(store), "images": counts["images"],
+            "distinct_images": _one_row(store, DISTINCT_IMAGES_SQL).get("n", 0)}
+
+
+def cache_stats(cache) -> dict:
+    path = open_store(cache)
     meta = load_cache_json(path)
     raw_cols = ", ".join(f"coalesce(sum({expr}), 0) AS {kind}" for kind, expr in RAW_BYTES_SQL.items())
     raw = _one_row(cache, f"SELECT {raw_cols} FROM samples")
@@ -61,7 +89,7 @@ def cache_stats(cache: str) -> dict:
                count(*) FILTER (WHERE n_images = 0) AS text_only,
                count(*) FILTER (WHERE n_images > 1) AS multi_image
         FROM samples""")
-    distinct = _one_row(cache, "SELECT count(DISTINCT h) AS n FROM (SELECT unnest(image_sha256) AS h FROM samples)")
+    distinct = _one_row(cache, DISTINCT_IMAGES_SQL)
     quantiles = {}
     for col in DISTRIBUTION_COLUMNS:
         quantiles[col] = _one_row(cache, f"""
@@ -75,7 +103,7 @@ def cache_stats(cache: str) -> dict:
     tensors_disk = sum(disk.get(k, 0) for k in ARRAY_KINDS)
     tensors_raw = sum(raw.get(k, 0) for k in ARRAY_KINDS)
     return {
-        "path": display(path),
+        "path": path.absolute(),
         "format": meta["format"], "schema_version": meta["schema_version"],
         "samples": counts.get("samples", 0), "shards": len(committed_shards(path)),
         "rejects": rejects, "tokens": {k: counts.get(k, 0) for k in
@@ -84,7 +112,7 @@ def cache_stats(cache: str) -> dict:
                    "text_only_samples": counts.get("text_only", 0),
                    "multi_image_samples": counts.get("multi_image", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
-        "bytes_per_sample": sum(disk.values()) / n,
+        "bytes_per_sample": bytes_per_sample(disk, n),
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
         "teacher": meta.get("teacher", {}), "teacher_shapes": meta.get("teacher_shapes", {}),
         "build_options": meta.get("build_options", {}), "storage": meta.get("storage", {}),
@@ -92,7 +120,7 @@ def cache_stats(cache: str) -> dict:
     }
 
 
-def _kb(n: float) -> str:
+def kilobytes(n: float) -> str:
     return f"{n / 1e3:,.1f} kB"
 
 
@@ -103,13 +131,13 @@ def render_stats(s: dict) -> str:
              + "".join(f"\n  reject {reason}: {n}" for reason, n in s["rejects"].items()),
              "tokens " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["tokens"].items()),
              "images " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["images"].items()),
-             f"on disk {_kb(s['bytes_per_sample'])} per sample; tensors compress "
+             f"on disk {kilobytes(s['bytes_per_sample'])} per sample; tensors compress "
              + (f"{s['tensor_compression_ratio']:.2f}x vs raw fp16/int32" if s["tensor_compression_ratio"]
                 else "n/a"),
              "  kind            disk        raw"]
     for kind, size in sorted(s["bytes_on_disk"].items()):
         raw = s["bytes_raw"].get(kind)
-        lines.append(f"  {kind:<14} {_kb(size):>10} {(_kb(raw) if raw is not None else '-'):>10}")
+        lines.append(f"  {kind:<14} {kilobytes(size):>10} {(kilobytes(raw) if raw is not None else '-'):>10}")
     lines.append(f"{'teacher stats':<20}" + "".join(f"{k:>9}" for k in ("min", "p10", "p50", "p90", "max")))
     for col, q in s["distributions"].items():
         if q.get("p50") is None:

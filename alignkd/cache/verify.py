@@ -5,7 +5,9 @@ is wrong); per shard, shard.json itself, each listed file's size and sha256, fil
 listed, the rows against the arrays (offsets and shapes within each array's length) and
 every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
 lists exactly the shards on disk with their counts. The sha256 says *which file* is
-damaged, the crc32 says *which samples*.
+damaged, the crc32 says *which samples*. Every check reads through the storage seam, so a
+cache on object storage is checked as a local one is, but for catalog.duckdb, which exists
+only on local disk (see rebuild_catalog).
 """
 
 from __future__ import annotations
@@ -14,11 +16,9 @@ import hashlib
 import json
 import zlib
 from dataclasses import dataclass
-from pathlib import Path
-
-from alignkd.cache.location import cache_path, close_handle, is_remote, open_for_read
-from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json,
+from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
+from alignkd.cache.storage import CacheStore, open_store
 from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
                                      SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR, TOKENIZER_DIR,
                                      element_counts)
@@ -36,45 +36,46 @@ class Problem:
 
 
 def verify_cache(path) -> list[Problem]:
-    path = cache_path(path)
+    store = open_store(path)
     try:
-        load_cache_json(path)
+        load_cache_json(store)
     except CacheFormatError as exc:
         return [Problem("", "cache.json", str(exc))]
-    shard_dirs = committed_shards(path)
+    shards = committed_shards(store)
     problems: list[Problem] = []
-    for d in shard_dirs:
-        problems += verify_shard(d)
-    root = path / SHARDS_DIR
-    for d in sorted(root.iterdir(), key=lambda p: p.name) if root.is_dir() else []:
-        if d.name.startswith("shard-") and d not in shard_dirs:
-            problems.append(Problem(d.name, SHARD_JSON, "missing, so the shard is incomplete"))
-    if is_remote(path):  # object storage has no catalog.duckdb (see rebuild_catalog)
-        return problems
-    return problems + verify_catalog(path, shard_dirs) + verify_tokenizer(path)
+    for shard in shards:
+        problems += verify_shard(shard)
+    committed = {shard.name for shard in shards}
+    for name in store.list(SHARDS_DIR):
+        if name.startswith("shard-") and name not in committed:
+            problems.append(Problem(name, SHARD_JSON, "missing, so the shard is incomplete"))
+    if store.local_path(CATALOG_FILE) is not None:  # object storage has no catalog.duckdb (see rebuild_catalog)
+        problems += verify_catalog(store, shards)
+    return problems + verify_tokenizer(store)
 
 
-def verify_tokenizer(path: Path) -> list[Problem]:
+def verify_tokenizer(store: CacheStore) -> list[Problem]:
     """The teacher's tokenizer kept in the cache (distill checks students against it) must load."""
     from tokenizers import Tokenizer
 
-    tok_dir = path / TOKENIZER_DIR
     problems = []
-    for p in sorted(tok_dir.glob("*.json")) if tok_dir.is_dir() else []:
-        rel = f"{TOKENIZER_DIR}/{p.name}"
+    for name in [n for n in store.list(TOKENIZER_DIR) if n.endswith(".json")]:
+        rel = f"{TOKENIZER_DIR}/{name}"
         try:
-            json.loads(p.read_text())
-            if p.name == "tokenizer.json":
-                Tokenizer.from_file(str(p))
+            text = store.read_text(rel)
+            json.loads(text)
+            if name == "tokenizer.json":
+                Tokenizer.from_str(text)
         except Exception as exc:  # noqa: BLE001 - json and the Rust tokenizer raise unrelated types
             problems.append(Problem("", rel, f"cannot be loaded ({str(exc).splitlines()[0]})"))
     return problems
 
 
-def verify_shard(d: Path) -> list[Problem]:
+def verify_shard(d: CacheStore) -> list[Problem]:
+    """Every check of one committed shard (a store rooted at the shard directory)."""
     name = d.name
     try:
-        doc = json.loads((d / SHARD_JSON).read_text())
+        doc = json.loads(d.read_text(SHARD_JSON))
     except (OSError, ValueError) as exc:
         return [Problem(name, SHARD_JSON, f"cannot be read ({exc})")]
     if doc.get("format") != FORMAT_NAME or doc.get("schema_version") != SCHEMA_VERSION:
@@ -84,8 +85,8 @@ def verify_shard(d: Path) -> list[Problem]:
     if SAMPLES_FILE in unreadable or REJECTS_FILE in unreadable:
         return problems
     try:
-        rows = read_parquet(d / SAMPLES_FILE).drop_columns(["image_bytes"]).to_pylist()
-        n_rejects = read_parquet(d / REJECTS_FILE, columns=["manifest_row"]).num_rows
+        rows = read_parquet(d, SAMPLES_FILE).drop_columns(["image_bytes"]).to_pylist()
+        n_rejects = read_parquet(d, REJECTS_FILE, columns=["manifest_row"]).num_rows
     except CacheFormatError as exc:
         file = REJECTS_FILE if REJECTS_FILE in str(exc) else SAMPLES_FILE
         return problems + [Problem(name, file, f"unreadable: {str(exc).split(' (', 1)[-1].split(');')[0]}")]
@@ -108,38 +109,37 @@ def _image_columns_problem(row: dict) -> str | None:
     return None
 
 
-def _check_files(d: Path, doc: dict) -> tuple[list[Problem], set[str]]:
+def _check_files(d: CacheStore, doc: dict) -> tuple[list[Problem], set[str]]:
     """Size and sha256 of each listed file; returns problems and the files too short to read."""
     problems, unreadable = [], set()
     listed = {f["path"] for f in doc["files"]}
+    present = d.file_sizes()
     for f in doc["files"]:
-        p = d / f["path"]
-        if not p.is_file():
+        size = present.get(f["path"])
+        if size is None:
             problems.append(Problem(d.name, f["path"], "missing"))
             unreadable.add(f["path"])
             continue
-        size = p.stat().st_size
         if size != f["bytes"]:
             problems.append(Problem(d.name, f["path"], f"size {size} bytes, shard.json says {f['bytes']} (truncated?)"))
             unreadable.add(f["path"])
-        elif _sha256(p) != f["sha256"]:
+        elif _sha256(d, f["path"]) != f["sha256"]:
             problems.append(Problem(d.name, f["path"], "sha256 does not match shard.json (corrupted)"))
-    for p in sorted(d.rglob("*")):
-        rel = p.relative_to(d).as_posix()
-        if p.is_file() and rel != SHARD_JSON and rel not in listed:
+    for rel in present:
+        if rel != SHARD_JSON and rel not in listed:
             problems.append(Problem(d.name, rel, "not listed in shard.json"))
     return problems, unreadable
 
 
-def _sha256(p: Path) -> str:
+def _sha256(d: CacheStore, rel: str) -> str:
     h = hashlib.sha256()
-    with p.open("rb") as f:
+    with d.open(rel) as f:
         for block in iter(lambda: f.read(1 << 22), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Problem]:
+def _check_array(d: CacheStore, doc: dict, kind: str, rows: list[dict]) -> list[Problem]:
     rel = f"{kind}/c/0"
     try:
         info = read_array_info(d, kind)
@@ -155,9 +155,12 @@ def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Proble
     def counts(row):
         return element_counts(row, encodings)
 
-    fd = open_for_read(info.path)
     try:
-        index = read_index(fd, info)
+        handle = open_array(d, info)
+    except CacheFormatError as exc:
+        return [Problem(d.name, rel, str(exc))]
+    try:
+        index = read_index(handle, info)
         bad = []
         for row in rows:
             off, n = row[f"{kind}_offset"], counts(row)[kind]
@@ -165,7 +168,7 @@ def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Proble
                 bad.append(f"{row['sample_id']} (offset {off}+{n} beyond length {info.length})")
                 continue
             try:
-                raw = read_raw(fd, info, index, off, n)
+                raw = read_raw(handle, info, index, off, n)
             except CacheFormatError:
                 bad.append(f"{row['sample_id']} (undecodable chunk)")
                 continue
@@ -174,29 +177,29 @@ def _check_array(d: Path, doc: dict, kind: str, rows: list[dict]) -> list[Proble
     except CacheFormatError as exc:
         return [Problem(d.name, rel, str(exc))]
     finally:
-        close_handle(fd)
+        handle.close()
     if not bad:
         return []
     more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
     return [Problem(d.name, rel, f"{len(bad)} damaged sample(s): {', '.join(bad[:3])}{more}")]
 
 
-def verify_catalog(path: Path, shard_dirs: list[Path]) -> list[Problem]:
+def verify_catalog(store: CacheStore, shards: list[CacheStore]) -> list[Problem]:
     import duckdb
 
     from alignkd.cache.catalog import catalog_shards
 
-    if not (path / CATALOG_FILE).is_file():
+    if not store.is_file(CATALOG_FILE):
         return [Problem("", CATALOG_FILE, "missing; rebuild it with alignkd.cache.rebuild_catalog")]
     try:
-        listed = {r["name"]: r for r in catalog_shards(path).to_pylist()}
+        listed = {r["name"]: r for r in catalog_shards(store).to_pylist()}
     except duckdb.Error as exc:
         return [Problem("", CATALOG_FILE, f"cannot be read ({str(exc).splitlines()[0]})")]
     problems = []
     on_disk = {}
-    for d in shard_dirs:
+    for d in shards:
         try:
-            on_disk[d.name] = json.loads((d / SHARD_JSON).read_text())
+            on_disk[d.name] = json.loads(d.read_text(SHARD_JSON))
         except (OSError, ValueError):
             continue
     for name in sorted(set(listed) - set(on_disk)):

@@ -42,11 +42,13 @@ def check_token_ids(tokenizer, reader, student_dir: str) -> None:
     """
     if tokenizer_fingerprint(Path(student_dir)) == reader.meta["teacher"].get("tokenizer_fingerprint"):
         return
-    teacher_dir = reader.path / TOKENIZER_DIR
-    if not teacher_dir.is_dir():
-        raise AlignKDError(f"cache {reader.path} has no {TOKENIZER_DIR}/ directory to check the student "
-                           "tokenizer against; rebuild it with this version of alignkd.")
-    teacher = _load_tokenizer(teacher_dir)
+    from transformers import AutoTokenizer
+
+    with reader.store.local_copy(TOKENIZER_DIR) as teacher_dir:  # copied down from object storage
+        if teacher_dir is None:
+            raise AlignKDError(f"cache {reader.path} has no {TOKENIZER_DIR}/ directory to check the student "
+                               "tokenizer against; rebuild it with this version of alignkd.")
+        teacher = AutoTokenizer.from_pretrained(teacher_dir)
     rng = np.random.default_rng(0)
     rows = rng.choice(len(reader), size=min(ROWS_TO_CHECK, len(reader)), replace=False)
     for index in sorted(int(i) for i in rows):
@@ -57,21 +59,6 @@ def check_token_ids(tokenizer, reader, student_dir: str) -> None:
                 f"the student tokenizer does not map the cached text of sample {sample.sample_id} "
                 "to the teacher's token ids; teacher and student must tokenise identically."
             )
-
-
-def _load_tokenizer(path):
-    """AutoTokenizer from a cache's tokenizer/ directory (copied down first on object storage)."""
-    import tempfile
-
-    from transformers import AutoTokenizer
-
-    from alignkd.cache.location import filesystem, is_remote
-
-    if not is_remote(path):
-        return AutoTokenizer.from_pretrained(path)
-    with tempfile.TemporaryDirectory() as tmp:
-        filesystem(path).get(path.path + "/", tmp, recursive=True)
-        return AutoTokenizer.from_pretrained(tmp)
 
 
 def check_cache_integrity(cache: str) -> None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_dir, check_out_dir
+from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_out_dir
 from alignkd.hub import check_model_arg, resolve_model
 
 
@@ -83,8 +83,9 @@ class DistillConfig:
 
         parse_order(self.shuffle)
         check_model_arg(self.student, "--student", "student model directory")
-        if "://" not in str(self.cache):  # URLs: open_cache names a missing cache
-            check_dir(self.cache, "cache")
+        from alignkd.cache.storage import check_local_dir
+
+        check_local_dir(self.cache, "cache")  # a URL: open_cache names a missing cache
         check_out_dir(self.out)
 
 

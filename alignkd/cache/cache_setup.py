@@ -1,0 +1,85 @@
+"""Opening a cache for writing: create it, or resume it.
+
+A new cache gets cache.json before anything else (atomically: a temporary name and a
+rename, or one PUT), so any later entry belongs to a real cache, and a directory or prefix
+that holds anything else is refused. A resumed cache must store the same encodings; the
+resumed writer deletes its own rank's stale temp shard directories (a shard that was in
+flight when a build died) and skips `done_rows`, the manifest rows of every committed
+samples.parquet and rejects.parquet.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+from pathlib import Path
+
+from alignkd.cache.shard_commit import now
+from alignkd.cache.shard_format import CacheFormatError, committed_shards, load_cache_json, read_parquet
+from alignkd.cache.storage import CacheStore
+from alignkd.errors import ConfigError
+from alignkd.storage_schemas import (CACHE_JSON, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE, SCHEMA_VERSION,
+                                     SHARDS_DIR, TEMP_PREFIX, shard_name)
+
+
+def open_or_create(store: CacheStore, meta: dict, storage: dict, *, rank: int, overwrite: bool) -> dict | None:
+    """The existing cache.json of a cache being resumed, or None after creating the cache."""
+    # Hidden entries are ours (locks, .tmp- files): a build killed while creating the
+    # cache leaves at most a .tmp-cache.json, and that directory still counts as empty.
+    entries = [name for name in store.list() if not name.startswith(".")]
+    if entries and not store.is_file(CACHE_JSON):
+        raise CacheFormatError(f"{store} exists and is not an alignkd cache (no {CACHE_JSON}); "
+                               f"choose an empty or new {store.place}.")
+    if overwrite and rank == 0:
+        for name in entries:
+            store.remove(name)
+    elif entries:
+        existing = load_cache_json(store)
+        check_storage(store, existing.get("storage", {}), storage)
+        return existing
+    if rank != 0:
+        raise CacheFormatError(f"{store} has no {CACHE_JSON}; rank 0 must create the cache first.")
+    create(store, meta, storage)
+    return None
+
+
+def check_storage(store: CacheStore, stored: dict, storage: dict) -> None:
+    for key in ("attn_dtype", "vision_dtype", "logit_id_dtype"):
+        if key in stored and stored[key] != storage[key]:
+            raise ConfigError(f"cache {store} stores --{key.replace('_', '-')}={stored[key]} but this "
+                              f"run asks for {storage[key]}; use the same option or pass --overwrite.")
+
+
+def create(store: CacheStore, meta: dict, storage: dict) -> None:
+    from alignkd import __version__
+    from alignkd.cache.catalog import rebuild_catalog
+
+    doc = {"format": FORMAT_NAME, "schema_version": SCHEMA_VERSION, "alignkd_version": __version__,
+           "created_at": now(), "storage": storage, **meta}
+    store.write_bytes(CACHE_JSON, json.dumps(doc, indent=1).encode())  # first: see the module docstring
+    rebuild_catalog(store)  # an empty catalog (none on object storage)
+
+
+def clean_temp_dirs(staging: Path, rank: int) -> None:
+    """Delete this rank's temp shard directories: shards that were in flight when a build died."""
+    own = re.compile(rf"^{re.escape(TEMP_PREFIX)}{re.escape(shard_name(0, rank))[:-6]}\d{{6}}$")
+    for p in (staging / SHARDS_DIR).iterdir():
+        if own.match(p.name):
+            shutil.rmtree(p)
+
+
+def read_done_rows(store: CacheStore) -> set[int]:
+    """Manifest rows present in any committed shard, as a sample or as a reject."""
+    done: set[int] = set()
+    for shard in committed_shards(store):
+        for name in (SAMPLES_FILE, REJECTS_FILE):
+            done.update(read_parquet(shard, name, columns=["manifest_row"]).column(0).to_pylist())
+    return done
+
+
+def first_free_index(store: CacheStore, rank: int) -> int:
+    prefix = shard_name(0, rank)[:-6]
+    taken = [int(shard.name[len(prefix):]) for shard in committed_shards(store)
+             if shard.name.startswith(prefix) and shard.name[len(prefix):].isdigit()]
+    return max(taken, default=-1) + 1

@@ -1,0 +1,151 @@
+"""The cache on local disk: file descriptors, preadv into the caller's arrays, rename to publish."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+from alignkd.cache.storage.base import CacheStore
+from alignkd.storage_schemas import TEMP_PREFIX
+
+
+def write_durable(path: Path, data: bytes) -> None:
+    with open(path, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class LocalFile:
+    """An OS file descriptor: `pread` per range, `pread_into` with `os.preadv` into the caller's memory."""
+
+    __slots__ = ("fd",)
+
+    def __init__(self, fd: int) -> None:
+        self.fd = fd
+
+    def size(self) -> int:
+        return os.fstat(self.fd).st_size
+
+    def pread(self, n: int, offset: int) -> bytes:
+        return os.pread(self.fd, n, offset)
+
+    def pread_into(self, buffer: memoryview, offset: int) -> int:
+        return os.preadv(self.fd, [buffer], offset)
+
+    def will_need(self) -> None:
+        """Ask the OS to read the whole file ahead (a shard read in order)."""
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(self.fd, 0, 0, os.POSIX_FADV_WILLNEED)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class LocalStore(CacheStore):
+    place = "directory"
+    batched_reads = False  # a pread is a syscall, not a round trip
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self.name = self.root.name
+
+    def __str__(self) -> str:
+        return str(self.root)
+
+    def __repr__(self) -> str:
+        return f"LocalStore({str(self.root)!r})"
+
+    def sub(self, rel: str) -> "LocalStore":
+        return LocalStore(self.root / rel)
+
+    def absolute(self, rel: str = "") -> str:
+        return str(self.root.resolve() / rel)
+
+    def local_path(self, rel: str = "") -> Path:
+        return self.root / rel
+
+    def is_file(self, rel: str) -> bool:
+        return (self.root / rel).is_file()
+
+    def is_dir(self, rel: str = "") -> bool:
+        return (self.root / rel).is_dir()
+
+    def list(self, rel: str = "") -> list[str]:
+        try:
+            return sorted(p.name for p in (self.root / rel).iterdir())
+        except (FileNotFoundError, NotADirectoryError):
+            return []
+
+    def file_sizes(self, rel: str = "") -> dict[str, int]:
+        base = self.root / rel
+        files = sorted((p for p in base.rglob("*") if p.is_file()), key=lambda p: p.relative_to(base).parts)
+        return {p.relative_to(base).as_posix(): p.stat().st_size for p in files}
+
+    def tree_bytes(self, rel: str = "") -> int:
+        path = self.root / rel
+        if path.is_file():
+            return path.stat().st_size
+        return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+    def read_bytes(self, rel: str) -> bytes:
+        return (self.root / rel).read_bytes()
+
+    def open(self, rel: str):
+        return open(self.root / rel, "rb")
+
+    def read_parquet(self, rel: str, columns=None):
+        import pyarrow.parquet as pq
+
+        return pq.read_table(self.root / rel, columns=columns)
+
+    def parquet_file(self, rel: str):
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(self.root / rel)
+
+    def open_ranged(self, rel: str) -> LocalFile:
+        return LocalFile(os.open(self.root / rel, os.O_RDONLY))
+
+    def read_spans(self, handles: list, spans: list[tuple[int, int]]) -> list[bytes]:
+        return [h.pread(end - start, start) for h, (start, end) in zip(handles, spans)]
+
+    def write_bytes(self, rel: str, data: bytes) -> None:
+        target = self.root / rel
+        tmp = target.with_name(f"{TEMP_PREFIX}{target.name}")
+        write_durable(tmp, data)
+        os.rename(tmp, target)
+        fsync_dir(target.parent)
+
+    def remove(self, rel: str) -> None:
+        path = self.root / rel
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink(missing_ok=True)
+
+    def new_staging(self) -> Path:
+        # inside the cache, so that publishing is a rename on one filesystem
+        self.root.mkdir(parents=True, exist_ok=True)
+        return self.root
+
+    def publish_dir(self, staged: Path, rel: str, last: str | None = None) -> None:
+        final = self.root / rel
+        os.rename(staged, final)  # atomic: `last` needs no order of its own
+        fsync_dir(final.parent)
+
+    @contextmanager
+    def local_copy(self, rel: str) -> Iterator[Path | None]:
+        path = self.root / rel
+        yield path if path.is_dir() else None
