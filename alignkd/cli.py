@@ -247,20 +247,29 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--shuffle", default="uniform", show_default=True,
               help="Training order: uniform (a new permutation each epoch) or window:N (shards shuffled N at a "
                    "time, for caches far larger than memory on remote storage).")
-def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
+@click.option("--fsdp", default="",
+              help="Shard the student with the Trainer's FSDP (FSDP2), in its words: \"full_shard auto_wrap\", "
+                   "shard_grad_op, offload. Needs torchrun and GPUs; see docs/scale.md.")
+@click.option("--fsdp-wrap-class", default="",
+              help="With --fsdp: comma list of layer classes each FSDP unit holds, e.g. LlamaDecoderLayer "
+                   "[default: the student's own _no_split_modules].")
+def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.
 
     \b
     Example:
       alignkd distill --student student/ --cache cache/ --out run/ --max-steps 200
+      torchrun --nproc-per-node 8 --no-python alignkd distill --student student/ --cache cache/ --out run/ --bf16 --fsdp "full_shard auto_wrap"
     """
     from alignkd.distill.trainer import DistillConfig, distill as run_distill
 
     parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
+    wrap = tuple(p.strip() for p in fsdp_wrap_class.split(",") if p.strip())
     from alignkd.distributed import dist_info
 
     _hide_progress(no_progress)
-    summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, progress=not no_progress, **opts))
+    summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, fsdp_wrap_class=wrap,
+                                        progress=not no_progress, **opts))
     if not dist_info().is_main:
         return
     terms = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in summary.final_losses.items())

@@ -65,7 +65,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL (the Trainer's group on GPUs) carries CUDA tensors only
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
