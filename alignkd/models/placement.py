@@ -149,7 +149,8 @@ def input_device(model):
     for prefix in _prefixes(name):
         module = model.get_submodule(prefix) if prefix else model
         hook = getattr(module, "_hf_hook", None)
-        execution = getattr(hook, "execution_device", None)
+        hooks = getattr(hook, "hooks", (hook,))  # accelerate's SequentialHook holds several
+        execution = next((h.execution_device for h in hooks if getattr(h, "execution_device", None) is not None), None)
         if isinstance(execution, dict):  # a hook over a block holds one device per weight name
             execution = next(iter(execution.values()), None)
         if execution is not None:
