@@ -93,6 +93,14 @@ def cache() -> None:
 @click.option("--vision-dtype", type=click.Choice(["bfloat16", "float16", "int8-channel", "int4-channel"]),
               default="bfloat16", show_default=True, help="Vision-token storage; see docs/cache-format.md.")
 @click.option("--store-images/--no-store-images", default=True, show_default=True)
+@click.option("--device-map", default=None,
+              help="Spread a teacher too big for one device over this node's GPUs, CPU and disk (accelerate's "
+                   "big-model loading): auto, balanced, balanced_low_0, sequential, or a JSON file "
+                   "{module: GPU index|cpu|disk}. Under torchrun, one process per node; see docs/scale.md.")
+@click.option("--max-memory", default=None,
+              help="With --device-map: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
+@click.option("--offload-folder", default=None,
+              help="With --device-map: where modules placed on disk go [default: a temporary directory].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def cache_build(no_progress: bool, **opts) -> None:
@@ -101,6 +109,7 @@ def cache_build(no_progress: bool, **opts) -> None:
     \b
     Example:
       alignkd cache build --teacher teacher/ --data train.json --images imgs/ --out cache/
+      alignkd cache build --teacher big/ --device-map auto --dtype bfloat16 --data train.json --images imgs/ --out cache/
     """
     from alignkd.cache.build import BuildConfig, build_cache
 
@@ -113,6 +122,9 @@ def cache_build(no_progress: bool, **opts) -> None:
     rejects = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.rejects.items())) or "none"
     size = (_footprint_words(summary) if summary.cached_total
             else "the cache holds no samples yet, so it cannot train a student")
+    if summary.placement:
+        where = ", ".join(f"{n} on {device}" for device, n in sorted(summary.placement.items()))
+        click.echo(f"teacher placed by --device-map: {where} (modules)")
     click.echo(
         f"cached {summary.samples} samples ({summary.skipped_done} rows already done), "
         f"rejects: {rejects}; {size}; {summary.seconds:.1f}s -> {summary.out}"
@@ -243,20 +255,29 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--shuffle", default="uniform", show_default=True,
               help="Training order: uniform (a new permutation each epoch) or window:N (shards shuffled N at a "
                    "time, for caches far larger than memory on remote storage).")
-def distill(cache_dir: str, freeze: str, no_progress: bool, **opts) -> None:
+@click.option("--fsdp", default="",
+              help="Shard the student with the Trainer's FSDP (FSDP2), in its words: \"full_shard auto_wrap\", "
+                   "shard_grad_op, offload. Needs torchrun and GPUs; see docs/scale.md.")
+@click.option("--fsdp-wrap-class", default="",
+              help="With --fsdp: comma list of layer classes each FSDP unit holds, e.g. LlamaDecoderLayer "
+                   "[default: the student's own _no_split_modules].")
+def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.
 
     \b
     Example:
       alignkd distill --student student/ --cache cache/ --out run/ --max-steps 200
+      torchrun --nproc-per-node 8 --no-python alignkd distill --student student/ --cache cache/ --out run/ --bf16 --fsdp "full_shard auto_wrap"
     """
     from alignkd.distill.trainer import DistillConfig, distill as run_distill
 
     parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
+    wrap = tuple(p.strip() for p in fsdp_wrap_class.split(",") if p.strip())
     from alignkd.distributed import dist_info
 
     _hide_progress(no_progress)
-    summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, progress=not no_progress, **opts))
+    summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, fsdp_wrap_class=wrap,
+                                        progress=not no_progress, **opts))
     if not dist_info().is_main:
         return
     terms = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in summary.final_losses.items())

@@ -15,24 +15,39 @@ class DistInfo:
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
+    local_world_size: int = 1  # processes on this node
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
+# The build's ranks wait for each other only at the start and at the end, where the last
+# rank may still have hours of rows to go (a resumed build whose other nodes had finished);
+# the default 30 minutes would fail that wait. A rank that dies is noticed anyway: its
+# connections close, or torchrun stops the survivors.
+BUILD_WAIT_HOURS = 72
+
+
 def dist_info() -> DistInfo:
-    return DistInfo(int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-                    int(os.environ.get("LOCAL_RANK", 0)))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    return DistInfo(int(os.environ.get("RANK", 0)), world, int(os.environ.get("LOCAL_RANK", 0)),
+                    int(os.environ.get("LOCAL_WORLD_SIZE", world)))
 
 
-def init_process_group(device: str) -> DistInfo:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA) when there is one."""
+def init_process_group() -> DistInfo:
+    """Join torchrun's process group when there is one (the cache build's).
+
+    Always gloo: the build exchanges a barrier and a few counts in CPU tensors, which NCCL
+    cannot carry, and it works the same with one process per GPU or one per node.
+    """
+    from datetime import timedelta
+
     import torch.distributed as dist
 
     info = dist_info()
     if info.world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        dist.init_process_group("gloo", timeout=timedelta(hours=BUILD_WAIT_HOURS))
     return info
 
 
@@ -50,7 +65,9 @@ def all_reduce_sum(values: list[float]) -> list[float]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return list(values)
-    t = torch.tensor(values, dtype=torch.float64)
+    # NCCL (the Trainer's group on GPUs) carries CUDA tensors only
+    device = "cuda" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -110,16 +127,25 @@ def stopped_ranks() -> tuple[list[int], list[int]] | None:
     if alive is None:
         return None
     info = dist_info()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", info.world_size))
     first = info.rank - info.local_rank
-    node = range(first, first + local_world)
+    node = range(first, first + info.local_world_size)
     return [r for r in node if r not in alive], sorted(set(alive) | {info.rank})
 
 
 _report = {"state": ""}  # "", "reporting", "done": printed once, whichever path comes first
 
 
-def report_stopped_rank(command: str) -> None:
+def _elsewhere(info: DistInfo, from_peer: bool) -> str:
+    """Who stopped, when no rank of this node did: the ranks of the other nodes. A failed
+    collective proves one of them went away; a bare SIGTERM may also be torchrun interrupted."""
+    first = info.rank - info.local_rank
+    remote = [r for r in range(info.world_size) if not first <= r < first + info.local_world_size]
+    if not from_peer:
+        return "another rank stopped (on another node, or torchrun was interrupted)"
+    return f"rank {remote[0]} (on another node) stopped" if len(remote) == 1 else "a rank on another node stopped"
+
+
+def report_stopped_rank(command: str, from_peer: bool = True) -> None:
     """Print the sentence once, from the lowest surviving rank of this node."""
     import sys
     import time
@@ -137,8 +163,7 @@ def report_stopped_rank(command: str) -> None:
     if min(alive) != info.rank:  # a lower surviving rank says it
         _report["state"] = "done"
         return
-    who = (f"rank {', '.join(map(str, stopped))} stopped" if stopped
-           else "another rank stopped (on another node, or torchrun was interrupted)")
+    who = f"rank {', '.join(map(str, stopped))} stopped" if stopped else _elsewhere(info, from_peer)
     hint = RESUME_HINTS.get(command.split()[-1], "rerun the same command")
     sys.stderr.write(f"error: {who} during `{command}`, so rank {info.rank} stopped too; {hint}.\n")
     sys.stderr.flush()
@@ -156,7 +181,7 @@ def exit_when_torchrun_stops_us(command: str) -> None:
     def stop(signum, frame):
         if _report["state"] == "reporting":
             return  # the failed collective is already saying it; it exits right after
-        report_stopped_rank(command)
+        report_stopped_rank(command, from_peer=False)
         os._exit(1)
 
     signal.signal(signal.SIGTERM, stop)

@@ -36,6 +36,7 @@ def world(tmp_path_factory, tiny_llava_dir, tiny_student_dir):
     pq.write_table(pa.table({"id": ["a"], "text": ["hello"]}), root / "noturns.parquet")
     (root / "object.json").write_text('{"records": 1}')
     (root / "file.txt").write_text("x")
+    (root / "gpu64.json").write_text('{"": 64}')
     (root / "emptydir").mkdir()
     (root / "junkdir").mkdir()
     (root / "junkdir" / "notes.txt").write_text("mine")
@@ -103,6 +104,22 @@ CASES = {
     "build: batch size 0": (lambda w, r: build_args(w, **{"batch-size": 0}), "--batch-size"),
     "build: limit 0": (lambda w, r: build_args(w, limit=0), "--limit"),
     "build: other options on resume": (lambda w, r: build_args(w, out=r / "cache", **{"logit-k": 3}), "--logit-k"),
+    "build: device map not a strategy or file": (lambda w, r: build_args(w, **{"device-map": "fastest"}),
+                                                 "'fastest' is neither"),
+    "build: device map file not JSON": (lambda w, r: build_args(w, **{"device-map": r / "file.txt"}),
+                                        "file.txt: the file is not readable JSON"),
+    "build: device map on a GPU not here": (lambda w, r: build_args(w, **{"device-map": r / "gpu64.json"}),
+                                            "--device-map names GPU 64, but this machine has"),
+    "build: device map with --device": (lambda w, r: build_args(w, **{"device-map": "auto", "device": "cuda"}),
+                                        "--device cuda and --device-map auto both say where the teacher goes"),
+    "build: max memory malformed": (lambda w, r: build_args(w, **{"device-map": "auto", "max-memory": "0:70GiB"}),
+                                    "each entry must read DEVICE=SIZE"),
+    "build: max memory bad size": (lambda w, r: build_args(w, **{"device-map": "auto", "max-memory": "cpu=lots"}),
+                                   "'lots' is not a size"),
+    "build: max memory bad device": (lambda w, r: build_args(w, **{"device-map": "auto", "max-memory": "gpu0=1GB"}),
+                                     "'gpu0' is not a device"),
+    "build: max memory without device map": (lambda w, r: build_args(w, **{"max-memory": "cpu=1GB"}),
+                                             "--max-memory only applies with --device-map"),
     "stats: missing": (lambda w, r: ["cache", "stats", r / "nope"], "{root}/nope is not an alignkd cache"),
     "stats: a file": (lambda w, r: ["cache", "stats", r / "file.txt"], "file.txt/cache.json cannot be read"),
     "stats: empty dir": (lambda w, r: ["cache", "stats", r / "emptydir"], "emptydir is not an alignkd cache"),
@@ -124,6 +141,12 @@ CASES = {
     "distill: resume without checkpoint": (lambda w, r: distill_args(w, out=r / "fresh") + ["--resume"],
                                            "no complete checkpoint found under {root}/fresh"),
     "distill: negative lr": (lambda w, r: distill_args(w, lr=-1), "--lr"),
+    "distill: fsdp in one process": (lambda w, r: distill_args(w, fsdp="full_shard auto_wrap"),
+                                     "run distill under torchrun"),
+    "distill: fsdp unknown word": (lambda w, r: distill_args(w, fsdp="full_shard turbo"), "'turbo' is not one of"),
+    "distill: fsdp1 strategy": (lambda w, r: distill_args(w, fsdp="hybrid_shard"), "hybrid_shard is an FSDP1"),
+    "distill: wrap class without fsdp": (lambda w, r: distill_args(w, **{"fsdp-wrap-class": "LlamaDecoderLayer"}),
+                                         "--fsdp-wrap-class only applies with --fsdp"),
     "eval: model missing": (lambda w, r: eval_args(w, model=r / "nope"), "{root}/nope does not exist"),
     "eval: tokenizer corrupt": (lambda w, r: eval_args(w, model=r / "badtok"), "{root}/badtok"),
     "eval: manifest missing": (lambda w, r: eval_args(w, data=r / "nope.json"), "nope.json does not exist"),

@@ -55,6 +55,10 @@ class BuildConfig:
     store_images: bool = True
     trust_remote_code: bool = False
     progress: bool = True
+    # A teacher bigger than one device: accelerate's big-model loading (docs/scale.md)
+    device_map: str | None = None      # auto | balanced | balanced_low_0 | sequential | map.json
+    max_memory: str | None = None      # "0=70GiB,1=70GiB,cpu=200GiB"
+    offload_folder: str | None = None  # for modules placed on "disk" (default: a temporary directory)
 
     def __post_init__(self) -> None:
         check_choices(self, {"logit_mode": LOGIT_MODES, "logit_positions": POSITION_POLICIES,
@@ -70,6 +74,26 @@ class BuildConfig:
             if not os.access(self.images, os.X_OK):  # else every row would be an unreadable_image reject
                 raise ConfigError(f"images directory {self.images} cannot be entered (permission denied).")
         check_out_dir(self.out)
+        self.placement()  # refuses a malformed --device-map / --max-memory before the teacher loads
+
+    def placement(self):
+        """The teacher's device map for from_pretrained, or None to load it whole on --device."""
+        from alignkd.models.placement import Placement, parse_device_map, parse_max_memory
+
+        if self.device_map is None:
+            for name in ("max_memory", "offload_folder"):
+                if getattr(self, name) is not None:
+                    raise ConfigError(f"--{name.replace('_', '-')} only applies with --device-map.")
+            return None
+        if self.device != "cpu":
+            raise ConfigError(f"--device {self.device} and --device-map {self.device_map} both say where the teacher "
+                              "goes; with a device map, leave --device out.")
+        folder = Path(self.offload_folder) if self.offload_folder is not None else None
+        if folder is not None and folder.exists() and not folder.is_dir():
+            raise ConfigError(f"--offload-folder {folder} is an existing file, not a directory.")
+        return Placement(parse_device_map(self.device_map),
+                         parse_max_memory(self.max_memory) if self.max_memory is not None else None,
+                         self.offload_folder)
 
     def stored_options(self) -> dict:
         return {name: getattr(self, name) for name in STORED_OPTIONS}
@@ -87,6 +111,7 @@ class BuildSummary:
     images: int = 0
     distinct_images: int = 0
     seconds: float = 0.0
+    placement: dict = field(default_factory=dict)  # device -> modules of the teacher there (with --device-map)
 
 
 def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> None:
@@ -143,7 +168,10 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     from alignkd.distributed import all_reduce_sum, barrier, init_process_group
 
     start = time.perf_counter()
-    dist = init_process_group(cfg.device)
+    dist = init_process_group()
+    if cfg.device_map is not None and dist.local_world_size > 1:
+        raise ConfigError(f"--device-map spreads the teacher over all of a node's GPUs, so run one process per node "
+                          f"(torchrun --nproc-per-node 1), not {dist.local_world_size}; the nodes split the manifest.")
     source = open_source(cfg.data)
     index = source.index()[: cfg.limit]  # (row, id) of every record; images stay on disk until their batch
     index, duplicates = split_duplicates(index)
@@ -152,7 +180,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     teacher = TeacherPass(cfg, dist)
     meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
             "build_options": cfg.stored_options(), "manifest": str(Path(cfg.data).resolve())}
-    summary = BuildSummary(out=cfg.out, samples=0)
+    summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if not dist.is_main:
         barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype,

@@ -8,7 +8,8 @@ teacher said about a sample".
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import tempfile
+from dataclasses import dataclass, replace
 from typing import Iterator
 
 import numpy as np
@@ -134,14 +135,24 @@ class TeacherPass:
 
     def __init__(self, cfg, dist) -> None:
         from alignkd.models import load_vlm
+        from alignkd.models.placement import input_device, placement_counts
 
         self.cfg = cfg
         # one GPU per torchrun rank: a bare "cuda" becomes this rank's device
         self.device = f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device
         self.show_progress = cfg.progress and dist.is_main
         source = resolve_model(cfg.teacher, "--teacher", trust_remote_code=cfg.trust_remote_code)
+        placement = cfg.placement()
+        if placement is not None and placement.offload_folder is None:
+            # what goes to "disk" and is not read in place from the safetensors; removed with the pass
+            self._offload = tempfile.TemporaryDirectory(prefix="alignkd-offload-")
+            placement = replace(placement, offload_folder=self._offload.name)
         self.vlm = load_vlm(source.path, dtype=cfg.dtype, device=self.device,
-                            trust_remote_code=cfg.trust_remote_code)
+                            trust_remote_code=cfg.trust_remote_code, placement=placement)
+        self.placement = {}
+        if placement is not None:  # the node's devices, as accelerate dispatched the teacher over them
+            self.device = input_device(self.vlm.model)
+            self.placement = placement_counts(self.vlm.model)
         self.identity = teacher_identity(source.path, repo_id=source.repo_id, revision=source.revision)
         text = self.vlm.model.config.get_text_config()
         self.shapes = {

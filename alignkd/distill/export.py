@@ -18,23 +18,34 @@ EXPORT_TMP = ".tmp-export"
 LAST = "config.json"  # what makes a directory look like a model to from_pretrained
 
 
-def export_student(objective, processor, out: Path, cfg, cache_meta: dict) -> None:
-    """`from_pretrained(out)` loads the student; adapters and the run config sit beside it."""
+ADAPTERS = ("head_adapter.", "projector_adapter.")
+
+
+def export_student(objective, processor, out: Path, cfg, cache_meta: dict, state_dict: dict | None = None) -> None:
+    """`from_pretrained(out)` loads the student; adapters and the run config sit beside it.
+
+    `state_dict` is the objective's full state dict when its modules hold only shards (FSDP:
+    gathered on this rank by `sharding.gather_state_dict`); None reads the modules."""
     out = Path(out)
     (out / LAST).unlink(missing_ok=True)  # until the end, OUT does not look like a finished model
     tmp = out / EXPORT_TMP
     shutil.rmtree(tmp, ignore_errors=True)
-    write_export(objective, processor, tmp, out / "metrics.jsonl", cfg, cache_meta)
+    write_export(objective, processor, tmp, out / "metrics.jsonl", cfg, cache_meta, state_dict)
     publish(tmp, out)
 
 
-def write_export(objective, processor, tmp: Path, metrics: Path, cfg, cache_meta: dict) -> None:
+def write_export(objective, processor, tmp: Path, metrics: Path, cfg, cache_meta: dict,
+                 state_dict: dict | None = None) -> None:
     import safetensors.torch
 
-    objective.student.save_pretrained(tmp)
+    if state_dict is None:
+        state_dict = objective.state_dict()
+        objective.student.save_pretrained(tmp)
+    else:
+        student = {k.removeprefix("student."): v for k, v in state_dict.items() if k.startswith("student.")}
+        objective.student.save_pretrained(tmp, state_dict=student)
     processor.save_pretrained(tmp)
-    adapters = {f"head_adapter.{k}": v for k, v in objective.head_adapter.state_dict().items()}
-    adapters.update({f"projector_adapter.{k}": v for k, v in objective.projector_adapter.state_dict().items()})
+    adapters = {k: v for k, v in state_dict.items() if k.startswith(ADAPTERS)}
     safetensors.torch.save_file({k: v.contiguous() for k, v in adapters.items()}, tmp / "adapters.safetensors")
     run = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
            "cache_teacher": cache_meta.get("teacher", {}), "cache_options": cache_meta.get("build_options", {})}

@@ -53,6 +53,8 @@ class DistillConfig:
     progress: bool = True
     workers: int = 2  # DataLoader workers reading the cache (0: in the training process)
     shuffle: str = "uniform"          # training order: uniform | window:N (alignkd.distill.sampling)
+    fsdp: str = ""                    # the Trainer's words: "full_shard auto_wrap" ... (alignkd.distill.sharding)
+    fsdp_wrap_class: tuple[str, ...] = ()  # layer classes FSDP shards by (default: the student's own)
 
     @property
     def resolved_attn_loss(self) -> str:
@@ -82,6 +84,11 @@ class DistillConfig:
         from alignkd.distill.sampling import parse_order
 
         parse_order(self.shuffle)
+        from alignkd.distill.sharding import check_fsdp_launch, parse_fsdp
+
+        if self.fsdp_wrap_class and not self.fsdp:
+            raise ConfigError("--fsdp-wrap-class only applies with --fsdp.")
+        check_fsdp_launch(parse_fsdp(self.fsdp), "LOCAL_RANK" in os.environ, self.grad_share_steps)
         check_model_arg(self.student, "--student", "student model directory")
         from alignkd.cache.storage import check_local_dir
 
@@ -133,6 +140,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     from alignkd.distill.export import export_student
     from alignkd.distill.objective import AlignKDObjective, LossWeights
     from alignkd.distill.sampling import parse_order
+    from alignkd.distill.sharding import check_fsdp_engaged, fsdp_arguments, gather_state_dict, parse_fsdp, wrap_classes
     from alignkd.models import load_vlm
 
     start = time.perf_counter()
@@ -152,6 +160,8 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     student = vlm.model
     student.train()
     _freeze(student, cfg.freeze, vlm.family)
+    fsdp_words = parse_fsdp(cfg.fsdp)
+    sharding = fsdp_arguments(fsdp_words, wrap_classes(student, cfg.fsdp_wrap_class) if fsdp_words else [])
     weights = LossWeights(ce=cfg.w_ce, logit=cfg.w_logit, vis=cfg.w_vis, attn=cfg.w_attn)
     vision_stats = None
     if cfg.loss_scale == "normalized" and weights.vis > 0:
@@ -188,14 +198,17 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
         # Parameters only go unused when a loss term is off (e.g. the adapters of w_attn=0).
         ddp_find_unused_parameters=len(weights.enabled()) < 4,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        **sharding,
     )
     trainer = AlignKDTrainer(
         model=objective if wrap_objective is None else wrap_objective(objective), args=args, train_dataset=dataset,
         data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),
         grad_share_steps=cfg.grad_share_steps, train_order=order)
+    check_fsdp_engaged(fsdp_words, trainer)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
+    state_dict = gather_state_dict(trainer)  # under FSDP every rank takes part; rank 0 gets it whole
     if trainer.is_world_process_zero():
-        export_student(objective, vlm.processor, out, cfg, meta)
+        export_student(objective, vlm.processor, out, cfg, meta, state_dict=state_dict)
     return DistillSummary(out=str(out), steps=int(result.global_step),
                           final_losses=trainer.last_terms(), seconds=time.perf_counter() - start)
 

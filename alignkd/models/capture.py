@@ -63,6 +63,11 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     image_mask = input_ids == family.get_image_token_id(model.config)
     positions = vision_positions(image_mask)  # refuses before paying for a forward
     out, weights, embeds = _run_listening(model, family, batch, keep_graph)
+    # A model dispatched over devices (accelerate's device map) leaves layer 0's weights,
+    # the decoder inputs and the logits wherever their modules ran; gather them where the
+    # inputs are. A no-op on one device.
+    here = input_ids.device
+    weights, embeds, logits = weights.to(here), embeds.to(here), out.logits.to(here)
 
     attention_mask = batch.get("attention_mask")
     if attention_mask is None:
@@ -73,7 +78,7 @@ def capture_forward(model, batch: dict, *, keep_graph: bool = False,
     index = safe[:, None, None, :].expand(-1, weights.shape[1], weights.shape[2], -1)
     attn = weights.gather(3, index)
     return CaptureOutput(
-        logits=out.logits,
+        logits=logits,
         image_mask=image_mask,
         vision_tokens=torch.where(valid[..., None], embeds[rows, safe], 0.0),
         vision_positions=positions,

@@ -13,6 +13,7 @@ from typing import Any
 
 from alignkd.errors import AlignKDError
 from alignkd.models.families import VLMFamily, get_family
+from alignkd.models.placement import Placement, check_covers, check_gpus, from_pretrained_kwargs
 
 DTYPES = ("float32", "bfloat16", "float16")
 
@@ -27,9 +28,14 @@ class LoadedVLM:
     path: Path
 
 
-def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
-             trust_remote_code: bool = False) -> LoadedVLM:
-    """Load the VLM in local directory `path` for capture; the caller switches to train() if it trains."""
+def load_vlm(path, *, dtype: str = "float32", device: str = "cpu", trust_remote_code: bool = False,
+             placement: Placement | None = None) -> LoadedVLM:
+    """Load the VLM in local directory `path` for capture; the caller switches to train() if it trains.
+
+    With a `placement`, transformers and accelerate spread the model over the devices it
+    names (`device` is then unused), offloading what it places on "disk" to its folder;
+    `alignkd.models.placement.input_device(model)` says where the inputs go.
+    """
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
@@ -42,6 +48,11 @@ def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
     with _naming(path, "config.json"):
         config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code, local_files_only=True)
     family = get_family(config)
+    placed = {}
+    if placement is not None:
+        check_gpus(placement)
+        check_covers(path, config, placement, trust_remote_code)
+        placed = from_pretrained_kwargs(placement)
     with _naming(path, "weights"):
         model = AutoModelForImageTextToText.from_pretrained(
             path,
@@ -50,8 +61,11 @@ def load_vlm(path, *, dtype: str = "float32", device: str = "cpu",
             trust_remote_code=trust_remote_code,
             local_files_only=True,
             attn_implementation=family.get_attn_implementation(config),
+            **placed,
         )
-    model.to(device).eval()
+    if placement is None:  # a dispatched model stays where accelerate put it
+        model.to(device)
+    model.eval()
     with _naming(path, "tokenizer or processor"):
         processor = load_processor(path, config.model_type, trust_remote_code=trust_remote_code)
     return LoadedVLM(model=model, processor=processor, family=family, path=path)
