@@ -18,6 +18,11 @@ they have while a student is being trained, not zero and not random.
 
 Gradients are linear in the loss terms, so each term's gradient is computed once per sample
 and the full objective's gradient is their weighted sum.
+
+The judge is the *student's* gradient (its parameters only). The adapters' gradient is kept
+apart (key suffix `@adapters`): the head adapter's is a sum over every (head, row, column) of
+the teacher's own rows, so storage noise on small probabilities moves it far more than it
+moves the student's, while it trains a 512-parameter mixing that averages over the data.
 """
 
 from __future__ import annotations
@@ -84,6 +89,7 @@ def build_objective(records, vocab: int, teacher_heads: int, teacher_dim: int) -
 def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, torch.Tensor]:
     """Each term's flat gradient (all trainable parameters) for sample j with `record`'s targets."""
     batch = widen_targets(collate_distill([item_from_record(record, {})], pad_token_id=0))
+    student = {id(p) for p in objective.student.parameters()}
     params = [p for p in objective.parameters() if p.requires_grad]
     default_attn = objective.attn_loss
     out = {}
@@ -93,8 +99,10 @@ def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, tor
         objective.attn_loss = "kl" if term == "attn_kl" else "mse"
         loss = objective.loss_terms(objective.student.capture(j), batch)[name]
         grads = torch.autograd.grad(loss, params, allow_unused=True)
-        out[term] = torch.cat([(gr if gr is not None else torch.zeros_like(p)).reshape(-1).double()
-                               for gr, p in zip(grads, params)])
+        flat = [((gr if gr is not None else torch.zeros_like(p)).reshape(-1).double(), id(p) in student)
+                for gr, p in zip(grads, params)]
+        out[term] = torch.cat([g for g, own in flat if own])
+        out[f"{term}@adapters"] = torch.cat([g for g, own in flat if not own] or [torch.zeros(1, dtype=torch.double)])
     objective.weights, objective.attn_loss = LossWeights(), default_attn
     return out
 
@@ -106,6 +114,7 @@ def summed_gradients(objective, records) -> dict[str, torch.Tensor]:
             total[term] = total[term] + g if term in total else g
     # the default objective: every weight 1, the attention term as KL (the default attn_loss)
     total["full"] = total["ce"] + total["logit"] + total["vis"] + total["attn_kl"]
+    total["full@adapters"] = total["vis@adapters"] + total["attn_kl@adapters"]
     return total
 
 
