@@ -90,6 +90,9 @@ def cache() -> None:
               show_default=True)
 @click.option("--attn-dtype", type=click.Choice(["uint8-log", "bfloat16", "float16", "uint8-sqrt", "uint4-log"]),
               default="uint8-log", show_default=True, help="Attention storage; see docs/cache-format.md.")
+@click.option("--attn-topk", default=0, show_default=True,
+              help="Keep each attention row's K largest vision columns and the rest's mass (0: every column); "
+                   "pays when rows are peaked: `cache stats` shows the top-16 share.")
 @click.option("--vision-dtype", type=click.Choice(["bfloat16", "float16", "int8-channel", "int4-channel"]),
               default="bfloat16", show_default=True, help="Vision-token storage; see docs/cache-format.md.")
 @click.option("--store-images/--no-store-images", default=True, show_default=True)

@@ -63,9 +63,12 @@ def synth(i: int, rng: np.random.Generator) -> SampleRecord:
         teacher_ce=1.0, teacher_entropy=2.0, teacher_tail_mass=0.1)
 
 
-CHOICES = [("bfloat16", "bfloat16"), ("float16", "float16"), ("uint8-sqrt", "bfloat16"),
-           ("uint8-log", "bfloat16"), ("uint8-sqrt", "int8-channel"), ("uint8-log", "int8-channel"),
-           ("uint4-log", "int8-channel"), ("uint4-log", "int4-channel")]
+# (attention dtype, vision dtype, --attn-topk): 0 keeps every column
+CHOICES = [("bfloat16", "bfloat16", 0), ("float16", "float16", 0), ("uint8-sqrt", "bfloat16", 0),
+           ("uint8-log", "bfloat16", 0), ("uint8-sqrt", "int8-channel", 0), ("uint8-log", "int8-channel", 0),
+           ("uint4-log", "int8-channel", 0), ("uint4-log", "int4-channel", 0),
+           ("uint8-log", "int8-channel", 128), ("uint8-log", "int8-channel", 64), ("uint8-log", "int8-channel", 32),
+           ("uint8-log", "int4-channel", 64)]
 
 
 def raw_tensors(rec: SampleRecord) -> dict:
@@ -196,12 +199,12 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
     print("Columns `1-cos`: one minus the gradient cosine (0.999 is 1e-3).\n")
     print("Cosines are of the student's gradient (its parameters only); the last column is the adapters' "
           "gradient under the full objective (bench/standin_student.py says why it is kept apart).\n")
-    print("| attn | vision | MB/sample | attn MB | vision MB | logits MB | 1-cos full | 1-cos attn (mse) | "
+    print("| attn | vision | top-k | MB/sample | attn MB | vision MB | logits MB | 1-cos full | 1-cos attn (mse) | "
           "1-cos attn (kl) | 1-cos vis | 1-cos logit | 1-cos adapters | write MB/s raw |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
-    for attn_dtype, vision_dtype in CHOICES:
-        path = work / f"cache-{attn_dtype}-{vision_dtype}"
-        secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for attn_dtype, vision_dtype, top_k in CHOICES:
+        path = work / f"cache-{attn_dtype}-{vision_dtype}-{top_k}"
+        secs = write_cache(path, recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype, attn_topk=top_k)
         kinds = bytes_by_kind(path)
         n = len(recs)
         logits = sum(v for k, v in kinds.items() if k.startswith("logit")) / n
@@ -209,7 +212,9 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
         stored = standin.summed_gradients(objective, [reader.get(i, widen=False) for i in range(grad_n)])
         c = standin.cosines(stored, reference)
         raw = sum(raw_bytes(r) for r in recs)
-        print(f"| {attn_dtype} | {vision_dtype} | {sum(kinds.values()) / n / 1e6:.2f} | {kinds['attn'] / n / 1e6:.2f} | "
+        attn_bytes = sum(v for k, v in kinds.items() if k.startswith("attn"))
+        print(f"| {attn_dtype} | {vision_dtype} | {top_k or 'all'} | {sum(kinds.values()) / n / 1e6:.2f} | "
+              f"{attn_bytes / n / 1e6:.2f} | "
               f"{kinds['vision'] / n / 1e6:.2f} | {logits / 1e6:.3f} | {1 - c['full']:.1e} | {1 - c['attn']:.1e} | "
               f"{1 - c['attn_kl']:.1e} | {1 - c['vis']:.1e} | {1 - c['logit']:.1e} | {1 - c['full@adapters']:.1e} | "
               f"{raw / secs / 1e6:.0f} |")

@@ -23,10 +23,11 @@ from alignkd.cache.shard_format import CacheFormatError, open_array, read_array_
 from alignkd.cache.storage import open_store
 from alignkd.cache.verify import verify_cache
 from alignkd.cache.writer import CacheWriter, SampleRecord
+from alignkd.errors import ConfigError
 from alignkd.storage_schemas import ARRAY_KINDS, FORMAT_NAME, SCALE_OF, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
-SCALES = set(SCALE_OF.values())
+SCALES = set(SCALE_OF.values()) | {"attn_ids", "attn_tail"}  # empty unless scaled / --attn-topk
 DATA_KINDS = [k for k in ARRAY_KINDS if k not in SCALES]  # arrays with bytes in the bf16 `cache` fixture
 META = {"teacher": {"path": "tiny", "config_sha256": "c0ffee"}, "build_options": {"logit_mode": "topk"}}
 
@@ -101,6 +102,38 @@ def test_round_trip_each_dtype(tmp_path, attn_dtype, vision_dtype):
             np.testing.assert_array_equal(getattr(got, name), getattr(rec, name), err_msg=name)
         assert (got.sample_id, got.manifest_row, got.teacher_ce, got.image_paths, got.image_bytes) == \
                (rec.sample_id, rec.manifest_row, rec.teacher_ce, rec.image_paths, rec.image_bytes)
+
+
+@pytest.mark.parametrize("attn_dtype", ["bfloat16", "uint8-log"])
+def test_attn_topk_round_trip(tmp_path, attn_dtype):
+    """--attn-topk 5 of 20 columns: the reader gives back each row's 5 largest values in their
+    columns, the rest of the row's vision mass spread evenly, and the ids with widen=False."""
+    recs = write_cache(tmp_path / "c", n=3, attn_dtype=attn_dtype, attn_topk=5, background=False)
+    reader = open_cache(tmp_path / "c")
+    tol = {"bfloat16": 2 ** -8, "uint8-log": 0.03}[attn_dtype]
+    for i, rec in enumerate(recs):
+        got, narrow = reader[i], reader.get(i, widen=False)
+        assert got.attn.shape == rec.attn.shape and narrow.attn.shape == (*rec.attn.shape[:2], 5)
+        want_ids = np.argsort(-rec.attn, -1, kind="stable")[..., :5]
+        np.testing.assert_array_equal(np.sort(narrow.attn_ids, -1), np.sort(want_ids, -1))
+        kept = np.take_along_axis(got.attn, want_ids, -1)
+        np.testing.assert_allclose(kept, np.take_along_axis(rec.attn, want_ids, -1), rtol=tol)
+        rest = rec.attn.sum(-1) - np.take_along_axis(rec.attn, want_ids, -1).sum(-1)
+        np.testing.assert_allclose(narrow.attn_tail, rest, rtol=2 ** -10, atol=1e-7)
+        others = np.ones_like(rec.attn, bool)
+        np.put_along_axis(others, want_ids, False, -1)
+        np.testing.assert_allclose(got.attn[others].reshape(*rec.attn.shape[:2], 15),
+                                   np.broadcast_to((rest / 15)[..., None], (*rec.attn.shape[:2], 15)),
+                                   rtol=2 ** -10, atol=1e-7)
+    assert run_sql(tmp_path / "c", "SELECT DISTINCT attn_k FROM samples").to_pylist() == [{"attn_k": 5}]
+
+
+def test_attn_topk_refusals(tmp_path):
+    with pytest.raises(ConfigError, match="--attn-topk.*uint4-log"):
+        CacheWriter(tmp_path / "a", META, attn_dtype="uint4-log", attn_topk=4)
+    write_cache(tmp_path / "b", n=1, attn_dtype="bfloat16", attn_topk=4, background=False)
+    with pytest.raises(ConfigError, match="--attn-topk=4 but this run asks for 0"):
+        CacheWriter(tmp_path / "b", META, attn_dtype="bfloat16")
 
 
 def test_reader_keeps_at_most_max_open_shards_open(tmp_path, monkeypatch):
@@ -246,7 +279,7 @@ def test_cache_json_and_shard_json(cache):
                         "teacher", "build_options"}
     assert (doc["format"], doc["schema_version"]) == (FORMAT_NAME, SCHEMA_VERSION)
     assert doc["storage"] == {"attn_dtype": "bfloat16", "vision_dtype": "bfloat16", "logit_id_dtype": "uint32",
-                              "shard_size": 2, "store_images": True}
+                              "shard_size": 2, "store_images": True, "attn_topk": 0}
     assert doc["teacher"] == META["teacher"] and doc["build_options"] == META["build_options"]
     assert open_cache(path).meta == doc
 
@@ -376,7 +409,7 @@ def test_not_a_cache_and_version_mismatch_refused(cache, tmp_path):
     assert len(problems) == 1 and problems[0].file == "cache.json" and "99" in problems[0].message
 
 
-@pytest.mark.parametrize("old", [1, 2])
+@pytest.mark.parametrize("old", [1, 2, 4])
 def test_older_cache_refused_naming_both_versions(cache, tmp_path, old):
     path = tmp_path / "c"
     shutil.copytree(cache[0], path)

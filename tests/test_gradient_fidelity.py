@@ -96,3 +96,51 @@ def test_gradient_cosine_stored_vs_fp32(live, tmp_path, attn_dtype, vision_dtype
         finally:
             objective.weights = LossWeights()
         assert term_cos < 1.0 and (term_bound[term] is None or term_bound[term] <= term_cos), (term, term_cos)
+
+
+def _stored_batch(live, path, **writer_options) -> dict:
+    with CacheWriter(path, live["meta"], background=False, **writer_options) as w:
+        for r in live["records"]:
+            w.add(r)
+    dataset = CachedDistillDataset(str(path), live["processor"])
+    return dataset.collate([dataset[i] for i in range(len(dataset))])
+
+
+def _term_cosine(objective, term: str, stored: dict, reference: dict) -> float:
+    objective.weights = LossWeights(**{t: float(t == term) for t in ("ce", "logit", "vis", "attn")})
+    try:
+        return gradient_cosine(objective, stored, reference)
+    finally:
+        objective.weights = LossWeights()
+
+
+def test_attn_topk_keeping_every_column_equals_the_dense_cache(live, tmp_path):
+    """k = N_v stores the same rows column-permuted: the batch the objective sees is the dense one."""
+    n_vision = live["records"][0].attn.shape[-1]
+    dense = _stored_batch(live, tmp_path / "dense", attn_dtype="bfloat16")
+    top = _stored_batch(live, tmp_path / "top", attn_dtype="bfloat16", attn_topk=n_vision)
+    assert top["t_attn"].shape[-1] == n_vision and "t_attn_ids" in top
+    from alignkd.distill.dataset import widen_targets
+    torch.testing.assert_close(widen_targets(top)["t_attn"], widen_targets(dense)["t_attn"].float())
+
+
+@pytest.mark.parametrize("k", [4, 8])
+def test_attn_topk_keeps_each_rows_mass_and_its_largest_columns(live, tmp_path, k):
+    from alignkd.distill.dataset import widen_targets
+    stored = _stored_batch(live, tmp_path / "c", attn_dtype="bfloat16", attn_topk=k)
+    assert stored["t_attn"].shape[-1] == k
+    reference = _reference_batch(live)
+    rows, ref = widen_targets(stored)["t_attn"], reference["t_attn"]
+    # each row's vision mass is kept (kept columns exact within bf16, the tail spread evenly)
+    valid = reference["t_vision_mask"][:, None, None, :].expand_as(ref)
+    torch.testing.assert_close((rows * valid).sum(-1), (ref * valid).sum(-1), atol=2e-2, rtol=2e-2)
+    # the k largest columns of each reference row are stored within bf16
+    top_ref = ref.topk(k, -1).values
+    torch.testing.assert_close(rows.topk(k, -1).values, top_ref, atol=1e-2, rtol=1e-2)
+    term_cos = _term_cosine(live["objective"], "attn", stored, reference)
+    dense_cos = _term_cosine(live["objective"], "attn",
+                             _stored_batch(live, tmp_path / "dense", attn_dtype="bfloat16"), reference)
+    assert 0.0 < term_cos < dense_cos, (k, term_cos, dense_cos)  # lossy, and below the dense bf16 cache
+    # measured 0.983 (k=4) and 0.989 (k=8) of 16 columns against 0.9998 for dense bf16: this random
+    # teacher's rows are near-uniform, so the evenly spread tail is close to the truth
+    assert term_cos >= {4: 0.97, 8: 0.98}[k], (k, term_cos)

@@ -28,7 +28,7 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 # kinds of sample in one cache, so a resume compares exactly these against cache.json.
 STORED_OPTIONS = (
     "max_length", "logit_mode", "logit_k", "logit_samples", "logit_positions",
-    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype",
+    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk",
 )
 
 
@@ -52,6 +52,7 @@ class BuildConfig:
     logit_positions: str = "response"
     attn_dtype: str = "uint8-log"  # the default storage: BENCHMARKS.md, "Cache storage"
     vision_dtype: str = "bfloat16"
+    attn_topk: int = 0                # > 0: keep each attention row's k largest vision columns (and the rest's mass)
     store_images: bool = True
     trust_remote_code: bool = False
     progress: bool = True
@@ -66,6 +67,8 @@ class BuildConfig:
         check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
+        if self.attn_topk < 0:
+            raise ConfigError(f"--attn-topk must be 0 (every column) or more, not {self.attn_topk}.")
         check_model_arg(self.teacher, "--teacher", "model directory")
         if not Path(self.data).is_dir():  # a directory is a Parquet dataset (data.sources)
             check_file(self.data, "manifest")
@@ -183,7 +186,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if not dist.is_main:
         barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
-    with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype,
+    with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
         if dist.is_main:

@@ -26,6 +26,7 @@ import pyarrow as pa
 
 from alignkd.cache.encodings import decode
 from alignkd.cache.record import SampleRecord
+from alignkd.cache.sample_encoding import rows_from_top
 from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.cache.storage import open_store
@@ -178,12 +179,16 @@ class CacheReader:
         i %= n
         self._process_state()
         c = {k: int(v[i]) for k, v in self._cols.items() if k not in _STRING_COLUMNS}
-        T, H, Nv, D = c["n_text"], c["n_heads"], c["n_vision"], c["vision_dim"]
+        T, H, Nv, D, top_k = c["n_text"], c["n_heads"], c["n_vision"], c["vision_dim"], c["attn_k"]
         raw, enc = self._read_raw(i, c)
-        shapes = {"attn": (T, H, Nv), "attn_scale": (T, H), "vision": (Nv, D), "vision_scale": (D,)}
+        shapes = {"attn": (T, H, top_k or Nv), "attn_scale": (T, H), "vision": (Nv, D), "vision_scale": (D,)}
+        top = (decode(raw["attn_ids"], enc["attn_ids"]).reshape(T, H, top_k),  # --attn-topk: kept columns
+               decode(raw["attn_tail"], enc["attn_tail"]).reshape(T, H)) if top_k else (None, None)
         if widen:
             t = {k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in ("attn", "vision")}
-            values, kept = decode(raw["logit_values"], enc["logit_values"]), None
+            if top_k:
+                t["attn"] = rows_from_top(t["attn"], *top, Nv)
+            values, kept, top = decode(raw["logit_values"], enc["logit_values"]), None, (None, None)
         else:
             packed = {k: v for k, v in shapes.items() if k in ("attn", "vision") and enc[k] in PACKED_ENCODINGS}
             shapes.update({k: (*v[:-1], v[-1] // 2) for k, v in packed.items()})  # two values per byte
@@ -209,7 +214,8 @@ class CacheReader:
             **{k: self._list(k, i) for k in REPLAYED_COLUMNS},
             # a scaled encoding always hands its scales back, even none (a text-only sample's [0, H])
             attn_scale=None if widen or enc["attn"] not in SCALED_ENCODINGS else t["attn_scale"],
-            vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"])
+            vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"],
+            attn_ids=top[0], attn_tail=top[1])
 
     def _read_raw(self, i: int, c: dict) -> tuple[dict, dict]:
         """Every array's stored values for sample i (flat, stored dtype) and the arrays' encodings."""

@@ -50,4 +50,8 @@ class SampleRecord:
     # their stored width (see alignkd/cache/encodings.py) and these say how to widen them.
     encodings: dict | None = None         # {"attn": ..., "vision": ..., "logit_values": ...}
     attn_scale: np.ndarray | None = None  # float32 [T, H] for uint8-log attention
+    # A cache built with --attn-topk k read with widen=False: `attn` holds each row's k kept
+    # values [T, H, k], these their vision columns and the rest of each row's vision mass.
+    attn_ids: np.ndarray | None = None    # int64 [T, H, k]
+    attn_tail: np.ndarray | None = None   # float32 [T, H]
     vision_scale: np.ndarray | None = None  # float32 [D] for int8-channel vision

@@ -44,17 +44,59 @@ def pack_logits(ids: np.ndarray, values: np.ndarray) -> tuple[np.ndarray, np.nda
     return ids[valid], values[valid], valid.sum(axis=1).astype(np.int32)
 
 
+def top_columns(attn: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """[T, H, Nv] rows -> (the k largest values of each row in descending order [T, H, k'],
+    their column ids, the row's vision mass outside them [T, H]); k' = min(k, Nv)."""
+    k = min(k, attn.shape[-1])
+    ids = np.argpartition(-attn, k - 1, axis=-1)[..., :k] if k < attn.shape[-1] else \
+        np.broadcast_to(np.arange(k), attn.shape).copy()
+    values = np.take_along_axis(attn, ids, -1)
+    order = np.argsort(-values, axis=-1, kind="stable")
+    ids, values = np.take_along_axis(ids, order, -1), np.take_along_axis(values, order, -1)
+    tail = np.maximum(attn.sum(-1, dtype=np.float64) - values.sum(-1, dtype=np.float64), 0.0)
+    return values, ids, tail.astype(np.float32)
+
+
+def rows_from_top(values: np.ndarray, ids: np.ndarray, tail: np.ndarray, n_vision: int) -> np.ndarray:
+    """The inverse of `top_columns`: [T, H, Nv] rows with the kept columns in place and each row's
+    tail mass spread evenly over its other columns (the most even guess, and the row sum kept)."""
+    T, H, k = values.shape
+    rest = max(n_vision - k, 1)
+    out = np.broadcast_to((tail / rest)[..., None], (T, H, n_vision)).astype(np.float32)
+    np.put_along_axis(out, ids.astype(np.int64), values.astype(np.float32), -1)
+    return out
+
+
+def top16_share(attn: np.ndarray) -> float:
+    """The mean share of a row's vision mass in its 16 largest columns (NaN with no rows, so
+    `cache stats` leaves text-only samples out of its distribution)."""
+    if attn.size == 0:
+        return float("nan")
+    values, _, tail = top_columns(attn, 16)
+    kept = values.sum(-1, dtype=np.float64)
+    total = kept + tail
+    return float(np.mean(np.where(total > 0, kept / np.maximum(total, 1e-30), 1.0)))
+
+
 @dataclass
 class EncodedSample:
     arrays: dict[str, CompressedSample]  # every array kind, compressed chunk by chunk
     logit_entries: int
+    attn_k: int = 0  # columns kept per attention row (0: all of them)
+    attn_top16_share: float = 1.0
 
 
-def encode_sample(rec: SampleRecord, encodings: dict[str, str]) -> EncodedSample:
-    """A record's tensors -> each array's stored values, compressed."""
+def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int = 0) -> EncodedSample:
+    """A record's tensors -> each array's stored values, compressed. With `attn_topk` > 0 the
+    attention rows keep their `attn_topk` largest vision columns (ids and the rest's mass too)."""
     ids, values, nnz = pack_logits(rec.logit_ids, rec.logit_values)
-    tensors = {"attn": rec.attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
-               "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail}
+    attn, attn_ids, attn_tail, attn_k = rec.attn, np.zeros(0, np.int64), np.zeros(0, np.float32), 0
+    if attn_topk and rec.attn.shape[-1]:
+        attn, attn_ids, attn_tail = top_columns(rec.attn, attn_topk)
+        attn_k = attn.shape[-1]
+    tensors = {"attn": attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
+               "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail,
+               "attn_ids": attn_ids, "attn_tail": attn_tail}
     stored = {}
     for kind, tensor in tensors.items():
         stored[kind], scale = encode(tensor, encodings[kind])
@@ -62,4 +104,4 @@ def encode_sample(rec: SampleRecord, encodings: dict[str, str]) -> EncodedSample
             stored[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
     arrays = {k: compress_sample(stored[k], chunk_elements(k, encodings[k]), codec_for(encodings[k]))
               for k in ARRAY_KINDS}
-    return EncodedSample(arrays, int(ids.size))
+    return EncodedSample(arrays, int(ids.size), attn_k, top16_share(rec.attn))

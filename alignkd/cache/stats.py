@@ -17,7 +17,7 @@ from alignkd.cache.shard_format import committed_shards, load_cache_json, read_s
 from alignkd.cache.storage import CacheStore, open_store
 from alignkd.storage_schemas import ARRAY_KINDS, SHARDS_DIR
 
-DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass")
+DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass", "attn_top16_share")
 
 # Raw bytes per sample, from the row's shape columns (see the module docstring).
 RAW_BYTES_SQL = {

@@ -30,17 +30,22 @@ from alignkd.cache.shard_commit import ShardInProgress
 from alignkd.cache.storage import open_store
 from alignkd.cache.write_thread import WriteThread
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
-from alignkd.storage_schemas import (ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON_FIELDS, SHARDS_DIR, UINT16_VOCAB,
-                                     VISION_DTYPES)
+from alignkd.storage_schemas import (ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON_FIELDS, PACKED_ENCODINGS, SHARDS_DIR,
+                                     UINT16_VOCAB, VISION_DTYPES)
 
 
 class CacheWriteError(AlignKDError, OSError):
     """The disk refused a write; the shard in flight was discarded. Still an OSError to callers."""
 
 
-def _check_options(meta: dict, attn_dtype: str, vision_dtype: str, shard_size: int) -> None:
+def _check_options(meta: dict, attn_dtype: str, vision_dtype: str, shard_size: int, attn_topk: int) -> None:
     if attn_dtype not in ATTN_DTYPES:
         raise ConfigError(f"--attn-dtype must be one of {', '.join(ATTN_DTYPES)}, not {attn_dtype}.")
+    if attn_topk < 0:
+        raise ConfigError(f"--attn-topk must be 0 (every column) or more, not {attn_topk}.")
+    if attn_topk and attn_dtype in PACKED_ENCODINGS:
+        raise ConfigError(f"--attn-topk keeps an odd number of columns for some rows; --attn-dtype {attn_dtype} "
+                          "packs two per byte, so choose an 8- or 16-bit attention dtype.")
     if vision_dtype not in VISION_DTYPES:
         raise ConfigError(f"--vision-dtype must be one of {', '.join(VISION_DTYPES)}, not {vision_dtype}.")
     if shard_size < 1:
@@ -59,8 +64,8 @@ class CacheWriter:
 
     def __init__(self, path, meta: dict, *, shard_size: int = 256, attn_dtype: str = "bfloat16",
                  vision_dtype: str = "bfloat16", store_images: bool = True, background: bool = True,
-                 overwrite: bool = False, rank: int = 0, vocab_size: int | None = None) -> None:
-        _check_options(meta, attn_dtype, vision_dtype, shard_size)
+                 overwrite: bool = False, rank: int = 0, vocab_size: int | None = None, attn_topk: int = 0) -> None:
+        _check_options(meta, attn_dtype, vision_dtype, shard_size, attn_topk)
         self.store = open_store(path)
         # Shards are filled in a local staging directory: the cache itself on local disk, a
         # temporary directory for object storage (docs/cache-format.md, "Object storage").
@@ -69,7 +74,7 @@ class CacheWriter:
         vocab_size = vocab_size or meta.get("teacher_shapes", {}).get("vocab_size")
         id_dtype = "uint16" if vocab_size and vocab_size <= UINT16_VOCAB else "uint32"
         self.storage = {"attn_dtype": attn_dtype, "vision_dtype": vision_dtype, "logit_id_dtype": id_dtype,
-                        "shard_size": shard_size, "store_images": store_images}
+                        "shard_size": shard_size, "store_images": store_images, "attn_topk": attn_topk}
         self.encodings = {k: spec.get("encoding") or self.storage[spec["option"]]
                           for k, spec in ARRAY_SPECS.items()}
         self._lock = CacheLock(self.path, rank).acquire()
@@ -94,7 +99,7 @@ class CacheWriter:
         self._work.raise_pending()
         check_record(rec)
         # encoding starts now on the pool; the writer thread takes the results in order
-        self._submit(("add", (rec, self._work.encode(encode_sample, rec, self.encodings))))
+        self._submit(("add", (rec, self._work.encode(encode_sample, rec, self.encodings, self.storage["attn_topk"]))))
 
     def reject(self, sample_id: str, manifest_row: int, reason: str, message: str) -> None:
         self._work.raise_pending()
@@ -155,7 +160,8 @@ class CacheWriter:
             self._next_index += 1
         if op == "add":
             rec, encoded = payload
-            encoded = encoded.result() if encoded is not None else encode_sample(rec, self.encodings)
+            encoded = encoded.result() if encoded is not None else \
+                encode_sample(rec, self.encodings, self.storage["attn_topk"])
             self._shard.add(rec, encoded, self.store_images)
             if len(self._shard.rows) >= self.shard_size:
                 self._commit()

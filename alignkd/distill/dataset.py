@@ -174,6 +174,9 @@ def item_from_record(rec, image_inputs: dict, vocab_size: int | None = None, log
             scale = getattr(rec, f"{name}_scale")
             if scale is not None:
                 item[f"t_{name}_scale"] = torch.from_numpy(scale)
+    if rec.attn_ids is not None:  # --attn-topk: each row's kept columns and the rest's mass, densified on device
+        item["t_attn_ids"] = torch.from_numpy(rec.attn_ids.astype(np.int64))
+        item["t_attn_tail"] = torch.from_numpy(np.asarray(rec.attn_tail, np.float32))
     if vocab_size is not None:
         item["t_logit_ids"], item["t_logit_values"], item["t_logit_tail"] = restrict_logits(
             item["t_logit_ids"], item["t_logit_values"], item["t_logit_tail"], vocab_size, logit_mode)
@@ -191,7 +194,25 @@ def widen_targets(batch: dict) -> dict:
         scale = out.pop(f"t_{name}_scale", None)
         if enc is not None:
             out[f"t_{name}"] = widen(out[f"t_{name}"], enc, scale)
+    if "t_attn_ids" in out:
+        out["t_attn"] = rows_from_top_torch(out["t_attn"].float(), out.pop("t_attn_ids"), out.pop("t_attn_tail"),
+                                            out["t_vision_mask"])
     return out
+
+
+def rows_from_top_torch(values: torch.Tensor, ids: torch.Tensor, tail: torch.Tensor,
+                        vision_mask: torch.Tensor) -> torch.Tensor:
+    """Batched `rows_from_top` on the training device: [B, T, H, k] kept values (ids -1 = padding),
+    [B, T, H] tail mass -> [B, T, H, Nv] rows, the tail spread evenly over each sample's own other
+    vision columns (vision_mask [B, Nv]) and nothing in padded columns."""
+    kept = ids >= 0
+    n_vision = vision_mask.sum(-1).to(values.dtype)[:, None, None]           # [B, 1, 1]
+    fill = tail.float() / (n_vision - kept.sum(-1)).clamp(min=1)              # [B, T, H]
+    rows = fill[..., None] * vision_mask[:, None, None, :].to(values.dtype)   # [B, T, H, Nv]
+    slot = torch.where(kept, ids, torch.full_like(ids, rows.shape[-1]))       # padding -> a spare column
+    rows = torch.cat([rows, rows.new_zeros(*rows.shape[:-1], 1)], -1)
+    rows.scatter_(-1, slot, torch.where(kept, values, 0.0))
+    return rows[..., :-1]
 
 
 PAD_IN_PLACE_ELEMENTS = 1 << 20  # above this, fill only the padding (7B-shaped attention batches)
@@ -269,6 +290,13 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
             batch[f"t_{name}_encoding"] = encodings.pop()
     if "t_attn_scale" in items[0]:   # [T, H] per sample, padded like the attention rows
         batch["t_attn_scale"] = _pad([it["t_attn_scale"] for it in items], 0.0)
+    if any("t_attn_ids" in it for it in items):  # --attn-topk: [T, H, k] column ids (-1: padding), [T, H] tail
+        # a text-only sample has no rows and keeps no columns
+        rows = [it["t_attn"].shape[:2] for it in items]
+        batch["t_attn_ids"] = _pad([it["t_attn_ids"] if "t_attn_ids" in it else torch.zeros((*r, 0), dtype=torch.long)
+                                    for it, r in zip(items, rows)], -1)
+        batch["t_attn_tail"] = _pad([it["t_attn_tail"] if "t_attn_tail" in it else torch.zeros(r)
+                                     for it, r in zip(items, rows)], 0.0)
     if "t_vision_scale" in items[0]:  # [D] per sample
         batch["t_vision_scale"] = torch.stack([it["t_vision_scale"] for it in items])
     for key in TOKEN_INPUTS:

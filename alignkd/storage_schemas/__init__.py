@@ -14,7 +14,7 @@ import pyarrow as pa
 FORMAT_NAME = "alignkd-cache"
 # 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed;
 # 4: any number of images per sample (text-only samples, several images: list-valued image columns)
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -66,6 +66,8 @@ ARRAY_SPECS = {
     #  kind            inner chunk  encoding (None: from the writer's option)
     "attn":          {"chunk": 65536, "encoding": None, "option": "attn_dtype"},
     "attn_scale":    {"chunk": 4096, "encoding": "float32"},    # uint8-log: max of each [t, h] row, else empty
+    "attn_ids":      {"chunk": 16384, "encoding": "uint16"},    # --attn-topk: each row's K kept vision columns
+    "attn_tail":     {"chunk": 4096, "encoding": "float16"},    # --attn-topk: each row's vision mass outside them
     "vision":        {"chunk": 65536, "encoding": None, "option": "vision_dtype"},
     "vision_scale":  {"chunk": 4096, "encoding": "float32"},    # int8-channel: scale per channel, else empty
     "focus":         {"chunk": 1024, "encoding": "float32"},
@@ -84,9 +86,12 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
     """Elements of each array that one sample (a samples.parquet row) holds, given the
     shard's encodings (shard.json "arrays"): scale arrays are empty unless the encoding is scaled."""
     T, H, Nv, D = row["n_text"], row["n_heads"], row["n_vision"], row["vision_dim"]
+    k = row.get("attn_k", 0)  # > 0: each attention row keeps its k largest vision columns
     e, p = row["logit_entries"], row["n_logit_positions"]
-    halve = {k: 2 if encodings[k] in PACKED_ENCODINGS else 1 for k in ("attn", "vision")}
-    return {"attn": T * H * Nv // halve["attn"], "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
+    halve = {kind: 2 if encodings[kind] in PACKED_ENCODINGS else 1 for kind in ("attn", "vision")}
+    return {"attn": T * H * (k or Nv) // halve["attn"],
+            "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
+            "attn_ids": T * H * k, "attn_tail": T * H if k else 0,
             "vision": Nv * D // halve["vision"], "vision_scale": D if encodings["vision"] in SCALED_ENCODINGS else 0,
             "focus": Nv, "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
 
@@ -133,6 +138,12 @@ SAMPLE_SCHEMA = pa.schema([
     ("n_text", pa.int32()),
     ("n_heads", pa.int32()),
     ("n_vision", pa.int32()),
+    # attention rows keep their attn_k largest vision columns (ids in attn_ids, the rest of the
+    # row's vision mass in attn_tail); 0: every column (--attn-topk 0, the default)
+    ("attn_k", pa.int32()),
+    # the mean share of a row's vision mass in its 16 largest columns: how peaked the rows are,
+    # i.e. what --attn-topk would keep (1.0 for rows of at most 16 columns, NaN for text-only samples)
+    ("attn_top16_share", pa.float32()),
     ("vision_dim", pa.int32()),
     ("n_logit_positions", pa.int32()),
     ("logit_k", pa.int32()),
@@ -167,7 +178,7 @@ REJECT_SCHEMA = pa.schema([
 # cache.json: these keys are the writer's; the builder's meta dict is merged at top level
 # beside them (teacher, teacher_shapes, build_options, ...) and may not reuse these names.
 CACHE_JSON_FIELDS = ("format", "schema_version", "alignkd_version", "created_at", "storage")
-STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images")
+STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images", "attn_topk")
 
 # shard.json: "files" lists every other file of the shard with "path", "bytes", "sha256".
 SHARD_JSON_FIELDS = ("format", "schema_version", "name", "rank", "index", "n_samples",
