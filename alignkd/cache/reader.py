@@ -79,7 +79,8 @@ class CacheReader:
     # ---------------------------------------------------------------- rows, loaded once
     def _load_rows(self) -> None:
         self._shards = committed_shards(self.store)
-        columns = [f.name for f in SAMPLE_SCHEMA if f.name != "image_bytes"]
+        # image bytes load lazily by shard; the row statistics are for SQL and `cache stats`
+        columns = [f.name for f in SAMPLE_SCHEMA if f.name not in ("image_bytes", "attn_top16_share")]
         tables = [read_parquet(shard, SAMPLES_FILE, columns=columns) for shard in self._shards]
         table = pa.concat_tables(tables) if tables else SAMPLE_SCHEMA.empty_table().select(columns)
         counts = [t.num_rows for t in tables]
@@ -178,7 +179,7 @@ class CacheReader:
             raise IndexError(f"sample index {i} out of range for {n} samples")
         i %= n
         self._process_state()
-        c = {k: int(v[i]) for k, v in self._cols.items() if k not in _STRING_COLUMNS}
+        c = {k: int(v[i]) for k, v in self._cols.items() if k not in _STRING_COLUMNS and v.dtype.kind in "iu"}
         T, H, Nv, D, top_k = c["n_text"], c["n_heads"], c["n_vision"], c["vision_dim"], c["attn_k"]
         raw, enc = self._read_raw(i, c)
         shapes = {"attn": (T, H, top_k or Nv), "attn_scale": (T, H), "vision": (Nv, D), "vision_scale": (D,)}
