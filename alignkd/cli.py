@@ -86,8 +86,9 @@ def cache() -> None:
 @click.option("--logit-mode", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
 @click.option("--logit-k", default=16, show_default=True, help="Top-k size (topk mode); see BENCHMARKS.md.")
 @click.option("--logit-samples", default=64, show_default=True, help="Draws per position (sampled mode).")
-@click.option("--logit-positions", type=click.Choice(["response", "text"]), default="response",
-              show_default=True)
+@click.option("--logit-positions", type=click.Choice(["response", "text"]), default="text", show_default=True,
+              help="Distil the next-token distribution at every text position after the image (text) or only "
+                   "at the answer's (response); docs/efficacy.md has the comparison.")
 @click.option("--attn-dtype", type=click.Choice(["uint8-log", "bfloat16", "float16", "uint8-sqrt", "uint4-log"]),
               default="uint8-log", show_default=True, help="Attention storage; see docs/cache-format.md.")
 @click.option("--attn-topk", default=0, show_default=True,

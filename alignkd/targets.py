@@ -21,7 +21,9 @@ def select_positions(
     """Bool [B, L]: the positions t whose next-token distribution is distilled.
 
     labels [B, L] unshifted (-100 = no CE); text_query_mask [B, L] true on text
-    positions after the image; attention_mask [B, L] 1 on real tokens. Works for
+    positions after the (last) image, all false for a text-only sample; attention_mask
+    [B, L] 1 on real tokens. `response`: the labelled answer positions; `text`: every text
+    position after the image, or every position of a text-only sample. Works for
     left and right padding alike because it only looks at masks.
     """
     real = attention_mask.bool()
@@ -31,7 +33,10 @@ def select_positions(
         return nxt & real
     if policy == "text":
         nxt[:, :-1] = real[:, 1:]
-        return nxt & real & text_query_mask.bool()
+        text = text_query_mask.bool()
+        # a text-only sample has no image to come after: all of its text is distilled
+        text = text | ~text.any(dim=1, keepdim=True)
+        return nxt & real & text
     raise ValueError(f"logit position policy must be 'response' or 'text', got {policy!r}")
 
 

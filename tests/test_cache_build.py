@@ -91,9 +91,9 @@ def six(tmp_path_factory, tiny_llava_dir):
     kw = dict(batch_size=4, logit_k=8)
     caches = {
         "bf16": build(tiny_llava_dir, data, images, root / "bf16", attn_dtype="bfloat16",
-                      vision_dtype="bfloat16", **kw),
+                      vision_dtype="bfloat16", logit_positions="response", **kw),
         "fp16": build(tiny_llava_dir, data, images, root / "fp16", attn_dtype="float16",
-                      vision_dtype="float16", **kw),
+                      vision_dtype="float16", **kw),  # the default logit positions: text
         "u8": build(tiny_llava_dir, data, images, root / "u8", attn_dtype="uint8-sqrt", vision_dtype="int8-channel",
                     **kw),
         "sampled": build(tiny_llava_dir, data, images, root / "sampled", batch_size=4, logit_mode="sampled",
@@ -157,13 +157,16 @@ def test_uint8_sqrt_attention_and_int8_vision_are_within_their_steps_of_live_for
         assert np.abs(got.vision - live["vision"]).max() > 0
 
 
-def test_topk_logits_are_the_true_topk_of_live_logits(six):
-    reader = open_cache(six["caches"]["bf16"])
+@pytest.mark.parametrize("kind", ["bf16", "fp16"])
+def test_topk_logits_are_the_true_topk_of_live_logits(six, kind):
+    reader = open_cache(six["caches"][kind])
     for b in range(6):
         live = live_sample(six, b)
         got = reader[reader.index_of(live["sample_id"])]
-        mask = live["label_mask"]
-        expected_pos = np.flatnonzero(mask[1:])  # row t predicts the answer token at t+1
+        if kind == "bf16":  # --logit-positions response: row t predicts the answer token at t+1
+            expected_pos = np.flatnonzero(live["label_mask"][1:])
+        else:  # text, the default: every text position after the image that has a next token
+            expected_pos = live["text_positions"][:-1]
         np.testing.assert_array_equal(got.logit_positions, expected_pos)
         logp = torch.log_softmax(live["logits"][torch.from_numpy(expected_pos)], -1).numpy()
         assert got.logit_ids.shape == (len(expected_pos), 8)
@@ -175,8 +178,9 @@ def test_topk_logits_are_the_true_topk_of_live_logits(six):
             np.testing.assert_allclose(got.logit_values[p], row[ids], rtol=2.0 ** -10, atol=F32_TOL)
             tail = 1 - np.exp(row[ids]).sum()
             np.testing.assert_allclose(got.logit_tail[p], tail, rtol=abs(np.log(tail)) * 2.0 ** -10, atol=F32_TOL)
-        answer_ids = live["input_ids"][expected_pos + 1]
-        ce = -logp[np.arange(len(expected_pos)), answer_ids].mean()
+        answer = live["label_mask"][expected_pos + 1]  # teacher_ce is over the answer tokens
+        answer_ids = live["input_ids"][expected_pos[answer] + 1]
+        ce = -logp[np.flatnonzero(answer), answer_ids].mean()
         assert got.teacher_ce == pytest.approx(ce, rel=1e-4)
 
 
@@ -375,14 +379,15 @@ def test_sigkill_at_random_moments_then_resume_equals_uninterrupted_build(forty,
 
 
 # ---------------------------------------------------------------- 4. resume with other options
-@pytest.mark.parametrize("option,value", [("--logit-k", 4), ("--attn-dtype", "float16"), ("--seed", 3)])
+@pytest.mark.parametrize("option,value", [("--logit-k", 4), ("--attn-dtype", "float16"), ("--seed", 3),
+                                          ("--logit-positions", "text"), ("--attn-topk", 4)])
 def test_resume_with_other_stored_option_is_refused(six, tiny_llava_dir, tmp_path, option, value):
     out = tmp_path / "cache"
     shutil.copytree(six["caches"]["bf16"], out)
     before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}
     args = ["cache", "build", "--teacher", tiny_llava_dir, "--data", six["data"], "--images", six["images"],
             "--out", out, "--batch-size", 4, "--logit-k", 8, "--attn-dtype", "bfloat16", "--vision-dtype", "bfloat16",
-            "--no-progress"]
+            "--logit-positions", "response", "--no-progress"]
     line = error_line(cli(*args, option, value))
     assert option in line and str(out) in line
     after = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and p.name != ".lock"}

@@ -164,6 +164,15 @@ def test_select_positions_both_policies(side):
         select_positions(labels, text, attn, "all")
 
 
+def test_select_positions_text_policy_on_a_text_only_sample():
+    """No image, so no text after it: `text` distils every position with a next token."""
+    labels = torch.tensor([[-100, -100, -100, 7, 2, -100]])
+    text = torch.zeros(1, 6, dtype=torch.long)
+    attn = torch.tensor([[1, 1, 1, 1, 1, 0]])
+    assert select_positions(labels, text, attn, "text")[0].nonzero().flatten().tolist() == [0, 1, 2, 3]
+    assert select_positions(labels, text, attn, "response")[0].nonzero().flatten().tolist() == [2, 3]
+
+
 # ---- attention ----------------------------------------------------------------------
 
 

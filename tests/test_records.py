@@ -229,8 +229,9 @@ def test_two_image_record_equals_the_live_teacher(caches, world, tiny_llava_dir)
 
 
 def test_text_only_samples_leave_the_image_terms_as_the_image_samples_give_them(caches, tiny_student_dir):
-    """[image, text-only, image] gives vis and attn exactly as [image, image] does; CE and the
-    logit term average over every answer token, the text-only sample's included."""
+    """[image, text-only, image] gives vis and attn exactly as [image, image] does; CE averages
+    over every answer token and the logit term over every cached position, the text-only
+    sample's included."""
     from alignkd.distill.dataset import CachedDistillDataset
     from alignkd.distill.objective import AlignKDObjective, LossWeights
     from alignkd.models import load_vlm
@@ -253,10 +254,13 @@ def test_text_only_samples_leave_the_image_terms_as_the_image_samples_give_them(
     assert mixed["vis"] == pytest.approx(images["vis"], rel=1e-5)
     assert mixed["attn"] == pytest.approx(images["attn"], rel=1e-5)
     assert text["vis"] == text["attn"] == 0.0
-    n = {sid: int((item[sid]["labels"][1:] != -100).sum()) for sid in item}
+    # CE averages over answer tokens, the logit term over the cached logit positions
+    n = {"ce": {sid: int((item[sid]["labels"][1:] != -100).sum()) for sid in item},
+         "logit": {sid: len(reader[reader.index_of(sid)].logit_positions) for sid in item}}
+    assert n["logit"]["text"] > n["ce"]["text"]  # --logit-positions text: the prompt's positions too
     alone = {sid: terms(sid) for sid in item}
     for term in ("ce", "logit"):
-        weighted = sum(alone[s][term] * n[s] for s in n) / sum(n.values())
+        weighted = sum(alone[s][term] * n[term][s] for s in item) / sum(n[term].values())
         assert mixed[term] == pytest.approx(weighted, rel=1e-5), term
 
 

@@ -49,7 +49,7 @@ class BuildConfig:
     logit_mode: str = "topk"
     logit_k: int = 16
     logit_samples: int = 64
-    logit_positions: str = "response"
+    logit_positions: str = "text"  # docs/efficacy.md: ahead of "response" on every development world
     attn_dtype: str = "uint8-log"  # the default storage: BENCHMARKS.md, "Cache storage"
     vision_dtype: str = "bfloat16"
     attn_topk: int = 0                # > 0: keep each attention row's k largest vision columns (and the rest's mass)

@@ -136,8 +136,7 @@ def build_demo_cache(cfg: DemoConfig, teacher: Path, paths, out: Path) -> Path:
 
     cache = out / "cache"
     summary = build_cache(BuildConfig(teacher=str(teacher), data=str(paths.train), images=str(paths.images_root),
-                                      out=str(cache), batch_size=64, shard_size=512, progress=cfg.progress,
-                                      logit_positions="response"))
+                                      out=str(cache), batch_size=64, shard_size=512, progress=cfg.progress))
     _log(f"cache: {summary.samples} new samples, {summary.skipped_done} rows already cached -> {cache}")
     return cache
 
