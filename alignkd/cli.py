@@ -241,8 +241,9 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--temperature", default=1.0, show_default=True)
 @click.option("--vision-topk", type=int, default=None,
               help="Vision tokens counted twice by text focus [default: N_v/9, the paper's 16 of 144].")
-@click.option("--loss-scale", type=click.Choice(["normalized", "paper"]), default="normalized", show_default=True,
-              help="normalized: scale-free terms (docs/method.md); paper: the paper's exact MSE forms.")
+@click.option("--loss-scale", type=click.Choice(["paper", "normalized"]), default="paper", show_default=True,
+              help="paper: the paper's exact MSE forms; normalized: scale-free terms (docs/method.md). "
+                   "docs/efficacy.md compares them on three worlds.")
 @click.option("--attn-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
               help="auto: kl under --loss-scale normalized, mse under paper.")
 @click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default="trainable", show_default=True)

@@ -42,7 +42,7 @@ class DistillConfig:
     temperature: float = 1.0
     vision_topk: int | None = None    # None: N_v / 9, the paper's 16 of 144
     attn_loss: str = "auto"           # auto: kl under the normalized scale, mse under paper
-    loss_scale: str = "normalized"
+    loss_scale: str = "paper"         # the best worst-world gain of three worlds (docs/efficacy.md)
     adapters: str = "trainable"
     freeze: tuple[str, ...] = ("vision_tower",)
     log: str = "jsonl"
