@@ -155,7 +155,9 @@ def test_reader_keeps_at_most_max_open_shards_open(tmp_path, monkeypatch):
         assert len(reader._open) <= 2
         if len(reader._open) == 1:
             per_shard = fds() - before
-    assert per_shard and fds() - before <= 2 * per_shard
+    # two shards' files, plus 2 for descriptors pyarrow closes a moment late (seen 1 in 3 runs);
+    # without the LRU the six shards would hold 6 * per_shard
+    assert per_shard and fds() - before <= 2 * per_shard + 2
     reader.close()
     assert fds() == before
 
