@@ -5,12 +5,14 @@ the module (not on the trainer, as the official code does) is what makes them tr
 `adapters="frozen"` reproduces the official behaviour for the ablation.
 
 Two loss scales (docs/method.md):
-- `normalized` (this class's default; `alignkd distill` defaults to `paper`, docs/efficacy.md): every term is in units that do not depend on the teacher's
+- `normalized` (this class's default; `alignkd distill` defaults to `paper`, see
+  docs/efficacy.md): every term is in units that do not depend on the teacher's
   feature scale. L_vis maps the student's tokens to the teacher's width and regresses
   the teacher's tokens standardised per channel (a fixed target); L_attn is the
   row-normalised KL over the vision columns (nats, like CE and L_logit).
-- `paper` (`alignkd distill`'s default): the paper's exact forms, mse(P F_T, F_S) and the MSE on attention
-  probabilities, whose scales are the teacher's feature scale and ~1/L^2.
+- `paper` (`alignkd distill`'s default): the paper's exact forms, mse(P F_T, F_S) and
+  the MSE on attention probabilities, whose scales are the teacher's feature scale and
+  ~1/L^2.
 """
 
 from __future__ import annotations
