@@ -18,6 +18,9 @@ def test_quick_demo_runs_end_to_end_and_reports_every_row(tmp_path):
     for name, _ in ABLATION:
         assert f"| {name} | 1 |" in report
     assert "| teacher | - |" in report and "Align-KD against CE only" in report
+    # the report names the objective the rows really ran with
+    run = json.loads((out / "runs" / "full-align-kd-seed0" / "distill_run.json").read_text())["config"]
+    assert f"--loss-scale {run['loss_scale']}," in report
     assert (out / "attention.png").stat().st_size > 0 and (out / "loss_curves.png").stat().st_size > 0
     summary = json.loads((out / "summary.json").read_text())
     assert summary["config"]["quick"] is True and 0 <= summary["teacher"] <= 1

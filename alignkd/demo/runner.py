@@ -259,10 +259,15 @@ def write_report(out: Path, cfg: DemoConfig, table: str, summary: dict, cache: P
     if curves.exists():
         shutil.copy(curves, out / "loss_curves.png")
     gap = summary["gap_closed"]
+    from alignkd.cache.build import BuildConfig
+    from alignkd.distill.trainer import DistillConfig
+
+    # the defaults the rows ran with, read from the configs so the report cannot go stale
+    objective = f"--loss-scale {DistillConfig.loss_scale}, --logit-positions {BuildConfig.logit_positions}"
     text = f"""# alignkd demo report
 
 Mode: {"quick" if cfg.quick else "full"}; {cfg.seeds} seed(s); student trained on {cfg.student_records} records
-for {cfg.distill_steps} steps (batch {cfg.batch_size}, lr {cfg.lr}, default objective: --loss-scale normalized);
+for {cfg.distill_steps} steps (batch {cfg.batch_size}, lr {cfg.lr}, default objective: {objective});
 question types {", ".join(cfg.qtypes)};
 scored on {cfg.test_records} test records by greedy exact match. Wall time {seconds / 60:.1f} min.
 
