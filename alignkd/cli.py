@@ -97,6 +97,9 @@ def cache() -> None:
 @click.option("--vision-dtype", type=click.Choice(["bfloat16", "float16", "int8-channel", "int4-channel"]),
               default="bfloat16", show_default=True, help="Vision-token storage; see docs/cache-format.md.")
 @click.option("--store-images/--no-store-images", default=True, show_default=True)
+@click.option("--share-vision/--no-share-vision", default=True, show_default=True,
+              help="Store the teacher's vision tokens once per distinct set of images (samples that repeat "
+                   "an image point at the first); `cache stats` counts the sharing.")
 @click.option("--device-map", default=None,
               help="Spread a teacher too big for one device over this node's GPUs, CPU and disk (accelerate's "
                    "big-model loading): auto, balanced, balanced_low_0, sequential, or a JSON file "

@@ -136,6 +136,67 @@ def test_attn_topk_refusals(tmp_path):
         CacheWriter(tmp_path / "b", META, attn_dtype="bfloat16")
 
 
+def _records_repeating_images(n: int) -> list[SampleRecord]:
+    """Samples 0, 2, 4, ... each ask about a new image; 1, 3, 5, ... ask about sample 0's
+    image again (its tokens, since vision tokens depend on the image alone)."""
+    recs = [make_record(i) for i in range(n)]
+    first = recs[0]
+    for i in range(1, n, 2):
+        recs[i].vision, recs[i].image_sha256, recs[i].image_paths = \
+            first.vision, first.image_sha256, first.image_paths
+    return recs
+
+
+def _write(path, recs, **kw) -> None:
+    with CacheWriter(path, META, shard_size=2, background=False, **kw) as w:
+        for r in recs:
+            w.add(r)
+
+
+@pytest.mark.parametrize("vision_dtype", ["bfloat16", "int8-channel"])
+def test_repeated_images_store_their_vision_tokens_once(tmp_path, vision_dtype):
+    recs = _records_repeating_images(7)
+    _write(tmp_path / "shared", recs, vision_dtype=vision_dtype)
+    _write(tmp_path / "plain", recs, vision_dtype=vision_dtype, share_vision=False)
+    shared, plain = open_cache(tmp_path / "shared"), open_cache(tmp_path / "plain")
+    for i in range(7):
+        for widen in (True, False):
+            a, b = shared.get(i, widen=widen), plain.get(i, widen=widen)
+            for name in ("vision", "vision_scale", "attn", "focus", "logit_ids", "input_ids"):
+                x, y = getattr(a, name), getattr(b, name)
+                assert (x is None) == (y is None), name
+                if x is not None:
+                    np.testing.assert_array_equal(x, y, err_msg=f"{name} of sample {i}")
+    rows = run_sql(tmp_path / "shared", "SELECT sample_id, vision_from FROM samples ORDER BY sample_id").to_pylist()
+    assert [r["vision_from"] for r in rows] == ["", "s000", "", "s000", "", "s000", ""]
+    # the plain cache stores 7 samples' tokens, the shared one 4 (0, 2, 4, 6)
+    vision_bytes = {name: sum(f.stat().st_size for f in (tmp_path / name / "shards").glob("*/vision/c/0"))
+                    for name in ("shared", "plain")}
+    assert vision_bytes["shared"] < vision_bytes["plain"] * 5 / 7
+    assert verify_cache(tmp_path / "shared") == []
+    from alignkd.cache.stats import cache_stats
+    assert cache_stats(tmp_path / "shared")["images"]["samples_sharing_vision"] == 3
+
+
+def test_a_resumed_build_shares_with_samples_committed_before(tmp_path):
+    recs = _records_repeating_images(6)
+    _write(tmp_path / "c", recs[:3])           # s000 (holder), s001 -> s000, s002 own
+    _write(tmp_path / "c", recs[3:])           # resumed: s003 and s005 point at the committed s000
+    reader = open_cache(tmp_path / "c")
+    assert run_sql(tmp_path / "c", "SELECT sample_id FROM samples WHERE vision_from = 's000' ORDER BY 1").to_pylist() \
+        == [{"sample_id": "s001"}, {"sample_id": "s003"}, {"sample_id": "s005"}]
+    for i in (1, 3, 5):
+        np.testing.assert_array_equal(reader[reader.index_of(f"s00{i}")].vision, reader[0].vision)
+    with pytest.raises(ConfigError, match="--share-vision=True but this run asks for False"):
+        CacheWriter(tmp_path / "c", META, attn_dtype="bfloat16", share_vision=False)
+    # the holder's shard lost: verify names every sample left without its tokens, the reader refuses
+    (tmp_path / "c" / "shards" / "shard-000000" / "shard.json").unlink()
+    lost = [str(p) for p in verify_cache(tmp_path / "c") if "vision tokens of sample s000" in p.message]
+    assert len(lost) == 2 and "s003" in lost[0] + lost[1] and "s005" in lost[0] + lost[1]
+    with pytest.raises(CacheFormatError, match="shares the vision tokens of sample s000"):
+        open_cache(tmp_path / "c")
+
+
 def test_reader_keeps_at_most_max_open_shards_open(tmp_path, monkeypatch):
     """A uniform order over many shards must not hold a descriptor per shard file: open shards
     are closed least recently used first, and a closed shard reads the same again."""
@@ -281,7 +342,8 @@ def test_cache_json_and_shard_json(cache):
                         "teacher", "build_options"}
     assert (doc["format"], doc["schema_version"]) == (FORMAT_NAME, SCHEMA_VERSION)
     assert doc["storage"] == {"attn_dtype": "bfloat16", "vision_dtype": "bfloat16", "logit_id_dtype": "uint32",
-                              "shard_size": 2, "store_images": True, "attn_topk": 0}
+                              "shard_size": 2, "store_images": True, "attn_topk": 0,
+                              "share_vision": True}
     assert doc["teacher"] == META["teacher"] and doc["build_options"] == META["build_options"]
     assert open_cache(path).meta == doc
 

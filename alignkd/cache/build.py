@@ -28,7 +28,7 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 # kinds of sample in one cache, so a resume compares exactly these against cache.json.
 STORED_OPTIONS = (
     "max_length", "logit_mode", "logit_k", "logit_samples", "logit_positions",
-    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk",
+    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk", "share_vision",
 )
 
 
@@ -53,6 +53,7 @@ class BuildConfig:
     attn_dtype: str = "uint8-log"  # the default storage: BENCHMARKS.md, "Cache storage"
     vision_dtype: str = "bfloat16"
     attn_topk: int = 0                # > 0: keep each attention row's k largest vision columns (and the rest's mass)
+    share_vision: bool = True         # store the vision tokens of each distinct image set once
     store_images: bool = True
     trust_remote_code: bool = False
     progress: bool = True
@@ -187,6 +188,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     if not dist.is_main:
         barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
+                     share_vision=cfg.share_vision,
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
         if dist.is_main:

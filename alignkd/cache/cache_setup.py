@@ -45,7 +45,7 @@ def open_or_create(store: CacheStore, meta: dict, storage: dict, *, rank: int, o
 
 
 def check_storage(store: CacheStore, stored: dict, storage: dict) -> None:
-    for key in ("attn_dtype", "vision_dtype", "logit_id_dtype", "attn_topk"):
+    for key in ("attn_dtype", "vision_dtype", "logit_id_dtype", "attn_topk", "share_vision"):
         if key in stored and stored[key] != storage[key]:
             raise ConfigError(f"cache {store} stores --{key.replace('_', '-')}={stored[key]} but this "
                               f"run asks for {storage[key]}; use the same option or pass --overwrite.")
@@ -76,6 +76,19 @@ def read_done_rows(store: CacheStore) -> set[int]:
         for name in (SAMPLES_FILE, REJECTS_FILE):
             done.update(read_parquet(shard, name, columns=["manifest_row"]).column(0).to_pylist())
     return done
+
+
+def read_vision_holders(store: CacheStore) -> dict[tuple, str]:
+    """The committed samples that hold their own vision tokens, by what the tokens depend on
+    (`sample_encoding.vision_key`): the samples a resumed build may point new ones at."""
+    holders: dict[tuple, str] = {}
+    columns = ["sample_id", "vision_from", "vision_dim", "image_sha256", "image_n_vision"]
+    for shard in committed_shards(store):
+        for row in read_parquet(shard, SAMPLES_FILE, columns=columns).to_pylist():
+            if not row["vision_from"] and sum(row["image_n_vision"]):
+                key = tuple(row["image_sha256"]), tuple(row["image_n_vision"]), row["vision_dim"]
+                holders.setdefault(key, row["sample_id"])
+    return holders
 
 
 def first_free_index(store: CacheStore, rank: int) -> int:

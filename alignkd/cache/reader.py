@@ -36,7 +36,8 @@ from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COL
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
                  "image_paths", "image_sha256", "image_n_vision", *REPLAYED_COLUMNS)
-_STRING_COLUMNS = ("sample_id",)
+_STRING_COLUMNS = ("sample_id", "vision_from")
+VISION_KINDS = ("vision", "vision_scale")
 IMAGE_GROUP_BYTES = 64 * 2**20  # image bytes kept per reader (per DataLoader worker)
 # Shards whose files stay open per reader (per DataLoader worker), least recently used out:
 # each holds one descriptor per array kind, and a uniform order over LLaVA-665K's ~2,600
@@ -99,6 +100,20 @@ class CacheReader:
         self.sample_ids: list[str] = self._cols["sample_id"]
         self.shard_of = self._shard_of  # shard number of each sample, for shard-ordered samplers
         self._id_index: dict[str, int] | None = None
+        self._vision_holder = self._holder_indices()
+
+    def _holder_indices(self) -> np.ndarray:
+        """Per sample: the index of the sample whose stored vision tokens it shares, -1 for its own."""
+        holder = np.full(len(self.sample_ids), -1, dtype=np.int64)
+        for i, name in enumerate(self._cols["vision_from"]):
+            if name:
+                try:
+                    holder[i] = self.index_of(name)
+                except SampleNotFoundError:
+                    raise CacheFormatError(f"sample {self.sample_ids[i]} of cache {self.path} shares the vision "
+                                           f"tokens of sample {name}, which is not in the cache; run alignkd "
+                                           "cache verify.") from None
+        return holder
 
     def __len__(self) -> int:
         return len(self.sample_ids)
@@ -179,9 +194,12 @@ class CacheReader:
             raise IndexError(f"sample index {i} out of range for {n} samples")
         i %= n
         self._process_state()
-        c = {k: int(v[i]) for k, v in self._cols.items() if k not in _STRING_COLUMNS and v.dtype.kind in "iu"}
+        c = self._row(i)
         T, H, Nv, D, top_k = c["n_text"], c["n_heads"], c["n_vision"], c["vision_dim"], c["attn_k"]
         raw, enc = self._read_raw(i, c)
+        holder = int(self._vision_holder[i])
+        if holder >= 0:  # the vision tokens (and their scales) are stored once, with the first sample
+            raw.update(self._read_raw(holder, self._row(holder), VISION_KINDS)[0])
         shapes = {"attn": (T, H, top_k or Nv), "attn_scale": (T, H), "vision": (Nv, D), "vision_scale": (D,)}
         top = (decode(raw["attn_ids"], enc["attn_ids"]).reshape(T, H, top_k),  # --attn-topk: kept columns
                decode(raw["attn_tail"], enc["attn_tail"]).reshape(T, H)) if top_k else (None, None)
@@ -218,12 +236,20 @@ class CacheReader:
             vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"],
             attn_ids=top[0], attn_tail=top[1])
 
-    def _read_raw(self, i: int, c: dict) -> tuple[dict, dict]:
-        """Every array's stored values for sample i (flat, stored dtype) and the arrays' encodings."""
+    def _row(self, i: int) -> dict:
+        """Sample i's integer columns, and where its vision tokens are stored."""
+        c = {k: int(v[i]) for k, v in self._cols.items() if k not in _STRING_COLUMNS and v.dtype.kind in "iu"}
+        c["vision_from"] = self._cols["vision_from"][i]
+        return c
+
+    def _read_raw(self, i: int, c: dict, kinds=ARRAY_KINDS) -> tuple[dict, dict]:
+        """The stored values of sample i (flat, stored dtype) in each of `kinds`, and every
+        array's encoding."""
         shard = int(self._shard_of[i])
         arrays = self._shard_arrays(shard)
         enc = {kind: info.encoding for kind, (info, _, _) in arrays.items()}
         sizes = element_counts(c, enc)
+        arrays = {k: v for k, v in arrays.items() if k in kinds}
         fetched = self._fetch_batched(shard, arrays, c, sizes)
         raw = {}
         for kind, (info, handle, index) in arrays.items():

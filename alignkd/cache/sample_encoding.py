@@ -84,17 +84,30 @@ class EncodedSample:
     logit_entries: int
     attn_k: int = 0  # columns kept per attention row (0: all of them)
     attn_top16_share: float = 1.0
+    vision_from: str = ""  # the sample that holds this one's vision tokens ("": its own)
 
 
-def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int = 0) -> EncodedSample:
+def vision_key(rec: SampleRecord) -> tuple | None:
+    """What a sample's vision tokens depend on: its images, in order, and how many tokens each
+    kept (a cut image keeps fewer). None for a text-only sample, which has nothing to share."""
+    if rec.vision.shape[0] == 0:
+        return None
+    return tuple(rec.image_sha256), tuple(int(n) for n in rec.image_n_vision), rec.vision.shape[1]
+
+
+def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int = 0,
+                  vision_from: str = "") -> EncodedSample:
     """A record's tensors -> each array's stored values, compressed. With `attn_topk` > 0 the
-    attention rows keep their `attn_topk` largest vision columns (ids and the rest's mass too)."""
+    attention rows keep their `attn_topk` largest vision columns (ids and the rest's mass too).
+    With `vision_from` (the sample that already holds the same images' tokens) no vision
+    tokens are stored."""
     ids, values, nnz = pack_logits(rec.logit_ids, rec.logit_values)
     attn, attn_ids, attn_tail, attn_k = rec.attn, np.zeros(0, np.int64), np.zeros(0, np.float32), 0
     if attn_topk and rec.attn.shape[-1]:
         attn, attn_ids, attn_tail = top_columns(rec.attn, attn_topk)
         attn_k = attn.shape[-1]
-    tensors = {"attn": attn, "vision": rec.vision, "focus": rec.focus, "logit_ids": ids,
+    vision = rec.vision[:0] if vision_from else rec.vision
+    tensors = {"attn": attn, "vision": vision, "focus": rec.focus, "logit_ids": ids,
                "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail,
                "attn_ids": attn_ids, "attn_tail": attn_tail}
     stored = {}
@@ -102,6 +115,8 @@ def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int =
         stored[kind], scale = encode(tensor, encodings[kind])
         if kind in SCALE_OF:
             stored[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
+    if vision_from:  # the holder's scales go with the holder's tokens
+        stored[SCALE_OF["vision"]] = np.zeros(0, np.float32)
     arrays = {k: compress_sample(stored[k], chunk_elements(k, encodings[k]), codec_for(encodings[k]))
               for k in ARRAY_KINDS}
-    return EncodedSample(arrays, int(ids.size), attn_k, top16_share(rec.attn))
+    return EncodedSample(arrays, int(ids.size), attn_k, top16_share(rec.attn), vision_from)

@@ -114,7 +114,7 @@ def sample_row(rec: SampleRecord, encoded: EncodedSample, store_images: bool) ->
         **{k: np.asarray(getattr(rec, k), np.int32) for k in REPLAYED_COLUMNS},
         "n_text": rec.attn.shape[0], "n_heads": rec.attn.shape[1], "n_vision": rec.attn.shape[2],
         "attn_k": encoded.attn_k, "attn_top16_share": encoded.attn_top16_share,
-        "vision_dim": rec.vision.shape[1], "n_logit_positions": rec.logit_ids.shape[0],
+        "vision_dim": rec.vision.shape[1], "vision_from": encoded.vision_from, "n_logit_positions": rec.logit_ids.shape[0],
         "logit_k": rec.logit_ids.shape[1], "logit_entries": encoded.logit_entries,
         "teacher_ce": float(rec.teacher_ce), "teacher_entropy": float(rec.teacher_entropy),
         "teacher_tail_mass": float(rec.teacher_tail_mass), "n_images": rec.n_images,

@@ -87,7 +87,8 @@ def cache_stats(cache) -> dict:
                coalesce(sum(list_sum(list_transform(image_bytes, lambda b: octet_length(b)))), 0) AS image_bytes,
                coalesce(sum(n_images), 0) AS images,
                count(*) FILTER (WHERE n_images = 0) AS text_only,
-               count(*) FILTER (WHERE n_images > 1) AS multi_image
+               count(*) FILTER (WHERE n_images > 1) AS multi_image,
+               count(*) FILTER (WHERE vision_from <> '') AS vision_shared
         FROM samples""")
     distinct = _one_row(cache, DISTINCT_IMAGES_SQL)
     quantiles = {}
@@ -110,7 +111,8 @@ def cache_stats(cache) -> dict:
                                        ("tokens", "answer_tokens", "text_query_rows", "logit_positions")},
         "images": {"images": counts.get("images", 0), "distinct_images": distinct.get("n", 0),
                    "text_only_samples": counts.get("text_only", 0),
-                   "multi_image_samples": counts.get("multi_image", 0)},
+                   "multi_image_samples": counts.get("multi_image", 0),
+                   "samples_sharing_vision": counts.get("vision_shared", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
         "bytes_per_sample": bytes_per_sample(disk, n),
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,

@@ -45,6 +45,7 @@ def verify_cache(path) -> list[Problem]:
     problems: list[Problem] = []
     for shard in shards:
         problems += verify_shard(shard)
+    problems += verify_vision_holders(shards)
     committed = {shard.name for shard in shards}
     for name in store.list(SHARDS_DIR):
         if name.startswith("shard-") and name not in committed:
@@ -52,6 +53,21 @@ def verify_cache(path) -> list[Problem]:
     if store.local_path(CATALOG_FILE) is not None:  # object storage has no catalog.duckdb (see rebuild_catalog)
         problems += verify_catalog(store, shards)
     return problems + verify_tokenizer(store)
+
+
+def verify_vision_holders(shards: list[CacheStore]) -> list[Problem]:
+    """A sample that shares another's vision tokens (`vision_from`) needs that sample committed."""
+    ids, pointers = set(), []
+    for shard in shards:
+        try:
+            rows = read_parquet(shard, SAMPLES_FILE, columns=["sample_id", "vision_from"]).to_pylist()
+        except (CacheFormatError, OSError):
+            continue  # verify_shard names the unreadable file
+        ids.update(r["sample_id"] for r in rows)
+        pointers += [(shard.name, r["sample_id"], r["vision_from"]) for r in rows if r["vision_from"]]
+    return [Problem(name, SAMPLES_FILE, f"sample {sid} shares the vision tokens of sample {holder}, "
+                                        "which is in no committed shard")
+            for name, sid, holder in pointers if holder not in ids]
 
 
 def verify_tokenizer(store: CacheStore) -> list[Problem]:

@@ -25,7 +25,7 @@ import warnings
 from alignkd.cache import cache_setup
 from alignkd.cache.lock import CacheLock
 from alignkd.cache.record import SampleRecord  # noqa: F401  (builders import it from here)
-from alignkd.cache.sample_encoding import check_record, encode_sample
+from alignkd.cache.sample_encoding import check_record, encode_sample, vision_key
 from alignkd.cache.shard_commit import ShardInProgress
 from alignkd.cache.storage import open_store
 from alignkd.cache.write_thread import WriteThread
@@ -64,7 +64,8 @@ class CacheWriter:
 
     def __init__(self, path, meta: dict, *, shard_size: int = 256, attn_dtype: str = "bfloat16",
                  vision_dtype: str = "bfloat16", store_images: bool = True, background: bool = True,
-                 overwrite: bool = False, rank: int = 0, vocab_size: int | None = None, attn_topk: int = 0) -> None:
+                 overwrite: bool = False, rank: int = 0, vocab_size: int | None = None, attn_topk: int = 0,
+                 share_vision: bool = True) -> None:
         _check_options(meta, attn_dtype, vision_dtype, shard_size, attn_topk)
         self.store = open_store(path)
         # Shards are filled in a local staging directory: the cache itself on local disk, a
@@ -74,7 +75,8 @@ class CacheWriter:
         vocab_size = vocab_size or meta.get("teacher_shapes", {}).get("vocab_size")
         id_dtype = "uint16" if vocab_size and vocab_size <= UINT16_VOCAB else "uint32"
         self.storage = {"attn_dtype": attn_dtype, "vision_dtype": vision_dtype, "logit_id_dtype": id_dtype,
-                        "shard_size": shard_size, "store_images": store_images, "attn_topk": attn_topk}
+                        "shard_size": shard_size, "store_images": store_images, "attn_topk": attn_topk,
+                        "share_vision": share_vision}
         self.encodings = {k: spec.get("encoding") or self.storage[spec["option"]]
                           for k, spec in ARRAY_SPECS.items()}
         self._lock = CacheLock(self.path, rank).acquire()
@@ -85,6 +87,8 @@ class CacheWriter:
             cache_setup.clean_temp_dirs(self.path, rank)
             self.done_rows = cache_setup.read_done_rows(self.store)
             self._next_index = cache_setup.first_free_index(self.store, rank)
+            # samples holding vision tokens that later samples with the same images point at
+            self._vision_holders = cache_setup.read_vision_holders(self.store) if share_vision else {}
         except BaseException:
             self._release()
             raise
@@ -98,8 +102,20 @@ class CacheWriter:
     def add(self, rec: SampleRecord) -> None:
         self._work.raise_pending()
         check_record(rec)
+        vision_from = self._vision_holder_of(rec)
         # encoding starts now on the pool; the writer thread takes the results in order
-        self._submit(("add", (rec, self._work.encode(encode_sample, rec, self.encodings, self.storage["attn_topk"]))))
+        encoded = self._work.encode(encode_sample, rec, self.encodings, self.storage["attn_topk"], vision_from)
+        self._submit(("add", (rec, vision_from, encoded)))
+
+    def _vision_holder_of(self, rec: SampleRecord) -> str:
+        """The earlier sample that holds the vision tokens of the same images, or "" when this
+        one stores its own (and becomes the holder). Shards commit in order, so a holder is
+        always committed no later than the samples that point at it."""
+        key = vision_key(rec) if self.storage["share_vision"] else None
+        if key is None:
+            return ""
+        holder = self._vision_holders.setdefault(key, rec.sample_id)
+        return "" if holder == rec.sample_id else holder
 
     def reject(self, sample_id: str, manifest_row: int, reason: str, message: str) -> None:
         self._work.raise_pending()
@@ -159,9 +175,9 @@ class CacheWriter:
             self._shard = ShardInProgress(self.store, self.path, self._next_index, self.rank, self.encodings)
             self._next_index += 1
         if op == "add":
-            rec, encoded = payload
+            rec, vision_from, encoded = payload
             encoded = encoded.result() if encoded is not None else \
-                encode_sample(rec, self.encodings, self.storage["attn_topk"])
+                encode_sample(rec, self.encodings, self.storage["attn_topk"], vision_from)
             self._shard.add(rec, encoded, self.store_images)
             if len(self._shard.rows) >= self.shard_size:
                 self._commit()

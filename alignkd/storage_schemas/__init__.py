@@ -87,12 +87,14 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
     shard's encodings (shard.json "arrays"): scale arrays are empty unless the encoding is scaled."""
     T, H, Nv, D = row["n_text"], row["n_heads"], row["n_vision"], row["vision_dim"]
     k = row.get("attn_k", 0)  # > 0: each attention row keeps its k largest vision columns
+    own_vision = not row.get("vision_from")  # else another sample holds this one's vision tokens
     e, p = row["logit_entries"], row["n_logit_positions"]
     halve = {kind: 2 if encodings[kind] in PACKED_ENCODINGS else 1 for kind in ("attn", "vision")}
     return {"attn": T * H * (k or Nv) // halve["attn"],
             "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
             "attn_ids": T * H * k, "attn_tail": T * H if k else 0,
-            "vision": Nv * D // halve["vision"], "vision_scale": D if encodings["vision"] in SCALED_ENCODINGS else 0,
+            "vision": Nv * D // halve["vision"] if own_vision else 0,
+            "vision_scale": D if own_vision and encodings["vision"] in SCALED_ENCODINGS else 0,
             "focus": Nv, "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
 
 # blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
@@ -145,6 +147,10 @@ SAMPLE_SCHEMA = pa.schema([
     # i.e. what --attn-topk would keep (1.0 for rows of at most 16 columns, NaN for text-only samples)
     ("attn_top16_share", pa.float32()),
     ("vision_dim", pa.int32()),
+    # "" when the sample stores its own vision tokens; else the sample_id of the earlier sample
+    # with the same images that holds them (vision tokens depend on the images alone, so
+    # each distinct image set is stored once; --no-share-vision turns this off)
+    ("vision_from", pa.string()),
     ("n_logit_positions", pa.int32()),
     ("logit_k", pa.int32()),
     ("logit_entries", pa.int64()),
@@ -178,7 +184,8 @@ REJECT_SCHEMA = pa.schema([
 # cache.json: these keys are the writer's; the builder's meta dict is merged at top level
 # beside them (teacher, teacher_shapes, build_options, ...) and may not reuse these names.
 CACHE_JSON_FIELDS = ("format", "schema_version", "alignkd_version", "created_at", "storage")
-STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images", "attn_topk")
+STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images", "attn_topk",
+                  "share_vision")
 
 # shard.json: "files" lists every other file of the shard with "path", "bytes", "sha256".
 SHARD_JSON_FIELDS = ("format", "schema_version", "name", "rank", "index", "n_samples",
