@@ -178,6 +178,20 @@ def test_repeated_images_store_their_vision_tokens_once(tmp_path, vision_dtype):
     assert cache_stats(tmp_path / "shared")["images"]["samples_sharing_vision"] == 3
 
 
+def test_samples_without_image_hashes_never_share(tmp_path):
+    """Nothing says two such samples saw the same image, so each keeps its own tokens."""
+    recs = [make_record(i) for i in range(3)]
+    for r in recs:
+        r.image_sha256, r.image_paths, r.image_bytes, r.image_n_vision = (), (), None, np.zeros(0, np.int32)
+    _write(tmp_path / "c", recs, store_images=False)
+    assert run_sql(tmp_path / "c", "SELECT count(*) AS n FROM samples WHERE vision_from <> ''").to_pylist() == \
+        [{"n": 0}]
+    reader = open_cache(tmp_path / "c")
+    for i, r in enumerate(recs):
+        stored, _ = encode(r.vision, "bfloat16")
+        np.testing.assert_array_equal(reader[i].vision, decode(stored, "bfloat16", None, r.vision.shape))
+
+
 def test_a_resumed_build_shares_with_samples_committed_before(tmp_path):
     recs = _records_repeating_images(6)
     _write(tmp_path / "c", recs[:3])           # s000 (holder), s001 -> s000, s002 own

@@ -15,6 +15,7 @@ import re
 import shutil
 from pathlib import Path
 
+from alignkd.cache.sample_encoding import vision_key
 from alignkd.cache.shard_commit import now
 from alignkd.cache.shard_format import CacheFormatError, committed_shards, load_cache_json, read_parquet
 from alignkd.cache.storage import CacheStore
@@ -69,26 +70,21 @@ def clean_temp_dirs(staging: Path, rank: int) -> None:
             shutil.rmtree(p)
 
 
-def read_done_rows(store: CacheStore) -> set[int]:
-    """Manifest rows present in any committed shard, as a sample or as a reject."""
+def read_committed(store: CacheStore) -> tuple[set[int], dict[tuple, str]]:
+    """In one pass over the committed shards: the manifest rows done (as a sample or as a
+    reject), and the samples holding their own vision tokens by `vision_key`, which a
+    resumed build may point new samples at."""
     done: set[int] = set()
-    for shard in committed_shards(store):
-        for name in (SAMPLES_FILE, REJECTS_FILE):
-            done.update(read_parquet(shard, name, columns=["manifest_row"]).column(0).to_pylist())
-    return done
-
-
-def read_vision_holders(store: CacheStore) -> dict[tuple, str]:
-    """The committed samples that hold their own vision tokens, by what the tokens depend on
-    (`sample_encoding.vision_key`): the samples a resumed build may point new ones at."""
     holders: dict[tuple, str] = {}
-    columns = ["sample_id", "vision_from", "vision_dim", "image_sha256", "image_n_vision"]
+    columns = ["manifest_row", "sample_id", "vision_from", "vision_dim", "image_sha256", "image_n_vision"]
     for shard in committed_shards(store):
+        done.update(read_parquet(shard, REJECTS_FILE, columns=["manifest_row"]).column(0).to_pylist())
         for row in read_parquet(shard, SAMPLES_FILE, columns=columns).to_pylist():
-            if not row["vision_from"] and sum(row["image_n_vision"]):
-                key = tuple(row["image_sha256"]), tuple(row["image_n_vision"]), row["vision_dim"]
+            done.add(row["manifest_row"])
+            key = vision_key(row["image_sha256"], row["image_n_vision"], row["vision_dim"])
+            if key is not None and not row["vision_from"]:
                 holders.setdefault(key, row["sample_id"])
-    return holders
+    return done, holders
 
 
 def first_free_index(store: CacheStore, rank: int) -> int:

@@ -87,12 +87,13 @@ class EncodedSample:
     vision_from: str = ""  # the sample that holds this one's vision tokens ("": its own)
 
 
-def vision_key(rec: SampleRecord) -> tuple | None:
-    """What a sample's vision tokens depend on: its images, in order, and how many tokens each
-    kept (a cut image keeps fewer). None for a text-only sample, which has nothing to share."""
-    if rec.vision.shape[0] == 0:
+def vision_key(image_sha256, image_n_vision, vision_dim: int) -> tuple | None:
+    """What a sample's vision tokens depend on: its images, in order, how many tokens each
+    kept (a cut image keeps fewer) and their width. None for a text-only sample, which has
+    nothing to share. The writer keys records and committed rows alike by it."""
+    if not sum(image_n_vision):
         return None
-    return tuple(rec.image_sha256), tuple(int(n) for n in rec.image_n_vision), rec.vision.shape[1]
+    return tuple(image_sha256), tuple(int(n) for n in image_n_vision), int(vision_dim)
 
 
 def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int = 0,

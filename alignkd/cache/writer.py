@@ -85,10 +85,10 @@ class CacheWriter:
                                                             overwrite=overwrite)
             (self.path / SHARDS_DIR).mkdir(exist_ok=True)
             cache_setup.clean_temp_dirs(self.path, rank)
-            self.done_rows = cache_setup.read_done_rows(self.store)
+            self.done_rows, holders = cache_setup.read_committed(self.store)
             self._next_index = cache_setup.first_free_index(self.store, rank)
             # samples holding vision tokens that later samples with the same images point at
-            self._vision_holders = cache_setup.read_vision_holders(self.store) if share_vision else {}
+            self._vision_holders = holders if share_vision else {}
         except BaseException:
             self._release()
             raise
@@ -111,7 +111,8 @@ class CacheWriter:
         """The earlier sample that holds the vision tokens of the same images, or "" when this
         one stores its own (and becomes the holder). Shards commit in order, so a holder is
         always committed no later than the samples that point at it."""
-        key = vision_key(rec) if self.storage["share_vision"] else None
+        key = vision_key(rec.image_sha256, rec.image_n_vision, rec.vision.shape[1]) \
+            if self.storage["share_vision"] else None
         if key is None:
             return ""
         holder = self._vision_holders.setdefault(key, rec.sample_id)
