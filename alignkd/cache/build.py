@@ -68,8 +68,9 @@ class BuildConfig:
         check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
-        if self.attn_topk < 0:
-            raise ConfigError(f"--attn-topk must be 0 (every column) or more, not {self.attn_topk}.")
+        from alignkd.cache.writer import check_attn_topk
+
+        check_attn_topk(self.attn_topk, self.attn_dtype)
         check_model_arg(self.teacher, "--teacher", "model directory")
         if not Path(self.data).is_dir():  # a directory is a Parquet dataset (data.sources)
             check_file(self.data, "manifest")

@@ -38,14 +38,19 @@ class CacheWriteError(AlignKDError, OSError):
     """The disk refused a write; the shard in flight was discarded. Still an OSError to callers."""
 
 
-def _check_options(meta: dict, attn_dtype: str, vision_dtype: str, shard_size: int, attn_topk: int) -> None:
-    if attn_dtype not in ATTN_DTYPES:
-        raise ConfigError(f"--attn-dtype must be one of {', '.join(ATTN_DTYPES)}, not {attn_dtype}.")
+def check_attn_topk(attn_topk: int, attn_dtype: str) -> None:
+    """`cache build` asks this before loading the teacher, the writer again on opening."""
     if attn_topk < 0:
         raise ConfigError(f"--attn-topk must be 0 (every column) or more, not {attn_topk}.")
     if attn_topk and attn_dtype in PACKED_ENCODINGS:
         raise ConfigError(f"--attn-topk keeps an odd number of columns for some rows; --attn-dtype {attn_dtype} "
                           "packs two per byte, so choose an 8- or 16-bit attention dtype.")
+
+
+def _check_options(meta: dict, attn_dtype: str, vision_dtype: str, shard_size: int, attn_topk: int) -> None:
+    if attn_dtype not in ATTN_DTYPES:
+        raise ConfigError(f"--attn-dtype must be one of {', '.join(ATTN_DTYPES)}, not {attn_dtype}.")
+    check_attn_topk(attn_topk, attn_dtype)
     if vision_dtype not in VISION_DTYPES:
         raise ConfigError(f"--vision-dtype must be one of {', '.join(VISION_DTYPES)}, not {vision_dtype}.")
     if shard_size < 1:
