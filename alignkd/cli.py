@@ -173,15 +173,19 @@ def cache_verify(cache_dir: str) -> None:
     Example:
       alignkd cache verify cache/
     """
-    from alignkd.cache.verify import verify_cache
+    from alignkd.cache.storage import open_store
+    from alignkd.cache.verify import build_in_progress_at, verify_cache
 
+    building = build_in_progress_at(open_store(cache_dir))
+    if building:
+        click.echo(f"a build is in progress (pid {building}): checking the shards it has committed so far")
     problems = verify_cache(cache_dir)
     for problem in problems:
         click.echo(str(problem), err=True)
     if problems:
         click.echo(f"{len(problems)} problem(s) found in {cache_dir}", err=True)
         sys.exit(1)
-    click.echo(f"ok: {cache_dir} verified")
+    click.echo(f"ok: {cache_dir} verified" + (" (its committed shards; the build goes on)" if building else ""))
 
 
 @cache.command("stats")
@@ -205,7 +209,7 @@ def cache_stats(cache_dir: str, as_json: bool) -> None:
 @cache.command("show")
 @click.argument("cache_dir", metavar="CACHE")
 @click.argument("sample_id")
-@click.option("--out", required=True, help="PNG file to write.")
+@click.option("--out", required=True, help="PNG file to write (its name ends in .png).")
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
 def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> None:
     """Draw the teacher's text focus over each image, its vision tokens laid out as the model

@@ -2,7 +2,9 @@
 
 A new cache gets cache.json before anything else (atomically: a temporary name and a
 rename, or one PUT), so any later entry belongs to a real cache, and a directory or prefix
-that holds anything else is refused. A resumed cache must store the same encodings; the
+that holds anything else is refused. `--overwrite` deletes only what alignkd writes
+(`own_files`), and only once cache.json names the alignkd format: a user's files beside a
+cache stay byte for byte. A resumed cache must store the same encodings; the
 resumed writer deletes its own rank's stale temp shard directories (a shard that was in
 flight when a build died) and skips `done_rows`, the manifest rows of every committed
 samples.parquet and rejects.parquet.
@@ -20,21 +22,59 @@ from alignkd.cache.shard_commit import now
 from alignkd.cache.shard_format import CacheFormatError, committed_shards, load_cache_json, read_parquet
 from alignkd.cache.storage import CacheStore
 from alignkd.errors import ConfigError
-from alignkd.storage_schemas import (CACHE_JSON, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE, SCHEMA_VERSION,
-                                     SHARDS_DIR, TEMP_PREFIX, shard_name)
+from alignkd.storage_schemas import (CACHE_JSON, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
+                                     SCHEMA_VERSION, SHARDS_DIR, TEMP_PREFIX, TOKENIZER_DIR, shard_name)
+
+# the cache directory's own entries (`own_files`): everything else in it is the user's
+OWN_NAMES = frozenset({CACHE_JSON, CATALOG_FILE, f"{CATALOG_FILE}.wal", SHARDS_DIR, TOKENIZER_DIR})
+OWN_CATALOG_TEMP = re.compile(rf"{re.escape(CATALOG_FILE)}\.tmp-\d+(\.wal)?")  # rebuild_catalog's
 
 
-def open_or_create(store: CacheStore, meta: dict, storage: dict, *, rank: int, overwrite: bool) -> dict | None:
-    """The existing cache.json of a cache being resumed, or None after creating the cache."""
+def check_location(store: CacheStore, *, overwrite: bool) -> None:
+    """Refuse a location before anything is created in it (the lock file included): a
+    non-empty directory that is not an alignkd cache, a cache whose shards/ leads outside it,
+    and, with --overwrite, a cache.json that is not an alignkd cache's or an --out that is a
+    symbolic link. `open_or_create` asks again under the lock."""
+    root = store.local_path()
+    if overwrite and root is not None and root.is_symlink():
+        raise ConfigError(f"--out {store} is a symbolic link (to {root.resolve()}); --overwrite deletes only in the "
+                          "directory it is given, so give that directory itself.")
+    store.check_inside(SHARDS_DIR)
+    _check_existing(store, overwrite)
+
+
+def _check_existing(store: CacheStore, overwrite: bool) -> list[str]:
+    """The directory's visible entries, once it is known to be empty or an alignkd cache (or,
+    with --overwrite, one whose cache.json at least names the alignkd format)."""
     # Hidden entries are ours (locks, .tmp- files): a build killed while creating the
     # cache leaves at most a .tmp-cache.json, and that directory still counts as empty.
     entries = [name for name in store.list() if not name.startswith(".")]
     if entries and not store.is_file(CACHE_JSON):
         raise CacheFormatError(f"{store} exists and is not an alignkd cache (no {CACHE_JSON}); "
                                f"choose an empty or new {store.place}.")
+    if entries and overwrite:
+        _check_format_name(store)
+    return entries
+
+
+def _check_format_name(store: CacheStore) -> None:
+    """--overwrite deletes only from an alignkd cache: its cache.json must name the format
+    (any schema version: overwriting an old cache is how it is rebuilt)."""
+    try:
+        doc = json.loads(store.read_text(CACHE_JSON))
+        found = f"format {doc.get('format')!r}" if isinstance(doc, dict) else f"a JSON {type(doc).__name__}"
+    except (OSError, ValueError) as exc:
+        found, doc = f"it cannot be read: {exc}", None
+    if not isinstance(doc, dict) or doc.get("format") != FORMAT_NAME:
+        raise CacheFormatError(f"{store.name_of(CACHE_JSON)} does not describe an alignkd cache ({found}), so "
+                               "--overwrite deleted nothing: it deletes only what alignkd wrote into a cache.")
+
+
+def open_or_create(store: CacheStore, meta: dict, storage: dict, *, rank: int, overwrite: bool) -> dict | None:
+    """The existing cache.json of a cache being resumed, or None after creating the cache."""
+    entries = _check_existing(store, overwrite)
     if overwrite and rank == 0:
-        for name in entries:
-            store.remove(name)
+        remove_own_files(store)
     elif entries:
         existing = load_cache_json(store)
         check_storage(store, existing.get("storage", {}), storage)
@@ -43,6 +83,28 @@ def open_or_create(store: CacheStore, meta: dict, storage: dict, *, rank: int, o
         raise CacheFormatError(f"{store} has no {CACHE_JSON}; rank 0 must create the cache first.")
     create(store, meta, storage)
     return None
+
+
+def own_files(store: CacheStore) -> list[str]:
+    """What alignkd writes into a cache, relative to it: cache.json, the catalog and its WAL and
+    temporary files, the tokenizer, every shard (committed or in flight) and the .tmp- files.
+    The lock files are left: the build deleting the rest holds one."""
+    top = [n for n in store.list() if n in OWN_NAMES or n.startswith(TEMP_PREFIX) or OWN_CATALOG_TEMP.fullmatch(n)]
+    shards = [f"{SHARDS_DIR}/{n}" for n in store.list(SHARDS_DIR)
+              if n.startswith("shard-") or n.startswith(f"{TEMP_PREFIX}shard-")]
+    return [n for n in top if n != SHARDS_DIR] + shards
+
+
+def remove_own_files(store: CacheStore) -> None:
+    """--overwrite: delete what alignkd wrote and nothing else (a user's file beside a cache,
+    or inside its shards/, stays as it was). cache.json goes last, so an overwrite killed
+    midway leaves a directory that is still a cache, which the rerun can overwrite."""
+    for rel in own_files(store):
+        if rel != CACHE_JSON:
+            store.remove(rel)
+    if store.is_dir(SHARDS_DIR) and not store.list(SHARDS_DIR):
+        store.remove(SHARDS_DIR)
+    store.remove(CACHE_JSON)
 
 
 def check_storage(store: CacheStore, stored: dict, storage: dict) -> None:

@@ -4,16 +4,23 @@ flock is released by the kernel when the holding process dies, so a SIGKILLed bu
 never leaves a stale lock behind; the pid written into the file is only for the message.
 Each torchrun rank locks its own file (`.lock-r{rank}`), so the ranks of one build do not
 refuse each other while two builds of the same rank still do.
+
+`build_in_progress` tells a reader (`cache verify`) that a build holds the cache, by trying
+a shared lock on each lock file for an instant. A build starting in that instant would
+see the lock taken, so `acquire` tries again for a moment before it refuses.
 """
 
 from __future__ import annotations
 
 import fcntl
 import os
+import time
 from pathlib import Path
 
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import LOCK_FILE
+
+ACQUIRE_TRIES = 10  # x 20 ms: outlasts a reader's probe, never a running build
 
 
 class CacheLockedError(AlignKDError):
@@ -28,10 +35,15 @@ class CacheLock:
 
     def acquire(self) -> "CacheLock":
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            pid = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        for attempt in range(ACQUIRE_TRIES):
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if attempt + 1 < ACQUIRE_TRIES:
+                    time.sleep(0.02)
+        else:
+            pid = _pid_in(fd)
             os.close(fd)
             raise CacheLockedError(f"cache {self.cache} is locked by another build (pid {pid}).") from None
         os.ftruncate(fd, 0)
@@ -44,3 +56,30 @@ class CacheLock:
             fcntl.flock(self.fd, fcntl.LOCK_UN)
             os.close(self.fd)
             self.fd = None
+
+
+def _pid_in(fd: int) -> str:
+    return os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+
+
+def build_in_progress(cache: Path) -> str | None:
+    """The pid(s) of the build holding the local cache directory `cache`, or None when no
+    build holds it (a build killed by any signal holds nothing: the kernel dropped its lock)."""
+    holders = []
+    try:
+        names = sorted(n for n in os.listdir(cache) if n == LOCK_FILE or n.startswith(f"{LOCK_FILE}-r"))
+    except OSError:
+        return None
+    for name in names:
+        try:
+            fd = os.open(Path(cache) / name, os.O_RDONLY)  # never creates a lock file
+        except OSError:
+            continue
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        except BlockingIOError:
+            holders.append(_pid_in(fd))
+        finally:
+            os.close(fd)
+    return ", ".join(holders) or None

@@ -29,8 +29,8 @@ from numcodecs import Blosc
 
 from alignkd.cache.storage import CacheStore, open_store
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import (BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR,
-                                     FORMAT_NAME, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR,
+from alignkd.storage_schemas import (BLOSC, CACHE_JSON, ENCODED_DTYPE, ENCODING_ATTR, FORMAT_NAME,
+                                     REJECTS_FILE, SAMPLES_FILE, SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR,
                                      UNCOMPRESSED_ENCODINGS, chunk_elements)
 
 EMPTY_CHUNK = np.uint64(2**64 - 1)  # zarr's marker for a chunk that was never written
@@ -270,9 +270,17 @@ def _decompress(src, dest: np.ndarray, info: ArrayInfo) -> None:
 # ------------------------------------------------------------------ shard directories
 def committed_shards(cache) -> list[CacheStore]:
     """Complete shards (shard.json present) of a cache, as stores named by the shard, sorted by
-    name; temp dirs skipped."""
+    name; temp dirs skipped.
+
+    A cache whose shards/, shard directory, shard.json or Parquet file leads outside it (a
+    symbolic link) is refused here, where every reader lists its shards: `cache sql` hands
+    the Parquet files of every `shard-*` directory, committed or not, to DuckDB by a glob,
+    and the other files are checked by the store as they are opened."""
     store = open_store(cache)
+    store.check_inside(SHARDS_DIR)
     names = [n for n in store.list(SHARDS_DIR) if n.startswith("shard-")]
+    for n in names:
+        store.check_inside(*(f"{SHARDS_DIR}/{n}/{f}" for f in ("", SHARD_JSON, SAMPLES_FILE, REJECTS_FILE)))
     return [store.sub(f"{SHARDS_DIR}/{n}") for n in names if store.is_file(f"{SHARDS_DIR}/{n}/{SHARD_JSON}")]
 
 

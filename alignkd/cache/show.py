@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkd.errors import AlignKDError
+from alignkd.errors import AlignKDError, ConfigError
 
 MAX_TOKEN_PANELS = 8
 PANEL_INCHES = 3.4
@@ -31,14 +31,25 @@ def show_sample(cache_path: str, sample_id: str, out: str, images_root: str | No
     """Draw `sample_id` of the cache at `cache_path` and save it as the PNG `out`."""
     import matplotlib.pyplot as plt
 
+    out_path = check_png_out(out)
     fig = sample_figure(cache_path, sample_id, images_root)
-    out_path = Path(out)
     try:
         out_path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(out_path, dpi=100)
+        fig.savefig(out_path, dpi=100, format="png")
     finally:
         plt.close(fig)
     return out_path
+
+
+def check_png_out(out: str) -> Path:
+    """The file `--out` names, which must be a .png file: matplotlib would otherwise pick the
+    format from the suffix (a traceback for .json) or write OUT.png beside a directory."""
+    path = Path(out)
+    if path.is_dir():
+        raise ConfigError(f"--out {out} is a directory; name the PNG file to write, e.g. {path / 'sample.png'}.")
+    if path.suffix.lower() != ".png":
+        raise ConfigError(f"--out {out} must name a .png file: cache show writes PNG only.")
+    return path
 
 
 def sample_figure(cache_path: str, sample_id: str, images_root: str | None = None):
@@ -51,7 +62,7 @@ def sample_figure(cache_path: str, sample_id: str, images_root: str | None = Non
     from alignkd.cache.reader import open_cache
     from alignkd.cache.vision_layout import image_grids, layout_image
 
-    reader = open_cache(cache_path)
+    reader = open_cache(cache_path, check_crc=True)  # a damaged sample is refused, never drawn
     try:
         sample = reader[reader.index_of(sample_id)]
     except KeyError:

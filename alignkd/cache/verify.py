@@ -1,27 +1,38 @@
 """`verify_cache`: every way a cache can be damaged, as a list of named problems.
 
-Checks, in order: cache.json's format and schema version (nothing else is read when it
-is wrong); per shard, shard.json itself, each listed file's size and sha256, files not
+Checks, in order: no file or directory of the cache leads outside it (a symbolic link:
+nothing else is read when one does); cache.json's format and schema version (nothing else
+is read when it is wrong); per shard, shard.json itself, each listed file's size and sha256, files not
 listed, the rows against the arrays (offsets and shapes within each array's length) and
 every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
 lists exactly the shards on disk with their counts. The sha256 says *which file* is
 damaged, the crc32 says *which samples*. Every check reads through the storage seam, so a
 cache on object storage is checked as a local one is, but for catalog.duckdb, which exists
 only on local disk (see rebuild_catalog).
+
+Verify may run while a build writes the cache (`build_in_progress`: the build's lock). It
+checks the shards committed when it listed them; the build's hidden temporary shard is not
+one of them, and a catalog that lags the shards, or that the build holds open for a moment,
+is not damage then.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import time
 import zlib
 from dataclasses import dataclass
+
+from alignkd.cache.lock import build_in_progress
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
-from alignkd.cache.storage import CacheStore, open_store
-from alignkd.storage_schemas import (ARRAY_KINDS, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
+from alignkd.cache.storage import CacheStore, OutsideCacheError, open_store
+from alignkd.storage_schemas import (ARRAY_KINDS, CACHE_JSON, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
                                      SCHEMA_VERSION, SHARD_JSON, SHARDS_DIR, TOKENIZER_DIR,
                                      element_counts)
+
+CATALOG_TRIES = 40  # x 50 ms: a build holds catalog.duckdb read-write only for a commit's row
 
 
 @dataclass(frozen=True)
@@ -37,22 +48,44 @@ class Problem:
 
 def verify_cache(path) -> list[Problem]:
     store = open_store(path)
+    escapes = [Problem("", rel, f"leads outside the cache (to {target}); a cache must hold its own files")
+               for rel, target in store.links_outside()]
+    if escapes:  # nothing is read through them
+        return escapes
+    building = build_in_progress_at(store)
     try:
         load_cache_json(store)
     except CacheFormatError as exc:
-        return [Problem("", "cache.json", str(exc))]
-    shards = committed_shards(store)
+        if building and not store.is_file(CACHE_JSON):  # the build has not created it yet
+            return []
+        return [Problem("", CACHE_JSON, str(exc))]
+    try:
+        shards = committed_shards(store)
+    except OutsideCacheError as exc:  # a link made since the walk above
+        return [Problem("", SHARDS_DIR, str(exc))]
     problems: list[Problem] = []
     for shard in shards:
         problems += verify_shard(shard)
     problems += verify_vision_holders(shards)
-    committed = {shard.name for shard in shards}
-    for name in store.list(SHARDS_DIR):
-        if name.startswith("shard-") and name not in committed:
-            problems.append(Problem(name, SHARD_JSON, "missing, so the shard is incomplete"))
+    problems += verify_incomplete(store, {shard.name for shard in shards})
     if store.local_path(CATALOG_FILE) is not None:  # object storage has no catalog.duckdb (see rebuild_catalog)
-        problems += verify_catalog(store, shards)
+        problems += verify_catalog(store, shards, building or bool(build_in_progress_at(store)))
     return problems + verify_tokenizer(store)
+
+
+def build_in_progress_at(store: CacheStore) -> str | None:
+    """The pid(s) of a build holding the cache, when it is on local disk (the lock is local)."""
+    root = store.local_path()
+    return build_in_progress(root) if root is not None else None
+
+
+def verify_incomplete(store: CacheStore, committed: set[str]) -> list[Problem]:
+    """Shard directories without shard.json. A shard committed since `committed` was listed
+    has one now (locally a shard appears whole by a rename, so a build in flight is never
+    one of these: its shard is a hidden .tmp- directory)."""
+    return [Problem(name, SHARD_JSON, "missing, so the shard is incomplete") for name in store.list(SHARDS_DIR)
+            if name.startswith("shard-") and name not in committed
+            and not store.is_file(f"{SHARDS_DIR}/{name}/{SHARD_JSON}")]
 
 
 def verify_vision_holders(shards: list[CacheStore]) -> list[Problem]:
@@ -200,31 +233,52 @@ def _check_array(d: CacheStore, doc: dict, kind: str, rows: list[dict]) -> list[
     return [Problem(d.name, rel, f"{len(bad)} damaged sample(s): {', '.join(bad[:3])}{more}")]
 
 
-def verify_catalog(store: CacheStore, shards: list[CacheStore]) -> list[Problem]:
+def verify_catalog(store: CacheStore, shards: list[CacheStore], building: bool) -> list[Problem]:
+    """catalog.duckdb lists exactly the committed shards with their counts. While a build
+    runs, the catalog may lag the shards (a shard renamed into place gets its row a moment
+    later) and the build may hold it open: neither is damage then."""
     import duckdb
 
-    from alignkd.cache.catalog import catalog_shards
-
     if not store.is_file(CATALOG_FILE):
-        return [Problem("", CATALOG_FILE, "missing; rebuild it with alignkd.cache.rebuild_catalog")]
+        return [] if building else [Problem("", CATALOG_FILE, "missing; rebuild it with "
+                                                              "alignkd.cache.rebuild_catalog")]
     try:
-        listed = {r["name"]: r for r in catalog_shards(store).to_pylist()}
+        listed = _catalog_rows(store, building)
     except duckdb.Error as exc:
+        if building:  # still held by the build's writer: the shards were checked, the index waits
+            return []
         return [Problem("", CATALOG_FILE, f"cannot be read ({str(exc).splitlines()[0]})")]
-    problems = []
     on_disk = {}
     for d in shards:
         try:
             on_disk[d.name] = json.loads(d.read_text(SHARD_JSON))
         except (OSError, ValueError):
             continue
-    for name in sorted(set(listed) - set(on_disk)):
-        problems.append(Problem(name, "", "listed in catalog.duckdb but the shard directory is missing"))
-    for name in sorted(set(on_disk) - set(listed)):
-        problems.append(Problem(name, "", "on disk but not listed in catalog.duckdb"))
+    now = {d.name for d in committed_shards(store)} | set(on_disk)  # shards committed since the listing
+    problems = [Problem(name, "", "listed in catalog.duckdb but the shard directory is missing")
+                for name in sorted(set(listed) - now)]
+    if not building:
+        problems += [Problem(name, "", "on disk but not listed in catalog.duckdb")
+                     for name in sorted(set(on_disk) - set(listed))]
     for name in sorted(set(on_disk) & set(listed)):
         doc, row = on_disk[name], listed[name]
         if (row["n_samples"], row["n_rejects"]) != (doc["n_samples"], doc["n_rejects"]):
             problems.append(Problem(name, CATALOG_FILE, f"catalog counts {row['n_samples']}/{row['n_rejects']} "
                                                         f"differ from shard.json {doc['n_samples']}/{doc['n_rejects']}"))
     return problems
+
+
+def _catalog_rows(store: CacheStore, building: bool) -> dict[str, dict]:
+    """The catalog's shards by name; while a build runs, waits out its brief read-write holds."""
+    import duckdb
+
+    from alignkd.cache.catalog import catalog_shards
+
+    tries = CATALOG_TRIES if building else 1
+    for attempt in range(tries):
+        try:
+            return {r["name"]: r for r in catalog_shards(store).to_pylist()}
+        except duckdb.IOException:  # "Could not set lock on file": the writer holds it
+            if attempt + 1 == tries:
+                raise
+            time.sleep(0.05)

@@ -73,6 +73,7 @@ class CacheWriter:
                  share_vision: bool = True) -> None:
         _check_options(meta, attn_dtype, vision_dtype, shard_size, attn_topk)
         self.store = open_store(path)
+        cache_setup.check_location(self.store, overwrite=overwrite and rank == 0)  # before creating anything
         # Shards are filled in a local staging directory: the cache itself on local disk, a
         # temporary directory for object storage (docs/cache-format.md, "Object storage").
         self.path = self.store.new_staging()

@@ -33,11 +33,11 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from alignkd.cache.storage.base import CacheStore
+from alignkd.cache.storage.base import CacheStore, OutsideCacheError
 from alignkd.cache.storage.local import LocalFile, LocalStore, fsync_dir, write_durable
 from alignkd.cache.storage.objects import READ_CACHE_ENV, ObjectFile, ObjectStore
 
-__all__ = ["CacheStore", "LocalFile", "LocalStore", "ObjectFile", "ObjectStore", "READ_CACHE_ENV",
+__all__ = ["CacheStore", "LocalFile", "LocalStore", "ObjectFile", "ObjectStore", "OutsideCacheError", "READ_CACHE_ENV",
            "check_local_dir", "fsync_dir", "open_store", "write_durable"]
 
 

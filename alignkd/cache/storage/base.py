@@ -7,7 +7,13 @@ from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Callable
 
+from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import TEMP_PREFIX
+
+
+class OutsideCacheError(AlignKDError):
+    """A path of a cache leads outside it (a symbolic link): a cache is refused rather than
+    read through, since a hostile cache could otherwise name any file on the machine."""
 
 
 class CacheStore(ABC):
@@ -33,6 +39,25 @@ class CacheStore(ABC):
     def local_path(self, rel: str = "") -> Path | None:
         """`rel` as a local file for tools that need one (DuckDB's database); None on object storage."""
         return None
+
+    # ------------------------------------------------------------ staying inside the cache
+    def escapes(self, rel: str = "") -> str | None:
+        """Where `rel` really leads when that is outside the cache (a symbolic link), else None.
+        Object storage has no links, so nothing escapes there."""
+        return None
+
+    def check_inside(self, *rels: str) -> None:
+        """Refuse, in one sentence, the first of `rels` that leads outside the cache."""
+        for rel in rels:
+            target = self.escapes(rel)
+            if target is not None:
+                raise OutsideCacheError(f"{self.name_of(rel)} leads outside the cache (to {target}), so the cache "
+                                        "is refused: alignkd reads and writes nothing outside a cache.")
+
+    def links_outside(self) -> list[tuple[str, str]]:
+        """Every (path relative to this store, target) under the store that leads outside the
+        cache: what `cache verify` names. [] on object storage."""
+        return []
 
     # ------------------------------------------------------------ listing and sizes
     @abstractmethod

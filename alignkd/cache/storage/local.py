@@ -57,9 +57,12 @@ class LocalStore(CacheStore):
     place = "directory"
     batched_reads = False  # a pread is a syscall, not a round trip
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, jail: str | None = None) -> None:
         self.root = Path(root)
         self.name = self.root.name
+        # the cache's real root, inherited by `sub` stores: nothing read or written through
+        # this store may resolve outside it (resolved on first use: a new cache is made later)
+        self.jail = jail
 
     def __str__(self) -> str:
         return str(self.root)
@@ -68,7 +71,32 @@ class LocalStore(CacheStore):
         return f"LocalStore({str(self.root)!r})"
 
     def sub(self, rel: str) -> "LocalStore":
-        return LocalStore(self.root / rel)
+        return LocalStore(self.root / rel, self._jail())
+
+    # ------------------------------------------------------------ staying inside the cache
+    def _jail(self) -> str:
+        if self.jail is None:
+            self.jail = os.path.realpath(self.root)
+        return self.jail
+
+    def escapes(self, rel: str = "") -> str | None:
+        jail, real = self._jail(), os.path.realpath(self.root / rel)
+        return None if real == jail or real.startswith(jail.rstrip(os.sep) + os.sep) else real
+
+    def _path(self, rel: str) -> Path:
+        """`rel` as a path to open, refused when it leads outside the cache."""
+        self.check_inside(rel)
+        return self.root / rel
+
+    def links_outside(self) -> list[tuple[str, str]]:
+        found = []
+        for parent, dirs, files in os.walk(self.root):  # links are listed, never followed
+            for name in dirs + files:
+                path = Path(parent) / name
+                target = self.escapes(path.relative_to(self.root)) if path.is_symlink() else None
+                if target is not None:
+                    found.append((path.relative_to(self.root).as_posix(), target))
+        return sorted(found)
 
     def absolute(self, rel: str = "") -> str:
         return str(self.root.resolve() / rel)
@@ -84,51 +112,52 @@ class LocalStore(CacheStore):
 
     def list(self, rel: str = "") -> list[str]:
         try:
-            return sorted(p.name for p in (self.root / rel).iterdir())
+            return sorted(p.name for p in self._path(rel).iterdir())
         except (FileNotFoundError, NotADirectoryError):
             return []
 
     def file_sizes(self, rel: str = "") -> dict[str, int]:
-        base = self.root / rel
+        base = self._path(rel)
         files = sorted((p for p in base.rglob("*") if p.is_file()), key=lambda p: p.relative_to(base).parts)
-        return {p.relative_to(base).as_posix(): p.stat().st_size for p in files}
+        return {p.relative_to(base).as_posix(): self._path(p.relative_to(self.root)).stat().st_size for p in files}
 
     def tree_bytes(self, rel: str = "") -> int:
-        path = self.root / rel
+        path = self._path(rel)
         if path.is_file():
             return path.stat().st_size
         return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
 
     def read_bytes(self, rel: str) -> bytes:
-        return (self.root / rel).read_bytes()
+        return self._path(rel).read_bytes()
 
     def open(self, rel: str):
-        return open(self.root / rel, "rb")
+        return open(self._path(rel), "rb")
 
     def read_parquet(self, rel: str, columns=None):
         import pyarrow.parquet as pq
 
-        return pq.read_table(self.root / rel, columns=columns)
+        return pq.read_table(self._path(rel), columns=columns)
 
     def parquet_file(self, rel: str):
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(self.root / rel)
+        return pq.ParquetFile(self._path(rel))
 
     def open_ranged(self, rel: str) -> LocalFile:
-        return LocalFile(os.open(self.root / rel, os.O_RDONLY))
+        return LocalFile(os.open(self._path(rel), os.O_RDONLY))
 
     def read_spans(self, handles: list, spans: list[tuple[int, int]]) -> list[bytes]:
         return [h.pread(end - start, start) for h, (start, end) in zip(handles, spans)]
 
     def write_bytes(self, rel: str, data: bytes) -> None:
-        target = self.root / rel
+        target = self._path(rel)
         tmp = target.with_name(f"{TEMP_PREFIX}{target.name}")
         write_durable(tmp, data)
         os.rename(tmp, target)
         fsync_dir(target.parent)
 
     def remove(self, rel: str) -> None:
+        self.check_inside(Path(rel).parent.as_posix())  # a link itself is removed, never what it leads to
         path = self.root / rel
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
@@ -141,11 +170,12 @@ class LocalStore(CacheStore):
         return self.root
 
     def publish_dir(self, staged: Path, rel: str, last: str | None = None) -> None:
+        self.check_inside(Path(rel).parent.as_posix())
         final = self.root / rel
         os.rename(staged, final)  # atomic: `last` needs no order of its own
         fsync_dir(final.parent)
 
     @contextmanager
     def local_copy(self, rel: str) -> Iterator[Path | None]:
-        path = self.root / rel
+        path = self._path(rel)
         yield path if path.is_dir() else None
