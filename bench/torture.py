@@ -16,6 +16,11 @@ end and must equal the reference build byte for byte in every tensor and row for
 the samples (placement columns aside) and rejects tables, and `verify` must pass.
 batch_size=1 makes the teacher's forward independent of where a resume starts.
 
+Then the --overwrite matrix (`OVERWRITE_CASES`): a foreign cache.json, a cache (killed at a
+random moment, or whole) with the user's files in and beside it, a symlinked shards/ and a
+symlinked --out; each must be refused touching nothing, or rebuilt to equal the reference,
+and every file of the user's must be byte-identical afterwards.
+
     .venv/bin/python bench/torture.py --kills 200              # the long run (BENCHMARKS.md)
     .venv/bin/python bench/torture.py --kills 12 --samples 10  # a quick look
 """
@@ -201,6 +206,110 @@ def draw_kill(rng: random.Random, seconds: float, first: bool, i: int) -> Kill:
     return Kill(point, n=rng.randint(*OCCURRENCES[point]))
 
 
+# ---------------------------------------------------------------- the --overwrite matrix
+# `cache build --overwrite` pointed at a directory that holds more than a cache: it must either
+# refuse in one sentence, touching nothing, or rebuild the cache and leave every file that
+# alignkd did not write byte for byte as it was (issue 23).
+OVERWRITE_CASES = {
+    "foreign_cache_json": "refused",     # a cache.json that is not an alignkd cache's, beside the user's files
+    "cache_with_user_files": "rebuilt",  # a cache (killed mid-build, or whole) with the user's files in and beside it
+    "symlinked_shards": "refused",       # shards/ a link to a directory elsewhere that holds the user's files too
+    "symlinked_out": "refused",          # --out itself a link to a cache elsewhere
+}
+USER_FILES = {"thesis.txt": b"four years of work\n", "src/m.py": b"x = 1\n", ".notes": b"hidden, still the user's\n"}
+FOREIGN_CACHE_JSON = ("{}", "not json", '{"format": "my-notes"}', "[1, 2]", "")
+
+
+def plant_user_files(root: Path, extra: tuple[str, ...] = ()) -> None:
+    for rel, data in {**USER_FILES, **{rel: rel.encode() for rel in extra}}.items():
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).write_bytes(data)
+
+
+def digests(root: Path) -> dict[str, str]:
+    """Every file and link under root (links not followed): path -> sha256, or the link's target."""
+    import hashlib
+
+    found = {}
+    for parent, dirs, files in os.walk(root):
+        for name in dirs + files:
+            path = Path(parent) / name
+            rel = path.relative_to(root).as_posix()
+            if path.is_symlink():
+                found[rel] = "link:" + os.readlink(path)
+            elif path.is_file():
+                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
+    return found
+
+
+def prepare_overwrite_case(case: str, ref_cfg, out: Path, elsewhere: Path, rng: random.Random,
+                           seconds: float) -> list[str]:
+    """Lay out `case` at `out` (and `elsewhere`); return the user's files, relative to `out`'s parent."""
+    ref = Path(ref_cfg.out)
+    user = [f"{out.name}/{rel}" for rel in USER_FILES]
+    if case == "foreign_cache_json":
+        plant_user_files(out)
+        (out / "cache.json").write_text(rng.choice(FOREIGN_CACHE_JSON))
+    elif case == "cache_with_user_files":
+        kill = draw_kill(rng, seconds, first=False, i=0)
+        build_until_killed(replace(ref_cfg, out=str(out)), kill)  # killed, or finished first: both are caches
+        if not (out / "cache.json").is_file():  # killed before it made one: a whole cache instead
+            shutil.rmtree(out, ignore_errors=True)
+            shutil.copytree(ref, out)
+        plant_user_files(out, extra=("shards/README",))
+        user.append(f"{out.name}/shards/README")
+    elif case == "symlinked_shards":
+        shutil.copytree(ref, out, ignore=shutil.ignore_patterns("shards"))
+        shutil.copytree(ref / "shards", elsewhere / "shards")
+        plant_user_files(elsewhere)
+        (out / "shards").symlink_to(elsewhere / "shards")
+        user = [f"{elsewhere.name}/{rel}" for rel in USER_FILES]
+    elif case == "symlinked_out":
+        shutil.copytree(ref, elsewhere)
+        plant_user_files(elsewhere)
+        out.symlink_to(elsewhere)
+        user = [f"{elsewhere.name}/{rel}" for rel in USER_FILES]
+    else:
+        raise ValueError(case)
+    return user
+
+
+def overwrite_outcome(cfg) -> str:
+    """`cache build --overwrite` in this process: 'rebuilt', or the one sentence it refused with."""
+    from alignkd.cache.build import build_cache
+    from alignkd.errors import AlignKDError
+
+    try:
+        build_cache(replace(cfg, overwrite=True))
+    except AlignKDError as exc:
+        return f"refused: {exc}"
+    return "rebuilt"
+
+
+def overwrite_matrix(ref_cfg, root: Path, rounds: int, rng: random.Random, seconds: float) -> Counter:
+    """Each case of OVERWRITE_CASES `rounds` times; returns (case, outcome) -> count, or raises
+    AssertionError naming the case whose outcome or files were wrong."""
+    tally = Counter()
+    for r in range(rounds):
+        for case, expected in OVERWRITE_CASES.items():
+            place = root / f"overwrite-{r}-{case}"
+            out, elsewhere = place / "out", place / "elsewhere"
+            place.mkdir(parents=True)
+            user = prepare_overwrite_case(case, ref_cfg, out, elsewhere, rng, seconds)
+            before = digests(place)
+            outcome = overwrite_outcome(replace(ref_cfg, out=str(out)))
+            after = digests(place)
+            assert outcome.split(":")[0] == expected, f"{case}: {outcome}"
+            assert {f: after.get(f) for f in user} == {f: before[f] for f in user}, f"{case}: a user's file changed"
+            if expected == "refused":
+                assert after == before, f"{case}: refused, yet the files changed"
+            else:
+                compare_caches(Path(ref_cfg.out), out)
+            tally[case, expected] += 1
+            shutil.rmtree(place)
+    return tally
+
+
 def make_world(root: Path, n_samples: int) -> dict:
     """A tiny teacher, `n_samples` images and a manifest with two rejects at the end."""
     from PIL import Image
@@ -238,7 +347,7 @@ def reference_build(world: dict, root: Path, **opts):
     return cfg, time.perf_counter() - start
 
 
-def run(kills: int, samples: int, per_cache: int, seed: int, root: Path) -> Tally:
+def run(kills: int, samples: int, per_cache: int, seed: int, root: Path, overwrite_rounds: int = 0):
     import torch
 
     torch.set_num_threads(1)
@@ -248,7 +357,9 @@ def run(kills: int, samples: int, per_cache: int, seed: int, root: Path) -> Tall
     def report(delivered, tally):
         print(f"  {delivered}/{kills} kills delivered, {tally.caches} caches equal so far", flush=True)
 
-    return torture(ref, root, kills, per_cache, random.Random(seed), seconds, on_cache=report)
+    tally = torture(ref, root, kills, per_cache, random.Random(seed), seconds, on_cache=report)
+    overwrites = overwrite_matrix(ref, root, overwrite_rounds, random.Random(seed), seconds)
+    return tally, overwrites
 
 
 def main() -> None:
@@ -257,11 +368,13 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=14)
     parser.add_argument("--per-cache", type=int, default=8, help="kills applied to one cache before it finishes")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--overwrite-rounds", type=int, default=2,
+                        help="rounds of the --overwrite matrix (each case once per round)")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alignkd-torture-") as tmp:
-        tally = run(args.kills, args.samples, args.per_cache, args.seed, Path(tmp))
+        tally, overwrites = run(args.kills, args.samples, args.per_cache, args.seed, Path(tmp), args.overwrite_rounds)
     print(f"\n{'moment':<15} {'killed':>7} {'finished first':>15}")
     for point in POINTS:
         print(f"{point:<15} {tally.killed[point]:>7} {tally.finished[point]:>15}")
@@ -269,6 +382,9 @@ def main() -> None:
     print(f"\ncommitted shards when killed (shards: kills): {at_kill}")
     print(f"{tally.caches} caches resumed to the end, every one equal to the uninterrupted build "
           f"({sum(tally.killed.values())} kills, {time.perf_counter() - start:.0f} s)")
+    print(f"\n{'--overwrite case':<24} {'outcome':<9} {'runs':>5}   (every user file byte-identical after each)")
+    for (case, outcome), n in sorted(overwrites.items()):
+        print(f"{case:<24} {outcome:<9} {n:>5}")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 (a random time, mid-chunk, between shard.json and the rename, between the rename and the
 catalog row, inside a catalog write, during a catalog rebuild), each build resuming the
 last; the finished cache equals an uninterrupted build byte for byte in every tensor and
-row for row in its tables. `bench/torture.py --kills 200` is the long run.
+row for row in its tables. Then the --overwrite matrix once per case: refused touching
+nothing, or rebuilt to the uninterrupted cache, the user's files byte-identical either way.
+`bench/torture.py --kills 200` is the long run.
 """
 
 from __future__ import annotations
@@ -51,3 +53,10 @@ def test_compare_caches_can_fail(reference, tmp_path):
     pq.write_table(table, shard)
     with pytest.raises(AssertionError):
         torture.compare_caches(Path(cfg.out), copy)
+
+
+# ---------------------------------------------------------------- the --overwrite matrix (issue 23)
+def test_overwrite_matrix_refuses_or_rebuilds_and_keeps_every_user_file(reference):
+    root, cfg, seconds = reference
+    tally = torture.overwrite_matrix(cfg, root, rounds=1, rng=random.Random(1), seconds=seconds)
+    assert tally == {(case, outcome): 1 for case, outcome in torture.OVERWRITE_CASES.items()}

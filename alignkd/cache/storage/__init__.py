@@ -24,6 +24,12 @@ implementations. They differ only where the medium does (docs/cache-format.md, "
   none, and `cache sql` reads the Parquet through the fsspec filesystem registered on the
   connection (`register_with`).
 
+- **Staying inside.** A local cache may be reached through a symbolic link, but nothing in it
+  may lead outside it: every file a `LocalStore` opens, lists or writes is resolved and
+  refused (`OutsideCacheError`, one sentence) when it lands outside the cache's real root,
+  so a hostile cache (`shards -> /`) cannot make a reader, `cache sql` or a build touch
+  another file. `links_outside` lists such links for `cache verify`.
+
 S3 endpoint and credentials come from the standard AWS environment (`AWS_ENDPOINT_URL`,
 `AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`), read by botocore.
 """
