@@ -137,6 +137,29 @@ def test_build_refuses_a_cache_whose_shards_lead_outside(world, tmp_path, overwr
     assert snapshot(elsewhere) == before and snapshot(out) == before_out
 
 
+@pytest.mark.parametrize("link", [".lock", ".tmp-cache.json", "shards/.tmp-shard-000000", "catalog.duckdb"])
+def test_a_build_never_writes_through_a_link_in_the_cache(world, tmp_path, link):
+    """The hidden files a build writes or deletes (its lock, a temporary cache.json, a stale
+    temporary shard) and the catalog: a link there is refused or removed, never followed."""
+    victim = tmp_path / "home"
+    plant_user_files(victim)
+    before = snapshot(victim)
+    out = tmp_path / "cache"
+    if link.startswith("shards/") or link == "catalog.duckdb":  # only a cache has these
+        shutil.copytree(world["cache"], out)
+        (out / link).unlink(missing_ok=True)
+    (out / link).parent.mkdir(parents=True, exist_ok=True)
+    (out / link).symlink_to(victim if link.startswith("shards/") else victim / "thesis.txt")
+    result = cli(*build_args(world, out))
+    if link in (".lock", "catalog.duckdb"):
+        line = error_line(result)
+        assert f"{out}/{link}" in line and ("symbolic link" in line or "leads outside" in line)
+    else:
+        assert result.exit_code == 0, result.output
+        assert not (out / link).is_symlink()
+    assert snapshot(victim) == before
+
+
 # ---------------------------------------------------------------- 2. links leading outside
 def _link_shards(cache: Path, outside: Path) -> str:
     shutil.move(cache / "shards", outside / "shards")
@@ -215,6 +238,17 @@ def test_a_link_inside_the_cache_is_no_escape(world, tmp_path):
     (cache / "shards").symlink_to("data")  # relative, and inside
     assert len(open_cache(cache)) == 4
     assert cli("cache", "sql", cache, "SELECT count(*) AS n FROM samples").exit_code == 0
+
+
+def test_show_refuses_a_tokenizer_kept_outside_the_cache(world, tmp_path):
+    cache = tmp_path / "cache"
+    shutil.copytree(world["cache"], cache)
+    shutil.move(cache / "tokenizer", tmp_path / "tokenizer")
+    (cache / "tokenizer").symlink_to(tmp_path / "tokenizer")
+    line = error_line(cli("cache", "show", cache, "s0", "--out", tmp_path / "s0.png"))
+    assert f"{cache}/tokenizer leads outside the cache" in line
+    verify = cli("cache", "verify", cache)
+    assert verify.exit_code == 1 and "tokenizer: leads outside the cache" in verify.output
 
 
 # ---------------------------------------------------------------- 3. verify during a build

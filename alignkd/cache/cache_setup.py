@@ -39,7 +39,7 @@ def check_location(store: CacheStore, *, overwrite: bool) -> None:
     if overwrite and root is not None and root.is_symlink():
         raise ConfigError(f"--out {store} is a symbolic link (to {root.resolve()}); --overwrite deletes only in the "
                           "directory it is given, so give that directory itself.")
-    store.check_inside(SHARDS_DIR)
+    store.check_inside(SHARDS_DIR, CATALOG_FILE, TOKENIZER_DIR)  # written (or read) by every build
     _check_existing(store, overwrite)
 
 
@@ -128,7 +128,9 @@ def clean_temp_dirs(staging: Path, rank: int) -> None:
     """Delete this rank's temp shard directories: shards that were in flight when a build died."""
     own = re.compile(rf"^{re.escape(TEMP_PREFIX)}{re.escape(shard_name(0, rank))[:-6]}\d{{6}}$")
     for p in (staging / SHARDS_DIR).iterdir():
-        if own.match(p.name):
+        if own.match(p.name) and p.is_symlink():  # removed, never followed
+            p.unlink()
+        elif own.match(p.name):
             shutil.rmtree(p)
 
 

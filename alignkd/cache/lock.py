@@ -34,7 +34,13 @@ class CacheLock:
         self.fd: int | None = None
 
     def acquire(self) -> "CacheLock":
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:  # O_NOFOLLOW: a lock file that is a link would have us truncate whatever it leads to
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+        except OSError as exc:
+            if not self.path.is_symlink():
+                raise
+            raise CacheLockedError(f"{self.path} is a symbolic link, not a lock file, so the cache is refused: "
+                                   "alignkd writes nothing outside a cache.") from exc
         for attempt in range(ACQUIRE_TRIES):
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -72,7 +78,7 @@ def build_in_progress(cache: Path) -> str | None:
         return None
     for name in names:
         try:
-            fd = os.open(Path(cache) / name, os.O_RDONLY)  # never creates a lock file
+            fd = os.open(Path(cache) / name, os.O_RDONLY | os.O_NOFOLLOW)  # never creates a lock file
         except OSError:
             continue
         try:

@@ -2,9 +2,9 @@
 
 Checks, in order: no file or directory of the cache leads outside it (a symbolic link:
 nothing else is read when one does); cache.json's format and schema version (nothing else
-is read when it is wrong); per shard, shard.json itself, each listed file's size and sha256, files not
-listed, the rows against the arrays (offsets and shapes within each array's length) and
-every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
+is read when it is wrong); per shard, shard.json itself, each listed file's size and
+sha256, files not listed, the rows against the arrays (offsets and shapes within each
+array's length) and every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
 lists exactly the shards on disk with their counts. The sha256 says *which file* is
 damaged, the crc32 says *which samples*. Every check reads through the storage seam, so a
 cache on object storage is checked as a local one is, but for catalog.duckdb, which exists

@@ -51,8 +51,11 @@ class CacheStore(ABC):
         for rel in rels:
             target = self.escapes(rel)
             if target is not None:
-                raise OutsideCacheError(f"{self.name_of(rel)} leads outside the cache (to {target}), so the cache "
-                                        "is refused: alignkd reads and writes nothing outside a cache.")
+                raise self.outside_error(rel, target)
+
+    def outside_error(self, rel: str, target: str) -> OutsideCacheError:
+        return OutsideCacheError(f"{self.name_of(rel)} leads outside the cache (to {target}), so the cache "
+                                 "is refused: alignkd reads and writes nothing outside a cache.")
 
     def links_outside(self) -> list[tuple[str, str]]:
         """Every (path relative to this store, target) under the store that leads outside the
@@ -135,6 +138,8 @@ class CacheStore(ABC):
         staging = self.new_staging()
         staged = staging / f"{TEMP_PREFIX}{rel}"
         try:
+            if staged.is_symlink():  # never filled through a link
+                staged.unlink()
             shutil.rmtree(staged, ignore_errors=True)  # left by a build killed while filling it
             staged.mkdir(parents=True)
             fill(staged)
