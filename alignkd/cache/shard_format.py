@@ -279,9 +279,7 @@ def committed_shards(cache) -> list[CacheStore]:
     store = open_store(cache)
     store.check_inside(SHARDS_DIR)
     names = [n for n in store.list(SHARDS_DIR) if n.startswith("shard-")]
-    for n in names:
-        shard = f"{SHARDS_DIR}/{n}"
-        store.check_inside(shard, *(f"{shard}/{f}" for f in (SHARD_JSON, SAMPLES_FILE, REJECTS_FILE)))
+    store.check_entries_inside(SHARDS_DIR, names, (SHARD_JSON, SAMPLES_FILE, REJECTS_FILE))
     return [store.sub(f"{SHARDS_DIR}/{n}") for n in names if store.is_file(f"{SHARDS_DIR}/{n}/{SHARD_JSON}")]
 
 

@@ -53,6 +53,10 @@ class CacheStore(ABC):
             if target is not None:
                 raise self.outside_error(rel, target)
 
+    def check_entries_inside(self, rel: str, names: list[str], files: tuple[str, ...]) -> None:
+        """`check_inside` for the directory `rel`, each `rel/name` and each `rel/name/file`."""
+        self.check_inside(rel, *(f"{rel}/{n}" for n in names), *(f"{rel}/{n}/{f}" for n in names for f in files))
+
     def outside_error(self, rel: str, target: str) -> OutsideCacheError:
         return OutsideCacheError(f"{self.name_of(rel)} leads outside the cache (to {target}), so the cache "
                                  "is refused: alignkd reads and writes nothing outside a cache.")
