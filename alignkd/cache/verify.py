@@ -16,6 +16,7 @@ import hashlib
 import json
 import zlib
 from dataclasses import dataclass
+from alignkd.cache.layer0_store import kit_problems
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.cache.storage import CacheStore, open_store
@@ -38,11 +39,12 @@ class Problem:
 def verify_cache(path) -> list[Problem]:
     store = open_store(path)
     try:
-        load_cache_json(store)
+        meta = load_cache_json(store)
     except CacheFormatError as exc:
         return [Problem("", "cache.json", str(exc))]
     shards = committed_shards(store)
-    problems: list[Problem] = []
+    # --attn-store layer0: the kit every sample's attention is recomputed from
+    problems: list[Problem] = [Problem("", rel, why) for rel, why in kit_problems(store, meta.get("storage", {}))]
     for shard in shards:
         problems += verify_shard(shard)
     problems += verify_vision_holders(shards)
