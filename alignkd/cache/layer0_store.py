@@ -63,7 +63,10 @@ def load_cache_kit(store, meta: dict, device="cpu"):
 
     from alignkd.models.layer0_kit import KIT_CONFIG_FILE, KIT_WEIGHTS_FILE, KitBytes, Layer0Kit
 
-    key = (os.getpid(), str(store), str(torch.device(device)))
+    device = torch.device(device)
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" are one kit
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (os.getpid(), str(store), str(device))
     if key not in _KITS:
         storage = meta.get("storage", {})
         problems = kit_problems(store, storage)

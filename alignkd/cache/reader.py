@@ -186,9 +186,12 @@ class CacheReader:
     def __getitem__(self, i: int) -> CachedSample:
         return self.get(i)
 
-    def get(self, i: int, *, widen: bool = True) -> CachedSample:
+    def get(self, i: int, *, widen: bool = True, attn: bool = True) -> CachedSample:
         """Sample i; `widen=False` keeps attn, vision and logit values in their stored width
-        (with `encodings` and scales set on the record) for the GPU to widen."""
+        (with `encodings` and scales set on the record) for the GPU to widen. A cache built with
+        --attn-store layer0 recomputes `attn` from its kit on this process's CPU when widening
+        (`attn=False` skips that: `attn` is then None), and leaves it None with widen=False,
+        where the training step recomputes a whole batch on its device."""
         n = len(self)
         i = int(i)
         if not -n <= i < n:
@@ -239,7 +242,7 @@ class CacheReader:
             attn_scale=None if widen or enc["attn"] not in SCALED_ENCODINGS else t["attn_scale"],
             vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"],
             attn_ids=top[0], attn_tail=top[1])
-        if recomputed and widen:  # the same dense rows a maps-cache returns
+        if recomputed and widen and attn:  # the same dense rows a maps-cache returns
             rec.attn = rows_of_record(self.layer0_kit(), rec)
         return rec
 

@@ -206,8 +206,8 @@ class Layer0Kit:
             return args, kwargs
 
         handle = self.family.get_decoder(self.model).register_forward_pre_hook(place_vision, with_kwargs=True)
-        try:
-            with torch.no_grad():
+        try:  # the kit's own dtype, as at build time, whatever autocast the training step runs under
+            with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 self.model(**inputs, use_cache=False, return_dict=True)
         except _Layer0Reached as reached:
             return reached.weights
