@@ -184,3 +184,25 @@ def test_layer0_refuses_attn_topk(tiny_llava_dir, small_dataset, tmp_path):
     manifest, images = small_dataset
     with pytest.raises(ConfigError, match="--attn-store layer0 stores none"):
         _build(tiny_llava_dir, manifest, images, tmp_path / "c", "layer0", attn_topk=4)
+
+
+def test_build_refuses_a_kit_that_does_not_reproduce_the_teacher(tiny_llava_dir, small_dataset, tmp_path):
+    """The build's guard: the first batch's live attention against the kit's. Here the kit comes
+    from another teacher (seed 2) of the same family, which no exact recompute can match."""
+    from alignkd.cache.layer0_store import check_recompute
+    from alignkd.cache.teacher_pass import model_inputs_of
+    from alignkd.data import collate, read_manifest, render_sample
+    from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
+    from alignkd.models import capture_forward, load_vlm
+    from alignkd.models.layer0_kit import Layer0Kit, extract_kit
+
+    manifest, images = small_dataset
+    vlm = load_vlm(tiny_llava_dir)
+    rules = vlm.family.render_rules(vlm.model.config)
+    rendered = [render_sample(r, vlm.processor, images, 512, rules) for r in read_manifest(manifest)[:2]]
+    batch = model_inputs_of(collate(rendered, vlm.processor.tokenizer.pad_token_id), vlm.family)
+    cap = capture_forward(vlm.model, batch)
+    check_recompute(Layer0Kit(extract_kit(vlm.model)), batch, cap, "llava")  # its own kit: exact
+    other = load_vlm(build_tiny_llava(tmp_path / "other", TinyLlavaSpec(), seed=2))
+    with pytest.raises(AlignKDError, match="model family 'llava'.*build with --attn-store maps"):
+        check_recompute(Layer0Kit(extract_kit(other.model)), batch, cap, "llava")

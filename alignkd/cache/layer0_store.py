@@ -41,19 +41,24 @@ def save_kit(store, kit) -> None:
 
 def kit_problems(store, storage: dict) -> list[tuple[str, str]]:
     """(file, problem) for every kit file that is missing or does not hash to cache.json's sha256."""
-    problems = []
+    return _read_kit(store, storage)[1]
+
+
+def _read_kit(store, storage: dict) -> tuple[dict[str, bytes], list[tuple[str, str]]]:
+    """The kit's files as cache.json lists them (read once), and what is wrong with them."""
+    files, problems = {}, []
+    if storage.get("attn_store") == "layer0" and "layer0_kit" not in storage:
+        problems.append((LAYER0_KIT_DIR, "cache.json records no layer-0 kit for --attn-store layer0"))
     for name, want in storage.get("layer0_kit", {}).get("files", {}).items():
         rel = f"{LAYER0_KIT_DIR}/{name}"
         try:
-            data = store.read_bytes(rel)
+            files[name] = store.read_bytes(rel)
         except FileNotFoundError:
             problems.append((rel, "missing"))
             continue
-        if len(data) != want["bytes"] or hashlib.sha256(data).hexdigest() != want["sha256"]:
+        if len(files[name]) != want["bytes"] or hashlib.sha256(files[name]).hexdigest() != want["sha256"]:
             problems.append((rel, "sha256 does not match cache.json (corrupted)"))
-    if storage.get("attn_store") == "layer0" and "layer0_kit" not in storage:
-        problems.append((LAYER0_KIT_DIR, "cache.json records no layer-0 kit for --attn-store layer0"))
-    return problems
+    return files, problems
 
 
 def load_cache_kit(store, meta: dict, device="cpu"):
@@ -68,15 +73,11 @@ def load_cache_kit(store, meta: dict, device="cpu"):
         device = torch.device("cuda", torch.cuda.current_device())
     key = (os.getpid(), str(store), str(device))
     if key not in _KITS:
-        storage = meta.get("storage", {})
-        problems = kit_problems(store, storage)
+        files, problems = _read_kit(store, meta.get("storage", {}))
         if problems:
             rel, why = problems[0]
             raise CacheFormatError(f"{store.name_of(rel)}: {why}; run alignkd cache verify {store}.")
-        read = store.read_bytes
-        kit = KitBytes(config=read(f"{LAYER0_KIT_DIR}/{KIT_CONFIG_FILE}"),
-                       weights=read(f"{LAYER0_KIT_DIR}/{KIT_WEIGHTS_FILE}"))
-        _KITS[key] = Layer0Kit(kit, device)
+        _KITS[key] = Layer0Kit(KitBytes(config=files[KIT_CONFIG_FILE], weights=files[KIT_WEIGHTS_FILE]), device)
     return _KITS[key]
 
 

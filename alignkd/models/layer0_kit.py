@@ -39,9 +39,6 @@ KIT_WEIGHTS_FILE = "layer0.safetensors"
 KIT_FORMAT = "alignkd-layer0-kit/1"
 # attention submodules the probabilities do not depend on (the value path and the output)
 _NOT_NEEDED = ("v_proj", "o_proj")
-# Families whose layer 0 cannot be recomputed from the cache's inputs, with the reason.
-# None of the supported families is here today; `check_recompute` is the runtime guard.
-REFUSED: dict[str, str] = {}
 
 
 class _Layer0Reached(Exception):
@@ -145,9 +142,6 @@ def extract_kit(model) -> KitBytes:
     from safetensors.torch import save
 
     family = get_family(model.config)
-    if family.name in REFUSED:
-        raise AlignKDError(f"model family {family.name!r} cannot use --attn-store layer0: {REFUSED[family.name]}; "
-                           "build with --attn-store maps.")
     config = cut_config(model.config, family)
     config.architectures = [type(model).__name__]
     names = needed_names(_meta_model(config), family)
@@ -187,15 +181,19 @@ class Layer0Kit:
         self.image_token_id = self.family.get_image_token_id(config)
         self.num_heads = int(self.family.get_text_config(config).num_attention_heads)
 
+    def vision_positions(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """[B, Nv] image-token positions, -1 past each sample's own count (as the capture orders them)."""
+        from alignkd.models.capture import vision_positions
+
+        return vision_positions(input_ids.to(self.device) == self.image_token_id)
+
     def layer0_weights(self, inputs: dict, vision: torch.Tensor) -> torch.Tensor:
         """[B, H, L, L] layer-0 probabilities for a right-padded batch: `inputs` holds input_ids,
         attention_mask and the family's replayed columns (token_type_ids, mm_token_type_ids,
         image_grid_thw); `vision` [B, Nv, D] the cached vision tokens in image-position order
         (rows past a sample's own count ignored)."""
-        from alignkd.models.capture import vision_positions
-
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
-        positions = vision_positions(inputs["input_ids"] == self.image_token_id)
+        positions = self.vision_positions(inputs["input_ids"])
         vision = vision[:, : positions.shape[1]].to(self.device, self.dtype)
 
         def place_vision(_module, args, kwargs):
@@ -219,10 +217,8 @@ class Layer0Kit:
         """[B, T, H, Nv] rows (0 at padded rows and columns): the probabilities of each sample's
         text positions (`text_positions` [B, T], -1 = padding) over its own vision tokens, in
         the order the cache stores them."""
-        from alignkd.models.capture import vision_positions
-
         weights = self.layer0_weights(inputs, vision)                         # [B, H, L, L]
-        vpos = vision_positions(inputs["input_ids"].to(self.device) == self.image_token_id)
+        vpos = self.vision_positions(inputs["input_ids"])
         tpos = text_positions.to(self.device)
         B, H = weights.shape[:2]
         rows = weights.gather(2, tpos.clamp(min=0)[:, None, :, None].expand(B, H, -1, weights.shape[3]))
