@@ -127,17 +127,6 @@ def test_family_quirk_is_in_force(caches):
         assert kit.config.text_config.attn_logit_softcapping is not None
 
 
-def test_layer0_cache_stores_no_rows(caches):
-    """A layer0 shard's attention array is empty; the kit is in the cache once, hashed in cache.json."""
-    maps, layer0 = cache_stats(caches["maps"].path), cache_stats(caches["layer0"].path)
-    assert layer0["bytes_on_disk"]["attn"] < maps["bytes_on_disk"]["attn"]
-    assert layer0["bytes_per_sample"] < maps["bytes_per_sample"]
-    storage = layer0["storage"]
-    assert storage["attn_store"] == "layer0" and set(storage["layer0_kit"]["files"]) == {
-        "config.json", "layer0.safetensors"}
-    assert maps["storage"]["attn_store"] == "maps" and "layer0_kit" not in maps["storage"]
-
-
 def test_distill_from_layer0_matches_maps(tiny_llava_dir, tiny_student_dir, small_dataset, tmp_path):
     from alignkd.distill.trainer import DistillConfig, distill
 
@@ -150,12 +139,25 @@ def test_distill_from_layer0_matches_maps(tiny_llava_dir, tiny_student_dir, smal
                               batch_size=3, logging_steps=1, save_steps=1000, progress=False, workers=0,
                               loss_scale="normalized"))
         steps[store] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    _assert_layer0_stores_no_rows(tmp_path / "maps", tmp_path / "layer0")
     terms = [k for k in steps["maps"][0] if k.startswith("loss_")]
     assert "loss_attn" in terms and len([s for s in steps["maps"] if "loss_attn" in s]) == 20
     for a, b in zip(steps["maps"], steps["layer0"]):
         for k in terms:
             if k in a:
                 assert b[k] == pytest.approx(a[k], rel=5e-3, abs=1e-7), (a.get("step"), k)
+
+
+def _assert_layer0_stores_no_rows(maps_cache, layer0_cache) -> None:
+    """A layer0 shard's attention array is empty; the kit is in the cache once, hashed in cache.json."""
+    maps, layer0 = cache_stats(maps_cache), cache_stats(layer0_cache)
+    assert layer0["bytes_on_disk"]["vision"] == maps["bytes_on_disk"]["vision"]
+    assert list(maps_cache.glob("shards/*/attn/c/0")) and not list(layer0_cache.glob("shards/*/attn*/c/0"))
+    assert layer0["bytes_per_sample"] < maps["bytes_per_sample"]
+    storage = layer0["storage"]
+    assert storage["attn_store"] == "layer0" and set(storage["layer0_kit"]["files"]) == {
+        "config.json", "layer0.safetensors"}
+    assert maps["storage"]["attn_store"] == "maps" and "layer0_kit" not in maps["storage"]
 
 
 def test_damaged_kit_named_by_verify_and_refused_by_distill(tiny_llava_dir, tiny_student_dir, small_dataset,
