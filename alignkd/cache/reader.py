@@ -32,8 +32,8 @@ from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_s
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.cache.storage import open_store
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import (ARRAY_KINDS, ATTN_RECOMPUTED, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE,
-                                     SCALED_ENCODINGS, element_counts)
+from alignkd.storage_schemas import (ARRAY_KINDS, ATTN_RECOMPUTED, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA,
+                                     SAMPLES_FILE, SCALED_ENCODINGS, element_counts)
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
                  "image_paths", "image_sha256", "image_n_vision", *REPLAYED_COLUMNS)

@@ -1,9 +1,10 @@
 """`verify_cache`: every way a cache can be damaged, as a list of named problems.
 
 Checks, in order: cache.json's format and schema version (nothing else is read when it
-is wrong); a layer0 cache's kit files against their sha256 in cache.json; per shard, shard.json itself, each listed file's size and sha256, files not
-listed, the rows against the arrays (offsets and shapes within each array's length) and
-every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
+is wrong); a layer0 cache's kit files against their sha256 in cache.json; per shard,
+shard.json itself, each listed file's size and sha256, files not listed, the rows against
+the arrays (offsets and shapes within each array's length) and every sample's per-tensor
+crc32; incomplete shard directories; and that catalog.duckdb
 lists exactly the shards on disk with their counts. The sha256 says *which file* is
 damaged, the crc32 says *which samples*. Every check reads through the storage seam, so a
 cache on object storage is checked as a local one is, but for catalog.duckdb, which exists

@@ -150,6 +150,10 @@ def extract_kit(model) -> KitBytes:
     if missing:
         raise AlignKDError(f"model family {family.name!r}: the teacher has no {missing[0]}, which its layer-0 "
                            "attention needs; build with --attn-store maps.")
+    offloaded = [n for n in names if teacher[n].is_meta]
+    if offloaded:  # --device-map put part of the input side on disk: its weights are not in memory
+        raise AlignKDError(f"--attn-store layer0 needs the teacher's embeddings and layer-0 query/key in memory, "
+                           f"but --device-map offloaded {offloaded[0]}; give them a device in the map.")
     tensors = {n: teacher[n].detach().to("cpu").contiguous().clone() for n in names}
     meta = {"format": KIT_FORMAT, "family": family.name}
     return KitBytes(config=config.to_json_string(use_diff=False).encode(), weights=save(tensors, metadata=meta))
@@ -170,13 +174,16 @@ class Layer0Kit:
         self.model = _meta_model(config)
         for name, tensor in tensors.items():
             _assign(self.model, name, tensor.to(device))
+        lacking = [n for n in needed_names(self.model, self.family) if n not in tensors]
+        if lacking:
+            raise AlignKDError(f"the layer-0 kit holds no {lacking[0]}, which layer 0's attention needs.")
         attention = self.family.get_attention_modules(self.model)[0]
         attention.v_proj = ZeroProjection(attention.v_proj.out_features)
         _register()
         self.model.set_attn_implementation({self.family.text_config: KIT_ATTN_NAME})
         self.model.eval()
         self.device = torch.device(device)
-        self.dtype = tensors[next(iter(tensors))].dtype
+        self.dtype = self.model.get_input_embeddings().weight.dtype  # the teacher's compute dtype
         _pin_device(self.model, self.device, self.dtype)
         self.image_token_id = self.family.get_image_token_id(config)
         self.num_heads = int(self.family.get_text_config(config).num_attention_heads)

@@ -65,9 +65,10 @@ UINT16_VOCAB = 65536  # ids 0..65535 fit uint16 (only valid entries are stored: 
 # stored numpy dtype for each encoding; bfloat16 is kept as its raw uint16 bit pattern
 # (zarr 3.1 has no bfloat16), and the array's "alignkd_encoding" attribute says so.
 # alignkd/cache/encodings.py defines each encoding and its round-trip bound.
-ENCODED_DTYPE = {ATTN_RECOMPUTED: "float16", "bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8", "uint8-log": "uint8",
+ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8", "uint8-log": "uint8",
                  "int8-channel": "int8", "uint4-log": "uint8", "int4-channel": "uint8", "log-float16": "float16", "float32": "float32", "int32": "int32",
-                 "uint16": "uint16", "uint32": "uint32"}
+                 "uint16": "uint16", "uint32": "uint32",
+                 ATTN_RECOMPUTED: "float16"}  # an attn array with no elements (--attn-store layer0)
 
 ARRAY_SPECS = {
     #  kind            inner chunk  encoding (None: from the writer's option)
