@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from alignkd.errors import AlignKDError
-from alignkd.models.attention_probe import _run_eager
+from alignkd.models.attention_probe import _eager_of, _run_eager, additive_mask
 from alignkd.models.families import VLMFamily, _resolve, get_family
 
 KIT_ATTN_NAME = "alignkd_layer0_kit"
@@ -51,8 +51,22 @@ class _Layer0Reached(Exception):
 
 def kit_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None,
                           **kwargs):
-    """The model file's own eager attention (the probe's path), then stop the forward."""
-    _, weights = _run_eager(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
+    """The model file's own eager attention (the probe's path), then stop the forward.
+
+    With `module.alignkd_query_rows` ([B, T] positions, -1 = padding) only those query rows
+    are computed, [B, H, T, L] instead of [B, H, L, L]: each row's softmax reads its own
+    scores and mask row alone, so the rows are exactly the full forward's."""
+    rows = getattr(module, "alignkd_query_rows", None)
+    if rows is None:
+        _, weights = _run_eager(module, query, key, value, attention_mask, 0.0, scaling, is_causal, **kwargs)
+        raise _Layer0Reached(weights)
+    mask = additive_mask(module, query, key, attention_mask, is_causal)  # built for the full query length
+    index = rows.clamp(min=0)[:, None, :, None]
+    query = query.gather(2, index.expand(-1, query.shape[1], -1, query.shape[3]))
+    if mask is not None:
+        mask = mask.expand(query.shape[0], -1, -1, -1)
+        mask = mask.gather(2, index.expand(-1, mask.shape[1], -1, mask.shape[3]))
+    _, weights = _eager_of(module)(module, query, key, value, mask, scaling=scaling, dropout=0.0, **kwargs)
     raise _Layer0Reached(weights)
 
 
@@ -194,11 +208,13 @@ class Layer0Kit:
 
         return vision_positions(input_ids.to(self.device) == self.image_token_id)
 
-    def layer0_weights(self, inputs: dict, vision: torch.Tensor) -> torch.Tensor:
+    def layer0_weights(self, inputs: dict, vision: torch.Tensor, query_rows: torch.Tensor | None = None
+                       ) -> torch.Tensor:
         """[B, H, L, L] layer-0 probabilities for a right-padded batch: `inputs` holds input_ids,
         attention_mask and the family's replayed columns (token_type_ids, mm_token_type_ids,
         image_grid_thw); `vision` [B, Nv, D] the cached vision tokens in image-position order
-        (rows past a sample's own count ignored)."""
+        (rows past a sample's own count ignored). With `query_rows` [B, T] (-1 = padding) only
+        those rows: [B, H, T, L]."""
         inputs = {k: v.to(self.device) for k, v in inputs.items()}
         positions = self.vision_positions(inputs["input_ids"])
         vision = vision[:, : positions.shape[1]].to(self.device, self.dtype)
@@ -211,6 +227,8 @@ class Layer0Kit:
             return args, kwargs
 
         handle = self.family.get_decoder(self.model).register_forward_pre_hook(place_vision, with_kwargs=True)
+        attention = self.family.get_attention_modules(self.model)[0]
+        attention.alignkd_query_rows = None if query_rows is None else query_rows.to(self.device)
         try:  # the kit's own dtype, as at build time, whatever autocast the training step runs under
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 self.model(**inputs, use_cache=False, return_dict=True)
@@ -218,18 +236,18 @@ class Layer0Kit:
             return reached.weights
         finally:
             handle.remove()
+            attention.alignkd_query_rows = None
         raise RuntimeError("the layer-0 kit's forward never reached layer 0's attention")
 
     def text_vision_rows(self, inputs: dict, vision: torch.Tensor, text_positions: torch.Tensor) -> torch.Tensor:
         """[B, T, H, Nv] rows (0 at padded rows and columns): the probabilities of each sample's
         text positions (`text_positions` [B, T], -1 = padding) over its own vision tokens, in
         the order the cache stores them."""
-        weights = self.layer0_weights(inputs, vision)                         # [B, H, L, L]
-        vpos = self.vision_positions(inputs["input_ids"])
         tpos = text_positions.to(self.device)
-        B, H = weights.shape[:2]
-        rows = weights.gather(2, tpos.clamp(min=0)[:, None, :, None].expand(B, H, -1, weights.shape[3]))
-        cols = rows.gather(3, vpos.clamp(min=0)[:, None, None, :].expand(B, H, rows.shape[2], -1))
+        rows = self.layer0_weights(inputs, vision, query_rows=tpos)           # [B, H, T, L]
+        vpos = self.vision_positions(inputs["input_ids"])
+        B, H, T = rows.shape[:3]
+        cols = rows.gather(3, vpos.clamp(min=0)[:, None, None, :].expand(B, H, T, -1))
         valid = (tpos >= 0)[:, None, :, None] & (vpos >= 0)[:, None, None, :]
         return torch.where(valid, cols, 0.0).permute(0, 2, 1, 3).float()
 
