@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+from collections import OrderedDict
 
 import numpy as np
 
@@ -21,7 +22,10 @@ from alignkd.storage_schemas import LAYER0_KIT_DIR
 
 # a recomputed probability may differ from the live capture by float rounding only
 RECOMPUTE_TOLERANCE = 1e-3
-_KITS: dict[tuple, object] = {}  # (pid, cache, device) -> Layer0Kit: loaded once per process
+# (pid, cache, device) -> Layer0Kit, loaded once per process; the least recently used go past
+# MAX_KITS (a 7B teacher's kit is ~0.3 GB, a Qwen-VL-7B's ~1.1 GB: its 152k-row embedding table)
+_KITS: OrderedDict[tuple, object] = OrderedDict()
+MAX_KITS = 2
 
 
 def kit_record(kit) -> dict:
@@ -78,6 +82,9 @@ def load_cache_kit(store, meta: dict, device="cpu"):
             rel, why = problems[0]
             raise CacheFormatError(f"{store.name_of(rel)}: {why}; run alignkd cache verify {store}.")
         _KITS[key] = Layer0Kit(KitBytes(config=files[KIT_CONFIG_FILE], weights=files[KIT_WEIGHTS_FILE]), device)
+        while len(_KITS) > MAX_KITS:
+            _KITS.popitem(last=False)
+    _KITS.move_to_end(key)
     return _KITS[key]
 
 
