@@ -96,6 +96,10 @@ def cache() -> None:
                    "pays when rows are peaked: `cache stats` shows the top-16 share.")
 @click.option("--vision-dtype", type=click.Choice(["bfloat16", "float16", "int8-channel", "int4-channel"]),
               default="bfloat16", show_default=True, help="Vision-token storage; see docs/cache-format.md.")
+@click.option("--attn-store", type=click.Choice(["maps", "layer0"]), default="maps", show_default=True,
+              help="maps: store each sample's layer-0 attention rows; layer0: store none and keep the teacher's "
+                   "layer-0 kit (embeddings, layer-0 query/key) once, from which readers and distill recompute "
+                   "them exactly; see docs/cache-format.md.")
 @click.option("--store-images/--no-store-images", default=True, show_default=True)
 @click.option("--share-vision/--no-share-vision", default=True, show_default=True,
               help="Store the teacher's vision tokens once per distinct set of images (samples that repeat "

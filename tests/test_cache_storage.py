@@ -357,7 +357,7 @@ def test_cache_json_and_shard_json(cache):
     assert (doc["format"], doc["schema_version"]) == (FORMAT_NAME, SCHEMA_VERSION)
     assert doc["storage"] == {"attn_dtype": "bfloat16", "vision_dtype": "bfloat16", "logit_id_dtype": "uint32",
                               "shard_size": 2, "store_images": True, "attn_topk": 0,
-                              "share_vision": True}
+                              "share_vision": True, "attn_store": "maps"}
     assert doc["teacher"] == META["teacher"] and doc["build_options"] == META["build_options"]
     assert open_cache(path).meta == doc
 
@@ -487,7 +487,7 @@ def test_not_a_cache_and_version_mismatch_refused(cache, tmp_path):
     assert len(problems) == 1 and problems[0].file == "cache.json" and "99" in problems[0].message
 
 
-@pytest.mark.parametrize("old", [1, 2, 4])
+@pytest.mark.parametrize("old", [1, 2, 4, 5])
 def test_older_cache_refused_naming_both_versions(cache, tmp_path, old):
     path = tmp_path / "c"
     shutil.copytree(cache[0], path)

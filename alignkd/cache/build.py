@@ -28,7 +28,7 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 # kinds of sample in one cache, so a resume compares exactly these against cache.json.
 STORED_OPTIONS = (
     "max_length", "logit_mode", "logit_k", "logit_samples", "logit_positions",
-    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk", "share_vision",
+    "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk", "share_vision", "attn_store",
 )
 
 
@@ -53,6 +53,7 @@ class BuildConfig:
     attn_dtype: str = "uint8-log"  # the default storage: BENCHMARKS.md, "Cache storage"
     vision_dtype: str = "bfloat16"
     attn_topk: int = 0                # > 0: keep each attention row's k largest vision columns (and the rest's mass)
+    attn_store: str = "maps"          # "layer0": no attention rows, the teacher's layer-0 kit once (recomputed)
     share_vision: bool = True         # store the vision tokens of each distinct image set once
     store_images: bool = True
     trust_remote_code: bool = False
@@ -68,9 +69,10 @@ class BuildConfig:
         check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
-        from alignkd.cache.writer import check_attn_topk
+        from alignkd.cache.writer import check_attn_store, check_attn_topk
 
         check_attn_topk(self.attn_topk, self.attn_dtype)
+        check_attn_store(self.attn_store, self.attn_topk)
         check_model_arg(self.teacher, "--teacher", "model directory")
         if not Path(self.data).is_dir():  # a directory is a Parquet dataset (data.sources)
             check_file(self.data, "manifest")
@@ -166,6 +168,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     writes its own shards; rank 0 creates the cache first and rebuilds the catalog last.
     """
     from alignkd.cache.catalog import rebuild_catalog
+    from alignkd.cache.layer0_store import kit_record, save_kit
     from alignkd.cache.stats import build_footprint
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
@@ -188,8 +191,10 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if not dist.is_main:
         barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
+    kit = teacher.layer0_kit  # --attn-store layer0: written once, beside the tokenizer
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
-                     share_vision=cfg.share_vision,
+                     share_vision=cfg.share_vision, attn_store=cfg.attn_store,
+                     layer0_kit=None if kit is None else kit_record(kit),
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
         if dist.is_main:
@@ -202,6 +207,8 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 rebuild_catalog(cfg.out)
         if dist.is_main:
             save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out, teacher.vlm.path)
+            if kit is not None:
+                save_kit(writer.store, kit)
         done = writer.done_rows
         # this rank's rows only: under torchrun the ranks' counts are summed below
         summary.skipped_done = sum(r.row in done for r in index) + sum(d.row in done for d in duplicates)

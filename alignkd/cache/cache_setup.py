@@ -23,10 +23,11 @@ from alignkd.cache.shard_format import CacheFormatError, committed_shards, load_
 from alignkd.cache.storage import CacheStore
 from alignkd.errors import ConfigError
 from alignkd.storage_schemas import (CACHE_JSON, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
-                                     SCHEMA_VERSION, SHARDS_DIR, TEMP_PREFIX, TOKENIZER_DIR, shard_name)
+                                     SCHEMA_VERSION, SHARDS_DIR, TEMP_PREFIX, TOKENIZER_DIR, LAYER0_KIT_DIR,
+                                     shard_name)
 
 # the cache directory's own entries (`own_files`): everything else in it is the user's
-OWN_NAMES = frozenset({CACHE_JSON, CATALOG_FILE, f"{CATALOG_FILE}.wal", SHARDS_DIR, TOKENIZER_DIR})
+OWN_NAMES = frozenset({CACHE_JSON, CATALOG_FILE, f"{CATALOG_FILE}.wal", SHARDS_DIR, TOKENIZER_DIR, LAYER0_KIT_DIR})
 OWN_CATALOG_TEMP = re.compile(rf"{re.escape(CATALOG_FILE)}\.tmp-\d+(\.wal)?")  # rebuild_catalog's
 
 
@@ -39,7 +40,7 @@ def check_location(store: CacheStore, *, overwrite: bool) -> None:
     if overwrite and root is not None and root.is_symlink():
         raise ConfigError(f"--out {store} is a symbolic link (to {root.resolve()}); --overwrite deletes only in the "
                           "directory it is given, so give that directory itself.")
-    store.check_inside(SHARDS_DIR, CATALOG_FILE, TOKENIZER_DIR)  # written (or read) by every build
+    store.check_inside(SHARDS_DIR, CATALOG_FILE, TOKENIZER_DIR, LAYER0_KIT_DIR)  # written (or read) by builds
     _check_existing(store, overwrite)
 
 
@@ -108,7 +109,7 @@ def remove_own_files(store: CacheStore) -> None:
 
 
 def check_storage(store: CacheStore, stored: dict, storage: dict) -> None:
-    for key in ("attn_dtype", "vision_dtype", "logit_id_dtype", "attn_topk", "share_vision"):
+    for key in ("attn_store", "attn_dtype", "vision_dtype", "logit_id_dtype", "attn_topk", "share_vision"):
         if key in stored and stored[key] != storage[key]:
             raise ConfigError(f"cache {store} stores --{key.replace('_', '-')}={stored[key]} but this "
                               f"run asks for {storage[key]}; use the same option or pass --overwrite.")

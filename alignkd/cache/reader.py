@@ -25,14 +25,15 @@ import numpy as np
 import pyarrow as pa
 
 from alignkd.cache.encodings import decode
+from alignkd.cache.layer0_store import rows_of_record
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.sample_encoding import rows_from_top
 from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.cache.storage import open_store
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import (ARRAY_KINDS, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA, SAMPLES_FILE,
-                                     SCALED_ENCODINGS, element_counts)
+from alignkd.storage_schemas import (ARRAY_KINDS, ATTN_RECOMPUTED, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA,
+                                     SAMPLES_FILE, SCALED_ENCODINGS, element_counts)
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
                  "image_paths", "image_sha256", "image_n_vision", *REPLAYED_COLUMNS)
@@ -185,9 +186,12 @@ class CacheReader:
     def __getitem__(self, i: int) -> CachedSample:
         return self.get(i)
 
-    def get(self, i: int, *, widen: bool = True) -> CachedSample:
+    def get(self, i: int, *, widen: bool = True, attn: bool = True) -> CachedSample:
         """Sample i; `widen=False` keeps attn, vision and logit values in their stored width
-        (with `encodings` and scales set on the record) for the GPU to widen."""
+        (with `encodings` and scales set on the record) for the GPU to widen. A cache built with
+        --attn-store layer0 recomputes `attn` from its kit on this process's CPU when widening
+        (`attn=False` skips that: `attn` is then None), and leaves it None with widen=False,
+        where the training step recomputes a whole batch on its device."""
         n = len(self)
         i = int(i)
         if not -n <= i < n:
@@ -203,22 +207,25 @@ class CacheReader:
         shapes = {"attn": (T, H, top_k or Nv), "attn_scale": (T, H), "vision": (Nv, D), "vision_scale": (D,)}
         top = (decode(raw["attn_ids"], enc["attn_ids"]).reshape(T, H, top_k),  # --attn-topk: kept columns
                decode(raw["attn_tail"], enc["attn_tail"]).reshape(T, H)) if top_k else (None, None)
+        recomputed = enc["attn"] == ATTN_RECOMPUTED  # --attn-store layer0: no rows stored
+        kinds = ("vision",) if recomputed else ("attn", "vision")
+        t = {"attn": None, "attn_scale": None}
         if widen:
-            t = {k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in ("attn", "vision")}
+            t.update({k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in kinds})
             if top_k:
                 t["attn"] = rows_from_top(t["attn"], *top, Nv)
             values, kept, top = decode(raw["logit_values"], enc["logit_values"]), None, (None, None)
         else:
-            packed = {k: v for k, v in shapes.items() if k in ("attn", "vision") and enc[k] in PACKED_ENCODINGS}
+            packed = {k: v for k, v in shapes.items() if k in kinds and enc[k] in PACKED_ENCODINGS}
             shapes.update({k: (*v[:-1], v[-1] // 2) for k, v in packed.items()})  # two values per byte
-            t = {k: raw[k].reshape(shapes[k]) for k in ("attn", "vision")}
-            for kind in ("attn", "vision"):  # scales only exist (maybe empty: no image) for scaled encodings
+            t.update({k: raw[k].reshape(shapes[k]) for k in kinds})
+            for kind in kinds:  # scales only exist (maybe empty: no image) for scaled encodings
                 scale = f"{kind}_scale"
                 t[scale] = raw[scale].reshape(shapes[scale]) if enc[kind] in SCALED_ENCODINGS else raw[scale]
-            values, kept = raw["logit_values"], {k: enc[k] for k in ("attn", "vision", "logit_values")}
+            values, kept = raw["logit_values"], {k: enc[k] for k in (*kinds, "logit_values")}
         ids, values = unpack_logits(decode(raw["logit_ids"], enc["logit_ids"]), values,
                                     raw["logit_nnz"], c["logit_k"])
-        return CachedSample(
+        rec = CachedSample(
             sample_id=self.sample_ids[i], manifest_row=c["manifest_row"],
             input_ids=self._list("input_ids", i), label_mask=self._list("label_mask", i),
             vision_positions=self._list("vision_positions", i), text_positions=self._list("text_positions", i),
@@ -235,6 +242,20 @@ class CacheReader:
             attn_scale=None if widen or enc["attn"] not in SCALED_ENCODINGS else t["attn_scale"],
             vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"],
             attn_ids=top[0], attn_tail=top[1])
+        if recomputed and widen and attn:  # the same dense rows a maps-cache returns
+            rec.attn = rows_of_record(self.layer0_kit(), rec)
+        return rec
+
+    def layer0_kit(self, device="cpu"):
+        """The cache's layer-0 kit (--attn-store layer0), loaded once per process and device."""
+        from alignkd.cache.layer0_store import load_cache_kit
+
+        return load_cache_kit(self.store, self.meta, device)
+
+    @property
+    def attn_store(self) -> str:
+        """"maps" (rows stored per sample) or "layer0" (rows recomputed from the cache's kit)."""
+        return self.meta.get("storage", {}).get("attn_store", "maps")
 
     def _row(self, i: int) -> dict:
         """Sample i's integer columns, and where its vision tokens are stored."""

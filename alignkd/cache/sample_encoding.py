@@ -14,7 +14,7 @@ import numpy as np
 from alignkd.cache.encodings import encode
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import CompressedSample, codec_for, compress_sample
-from alignkd.storage_schemas import ARRAY_KINDS, SCALE_OF, chunk_elements
+from alignkd.storage_schemas import ARRAY_KINDS, ATTN_RECOMPUTED, SCALE_OF, chunk_elements
 
 
 def check_record(rec: SampleRecord) -> None:
@@ -112,6 +112,9 @@ def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int =
                "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail,
                "attn_ids": attn_ids, "attn_tail": attn_tail}
     stored = {}
+    if encodings["attn"] == ATTN_RECOMPUTED:  # --attn-store layer0: readers recompute the rows
+        del tensors["attn"]
+        stored["attn"], stored[SCALE_OF["attn"]] = np.zeros(0, np.float16), np.zeros(0, np.float32)
     for kind, tensor in tensors.items():
         stored[kind], scale = encode(tensor, encodings[kind])
         if kind in SCALE_OF:

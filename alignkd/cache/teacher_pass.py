@@ -154,6 +154,9 @@ class TeacherPass:
             self.device = input_device(self.vlm.model)
             self.placement = placement_counts(self.vlm.model)
         self.identity = teacher_identity(source.path, repo_id=source.repo_id, revision=source.revision)
+        # --attn-store layer0: the kit, and the kit rebuilt from its bytes that the first batch with
+        # images checks against the live capture
+        self.layer0_kit, self._kit_check = self._layer0_kit() if cfg.attn_store == "layer0" else (None, None)
         text = self.vlm.model.config.get_text_config()
         self.shapes = {
             "num_heads": int(text.num_attention_heads),
@@ -161,6 +164,13 @@ class TeacherPass:
             "vocab_size": int(text.vocab_size),
             "model_type": self.vlm.model.config.model_type,
         }
+
+    def _layer0_kit(self):
+        """(the teacher's layer-0 kit, refusing a family it cannot cut; the kit rebuilt from its bytes)"""
+        from alignkd.models.layer0_kit import Layer0Kit, extract_kit
+
+        kit = extract_kit(self.vlm.model)
+        return kit, Layer0Kit(kit, self.device)
 
     def run(self, records, total: int, initial_rejects: int = 0) -> Iterator[Outcome]:
         """Outcomes of `records` (an iterable of `total` ManifestRecords, streamed), batch by batch."""
@@ -202,6 +212,12 @@ class TeacherPass:
             on_device["pixel_values"] = on_device["pixel_values"].to(self.vlm.model.dtype)
         model_inputs = model_inputs_of(on_device, self.vlm.family)
         cap = capture_forward(self.vlm.model, model_inputs)
+        if self._kit_check is not None:  # until a batch with images: the kit must reproduce the teacher
+            from alignkd.cache.layer0_store import check_recompute
+
+            check_recompute(self._kit_check, model_inputs, cap, self.vlm.family.name)
+            if cap.vision_mask.any():
+                self._kit_check = None
         # Sparse encoding runs where the logits are: copying [B, L, V] logits to the host
         # would cost more than the teacher forward on a GPU.
         return records_from_capture(

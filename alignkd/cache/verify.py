@@ -2,9 +2,10 @@
 
 Checks, in order: no file or directory of the cache leads outside it (a symbolic link:
 nothing else is read when one does); cache.json's format and schema version (nothing else
-is read when it is wrong); per shard, shard.json itself, each listed file's size and
-sha256, files not listed, the rows against the arrays (offsets and shapes within each
-array's length) and every sample's per-tensor crc32; incomplete shard directories; and that catalog.duckdb
+is read when it is wrong); a layer0 cache's kit files against their sha256 in cache.json;
+per shard, shard.json itself, each listed file's size and sha256, files not listed, the
+rows against the arrays (offsets and shapes within each array's length) and every sample's
+per-tensor crc32; incomplete shard directories; and that catalog.duckdb
 lists exactly the shards on disk with their counts. The sha256 says *which file* is
 damaged, the crc32 says *which samples*. Every check reads through the storage seam, so a
 cache on object storage is checked as a local one is, but for catalog.duckdb, which exists
@@ -24,6 +25,7 @@ import time
 import zlib
 from dataclasses import dataclass
 
+from alignkd.cache.layer0_store import kit_problems
 from alignkd.cache.lock import build_in_progress
 from alignkd.cache.shard_format import (CacheFormatError, committed_shards, load_cache_json, open_array,
                                         read_array_info, read_index, read_parquet, read_raw)
@@ -54,7 +56,7 @@ def verify_cache(path) -> list[Problem]:
         return escapes
     building = build_in_progress_at(store)
     try:
-        load_cache_json(store)
+        meta = load_cache_json(store)
     except CacheFormatError as exc:
         if building and not store.is_file(CACHE_JSON):  # the build has not created it yet
             return []
@@ -63,7 +65,8 @@ def verify_cache(path) -> list[Problem]:
         shards = committed_shards(store)
     except OutsideCacheError as exc:  # a link made since the walk above
         return [Problem("", SHARDS_DIR, str(exc))]
-    problems: list[Problem] = []
+    # --attn-store layer0: the kit every sample's attention is recomputed from
+    problems: list[Problem] = [Problem("", rel, why) for rel, why in kit_problems(store, meta.get("storage", {}))]
     for shard in shards:
         problems += verify_shard(shard)
     problems += verify_vision_holders(shards)

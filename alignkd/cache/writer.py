@@ -30,8 +30,8 @@ from alignkd.cache.shard_commit import ShardInProgress
 from alignkd.cache.storage import open_store
 from alignkd.cache.write_thread import WriteThread
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
-from alignkd.storage_schemas import (ARRAY_SPECS, ATTN_DTYPES, CACHE_JSON_FIELDS, PACKED_ENCODINGS, SHARDS_DIR,
-                                     UINT16_VOCAB, VISION_DTYPES)
+from alignkd.storage_schemas import (ARRAY_SPECS, ATTN_DTYPES, ATTN_RECOMPUTED, ATTN_STORES, CACHE_JSON_FIELDS,
+                                     PACKED_ENCODINGS, SHARDS_DIR, UINT16_VOCAB, VISION_DTYPES)
 
 
 class CacheWriteError(AlignKDError, OSError):
@@ -45,6 +45,15 @@ def check_attn_topk(attn_topk: int, attn_dtype: str) -> None:
     if attn_topk and attn_dtype in PACKED_ENCODINGS:
         raise ConfigError(f"--attn-topk keeps an odd number of columns for some rows; --attn-dtype {attn_dtype} "
                           "packs two per byte, so choose an 8- or 16-bit attention dtype.")
+
+
+def check_attn_store(attn_store: str, attn_topk: int) -> None:
+    """`cache build` asks this before loading the teacher, the writer again on opening."""
+    if attn_store not in ATTN_STORES:
+        raise ConfigError(f"--attn-store must be one of {', '.join(ATTN_STORES)}, not {attn_store}.")
+    if attn_store == "layer0" and attn_topk:
+        raise ConfigError("--attn-topk selects stored attention columns, and --attn-store layer0 stores none; "
+                          "leave --attn-topk out.")
 
 
 def _check_options(meta: dict, attn_dtype: str, vision_dtype: str, shard_size: int, attn_topk: int) -> None:
@@ -70,8 +79,13 @@ class CacheWriter:
     def __init__(self, path, meta: dict, *, shard_size: int = 256, attn_dtype: str = "bfloat16",
                  vision_dtype: str = "bfloat16", store_images: bool = True, background: bool = True,
                  overwrite: bool = False, rank: int = 0, vocab_size: int | None = None, attn_topk: int = 0,
-                 share_vision: bool = True) -> None:
+                 share_vision: bool = True, attn_store: str = "maps", layer0_kit: dict | None = None) -> None:
+        """`layer0_kit` ({"files": {name: {"bytes", "sha256"}}}) is required with attn_store "layer0":
+        the builder writes the kit's files, the writer records what they must hash to."""
         _check_options(meta, attn_dtype, vision_dtype, shard_size, attn_topk)
+        check_attn_store(attn_store, attn_topk)
+        if (attn_store == "layer0") != (layer0_kit is not None):
+            raise ValueError("a layer0_kit goes with attn_store='layer0' and only with it")
         self.store = open_store(path)
         cache_setup.check_location(self.store, overwrite=overwrite and rank == 0)  # before creating anything
         # Shards are filled in a local staging directory: the cache itself on local disk, a
@@ -82,9 +96,13 @@ class CacheWriter:
         id_dtype = "uint16" if vocab_size and vocab_size <= UINT16_VOCAB else "uint32"
         self.storage = {"attn_dtype": attn_dtype, "vision_dtype": vision_dtype, "logit_id_dtype": id_dtype,
                         "shard_size": shard_size, "store_images": store_images, "attn_topk": attn_topk,
-                        "share_vision": share_vision}
+                        "share_vision": share_vision, "attn_store": attn_store}
+        if layer0_kit is not None:
+            self.storage["layer0_kit"] = layer0_kit
         self.encodings = {k: spec.get("encoding") or self.storage[spec["option"]]
                           for k, spec in ARRAY_SPECS.items()}
+        if attn_store == "layer0":  # the shard says so itself: its attn array holds nothing
+            self.encodings["attn"] = ATTN_RECOMPUTED
         self._lock = CacheLock(self.path, rank).acquire()
         try:
             self.existing_meta = cache_setup.open_or_create(self.store, meta, self.storage, rank=rank,

@@ -164,6 +164,10 @@ def item_from_record(rec, image_inputs: dict, vocab_size: int | None = None, log
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
     enc = rec.encodings or {}
     for name in ("attn", "vision", "logit_values"):  # attn [T, H, Nv], vision [Nv, D], values [P, K]
+        if name == "attn" and rec.attn is None:  # --attn-store layer0: the training step recomputes the rows
+            if len(rec.image_grid_thw):  # the teacher's own grid, whatever the student's processor says
+                item["t_image_grid_thw"] = torch.from_numpy(np.asarray(rec.image_grid_thw, np.int64).reshape(-1, 3))
+            continue
         if name in enc:
             item[f"t_{name}"] = to_torch_stored(getattr(rec, name), enc[name])
         else:
@@ -273,7 +277,6 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
         "labels": _pad([it["labels"] for it in items], -100),
         "attention_mask": _pad([torch.ones(n, dtype=torch.long) for n in lengths], 0),
         "t_text_positions": _pad([it["t_text_positions"] for it in items], -1),
-        "t_attn": _pad([it["t_attn"] for it in items], 0.0),
         "t_vision": _pad([it["t_vision"] for it in items], 0.0),
         "t_focus": _pad([it["t_focus"] for it in items], 0.0),
         "t_vision_mask": _pad([torch.ones(it["t_vision"].shape[0], dtype=torch.bool) for it in items], False),
@@ -282,6 +285,10 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
         "t_logit_values": _pad([_pad_k(it["t_logit_values"], width, 0.0) for it in items], 0.0),
         "t_logit_tail": _pad([it["t_logit_tail"] for it in items], 0.0),
     }
+    if any("t_attn" in it for it in items):  # absent from a layer0 cache: recomputed on the training device
+        batch["t_attn"] = _pad([it["t_attn"] for it in items], 0.0)
+    if any("t_image_grid_thw" in it for it in items):  # [images, 3] in batch order, as the processor gives it
+        batch["t_image_grid_thw"] = torch.cat([it["t_image_grid_thw"] for it in items if "t_image_grid_thw" in it])
     for name in ("attn", "vision"):
         encodings = {it.get(f"t_{name}_encoding") for it in items}
         if len(encodings) > 1:

@@ -69,6 +69,10 @@ class AlignKDObjective(nn.Module):
         self.vision_topk = vision_topk
         self.attn_loss = attn_loss
         self.loss_scale = loss_scale
+        # A cache built with --attn-store layer0 stores no attention rows: `layer0_kit(device)` returns
+        # its teacher's layer-0 kit there (loaded once per process), and each step recomputes the
+        # batch's rows with it. A plain attribute, not a submodule: the kit is the teacher's, never trained.
+        self.layer0_kit = None
 
     # Our loss is a per-batch mean; this stops the HF Trainer from rescaling it by a
     # token count it would pass as `num_items_in_batch`.
@@ -82,6 +86,8 @@ class AlignKDObjective(nn.Module):
         from alignkd.models import capture_forward
 
         batch = widen_targets(batch)  # cached targets arrive in their stored width
+        if self.weights.attn > 0 and "t_attn" not in batch:
+            batch["t_attn"] = self.teacher_rows(batch)
         model_inputs = {k: v for k, v in batch.items() if not k.startswith("t_") and k != "labels"}
         cap = capture_forward(self.student, model_inputs, keep_graph=True)
         terms = self.loss_terms(cap, batch)
@@ -90,6 +96,19 @@ class AlignKDObjective(nn.Module):
         if self.measure_grad_shares and self.training:
             out.update({f"gshare_{k}": v for k, v in self.gradient_shares(terms).items()})
         return out
+
+    def teacher_rows(self, batch: dict) -> torch.Tensor:
+        """[B, T, H, Nv] teacher rows of a layer0 cache's batch: one layer-0 forward of the kit on
+        the batch's device, under no_grad, from the teacher's ids, columns and vision tokens."""
+        from alignkd.cache.layer0_store import kit_inputs
+
+        if self.layer0_kit is None:
+            raise RuntimeError("the batch carries no teacher attention rows and no layer-0 kit was given")
+        kit = self.layer0_kit(batch["input_ids"].device)
+        columns = {k: batch.get(k) for k in ("token_type_ids", "mm_token_type_ids")}
+        columns["image_grid_thw"] = batch.get("t_image_grid_thw")
+        inputs = kit_inputs(batch["input_ids"], batch["attention_mask"], columns)
+        return kit.text_vision_rows(inputs, batch["t_vision"], batch["t_text_positions"])
 
     def gradient_shares(self, terms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Each weighted term's gradient norm on the student's trainable parameters, as a

@@ -174,6 +174,8 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
         logit_mode=meta["build_options"]["logit_mode"], logit_samples=meta["build_options"]["logit_samples"],
         temperature=cfg.temperature, vision_topk=cfg.vision_topk, attn_loss=cfg.resolved_attn_loss,
         adapters=cfg.adapters, loss_scale=cfg.loss_scale, vision_stats=vision_stats)
+    if reader.attn_store == "layer0":  # rows recomputed each step on the training device
+        objective.layer0_kit = reader.layer0_kit
     order = parse_order(cfg.shuffle)
     dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images,
                                    image_token_id=vlm.family.get_image_token_id(student.config),
@@ -200,6 +202,8 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         **sharding,
     )
+    if objective.layer0_kit is not None:  # a damaged kit is refused before step one (--no-verify too)
+        objective.layer0_kit(args.device)
     trainer = AlignKDTrainer(
         model=objective if wrap_objective is None else wrap_objective(objective), args=args, train_dataset=dataset,
         data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),

@@ -28,7 +28,7 @@ def teacher_vision_stats(reader, max_samples: int = MAX_SAMPLES) -> tuple[torch.
     picks = with_vision[np.unique(np.linspace(0, m - 1, min(m, max_samples)).round().astype(np.int64))] if m else []
     total = count = total_sq = 0
     for i in picks:
-        vis = np.asarray(reader[int(i)].vision, dtype=np.float64)  # [Nv, d_t]
+        vis = np.asarray(reader.get(int(i), attn=False).vision, dtype=np.float64)  # [Nv, d_t]
         total = total + vis.sum(0)
         total_sq = total_sq + (vis**2).sum(0)
         count += vis.shape[0]

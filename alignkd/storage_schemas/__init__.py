@@ -14,7 +14,8 @@ import pyarrow as pa
 FORMAT_NAME = "alignkd-cache"
 # 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed;
 # 4: any number of images per sample (text-only samples, several images: list-valued image columns)
-SCHEMA_VERSION = 5
+# 6: --attn-store layer0 (no attention arrays; a layer-0 kit in LAYER0_KIT_DIR, its sha256 in cache.json)
+SCHEMA_VERSION = 6
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -26,6 +27,7 @@ SHARD_JSON = "shard.json"          # written last: its presence means the shard 
 TEMP_PREFIX = ".tmp-"              # in-flight shards; readers skip anything starting with "."
 LOCK_FILE = ".lock"                # rank 0; rank r > 0 uses ".lock-r{r}"
 TOKENIZER_DIR = "tokenizer"        # the teacher's tokenizer (save_pretrained), for distill's id check
+LAYER0_KIT_DIR = "layer0_kit"      # --attn-store layer0: the teacher's layer-0 kit (config.json, layer0.safetensors)
 # the teacher directory's processor files, copied into TOKENIZER_DIR when present: `cache show`
 # reads the processor's settings from them (tile size, grid pinpoints, tokens per tile)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
@@ -50,6 +52,11 @@ def shard_name(index: int, rank: int = 0) -> str:
 #   144 x 4096 vision tokens are exactly 9 chunks.
 # - 16384 for logit entries (top-64 x ~300 positions ~ 20k), 1024 for per-position or
 #   per-vision-token vectors: small samples should not pay for a big zero chunk.
+# --attn-store: "maps" stores each sample's [T, H, Nv] attention rows; "layer0" stores none and
+# keeps the teacher's layer-0 kit once, from which readers recompute the rows. A layer0 shard's
+# attn array holds the encoding ATTN_RECOMPUTED and no elements.
+ATTN_STORES = ("maps", "layer0")
+ATTN_RECOMPUTED = "layer0"
 ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt", "uint8-log", "uint4-log")
 VISION_DTYPES = ("bfloat16", "float16", "int8-channel", "int4-channel")
 LOGIT_ID_DTYPES = ("uint16", "uint32")
@@ -60,7 +67,8 @@ UINT16_VOCAB = 65536  # ids 0..65535 fit uint16 (only valid entries are stored: 
 # alignkd/cache/encodings.py defines each encoding and its round-trip bound.
 ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8", "uint8-log": "uint8",
                  "int8-channel": "int8", "uint4-log": "uint8", "int4-channel": "uint8", "log-float16": "float16", "float32": "float32", "int32": "int32",
-                 "uint16": "uint16", "uint32": "uint32"}
+                 "uint16": "uint16", "uint32": "uint32",
+                 ATTN_RECOMPUTED: "float16"}  # an attn array with no elements (--attn-store layer0)
 
 ARRAY_SPECS = {
     #  kind            inner chunk  encoding (None: from the writer's option)
@@ -90,7 +98,8 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
     own_vision = not row.get("vision_from")  # else another sample holds this one's vision tokens
     e, p = row["logit_entries"], row["n_logit_positions"]
     halve = {kind: 2 if encodings[kind] in PACKED_ENCODINGS else 1 for kind in ("attn", "vision")}
-    return {"attn": T * H * (k or Nv) // halve["attn"],
+    stored_attn = encodings["attn"] != ATTN_RECOMPUTED  # layer0: recomputed, nothing stored
+    return {"attn": T * H * (k or Nv) // halve["attn"] if stored_attn else 0,
             "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
             "attn_ids": T * H * k, "attn_tail": T * H if k else 0,
             "vision": Nv * D // halve["vision"] if own_vision else 0,
@@ -184,8 +193,9 @@ REJECT_SCHEMA = pa.schema([
 # cache.json: these keys are the writer's; the builder's meta dict is merged at top level
 # beside them (teacher, teacher_shapes, build_options, ...) and may not reuse these names.
 CACHE_JSON_FIELDS = ("format", "schema_version", "alignkd_version", "created_at", "storage")
-STORAGE_FIELDS = ("attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images", "attn_topk",
-                  "share_vision")
+STORAGE_FIELDS = ("attn_store", "attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images",
+                  "attn_topk", "share_vision", "layer0_kit")
+# storage["layer0_kit"] (attn_store "layer0" only): {"files": {name: {"bytes", "sha256"}}} of LAYER0_KIT_DIR
 
 # shard.json: "files" lists every other file of the shard with "path", "bytes", "sha256".
 SHARD_JSON_FIELDS = ("format", "schema_version", "name", "rank", "index", "n_samples",
