@@ -170,6 +170,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS, open_source, split_duplicates
+    from alignkd.data.render import ANSWER_END
     from alignkd.distributed import all_reduce_sum, barrier, init_process_group
 
     start = time.perf_counter()
@@ -184,7 +185,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     duplicates = duplicates if dist.is_main else []
     teacher = TeacherPass(cfg, dist)
     meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
-            "build_options": cfg.stored_options(), "manifest": str(Path(cfg.data).resolve())}
+            "build_options": {**cfg.stored_options(), "answer_end": ANSWER_END}, "manifest": str(Path(cfg.data).resolve())}
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if not dist.is_main:
         barrier()  # rank 0 creates (or clears, with --overwrite) the cache first

@@ -48,6 +48,7 @@ class ManifestRecord:
     turns: list
     chat_format: str = "conversations"  # or "messages"
     problem: str | None = None  # a SampleError reason found while reading, if any
+    problem_detail: str | None = None  # its sentence, where the reason alone does not say which field
 
 
 def read_manifest(path: str | Path) -> list[ManifestRecord]:
@@ -145,9 +146,25 @@ def image_refs(item: dict) -> tuple[ImageRef, ...] | None:
     return tuple(ImageRef(path=v) for v in values)
 
 
+# Media alignkd cannot feed a teacher. A record holding one is refused as a whole: reading
+# it as text would train on a prompt that talks about a clip nobody sees (LLaVA-Video and
+# OneVision manifests mix such records in with "video": "clips/v1.mp4").
+VIDEO_KEYS = ("video", "videos")
+OTHER_MEDIA_KEYS = ("audio", "audios", "speech")
+
+
+def media_problem(item: dict) -> tuple[str, str] | None:
+    """(reason, detail) when the record carries media alignkd does not read, else None."""
+    for key in VIDEO_KEYS + OTHER_MEDIA_KEYS:
+        if item.get(key) not in (None, "", []):
+            reason = "video_unsupported" if key in VIDEO_KEYS else "media_unsupported"
+            return reason, f"has a {key!r} field; alignkd distils images and text only, so the record is not kept"
+    return None
+
+
 def record_from_fields(row: int, raw_id, images: tuple[ImageRef, ...] | None, item: dict) -> ManifestRecord:
     """A ManifestRecord from a record's id, its images (None: malformed) and its turn list."""
-    problem = None
+    problem, detail = None, None
     if isinstance(raw_id, bool) or not isinstance(raw_id, (str, int)) or str(raw_id) == "":
         problem, sample_id = "missing_id", f"row{row}"
     else:
@@ -157,8 +174,12 @@ def record_from_fields(row: int, raw_id, images: tuple[ImageRef, ...] | None, it
     turns = item.get(chat_format)
     if images is None or has_conv == has_msgs or not isinstance(turns, list):
         problem = problem or "bad_record"
+    media = media_problem(item)
+    if problem is None and media is not None:
+        problem, detail = media
     return ManifestRecord(row=row, sample_id=sample_id, images=images or (),
-                          turns=turns if isinstance(turns, list) else [], chat_format=chat_format, problem=problem)
+                          turns=turns if isinstance(turns, list) else [], chat_format=chat_format, problem=problem,
+                          problem_detail=detail)
 
 
 def _json_type(value: object) -> str:
