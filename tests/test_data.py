@@ -153,7 +153,8 @@ def test_image_in_a_later_turn_and_aliases(processor, images):
 
 def test_labels_follow_another_template(processor, images):
     """Nothing is specific to the LLaVA-1.5 template: a ChatML-like one with the image
-    after the text and " ." ending each turn labels that ending instead of </s>."""
+    after the text and " ." ending each turn labels that ending, and since " ." is no token
+    the model stops on, the tokenizer's </s> is put after each answer and labelled too."""
     other = copy.copy(processor)
     other.chat_template = (
         "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}"
@@ -161,7 +162,7 @@ def test_labels_follow_another_template(processor, images):
         "{% if add_generation_prompt %}assistant : {% endif %}")
     conv = turns("what is the colour ?\n<image>", "red", "how many ?", "2")
     sample = render_sample(record(conv), other, images, 128)
-    assert labelled_tokens(processor, sample) == ["red", ".", "2", "."]
+    assert labelled_tokens(processor, sample) == ["red", "</s>", ".", "2", "</s>", "."]
     assert (sample.input_ids == processor.image_token_id).sum() == N_IMAGE_TOKENS
 
 
