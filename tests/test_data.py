@@ -21,7 +21,8 @@ from alignkd.data import (
     image_inputs_from_bytes,
     read_manifest,
     render_sample,
-    split_duplicates,
+    assign_keys,
+    open_source,
 )
 from alignkd.demo.tiny_models import TinyLlavaSpec
 
@@ -104,15 +105,17 @@ def test_missing_manifest(tmp_path):
         read_manifest(tmp_path / "nope.json")
 
 
-def test_split_duplicates_keeps_first(tmp_path):
-    recs = read_manifest(write_manifest(tmp_path / "m.json", [
+def test_repeated_ids_are_all_kept_with_unique_keys(tmp_path):
+    source = open_source(write_manifest(tmp_path / "m.json", [
         {"id": "a", "conversations": []}, {"id": "b", "conversations": []},
-        {"id": "a", "conversations": []}, {"conversations": []}, {"conversations": []},
+        {"id": "a", "conversations": []}, {"conversations": []}, {"id": "a#3", "conversations": []},
+        {"id": "a", "conversations": []},
     ]))
-    kept, errors = split_duplicates(recs)
-    assert [r.row for r in kept] == [0, 1, 3, 4]  # id-less rows are rejected later, not as duplicates
-    assert [(e.sample_id, e.row, e.reason) for e in errors] == [("a", 2, "duplicate_id")]
-    assert "'a'" in str(errors[0]) and "row 0" in str(errors[0])
+    rows = assign_keys(source.index())
+    # the 3rd "a" cannot be "a#3" (a record is called that): it gets one more "#"
+    assert [(r.row, r.sample_id, r.record_id, r.problem) for r in rows] == [
+        (0, "a", "a", None), (1, "b", "b", None), (2, "a#2", "a", None), (3, "row3", None, "missing_id"),
+        (4, "a#3", "a#3", None), (5, "a#3#", "a", None)]
 
 
 # --- label masks -----------------------------------------------------------------------

@@ -55,6 +55,11 @@ class ManifestRecord:
     chat_format: str = "conversations"  # or "messages"
     problem: str | None = None  # a SampleError reason found while reading, if any
     problem_detail: str | None = None  # its sentence, where the reason alone does not say which field
+    # set by a mixture (alignkd.data.mixture): the id as written when sample_id became a
+    # unique key, the source's name, and the source's own image root (None: --images)
+    record_id: str | None = None
+    source: str = ""
+    images_root: str | None = None
 
 
 def read_manifest(path: str | Path) -> list[ManifestRecord]:
@@ -178,22 +183,6 @@ def _feed(parser, path: Path, lineno: int, piece: bytes | None) -> None:
         reason = str(err).splitlines()[0].replace("parse error: ", "")
         where = "ends before the list is closed" if piece is None else f"line {lineno} is not valid JSON"
         raise ManifestError(f"{path} {where}: {reason}.") from None
-
-
-def split_duplicates(records: list[ManifestRecord]) -> tuple[list[ManifestRecord], list[SampleError]]:
-    """Keep the first record of each id; later ones become `duplicate_id` errors."""
-    first_row: dict[str, int] = {}
-    kept, errors = [], []
-    for rec in records:
-        if rec.problem is not None:  # its id is not real; render_sample rejects it
-            kept.append(rec)
-        elif rec.sample_id in first_row:
-            errors.append(SampleError(rec.sample_id, rec.row, "duplicate_id",
-                                      f"repeats the id of manifest row {first_row[rec.sample_id]}"))
-        else:
-            first_row[rec.sample_id] = rec.row
-            kept.append(rec)
-    return kept, errors
 
 
 def _is_wrapper_object(value: object) -> bool:

@@ -38,6 +38,7 @@ class RowId:
     row: int
     sample_id: str
     problem: str | None = None
+    record_id: str | None = None  # the id as written, once sample_id is a unique key (data.mixture)
 
 
 class JsonSource:
@@ -80,6 +81,7 @@ class ParquetSource:
                 raise ManifestError(f"{f} is not a readable Parquet file ({err}).") from None
             self._files.append((f, pf))
         self._columns = self._check_columns()
+        self.image_column = self._columns["image"]
 
     def _check_columns(self) -> dict[str, str | None]:
         names = set(self._files[0][1].schema_arrow.names)
