@@ -70,10 +70,14 @@ def cache() -> None:
 @click.option("--teacher", required=True,
               help="Teacher model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
                    "through the local Hugging Face cache.")
-@click.option("--data", required=True,
-              help="Records: a JSON list or JSONL manifest (LLaVA conversations or chat messages), or a Parquet "
-                   "file or directory (images as bytes).")
-@click.option("--images", default=None, help="Root directory the records' image paths are relative to.")
+@click.option("--data", required=True, multiple=True,
+              help="Records: a JSON list or JSONL manifest (LLaVA conversations or chat messages), a Parquet file "
+                   "or directory (images as bytes; a Hugging Face dataset repository too), a dataset id "
+                   "org/name[@rev][:config[/split]] in the local Hugging Face cache, or a YAML mixture "
+                   "(datasets: [{json_path, sampling_strategy}]). Repeat it to mix sources.")
+@click.option("--images", default=None, multiple=True,
+              help="Root directory the records' image paths are relative to; once for every source, or once "
+                   "per --data, in order.")
 @click.option("--out", required=True, help="Cache directory to create or resume.")
 @click.option("--batch-size", default=8, show_default=True)
 @click.option("--max-length", default=2048, show_default=True, help="Tokens per sample; the tail is cut.")
@@ -127,12 +131,17 @@ def cache_build(no_progress: bool, **opts) -> None:
     from alignkd.distributed import dist_info
 
     _hide_progress(no_progress)
-    summary = build_cache(BuildConfig(progress=not no_progress, **opts))
+    data, images = opts.pop("data"), opts.pop("images")
+    summary = build_cache(BuildConfig(data=data[0] if len(data) == 1 else data,
+                                      images=None if not images else images[0] if len(images) == 1 else images,
+                                      progress=not no_progress, **opts))
     if not dist_info().is_main:
         return
     rejects = ", ".join(f"{n} {reason}" for reason, n in sorted(summary.rejects.items())) or "none"
     size = (_footprint_words(summary) if summary.cached_total
             else "the cache holds no samples yet, so it cannot train a student")
+    for note in summary.notes:
+        click.echo(note)
     if summary.placement:
         where = ", ".join(f"{n} on {device}" for device, n in sorted(summary.placement.items()))
         click.echo(f"teacher placed by --device-map: {where} (modules)")

@@ -163,3 +163,31 @@ def _download(value, option: str, repo_id: str, revision: str | None, cache: Pat
         raise AlignKDError(f"{option} {value} (revision {snapshot.name}) has no config.json or no safetensors "
                            f"weights on {where}; alignkd loads safetensors only.")
     return snapshot
+
+
+def parse_dataset_arg(value) -> tuple[str, str | None, str | None, str | None] | None:
+    """(repo_id, revision, config, split) for "org/name[@revision][:config[/split]]"; None otherwise.
+
+    Only "org/name" ids count: a bare "name" is far more likely a mistyped file name.
+    """
+    head, _, choice = str(value).partition(":")
+    parsed = parse_hub_id(head)
+    if parsed is None or "/" not in parsed[0]:
+        return None
+    config, _, split = choice.partition("/")
+    return (*parsed, config or None, split or None)
+
+
+def resolve_dataset(value, repo_id: str, revision: str | None) -> Path:
+    """The local Hugging Face cache's snapshot of a dataset repository; never downloads (a
+    dataset can be hundreds of GB: fetching it is the user's explicit step)."""
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    cache = hub_cache_dir()
+    try:
+        return Path(snapshot_download(repo_id, repo_type="dataset", revision=revision, cache_dir=cache,
+                                      local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise AlignKDError(f"--data {value} is neither a file nor a dataset in the local Hugging Face cache at "
+                           f"{cache}; fetch it first (`hf download --repo-type dataset {repo_id}`).") from None

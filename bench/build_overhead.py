@@ -60,11 +60,11 @@ def write_dataset(root: Path, n: int) -> tuple[Path, Path]:
 
 def plain_forward(cfg: BuildConfig) -> None:
     """What a build does minus capture and writing: load, render, collate, sdpa forward."""
-    from alignkd.data import collate, read_manifest, render_sample, split_duplicates
+    from alignkd.data import collate, read_manifest, render_sample
     from alignkd.models import load_vlm
 
     vlm = load_vlm(cfg.teacher, dtype=cfg.dtype, device=cfg.device)
-    records, _ = split_duplicates(read_manifest(cfg.data))
+    records = read_manifest(cfg.data)
     pad_id = vlm.processor.tokenizer.pad_token_id
     for start in range(0, len(records), cfg.batch_size):
         rendered = [render_sample(r, vlm.processor, cfg.images, cfg.max_length)

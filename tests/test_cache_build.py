@@ -213,7 +213,7 @@ def test_bad_rows_are_rejected_and_every_row_is_accounted_for(tmp_path, tiny_lla
     (images / "corrupt.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
     bad = [
         {"id": "missing", "image": "nope.png", "conversations": conversation(0)},
-        good_record(1, sid="s0"),  # duplicate id
+        good_record(1, sid="s0"),  # a repeated id: kept as "s0#2"
         {"id": "escape", "image": "../outside.png", "conversations": conversation(0)},
         {"id": "corrupt", "image": "corrupt.png", "conversations": conversation(0)},
         {"id": "noplace", "image": "img0.png", "conversations": conversation(0, image=False)},
@@ -227,9 +227,9 @@ def test_bad_rows_are_rejected_and_every_row_is_accounted_for(tmp_path, tiny_lla
                   "--format", "json")
     assert rejects.exit_code == 0, rejects.output
     rejects = [json.loads(line) for line in rejects.output.splitlines()]  # JSON lines
-    assert [s["sample_id"] for s in samples] == ["s0", "s1", "s2", "s3"]
+    assert [s["sample_id"] for s in samples] == ["s0", "s1", "s2", "s3", "s0#2"]
     assert {r["sample_id"]: r["reason"] for r in rejects} == {
-        "missing": "missing_image", "s0": "duplicate_id", "escape": "image_outside_root",
+        "missing": "missing_image", "escape": "image_outside_root",
         "corrupt": "corrupt_image", "noplace": "image_without_placeholder", "latesystem": "bad_conversation"}
     rows = sorted(r["manifest_row"] for r in samples + rejects)
     assert rows == list(range(len(json.loads(data.read_text()))))

@@ -21,7 +21,8 @@ from alignkd.data import (
     image_inputs_from_bytes,
     read_manifest,
     render_sample,
-    split_duplicates,
+    assign_keys,
+    open_source,
 )
 from alignkd.demo.tiny_models import TinyLlavaSpec
 
@@ -104,15 +105,17 @@ def test_missing_manifest(tmp_path):
         read_manifest(tmp_path / "nope.json")
 
 
-def test_split_duplicates_keeps_first(tmp_path):
-    recs = read_manifest(write_manifest(tmp_path / "m.json", [
+def test_repeated_ids_are_all_kept_with_unique_keys(tmp_path):
+    source = open_source(write_manifest(tmp_path / "m.json", [
         {"id": "a", "conversations": []}, {"id": "b", "conversations": []},
-        {"id": "a", "conversations": []}, {"conversations": []}, {"conversations": []},
+        {"id": "a", "conversations": []}, {"conversations": []}, {"id": "a#3", "conversations": []},
+        {"id": "a", "conversations": []},
     ]))
-    kept, errors = split_duplicates(recs)
-    assert [r.row for r in kept] == [0, 1, 3, 4]  # id-less rows are rejected later, not as duplicates
-    assert [(e.sample_id, e.row, e.reason) for e in errors] == [("a", 2, "duplicate_id")]
-    assert "'a'" in str(errors[0]) and "row 0" in str(errors[0])
+    rows = assign_keys(source.index())
+    # the 3rd "a" cannot be "a#3" (a record is called that): it gets one more "#"
+    assert [(r.row, r.sample_id, r.record_id, r.problem) for r in rows] == [
+        (0, "a", "a", None), (1, "b", "b", None), (2, "a#2", "a", None), (3, "row3", None, "missing_id"),
+        (4, "a#3", "a#3", None), (5, "a#3#", "a", None)]
 
 
 # --- label masks -----------------------------------------------------------------------
@@ -153,7 +156,8 @@ def test_image_in_a_later_turn_and_aliases(processor, images):
 
 def test_labels_follow_another_template(processor, images):
     """Nothing is specific to the LLaVA-1.5 template: a ChatML-like one with the image
-    after the text and " ." ending each turn labels that ending instead of </s>."""
+    after the text and " ." ending each turn labels that ending, and since " ." is no token
+    the model stops on, the tokenizer's </s> is put after each answer and labelled too."""
     other = copy.copy(processor)
     other.chat_template = (
         "{% for m in messages %}{{ m['role'] }} : {% for c in m['content'] %}"
@@ -161,7 +165,7 @@ def test_labels_follow_another_template(processor, images):
         "{% if add_generation_prompt %}assistant : {% endif %}")
     conv = turns("what is the colour ?\n<image>", "red", "how many ?", "2")
     sample = render_sample(record(conv), other, images, 128)
-    assert labelled_tokens(processor, sample) == ["red", ".", "2", "."]
+    assert labelled_tokens(processor, sample) == ["red", "</s>", ".", "2", "</s>", "."]
     assert (sample.input_ids == processor.image_token_id).sum() == N_IMAGE_TOKENS
 
 

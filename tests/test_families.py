@@ -108,6 +108,17 @@ def test_probe_rows_equal_full_eager(pair):
     torch.testing.assert_close(cap.logits, ref.logits, rtol=1e-4, atol=1e-4)
 
 
+def test_every_answer_ends_with_the_token_the_model_stops_on(pair):
+    """The last labelled token of each record (text-only included) is one the model's
+    generation stops on, so a student is taught to stop (issue 25)."""
+    vlm = load_vlm(pair["teacher"])
+    stops = vlm.model.generation_config.eos_token_id
+    stops = set(stops if isinstance(stops, list) else [stops])
+    for sample in _rendered(vlm, pair, image_only=False):
+        labelled = sample.input_ids[sample.labels != -100]
+        assert int(labelled[-1]) in stops, (sample.sample_id, vlm.processor.tokenizer.decode(labelled))
+
+
 def test_cache_equals_live_teacher_per_sample(pair):
     """Each cached sample equals the teacher run on that sample alone (no batch padding): the
     one-image samples, the two-image sample where the family takes several images (each image's

@@ -51,15 +51,17 @@ REJECTED = {
                                 ("user", "how many ?"), ("assistant", "1")], "bad_conversation"),
     "one-for-two": (["a.png", "b.png"], [("user", f"<image>\n{Q}"), ("assistant", "red")],
                     "image_without_placeholder"),
-    "first": (["a.png"], [("user", f"<image>\n{Q}"), ("assistant", "blue")], "duplicate_id"),
 }
+# a second record with an earlier record's id (LLaVA-665K asks about one COCO image in several
+# conversations, all under the image's id): kept, under the key "first#2"
+REPEATED = [("first", ["a.png"], [("user", f"<image>\n{Q}"), ("assistant", "blue")])]
 IMAGES = {"a.png": 1, "b.png": 2, "c.png": 3}
 
 
 def _records():
     rows = [(sid, imgs, turns) for sid, imgs, turns in KEPT]
     rows += [(sid, imgs, turns) for sid, (imgs, turns, _) in REJECTED.items()]
-    return rows
+    return rows + REPEATED
 
 
 def _llava(sid, imgs, turns) -> dict:
@@ -157,14 +159,15 @@ def caches(world, tiny_llava_dir):
 @pytest.mark.parametrize("source", ["json", "jsonl", "parquet", "parquet-dir"])
 def test_every_shape_from_every_source_is_cached_with_exact_counts(caches, source):
     cache, output = caches[source]
-    kept = [str(sid) for sid, _, _ in KEPT]
+    kept = [str(sid) for sid, _, _ in KEPT] + ["first#2"]
     expected = {(sid, reason) for sid, (_, _, reason) in REJECTED.items()}
     if source == "parquet":  # one image struct per row: "two" keeps no image, "one-for-two" only its first
         kept = [k for k in kept if k != "two"] + ["one-for-two"]
         expected = expected - {("one-for-two", "image_without_placeholder")} | {("two", "placeholder_without_image")}
     assert output.splitlines()[-1].startswith(f"cached {len(kept)} samples (0 rows already done), rejects: ")
-    rows = {r["sample_id"]: r for r in run_sql(cache, "SELECT sample_id, manifest_row, n_images, n_vision, "
-                                                      "image_n_vision, n_text, len(input_ids) AS n FROM samples")
+    rows = {r["sample_id"]: r for r in run_sql(cache, "SELECT sample_id, record_id, manifest_row, n_images, "
+                                                      "n_vision, image_n_vision, n_text, len(input_ids) AS n "
+                                                      "FROM samples")
             .to_pylist()}
     assert sorted(rows) == sorted(kept)
     rejects = {(r["sample_id"], r["reason"]) for r in run_sql(cache, "SELECT sample_id, reason FROM rejects")
@@ -172,6 +175,7 @@ def test_every_shape_from_every_source_is_cached_with_exact_counts(caches, sourc
     assert rejects == expected
     assert rows["text"]["n_images"] == rows["text"]["n_vision"] == rows["text"]["n_text"] == 0
     assert rows["first"]["image_n_vision"] == [16] and rows["first"]["manifest_row"] == 0
+    assert rows["first#2"]["record_id"] == "first" and rows["first"]["record_id"] == "first"
     assert rows["7"]["manifest_row"] == 3  # an integer id is kept, as a string
     assert rows["long"]["n"] == MAX_LENGTH  # kept, cut
     if "two" in rows:
@@ -292,8 +296,8 @@ def test_parquet_resumes_like_json(world, tiny_llava_dir):
     assert first.exit_code == 0 and first.output.splitlines()[-1].startswith("cached 5 samples (0 rows already")
     again = _cli(*common)
     assert again.exit_code == 0, again.output
-    assert again.output.splitlines()[-1].startswith("cached 3 samples (5 rows already done)")
-    assert len(open_cache(cache)) == len(KEPT)
+    assert again.output.splitlines()[-1].startswith("cached 4 samples (5 rows already done)")
+    assert len(open_cache(cache)) == len(KEPT) + len(REPEATED)
 
 
 STREAM_PROBE = """

@@ -35,8 +35,10 @@ STORED_OPTIONS = (
 @dataclass(frozen=True)
 class BuildConfig:
     teacher: str
-    data: str                  # a JSON/JSONL manifest, a .parquet file or a directory of them
-    images: str | None         # root of the manifest's image paths (Parquet images come from their bytes)
+    # a JSON/JSONL manifest, a .parquet file or a directory of them, a dataset id, a YAML
+    # mixture, or several of these (alignkd.data.mixture)
+    data: str | tuple[str, ...]
+    images: str | tuple[str, ...] | None  # root(s) of the records' image paths (Parquet images come from their bytes)
     out: str
     batch_size: int = 8
     max_length: int = 2048
@@ -74,12 +76,16 @@ class BuildConfig:
         check_attn_topk(self.attn_topk, self.attn_dtype)
         check_attn_store(self.attn_store, self.attn_topk)
         check_model_arg(self.teacher, "--teacher", "model directory")
-        if not Path(self.data).is_dir():  # a directory is a Parquet dataset (data.sources)
-            check_file(self.data, "manifest")
-        if self.images is not None:
-            check_dir(self.images, "images directory")
-            if not os.access(self.images, os.X_OK):  # else every row would be an unreadable_image reject
-                raise ConfigError(f"images directory {self.images} cannot be entered (permission denied).")
+        from alignkd.hub import parse_dataset_arg
+
+        for value in _as_tuple(self.data):
+            # a directory is a Parquet dataset, an org/name that is no path a dataset id (data.sources)
+            if not Path(value).is_dir() and (Path(value).exists() or parse_dataset_arg(value) is None):
+                check_file(value, "manifest")
+        for root in _as_tuple(self.images):
+            check_dir(root, "images directory")
+            if not os.access(root, os.X_OK):  # else every row would be an unreadable_image reject
+                raise ConfigError(f"images directory {root} cannot be entered (permission denied).")
         check_out_dir(self.out)
         self.placement()  # refuses a malformed --device-map / --max-memory before the teacher loads
 
@@ -106,6 +112,10 @@ class BuildConfig:
         return {name: getattr(self, name) for name in STORED_OPTIONS}
 
 
+def _as_tuple(value) -> tuple:
+    return () if value is None else (value,) if isinstance(value, (str, Path)) else tuple(value)
+
+
 @dataclass
 class BuildSummary:
     out: str
@@ -119,6 +129,22 @@ class BuildSummary:
     distinct_images: int = 0
     seconds: float = 0.0
     placement: dict = field(default_factory=dict)  # device -> modules of the teacher there (with --device-map)
+    notes: list = field(default_factory=list)  # things the user should hear once (columns left unread, ...)
+
+
+def check_images_kept(source, cfg: BuildConfig) -> None:
+    """--no-store-images leaves distill to find images under one --images root: refuse it
+    where that cannot work (images that exist only as bytes in a dataset, several roots)."""
+    if cfg.store_images:
+        return
+    roots = {spec.images for spec in source.specs}
+    if len(roots) > 1:
+        raise ConfigError("--no-store-images with sources whose images live under different roots: distill "
+                          "takes one --images root, so the cache must keep the images; drop --no-store-images.")
+    bytes_only = [spec.name for spec in source.specs if spec.images is None and source.has_image_column(spec)]
+    if bytes_only:
+        raise ConfigError(f"--no-store-images with {bytes_only[0]}, whose images exist only as bytes inside the "
+                          "dataset: distill could never see them; drop --no-store-images.")
 
 
 def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> None:
@@ -172,7 +198,9 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     from alignkd.cache.stats import build_footprint
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
-    from alignkd.data import REASONS, open_source, split_duplicates
+    from alignkd.data import REASONS
+    from alignkd.data.mixture import MixedSource, source_specs
+    from alignkd.data.render import ANSWER_END
     from alignkd.distributed import all_reduce_sum, barrier, init_process_group
 
     start = time.perf_counter()
@@ -180,15 +208,21 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     if cfg.device_map is not None and dist.local_world_size > 1:
         raise ConfigError(f"--device-map spreads the teacher over all of a node's GPUs, so run one process per node "
                           f"(torchrun --nproc-per-node 1), not {dist.local_world_size}; the nodes split the manifest.")
-    source = open_source(cfg.data)
-    index = source.index()[: cfg.limit]  # (row, id) of every record; images stay on disk until their batch
-    index, duplicates = split_duplicates(index)
+    source = MixedSource(source_specs(cfg.data, cfg.images), seed=cfg.seed)
+    index = source.index()[: cfg.limit]  # (row, key, id) of every record; images stay on disk until their batch
+    check_images_kept(source, cfg)
     index = [r for r in index if r.row % dist.world_size == dist.rank]
-    duplicates = duplicates if dist.is_main else []
+    # the few rows whose key is not their id (repeated ids): row -> the id as written
+    record_ids = {r.row: r.record_id for r in index if r.record_id is not None and r.record_id != r.sample_id}
+    keys = {r.row: r.sample_id for r in index if r.row in record_ids}
     teacher = TeacherPass(cfg, dist)
     meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
-            "build_options": cfg.stored_options(), "manifest": str(Path(cfg.data).resolve())}
+            "build_options": {**cfg.stored_options(), "answer_end": ANSWER_END, "sources": source.plan()},
+            "manifest": [str(Path(s.path).resolve()) for s in source.specs] if len(source.specs) > 1
+            else str(Path(source.specs[0].path).resolve())}
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
+    if source.ignored_columns:
+        summary.notes.append(f"columns alignkd does not read were left out: {', '.join(source.ignored_columns)}")
     if not dist.is_main:
         barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
     kit = teacher.layer0_kit  # --attn-store layer0: written once, beside the tokenizer
@@ -211,20 +245,18 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 save_kit(writer.store, kit)
         done = writer.done_rows
         # this rank's rows only: under torchrun the ranks' counts are summed below
-        summary.skipped_done = sum(r.row in done for r in index) + sum(d.row in done for d in duplicates)
-        for err in duplicates:
-            if err.row not in done:
-                writer.reject(err.sample_id, err.row, err.reason, str(err))
-                summary.rejects[err.reason] += 1
+        summary.skipped_done = sum(r.row in done for r in index)
         todo = {r.row for r in index if r.row not in done}
-        for outcome in teacher.run(source.records(todo), total=len(todo),
-                                   initial_rejects=sum(summary.rejects.values())):
+        for outcome in teacher.run(source.records(todo, keys), total=len(todo)):
             if outcome.reject is not None:
                 err = outcome.reject
-                writer.reject(err.sample_id, err.row, err.reason, str(err))
+                writer.reject(err.sample_id, err.row, err.reason, str(err), record_id=record_ids.get(err.row, ""),
+                              source=source.source_name(err.row))
                 summary.rejects[err.reason] += 1
             else:
-                writer.add(outcome.record)
+                rec = outcome.record
+                rec.record_id, rec.source = record_ids.get(rec.manifest_row, ""), source.source_name(rec.manifest_row)
+                writer.add(rec)
                 summary.samples += 1
     barrier()
     if dist.world_size > 1:

@@ -37,7 +37,7 @@ from alignkd.storage_schemas import (ARRAY_KINDS, ATTN_RECOMPUTED, PACKED_ENCODI
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
                  "image_paths", "image_sha256", "image_n_vision", *REPLAYED_COLUMNS)
-_STRING_COLUMNS = ("sample_id", "vision_from")
+_STRING_COLUMNS = ("sample_id", "vision_from", "record_id", "source")
 VISION_KINDS = ("vision", "vision_scale")
 IMAGE_GROUP_BYTES = 64 * 2**20  # image bytes kept per reader (per DataLoader worker)
 # Shards whose files stay open per reader (per DataLoader worker), least recently used out:
@@ -132,10 +132,17 @@ class CacheReader:
     def index_of(self, sample_id: str) -> int:
         if self._id_index is None:
             self._id_index = {s: i for i, s in enumerate(self.sample_ids)}
-        try:
+        if sample_id in self._id_index:
             return self._id_index[sample_id]
-        except KeyError:
-            raise SampleNotFoundError(f"sample {sample_id} is not in cache {self.path}.") from None
+        # the manifest's own id, where several records share it and got keys "ID#k"
+        named = [i for i, rid in enumerate(self._cols["record_id"]) if rid == sample_id]
+        if len(named) == 1:
+            return named[0]
+        if named:
+            keys = ", ".join(self.sample_ids[i] for i in named[:5]) + (", ..." if len(named) > 5 else "")
+            raise SampleNotFoundError(f"id {sample_id} names {len(named)} samples of cache {self.path} ({keys}); "
+                                      "give one of their sample ids.")
+        raise SampleNotFoundError(f"sample {sample_id} is not in cache {self.path}.")
 
     # ---------------------------------------------------------------- per-process handles
     def _process_state(self) -> None:
@@ -227,6 +234,7 @@ class CacheReader:
                                     raw["logit_nnz"], c["logit_k"])
         rec = CachedSample(
             sample_id=self.sample_ids[i], manifest_row=c["manifest_row"],
+            record_id=self._cols["record_id"][i], source=self._cols["source"][i],
             input_ids=self._list("input_ids", i), label_mask=self._list("label_mask", i),
             vision_positions=self._list("vision_positions", i), text_positions=self._list("text_positions", i),
             attn=t["attn"], vision=t["vision"], focus=raw["focus"],

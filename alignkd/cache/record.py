@@ -37,6 +37,8 @@ class SampleRecord:
     token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [L] or [0]
     mm_token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [L] or [0]
     image_grid_thw: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [3 * images] or [0]
+    record_id: str = ""  # the manifest's id ("" = sample_id); sample_id is the unique key
+    source: str = ""     # the --data source the record came from
 
     @property
     def n_images(self) -> int:

@@ -107,6 +107,7 @@ def sample_row(rec: SampleRecord, encoded: EncodedSample, store_images: bool) ->
     """A sample's samples.parquet row, but for the array offsets and crc32s."""
     return {
         "sample_id": rec.sample_id, "manifest_row": int(rec.manifest_row),
+        "record_id": rec.record_id or rec.sample_id, "source": rec.source,
         "input_ids": np.asarray(rec.input_ids, np.int32), "label_mask": np.asarray(rec.label_mask, bool),
         "vision_positions": np.asarray(rec.vision_positions, np.int32),
         "text_positions": np.asarray(rec.text_positions, np.int32),

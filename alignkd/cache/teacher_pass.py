@@ -191,7 +191,8 @@ class TeacherPass:
             rendered = []
             for rec in chunk:
                 try:
-                    rendered.append(render_sample(rec, processor, cfg.images, cfg.max_length, rules))
+                    rendered.append(render_sample(rec, processor, rec.images_root or cfg.images, cfg.max_length,
+                                                  rules))
                 except SampleError as err:
                     n_rejects += 1
                     yield Outcome(reject=err)

@@ -142,9 +142,11 @@ class CacheWriter:
         holder = self._vision_holders.setdefault(key, rec.sample_id)
         return "" if holder == rec.sample_id else holder
 
-    def reject(self, sample_id: str, manifest_row: int, reason: str, message: str) -> None:
+    def reject(self, sample_id: str, manifest_row: int, reason: str, message: str, *,
+               record_id: str = "", source: str = "") -> None:
         self._work.raise_pending()
         self._submit(("reject", {"sample_id": sample_id, "manifest_row": int(manifest_row),
+                                 "record_id": record_id or sample_id, "source": source,
                                  "reason": reason, "message": message}))
 
     def close(self) -> None:

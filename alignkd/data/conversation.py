@@ -25,6 +25,7 @@ from alignkd.data.errors import SampleError
 from alignkd.data.manifest import ManifestRecord
 
 PLACEHOLDER = "<image>"
+VIDEO_PLACEHOLDER = "<video>"
 ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 _PROBLEM_DETAILS = {
@@ -42,9 +43,10 @@ def to_messages(record: ManifestRecord, image_token: str | None = None) -> list[
     """
     sid, row = record.sample_id, record.row
     if record.problem is not None:
-        raise SampleError(sid, row, record.problem, _PROBLEM_DETAILS[record.problem])
+        raise SampleError(sid, row, record.problem, record.problem_detail or _PROBLEM_DETAILS[record.problem])
     read = _llava_turn if record.chat_format == "conversations" else _chat_turn
     messages = [read(sid, row, i, turn) for i, turn in enumerate(record.turns)]
+    _check_no_video(sid, row, messages)
     _check_order(sid, row, [m["role"] for m in messages])
     _check_images(record, messages, image_token)
     return messages
@@ -84,11 +86,21 @@ def _chat_item(sid: str, row: int, i: int, item: object) -> dict:
     kind = item.get("type") if isinstance(item, dict) else None
     if kind == "image":
         return {"type": "image"}
+    if kind == "video":
+        raise SampleError(sid, row, "video_unsupported", f"has message {i} with a video item; alignkd distils "
+                          "images and text only, so the record is not kept")
     if kind == "text" and isinstance(item.get("text"), str):
         return {"type": "text", "text": item["text"]}
     raise SampleError(sid, row, "bad_conversation",
                       f"has message {i} with a content item that is neither {{'type': 'image'}} nor "
                       "{'type': 'text', 'text': ...}")
+
+
+def _check_no_video(sid: str, row: int, messages: list[dict]) -> None:
+    for i, msg in enumerate(messages):
+        if any(item["type"] == "text" and VIDEO_PLACEHOLDER in item["text"] for item in msg["content"]):
+            raise SampleError(sid, row, "video_unsupported", f"has a {VIDEO_PLACEHOLDER} placeholder in turn {i}; "
+                              "alignkd distils images and text only, so the record is not kept")
 
 
 def _role(sid: str, row: int, i: int, name: object) -> str:

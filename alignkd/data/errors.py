@@ -28,6 +28,8 @@ REASONS = frozenset({
     "no_image",                   # a text-only record for a family that needs an image (PaliGemma)
     "system_unsupported",         # the family's chat template refuses or drops a system turn
     "multi_image_unsupported",    # several images for a family alignkd takes one image per sample from
+    "video_unsupported",          # a video (a "video"/"videos" key, a <video> placeholder, a video item)
+    "media_unsupported",          # another media key alignkd does not read ("audio", ...): never dropped
 })
 
 

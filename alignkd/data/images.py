@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import re
 from pathlib import Path
 
 from alignkd.data.errors import SampleError
@@ -30,6 +31,9 @@ def load_image(images_root: str | Path | None, ref, sample_id: str, row: int | N
 
     if ref.data is not None:
         data = ref.data
+    elif images_root is None and ref.row_may_lack_root:
+        raise SampleError(sample_id, row, "missing_image", f"names image {ref.path!r} by path only (no bytes), and "
+                          "no --images directory was given to find it under")
     elif images_root is None:
         raise ConfigError(f"sample {sample_id!r} names image {ref.path!r} but no images directory was given.")
     else:
@@ -59,7 +63,8 @@ def resolve_image_path(images_root: str | Path, rel_path: str, sample_id: str, r
         raise SampleError(sample_id, row, "image_outside_root",
                           f"has image {rel_path!r} that resolves outside the images root {root}")
     if missing:
-        raise SampleError(sample_id, row, "missing_image", f"has image {rel_path!r} that does not exist under {root}")
+        what = "is a directory, not an image file," if path.is_dir() else "does not exist"
+        raise SampleError(sample_id, row, "missing_image", f"has image {rel_path!r} that {what} under {root}")
     return path
 
 
@@ -72,7 +77,9 @@ def decode_image(data: bytes, sample_id: str, row: int | None, name: str = "imag
             img.load()
             return img.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as err:
-        raise SampleError(sample_id, row, "corrupt_image", f"has {name!r} that cannot be decoded ({err})") from None
+        # PIL names its buffer ("cannot identify image file <_io.BytesIO object at 0x7f...>"): name the image
+        words = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", repr(name), str(err))
+        raise SampleError(sample_id, row, "corrupt_image", f"has {name!r} that cannot be decoded ({words})") from None
 
 
 def image_inputs_from_bytes(processor, image_bytes: bytes, *, sample_id: str = "<unknown>",

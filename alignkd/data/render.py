@@ -6,6 +6,8 @@ Label mask method, independent of any particular template:
    characters between the two renders are that turn's answer plus whatever the template
    appends to end the turn (e.g. "</s>"), which we want labelled so the model learns to
    stop. Both renders must be prefixes of the full text, or the template is refused.
+   A template that ends a turn with no special token gets the tokenizer's EOS after the
+   answer (`close_answers`; recorded as `answer_end` in the cache's build options).
 2. Tokenise through the processor itself, asking it for the fast tokenizer's offsets and
    for where each image placeholder was expanded. The label mask then comes from the very
    ids the processor produced: there is no second tokenisation that could disagree.
@@ -38,6 +40,10 @@ from alignkd.data.errors import ProcessorError, SampleError
 from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, load_image
 from alignkd.data.manifest import ManifestRecord
 from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
+
+
+# How each assistant turn's labels end; cache.json's build_options records it.
+ANSWER_END = "eos-if-template-has-none"
 
 
 @dataclass(frozen=True)
@@ -107,7 +113,46 @@ def render_with_spans(processor, messages: list[dict], sample_id: str, row: int,
                 f"The chat template of {type(processor).__name__} does not render conversations prefix by prefix, "
                 "so alignkd cannot tell which tokens are the assistant's.")
         spans.append((len(prompt), len(upto)))
-    return full, spans
+    return close_answers(processor, messages, full, spans)
+
+
+def close_answers(processor, messages: list[dict], text: str,
+                  spans: list[tuple[int, int]]) -> tuple[str, list[tuple[int, int]]]:
+    """Put the tokenizer's EOS after every answer whose turn the template does not close.
+
+    Some published templates end an assistant turn with nothing (llava-1.5-7b-hf: "ASSISTANT:
+    blue USER: ..."), so the labels would end in the answer's last word and the student
+    would never be taught to stop. SFT trainers append EOS there; so do we, inside the
+    turn's span so it is labelled. A turn already holding a special token (</s>, <|im_end|>,
+    <end_of_turn>) is left as the template wrote it.
+    """
+    tok = getattr(processor, "tokenizer", processor)
+    eos = getattr(tok, "eos_token", None)
+    if not eos:
+        return text, spans
+    specials = _special_strings(tok)
+    answers = [m["content"][0]["text"].strip() for m in messages if m["role"] == "assistant"]
+    out, shift, pieces, last = [], 0, [], 0
+    for (start, end), answer in zip(spans, answers):
+        turn = text[start:end]
+        if any(sp in turn for sp in specials):
+            out.append((start + shift, end + shift))
+            continue
+        at = start + turn.rfind(answer) + len(answer)
+        pieces += [text[last:at], eos]
+        last = at
+        out.append((start + shift, end + shift + len(eos)))
+        shift += len(eos)
+    return "".join(pieces) + text[last:], out
+
+
+def _special_strings(tok) -> set[str]:
+    """Every special token's text, the end-of-turn markers that are not the EOS included."""
+    specials = set(getattr(tok, "all_special_tokens", []) or [])
+    for added in (getattr(tok, "added_tokens_decoder", None) or {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added))
+    return {sp for sp in specials if sp}
 
 
 def _text(message: dict) -> str:

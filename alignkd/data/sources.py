@@ -26,47 +26,51 @@ from pathlib import Path
 from typing import Iterator
 
 from alignkd.data.errors import ManifestError
-from alignkd.data.manifest import ImageRef, ManifestRecord, read_manifest, record_from_fields
+from alignkd.data.manifest import ImageRef, ManifestRecord, iter_manifest, record_from_fields
 
 ID_COLUMN = "id"
 TURN_COLUMNS = ("conversations", "messages")
 IMAGE_COLUMNS = ("image", "images")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: LLaVA-665K's index is 665K of these per rank
 class RowId:
     row: int
     sample_id: str
     problem: str | None = None
+    record_id: str | None = None  # the id as written, once sample_id is a unique key (data.mixture)
 
 
 class JsonSource:
-    """A JSON list or JSONL manifest, parsed whole (manifests of paths are small)."""
+    """A JSON list or JSONL manifest, streamed: each pass reads the file again (see
+    `iter_manifest`), so a 1 GB manifest never sits in memory."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._records = read_manifest(path)
+        self._rows = None
 
     def __len__(self) -> int:
-        return len(self._records)
+        if self._rows is None:
+            self._rows = sum(1 for _ in iter_manifest(self.path))
+        return self._rows
 
     def index(self) -> list[RowId]:
-        return [RowId(r.row, r.sample_id, r.problem) for r in self._records]
+        rows = [RowId(r.row, r.sample_id, r.problem) for r in iter_manifest(self.path)]
+        self._rows = len(rows)
+        return rows
 
     def records(self, rows: set[int] | None = None) -> Iterator[ManifestRecord]:
-        return (r for r in self._records if rows is None or r.row in rows)
+        return (r for r in iter_manifest(self.path) if rows is None or r.row in rows)
 
 
 class ParquetSource:
     """A Parquet file or a directory of them; see the module docstring for the layout."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, files: list[Path] | None = None) -> None:
         import pyarrow.parquet as pq
 
         self.path = path
-        files = sorted(path.glob("*.parquet")) if path.is_dir() else [path]
-        if not files:
-            raise ManifestError(f"directory {path} holds no .parquet files.")
+        files = files if files is not None else find_parquet_files(path)
         self._files = []
         for f in files:
             try:
@@ -77,6 +81,7 @@ class ParquetSource:
                 raise ManifestError(f"{f} is not a readable Parquet file ({err}).") from None
             self._files.append((f, pf))
         self._columns = self._check_columns()
+        self.image_column = self._columns["image"]
 
     def _check_columns(self) -> dict[str, str | None]:
         names = set(self._files[0][1].schema_arrow.names)
@@ -87,10 +92,15 @@ class ParquetSource:
         images = [c for c in IMAGE_COLUMNS if c in names]
         if len(images) > 1:
             raise ManifestError(f"{self._files[0][0]} has both an 'image' and an 'images' column; keep one.")
+        used = {turns[0], *images, *([ID_COLUMN] if ID_COLUMN in names else [])}
         for f, pf in self._files[1:]:
-            if set(pf.schema_arrow.names) != names:
-                raise ManifestError(f"{f} has other columns than {self._files[0][0]}; every file of a "
-                                    "dataset directory must share one schema.")
+            if used - set(pf.schema_arrow.names) or {c for c in TURN_COLUMNS + IMAGE_COLUMNS + (ID_COLUMN,)
+                                                     if c in pf.schema_arrow.names} - used:
+                raise ManifestError(f"{f} does not have the columns {', '.join(sorted(used))} that "
+                                    f"{self._files[0][0]} has; every file of a dataset must share them.")
+        # columns alignkd does not read (LLaVA-OneVision's data_source, ...) are left unread;
+        # the build says which, once
+        self.ignored_columns = sorted({c for _, pf in self._files for c in pf.schema_arrow.names} - used)
         return {"turns": turns[0], "image": images[0] if images else None,
                 "id": ID_COLUMN if ID_COLUMN in names else None}
 
@@ -103,7 +113,7 @@ class ParquetSource:
             if self._columns["id"] is None:
                 out += [RowId(row + i, f"{f.name}#{i}") for i in range(pf.metadata.num_rows)]
             else:
-                ids = pf.read(columns=[ID_COLUMN]).column(0).to_pylist()
+                ids = _read_or_name(f, "its id column", lambda: pf.read(columns=[ID_COLUMN])).column(0).to_pylist()
                 out += [_row_id(row + i, raw) for i, raw in enumerate(ids)]
             row += pf.metadata.num_rows
         return out
@@ -121,7 +131,11 @@ class ParquetSource:
 
     def _group_records(self, f: Path, pf, group: int, first: int, wanted) -> Iterator[ManifestRecord]:
         cols = [c for c in self._columns.values() if c is not None]
-        table = pf.read_row_group(group, columns=cols)
+        # one thread: with pyarrow's column threads the peak memory varied 0.8-1.6 MB from run
+        # to run on the same 4 x 256 kB file (a second group's buffers alive at once), which
+        # is the bound tests/test_records.py holds the reader to
+        table = _read_or_name(f, f"row group {group}",
+                              lambda: pf.read_row_group(group, columns=cols, use_threads=False))
         data = {c: table.column(c) for c in cols}
         del table
         base = first - sum(pf.metadata.row_group(g).num_rows for g in range(group))  # row 0 of this file
@@ -131,6 +145,39 @@ class ParquetSource:
             raw_id = data[ID_COLUMN][i].as_py() if self._columns["id"] else f"{f.name}#{row - base}"
             images = _image_refs(data[self._columns["image"]][i].as_py()) if self._columns["image"] else ()
             yield record_from_fields(row, raw_id, images, item)
+
+
+def _read_or_name(f: Path, part: str, read):
+    """`read()`, with a damaged page named by file and part instead of pyarrow's bare words."""
+    try:
+        return read()
+    except (OSError, ValueError) as err:  # ArrowInvalid is a ValueError; IOError for a bad page
+        raise ManifestError(f"{f} {part} cannot be read ({str(err).splitlines()[0]}); the file is damaged.") from None
+
+
+def find_parquet_files(path: Path, config: str | None = None, split: str | None = None) -> list[Path]:
+    """The .parquet files of a file, a directory, or a Hugging Face dataset repository.
+
+    A repository keeps them in subfolders (`data/train-00000-of-00004.parquet`, or one folder
+    per config); they are searched for, and a split keeps only its own files
+    (`train-*.parquet`, or a `train/` folder). Several configs must be chosen between.
+    """
+    if not path.is_dir():
+        return [path]
+    root = path / config if config else path
+    if config and not root.is_dir():
+        raise ManifestError(f"dataset {path} has no config folder {config!r}.")
+    files = sorted(p for p in root.rglob("*.parquet") if not any(part.startswith(".") for part in p.parts))
+    if split:
+        files = [f for f in files if f.name.split("-")[0].split(".")[0] == split or split in f.relative_to(root).parts[:-1]]
+    if not files:
+        what = f" for split {split!r}" if split else ""
+        raise ManifestError(f"directory {root} holds no .parquet files{what}, in it or its subfolders.")
+    folders = {f.relative_to(root).parts[0] for f in files if len(f.relative_to(root).parts) > 1}
+    if not config and len(folders) > 1 and "data" not in folders and not any(f.parent == root for f in files):
+        raise ManifestError(f"dataset {path} holds several configs ({', '.join(sorted(folders))}); "
+                            "name one, e.g. --data DATASET:CONFIG.")
+    return files
 
 
 def _row_id(row: int, raw) -> RowId:
@@ -152,17 +199,26 @@ def _image_refs(value) -> tuple[ImageRef, ...] | None:
         if data:
             refs.append(ImageRef(path=path or None, data=bytes(data)))
         elif isinstance(path, str) and path:
-            refs.append(ImageRef(path=path))
+            refs.append(ImageRef(path=path, row_may_lack_root=True))
         else:
             return None
     return tuple(refs)
 
 
-def open_source(path) -> JsonSource | ParquetSource:
-    """The record source at `path`: a .parquet file or a directory of them, else JSON/JSONL."""
-    path = Path(path)
+def open_source(value) -> JsonSource | ParquetSource:
+    """The record source `value` names: a .parquet file or a directory of them (a Hugging
+    Face dataset repository too), JSON/JSONL, or a dataset id `org/name[@rev][:config[/split]]`
+    found in the local Hugging Face cache."""
+    path = Path(value)
     if not path.exists():
-        raise ManifestError(f"manifest {path} does not exist.")
+        from alignkd.hub import parse_dataset_arg, resolve_dataset
+
+        parsed = parse_dataset_arg(value)
+        if parsed is None:
+            raise ManifestError(f"manifest {path} does not exist.")
+        repo_id, revision, config, split = parsed
+        snapshot = resolve_dataset(value, repo_id, revision)
+        return ParquetSource(snapshot, find_parquet_files(snapshot, config, split))
     if path.is_dir() or path.suffix.lower() == ".parquet":
         return ParquetSource(path)
     return JsonSource(path)

@@ -14,7 +14,10 @@ import pyarrow as pa
 FORMAT_NAME = "alignkd-cache"
 # 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed;
 # 4: any number of images per sample (text-only samples, several images: list-valued image columns)
-# 6: --attn-store layer0 (no attention arrays; a layer-0 kit in LAYER0_KIT_DIR, its sha256 in cache.json)
+# 5: sparse attention rows, one copy of the vision tokens per image set
+# 6: --attn-store layer0 (no attention arrays; a layer-0 kit in LAYER0_KIT_DIR, its sha256 in
+#    cache.json); every record kept (sample_id a unique key, the manifest's id in record_id), a
+#    source per row
 SCHEMA_VERSION = 6
 
 # ---------------------------------------------------------------- file and dir names
@@ -132,8 +135,12 @@ ENCODING_ATTR = "alignkd_encoding"
 _i32_list = pa.list_(pa.int32())
 
 SAMPLE_SCHEMA = pa.schema([
+    # the sample's unique key: the record's id, or "ID#k" for the k-th record with that id
+    # (LLaVA-665K repeats image ids across conversations); record_id is the id as written
     ("sample_id", pa.string()),
     ("manifest_row", pa.int64()),
+    ("record_id", pa.string()),
+    ("source", pa.string()),  # the --data source (or the mixture entry) the record came from
     ("input_ids", _i32_list),
     ("label_mask", pa.list_(pa.bool_())),
     ("vision_positions", _i32_list),
@@ -185,6 +192,8 @@ SAMPLES_ROW_GROUP = 32
 REJECT_SCHEMA = pa.schema([
     ("sample_id", pa.string()),
     ("manifest_row", pa.int64()),
+    ("record_id", pa.string()),
+    ("source", pa.string()),
     ("reason", pa.string()),
     ("message", pa.string()),
 ])
