@@ -9,6 +9,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+from alignkd.errors import AlignKDError
+
 
 @dataclass(frozen=True)
 class DistInfo:
@@ -160,14 +162,30 @@ def report_stopped_rank(command: str, from_peer: bool = True) -> None:
         if stopped or found is None:
             break
         time.sleep(0.1)
-    if min(alive) != info.rank:  # a lower surviving rank says it
-        _report["state"] = "done"
+    failed = _failed_peers()
+    first = info.rank - info.local_rank
+    if min(alive) != info.rank or any(first <= r < first + info.local_world_size for r in failed):
+        _report["state"] = "done"  # a lower surviving rank says it, or the failed rank said why
         return
-    who = f"rank {', '.join(map(str, stopped))} stopped" if stopped else _elsewhere(info, from_peer)
     hint = RESUME_HINTS.get(command.split()[-1], "rerun the same command")
-    sys.stderr.write(f"error: {who} during `{command}`, so rank {info.rank} stopped too; {hint}.\n")
+    if failed:  # a rank on another node stopped on an error: its sentence, here too
+        rank, text = next(iter(failed.items()))
+        sys.stderr.write(f"error: rank {rank} (on another node) failed during `{command}`, so rank {info.rank} "
+                         f"stopped too: {text}\n")
+    else:
+        who = f"rank {', '.join(map(str, stopped))} stopped" if stopped else _elsewhere(info, from_peer)
+        sys.stderr.write(f"error: {who} during `{command}`, so rank {info.rank} stopped too; {hint}.\n")
     sys.stderr.flush()
     _report["state"] = "done"
+
+
+def _failed_peers() -> dict[int, str]:
+    """The sentences other ranks failed with; none when the store cannot be reached (it is
+    torchrun's, and torchrun may be going away)."""
+    try:
+        return peer_errors()
+    except (RuntimeError, ValueError):
+        return {}
 
 
 def exit_when_torchrun_stops_us(command: str) -> None:
@@ -185,3 +203,135 @@ def exit_when_torchrun_stops_us(command: str) -> None:
         os._exit(1)
 
     signal.signal(signal.SIGTERM, stop)
+
+
+# ------------------------------------------------------------------ what ranks tell each other
+# A small key-value store every rank can reach, before and after the process group exists:
+# torchrun's own (the agent's TCPStore at MASTER_ADDR:MASTER_PORT), else the process
+# group's. Through it a rank says "I finished", "the cache I opened is this one" or "I
+# failed with this sentence", and the others can wait for a word with a bound and say whom
+# they wait for, where a collective would only block until gloo's timeout (72 hours).
+
+REPORT_EVERY_S = float(os.environ.get("ALIGNKD_WAIT_REPORT_S", 30))  # tests make it short
+ERROR_WAIT_S = 5.0  # how long a failing rank > 0 waits to hear whether rank 0 failed the same way
+_store: dict = {}
+
+
+class RanksNotHeardError(AlignKDError):
+    """A wait for other ranks ran past --timeout, or a rank waited for failed."""
+
+
+def shared_store():
+    """The store all ranks of this torchrun launch share (prefixed by restart), or None."""
+    if "store" in _store:
+        return _store["store"]
+    from datetime import timedelta
+
+    import torch.distributed as dist
+
+    store = None
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+        try:
+            store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), is_master=False,
+                                  timeout=timedelta(seconds=30))
+        except (RuntimeError, ValueError, KeyError):
+            store = None
+    if store is None and dist.is_available() and dist.is_initialized():
+        store = dist.distributed_c10d._get_default_store()
+    if store is not None:
+        store = dist.PrefixStore(f"alignkd/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    _store["store"] = store
+    return store
+
+
+def _read(store, key: str) -> str | None:
+    return store.get(key).decode() if store.check([key]) else None
+
+
+def peer_errors(store=None) -> dict[int, str]:
+    """rank -> the sentence that rank failed with (from `say_error`), for every other rank that did."""
+    store = store or shared_store()
+    info = dist_info()
+    if store is None:
+        return {}
+    found = {r: _read(store, f"error/{r}") for r in range(info.world_size) if r != info.rank}
+    return {r: text for r, text in found.items() if text is not None}
+
+
+def say_error(message: str) -> None:
+    """Print `error: message` once per launch, not once per rank.
+
+    Every rank publishes its sentence. Rank 0 prints its own; another rank stays silent when
+    rank 0 failed with the same sentence (bad options fail every rank alike) and otherwise
+    prints it, marked with its rank unless the sentence names it already.
+    """
+    import sys
+    import time
+
+    info = dist_info()
+    if info.world_size == 1:
+        sys.stderr.write(f"error: {message}\n")
+        return
+    _report["state"] = "reporting"  # torchrun's SIGTERM, arriving meanwhile, adds no sentence of its own
+    store = shared_store()
+    if store is not None:
+        store.set(f"error/{info.rank}", message)
+    first = None
+    deadline = time.monotonic() + ERROR_WAIT_S
+    while info.rank and store is not None and first is None and time.monotonic() < deadline:
+        first = _read(store, "error/0")
+        time.sleep(0.05 if first is None else 0)
+    if first != message:
+        named = info.rank == 0 or f"rank {info.rank} " in message
+        sys.stderr.write(f"error: {message}\n" if named else f"error: rank {info.rank}: {message}\n")
+    sys.stderr.flush()
+    _report["state"] = "done"
+
+
+def announce(step: str, value: str = "1") -> None:
+    """Tell the other ranks this rank reached `step` (with a value they may compare)."""
+    store = shared_store()
+    if store is not None:
+        store.set(f"{step}/{dist_info().rank}", value)
+
+
+def wait_for_ranks(step: str, ranks: list[int], doing: str, timeout_minutes: float | None) -> dict[int, str]:
+    """The values `ranks` announced for `step`, waiting for them at most `timeout_minutes`.
+
+    Every REPORT_EVERY_S the lowest waiting rank of the node says whom it still waits for; a
+    rank waited for that failed ends the wait at once, with its sentence.
+    """
+    import sys
+    import time
+
+    info, store = dist_info(), shared_store()
+    if store is None or not ranks:
+        barrier()
+        return {}
+    bound = 60 * (timeout_minutes if timeout_minutes is not None else BUILD_WAIT_HOURS * 60)
+    start = time.monotonic()
+    next_report = start + REPORT_EVERY_S
+    node = range(info.rank - info.local_rank, info.rank - info.local_rank + info.local_world_size)
+    while True:
+        heard = {r: _read(store, f"{step}/{r}") for r in ranks}
+        missing = [r for r, value in heard.items() if value is None]
+        if not missing:
+            return heard
+        failed = {r: text for r, text in peer_errors(store).items() if r in missing}
+        if failed:
+            r, text = next(iter(failed.items()))
+            where = "" if r in node else " (on another node)"
+            raise RanksNotHeardError(f"rank {r}{where} failed while rank {info.rank} waited for it to {doing}: {text}")
+        waited = time.monotonic() - start
+        who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
+        if waited > bound:
+            raise RanksNotHeardError(
+                f"{who} did not {doing} within --timeout {bound / 60:g} minutes (rank {info.rank} waited for "
+                f"them); the shards committed so far are kept: stop the launch and rerun the same command to resume.")
+        if time.monotonic() >= next_report:
+            next_report += REPORT_EVERY_S
+            if min(r for r in node if r not in missing) == info.rank:
+                sys.stderr.write(f"rank {info.rank}: waiting for {who} to {doing} ({waited:.0f} s so far, "
+                                 f"--timeout {bound / 60:g} minutes).\n")
+                sys.stderr.flush()
+        time.sleep(0.2)
