@@ -217,9 +217,11 @@ def _prefixes(name: str) -> list[str]:
 
 
 def placement_counts(model) -> dict[str, int]:
-    """How many mapped modules sit on each device (for the build's summary line)."""
+    """How many mapped modules sit on each device (for the build's summary line); {device: 1}
+    when everything fit one device (transformers then dispatches nothing and keeps no map)."""
+    mapped = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
     counts: dict[str, int] = {}
-    for device in (getattr(model, "hf_device_map", None) or {}).values():
+    for device in mapped.values():
         key = f"cuda:{device}" if isinstance(device, int) else str(device)
         counts[key] = counts.get(key, 0) + 1
     return counts
