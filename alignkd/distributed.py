@@ -288,50 +288,83 @@ def say_error(message: str) -> None:
     _report["state"] = "done"
 
 
-def announce(step: str, value: str = "1") -> None:
-    """Tell the other ranks this rank reached `step` (with a value they may compare)."""
-    store = shared_store()
-    if store is not None:
-        store.set(f"{step}/{dist_info().rank}", value)
+def meet(step: str, doing: str, timeout_minutes: float | None, value: str = "") -> dict[int, str]:
+    """A barrier of every rank at `step` that says whom it waits for: what each rank passed as
+    `value`, once all arrived.
 
-
-def wait_for_ranks(step: str, ranks: list[int], doing: str, timeout_minutes: float | None) -> dict[int, str]:
-    """The values `ranks` announced for `step`, waiting for them at most `timeout_minutes`.
-
-    Every REPORT_EVERY_S the lowest waiting rank of the node says whom it still waits for; a
-    rank waited for that failed ends the wait at once, with its sentence.
+    The barrier itself runs in a thread, so that a rank that dies still fails it at once (its
+    connections close); meanwhile this thread reads from the store which ranks have not
+    arrived, names them every REPORT_EVERY_S (the lowest waiting rank of each node does),
+    ends the wait with one sentence after `timeout_minutes`, and at once when a rank it waits
+    for failed with a sentence of its own.
     """
-    import sys
-    import time
+    import threading
 
     info, store = dist_info(), shared_store()
-    if store is None or not ranks:
-        barrier()
-        return {}
-    bound = 60 * (timeout_minutes if timeout_minutes is not None else BUILD_WAIT_HOURS * 60)
-    start = time.monotonic()
-    next_report = start + REPORT_EVERY_S
-    node = range(info.rank - info.local_rank, info.rank - info.local_rank + info.local_world_size)
-    while True:
-        heard = {r: _read(store, f"{step}/{r}") for r in ranks}
-        missing = [r for r, value in heard.items() if value is None]
-        if not missing:
-            return heard
-        failed = {r: text for r, text in peer_errors(store).items() if r in missing}
+    store.set(f"{step}/{info.rank}", value)
+    outcome: dict = {}
+
+    def run_barrier() -> None:
+        try:
+            barrier()
+        except RuntimeError as err:  # a rank went away; its sentence, if it said one, is better
+            outcome["error"] = err
+
+    waiter = threading.Thread(target=run_barrier, name=f"alignkd-{step}", daemon=True)
+    waiter.start()
+    watch = _Watch(store, step, doing, timeout_minutes)
+    while waiter.is_alive():
+        watch.check()
+        waiter.join(0.2)
+    if "error" in outcome:
+        watch.raise_for_failed_peer()
+        raise outcome["error"]
+    return {r: store.get(f"{step}/{r}").decode() for r in range(info.world_size)}
+
+
+class _Watch:
+    """Who has not reached `step` yet, said now and then, and the --timeout bound."""
+
+    def __init__(self, store, step: str, doing: str, timeout_minutes: float | None) -> None:
+        import time
+
+        self.store, self.step, self.doing, self.info = store, step, doing, dist_info()
+        self.bound = 60 * (timeout_minutes if timeout_minutes is not None else BUILD_WAIT_HOURS * 60)
+        self.start = time.monotonic()
+        self.next_report = self.start + REPORT_EVERY_S
+        first = self.info.rank - self.info.local_rank
+        self.node = range(first, first + self.info.local_world_size)
+
+    def missing(self) -> list[int]:
+        return [r for r in range(self.info.world_size) if not self.store.check([f"{self.step}/{r}"])]
+
+    def raise_for_failed_peer(self, among: list[int] | None = None) -> None:
+        failed = {r: text for r, text in peer_errors(self.store).items() if among is None or r in among}
         if failed:
             r, text = next(iter(failed.items()))
-            where = "" if r in node else " (on another node)"
-            raise RanksNotHeardError(f"rank {r}{where} failed while rank {info.rank} waited for it to {doing}: {text}")
-        waited = time.monotonic() - start
+            where = "" if r in self.node else " (on another node)"
+            raise RanksNotHeardError(f"rank {r}{where} failed while rank {self.info.rank} waited for it to "
+                                     f"{self.doing}: {text}")
+
+    def check(self) -> None:
+        import sys
+        import time
+
+        now = time.monotonic()
+        if now < self.next_report and now - self.start <= self.bound:
+            return
+        missing = self.missing()
+        if not missing:  # all arrived: the barrier returns in a moment
+            return
+        self.raise_for_failed_peer(missing)
         who = f"rank{'s' if len(missing) > 1 else ''} {', '.join(map(str, missing))}"
-        if waited > bound:
+        if now - self.start > self.bound:
             raise RanksNotHeardError(
-                f"{who} did not {doing} within --timeout {bound / 60:g} minutes (rank {info.rank} waited for "
-                f"them); the shards committed so far are kept: stop the launch and rerun the same command to resume.")
-        if time.monotonic() >= next_report:
-            next_report += REPORT_EVERY_S
-            if min(r for r in node if r not in missing) == info.rank:
-                sys.stderr.write(f"rank {info.rank}: waiting for {who} to {doing} ({waited:.0f} s so far, "
-                                 f"--timeout {bound / 60:g} minutes).\n")
-                sys.stderr.flush()
-        time.sleep(0.2)
+                f"{who} did not {self.doing} within --timeout {self.bound / 60:g} minutes, while rank "
+                f"{self.info.rank} waited; the shards committed so far are kept: stop the launch and rerun the "
+                "same command to resume.")
+        self.next_report += REPORT_EVERY_S
+        if min(r for r in self.node if r not in missing) == self.info.rank:
+            sys.stderr.write(f"rank {self.info.rank}: waiting for {who} to {self.doing} "
+                             f"({now - self.start:.0f} s so far, --timeout {self.bound / 60:g} minutes).\n")
+            sys.stderr.flush()

@@ -214,7 +214,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS, open_source, split_duplicates
-    from alignkd.distributed import all_reduce_sum, announce, barrier, init_process_group, wait_for_ranks
+    from alignkd.distributed import all_reduce_sum, init_process_group, meet
 
     start = time.perf_counter()
     dist = init_process_group()
@@ -231,13 +231,13 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
             "build_options": cfg.stored_options(), "manifest": str(Path(cfg.data).resolve())}
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if not dist.is_main:  # rank 0 creates (or clears, with --overwrite) the cache first
-        check_same_out(cfg, wait_for_ranks("opened", [0], "create or open the cache", cfg.timeout)[0])
+        check_same_out(cfg, meet("opened", "create or open the cache", cfg.timeout)[0])
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
                      share_vision=cfg.share_vision,
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
         if dist.is_main and dist.world_size > 1:
-            announce("opened", cache_json_digest(cfg.out))
+            meet("opened", "create or open the cache", cfg.timeout, cache_json_digest(cfg.out))
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
             if writer.rank == 0:
@@ -264,9 +264,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 writer.add(outcome.record)
                 summary.samples += 1
     if dist.world_size > 1:  # a rank that hangs is named every REPORT_EVERY_S, and --timeout bounds the wait
-        announce("finished")
-        wait_for_ranks("finished", list(range(dist.world_size)), "finish their rows", cfg.timeout)
-    barrier()
+        meet("finished", "finish their rows", cfg.timeout)
     if dist.world_size > 1:
         if dist.is_main:
             rebuild_catalog(cfg.out)
