@@ -238,9 +238,9 @@ def shared_store():
             store = None
     if store is None and dist.is_available() and dist.is_initialized():
         store = dist.distributed_c10d._get_default_store()
-    if store is not None:
-        store = dist.PrefixStore(f"alignkd/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
-    _store["store"] = store
+    if store is not None:  # cached once found: the process group's may only exist later
+        store = _store["store"] = dist.PrefixStore(f"alignkd/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}",
+                                                   store)
     return store
 
 
@@ -301,7 +301,7 @@ def meet(step: str, doing: str, timeout_minutes: float | None, value: str = "") 
     import threading
 
     info, store = dist_info(), shared_store()
-    store.set(f"{step}/{info.rank}", value)
+    store.set(f"{step}/{info.rank}", value or "")
     outcome: dict = {}
 
     def run_barrier() -> None:

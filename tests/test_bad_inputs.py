@@ -121,7 +121,8 @@ CASES = {
                                                                         "offload-folder": SYS_DIR / "alignkd-off"}),
                                            "--offload-folder /sys/alignkd-off cannot be created or written"),
     "build: max memory in bits": (lambda w, r: build_args(w, **{"device-map": "auto", "max-memory": "0=70gb"}),
-                                  "'70gb' ends in a lowercase b, which accelerate may read as bits; write 70GB or 70GiB"),
+                                  "'70gb' ends in a lowercase b, which accelerate may read as bits; write 70GB "
+                                  "or 70GiB"),
     "build: attn topk negative": (lambda w, r: build_args(w, **{"attn-topk": -1}), "--attn-topk must be 0"),
     "build: attn topk on packed attention": (lambda w, r: build_args(w, **{"attn-topk": 4, "attn-dtype": "uint4-log"}),
                                              "--attn-dtype uint4-log packs two per byte"),

@@ -28,12 +28,12 @@ COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
 MAX_COUNT = 2**31 - 1
 COUNTS = ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples")
 
-# Options that change what is stored. Resuming with any of them different would mix two
-# kinds of sample in one cache, so a resume compares exactly these against cache.json.
 # How long a rank > 0 waits for rank 0's cache.json to show at its --out (a shared
 # filesystem's attribute cache may lag a few seconds behind the node that wrote it).
 SAME_OUT_WAIT_S = float(os.environ.get("ALIGNKD_SAME_OUT_WAIT_S", 20))
 
+# Options that change what is stored. Resuming with any of them different would mix two
+# kinds of sample in one cache, so a resume compares exactly these against cache.json.
 STORED_OPTIONS = (
     "max_length", "logit_mode", "logit_k", "logit_samples", "logit_positions",
     "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk", "share_vision",
@@ -263,9 +263,9 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
             else:
                 writer.add(outcome.record)
                 summary.samples += 1
-    if dist.world_size > 1:  # a rank that hangs is named every REPORT_EVERY_S, and --timeout bounds the wait
-        meet("finished", "finish their rows", cfg.timeout)
     if dist.world_size > 1:
+        # a rank that hangs is named every REPORT_EVERY_S, and --timeout bounds the wait
+        meet("finished", "finish their rows", cfg.timeout)
         if dist.is_main:
             rebuild_catalog(cfg.out)
         reasons = sorted(REASONS)

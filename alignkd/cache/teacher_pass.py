@@ -142,8 +142,9 @@ class TeacherPass:
         # one GPU per torchrun rank: a bare "cuda" becomes this rank's device
         self.device = f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device
         if self.device != cfg.device and dist.local_rank >= torch.cuda.device_count():
-            raise ConfigError(f"--device cuda gives local rank {dist.local_rank} cuda:{dist.local_rank}, but this machine "
-                              f"has {torch.cuda.device_count()} GPU(s); start at most that many processes per node.")
+            raise ConfigError(f"--device cuda gives local rank {dist.local_rank} cuda:{dist.local_rank}, but this "
+                              f"machine has {torch.cuda.device_count()} GPU(s); start at most that many processes "
+                              "per node.")
         self.show_progress = cfg.progress and dist.is_main
         source = resolve_model(cfg.teacher, "--teacher", trust_remote_code=cfg.trust_remote_code)
         placement = cfg.placement()
