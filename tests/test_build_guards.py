@@ -94,3 +94,26 @@ def test_max_memory_in_bits_is_refused(small, size):
                              f"may read as bits; write {prefix}B or {prefix}iB instead.\n")
     assert not (root / "bits").exists()
 
+
+
+@pytest.mark.parametrize("field, value, words", [
+    ("batch_size", 1e23, "--batch-size must be a whole number, not 1e+23."),
+    ("batch_size", 10**23, "--batch-size 100000000000000000000000 is more than 2,147,483,647."),
+    ("batch_size", -1, "--batch-size must be at least 1."),
+    ("shard_size", 0, "--shard-size must be at least 1."),
+    ("max_length", 0, "--max-length must be at least 1."),
+    ("device", "banana", "--device 'banana' is not a device; use cpu, cuda or cuda:N."),
+    ("device", "cuda:99", "--device cuda:99: this machine has "),
+    ("timeout", float("nan"), "--timeout must be a positive number of minutes, not nan."),
+])
+def test_build_config_refuses_what_the_cli_refuses(small, field, value, words):
+    """The library says the same sentence as the CLI, before any teacher loads."""
+    from alignkd.cache.build import BuildConfig
+    from alignkd.errors import ConfigError
+
+    args, root = small
+    opts = dict(zip(args[2:8:2], args[3:8:2]))
+    with pytest.raises(ConfigError) as err:
+        BuildConfig(teacher=str(opts["--teacher"]), data=str(opts["--data"]), images=str(opts["--images"]),
+                    out=str(root / "lib"), **{field: value})
+    assert str(err.value).startswith(words), err.value

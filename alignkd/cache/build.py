@@ -75,10 +75,13 @@ class BuildConfig:
     def __post_init__(self) -> None:
         check_choices(self, {"logit_mode": LOGIT_MODES, "logit_positions": POSITION_POLICIES,
                              "attn_dtype": ATTN_DTYPES, "vision_dtype": VISION_DTYPES, "dtype": COMPUTE_DTYPES})
-        check_at_least_one(self, COUNTS)
         for name in COUNTS + ("attn_topk", "limit"):
-            if (getattr(self, name) or 0) > MAX_COUNT:
-                raise ConfigError(f"--{name.replace('_', '-')} {getattr(self, name)} is more than {MAX_COUNT:,}.")
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{flag} must be a whole number, not {value!r}.")
+            if (value or 0) > MAX_COUNT:
+                raise ConfigError(f"{flag} {value} is more than {MAX_COUNT:,}.")
+        check_at_least_one(self, COUNTS)
         if self.timeout is not None and not 0 < self.timeout < float("inf"):
             raise ConfigError(f"--timeout must be a positive number of minutes, not {self.timeout}.")
         if self.limit is not None and self.limit < 1:
