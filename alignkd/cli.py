@@ -36,7 +36,7 @@ class _Group(click.Group):
             where = f"; see `{err.ctx.command_path} --help`" if err.ctx is not None else ""
             _fail(f"{err.format_message().rstrip('.')}{where}.", code=err.exit_code)
         except AlignKDError as err:
-            _fail(str(err))
+            _fail(str(err), quiet=getattr(err, "said_nearby", False))
         except OSError as err:  # the machine said no: full disk, permission denied, not a directory
             _fail(describe_os_error(err))
         except RuntimeError as err:  # under torchrun: another rank went away mid-collective
@@ -48,11 +48,11 @@ class _Group(click.Group):
             sys.exit(1)
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1, quiet: bool = False) -> None:
     """One `error:` line, and under torchrun once per launch rather than once per rank."""
     from alignkd.distributed import say_error
 
-    say_error(message)
+    say_error(message, quiet)
     sys.exit(code)
 
 

@@ -2,6 +2,9 @@
 
 The cache build shards the manifest by rank; distillation leaves process groups to
 the HF Trainer. Nothing here starts a process group unless torchrun set WORLD_SIZE > 1.
+Besides the process group, the ranks share torchrun's key-value store: the build's ranks
+meet through it with a bounded, talkative wait (`meet`), and a failing rank leaves its
+sentence there, so that an error is printed once per launch (`say_error`).
 """
 
 from __future__ import annotations
@@ -218,7 +221,12 @@ _store: dict = {}
 
 
 class RanksNotHeardError(AlignKDError):
-    """A wait for other ranks ran past --timeout, or a rank waited for failed."""
+    """A wait for other ranks ran past --timeout, or a rank waited for failed. `said_nearby`:
+    that rank is on this node and printed its own sentence, so this one need not repeat it."""
+
+    def __init__(self, message: str, said_nearby: bool = False) -> None:
+        super().__init__(message)
+        self.said_nearby = said_nearby
 
 
 def shared_store():
@@ -258,12 +266,13 @@ def peer_errors(store=None) -> dict[int, str]:
     return {r: text for r, text in found.items() if text is not None}
 
 
-def say_error(message: str) -> None:
+def say_error(message: str, quiet: bool = False) -> None:
     """Print `error: message` once per launch, not once per rank.
 
     Every rank publishes its sentence. Rank 0 prints its own; another rank stays silent when
     rank 0 failed with the same sentence (bad options fail every rank alike) and otherwise
-    prints it, marked with its rank unless the sentence names it already.
+    prints it, marked with its rank unless the sentence names it already. `quiet`: the
+    sentence only repeats one a rank of this node printed (it stopped us), so print nothing.
     """
     import sys
     import time
@@ -271,6 +280,9 @@ def say_error(message: str) -> None:
     info = dist_info()
     if info.world_size == 1:
         sys.stderr.write(f"error: {message}\n")
+        return
+    if quiet:
+        _report["state"] = "done"
         return
     _report["state"] = "reporting"  # torchrun's SIGTERM, arriving meanwhile, adds no sentence of its own
     store = shared_store()
@@ -344,7 +356,7 @@ class _Watch:
             r, text = next(iter(failed.items()))
             where = "" if r in self.node else " (on another node)"
             raise RanksNotHeardError(f"rank {r}{where} failed while rank {self.info.rank} waited for it to "
-                                     f"{self.doing}: {text}")
+                                     f"{self.doing}: {text}", said_nearby=not where)
 
     def check(self) -> None:
         import sys

@@ -17,6 +17,8 @@ import subprocess
 import threading
 import time
 
+import pytest
+
 from conftest import make_image, write_manifest
 from test_rank_killed import CONV, launch
 from test_scale import launch_node
@@ -72,12 +74,23 @@ def test_a_hung_rank_is_named_while_waited_for_and_the_timeout_ends_the_wait(tmp
                               "command to resume."], stderr[-3000:]
 
 
-def test_an_error_every_rank_has_is_printed_once(tmp_path, tiny_llava_dir):
+@pytest.mark.parametrize("case", ["every rank", "rank 0 only"])
+def test_an_error_is_printed_once(tmp_path, tiny_llava_dir, case):
+    """A bad option fails every rank alike; a directory that is not a cache fails rank 0 alone
+    (it opens the cache while the others wait for it), and they stay silent."""
     manifest(tmp_path, 1)
-    proc = launch(build_args(tmp_path, tiny_llava_dir, tmp_path / "cache", "--batch-size", "0"), tmp_path)
+    (tmp_path / "junk").mkdir()
+    (tmp_path / "junk" / "notes.txt").write_text("mine")
+    extra, expected = {
+        "every rank": (["--batch-size", "0"], "--batch-size must be at least 1."),
+        "rank 0 only": ([], f"{tmp_path / 'junk'} exists and is not an alignkd cache (no cache.json); choose an "
+                            "empty or new directory."),
+    }[case]
+    proc = launch(build_args(tmp_path, tiny_llava_dir, tmp_path / "junk", *extra), tmp_path)
     _, stderr = proc.communicate(timeout=120)
     assert proc.returncode != 0
-    assert errors(stderr) == ["error: --batch-size must be at least 1."], stderr[-3000:]
+    assert errors(stderr) == [f"error: {expected}"], stderr[-3000:]
+    assert (tmp_path / "junk" / "notes.txt").read_text() == "mine"
 
 
 def test_nodes_with_their_own_out_are_told_to_share_one(tmp_path, tiny_llava_dir):
