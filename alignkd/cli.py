@@ -32,12 +32,13 @@ class _Group(click.Group):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except click.UsageError as err:  # a value click could not parse: its sentence, not a usage page
+            where = f"; see `{err.ctx.command_path} --help`" if err.ctx is not None else ""
+            _fail(f"{err.format_message().rstrip('.')}{where}.", code=err.exit_code)
         except AlignKDError as err:
-            click.echo(f"error: {err}", err=True)
-            sys.exit(1)
+            _fail(str(err), quiet=getattr(err, "said_nearby", False))
         except OSError as err:  # the machine said no: full disk, permission denied, not a directory
-            click.echo(f"error: {describe_os_error(err)}", err=True)
-            sys.exit(1)
+            _fail(describe_os_error(err))
         except RuntimeError as err:  # under torchrun: another rank went away mid-collective
             from alignkd.distributed import is_peer_failure, report_stopped_rank
 
@@ -45,6 +46,14 @@ class _Group(click.Group):
                 raise
             report_stopped_rank(f"{ctx.command_path} {ctx.invoked_subcommand}")
             sys.exit(1)
+
+
+def _fail(message: str, code: int = 1, quiet: bool = False) -> None:
+    """One `error:` line, and under torchrun once per launch rather than once per rank."""
+    from alignkd.distributed import say_error
+
+    say_error(message, quiet)
+    sys.exit(code)
 
 
 def _hide_progress(no_progress: bool) -> None:
@@ -116,6 +125,9 @@ def cache() -> None:
               help="With --device-map: the most each device may hold, e.g. 0=70GiB,1=70GiB,cpu=200GiB.")
 @click.option("--offload-folder", default=None,
               help="With --device-map: where modules placed on disk go [default: a temporary directory].")
+@click.option("--timeout", type=float, default=None,
+              help="Under torchrun: the most minutes a rank waits for the others (to create the cache, to "
+                   "finish their rows), saying every 30 s whom it waits for [default: 72 hours].")
 @click.option("--trust-remote-code", is_flag=True, help="Allow the model directory's own Python code.")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
 def cache_build(no_progress: bool, **opts) -> None:
@@ -142,13 +154,18 @@ def cache_build(no_progress: bool, **opts) -> None:
             else "the cache holds no samples yet, so it cannot train a student")
     for note in summary.notes:
         click.echo(note)
-    if summary.placement:
-        where = ", ".join(f"{n} on {device}" for device, n in sorted(summary.placement.items()))
-        click.echo(f"teacher placed by --device-map: {where} (modules)")
+    if opts["device_map"] is not None:  # always: a teacher that spilled to cpu or disk runs, only slower
+        click.echo(f"teacher placed by --device-map: {_placement_words(summary.placement)}")
     click.echo(
         f"cached {summary.samples} samples ({summary.skipped_done} rows already done), "
         f"rejects: {rejects}; {size}; {summary.seconds:.1f}s -> {summary.out}"
     )
+
+
+def _placement_words(placement: dict) -> str:
+    if len(placement) == 1 and next(iter(placement.values())) == 1:
+        return f"the whole teacher on {next(iter(placement))}"
+    return ", ".join(f"{n} on {device}" for device, n in sorted(placement.items())) + " (modules)"
 
 
 def _footprint_words(summary) -> str:

@@ -18,6 +18,7 @@ from conftest import make_image, write_manifest
 
 CONV = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
         {"from": "gpt", "value": "red"}]
+GPUS = __import__("torch").cuda.device_count()
 SYS_DIR = Path("/sys")  # not writable even by root: where "permission denied" comes from here
 
 
@@ -103,6 +104,25 @@ CASES = {
     "build: out not writable": (lambda w, r: build_args(w, out=SYS_DIR / "alignkd-c"), "/sys/alignkd-c"),
     "build: batch size 0": (lambda w, r: build_args(w, **{"batch-size": 0}), "--batch-size"),
     "build: limit 0": (lambda w, r: build_args(w, limit=0), "--limit"),
+    "build: batch size negative": (lambda w, r: build_args(w, **{"batch-size": -1}), "--batch-size must be at least 1"),
+    "build: batch size not an integer": (lambda w, r: build_args(w, **{"batch-size": "1e23"}),
+                                         "Invalid value for '--batch-size': '1e23' is not a valid integer; see `"),
+    "build: batch size beyond int32": (lambda w, r: build_args(w, **{"batch-size": 10**23}),
+                                       "--batch-size 100000000000000000000000 is more than 2,147,483,647"),
+    "build: shard size 0": (lambda w, r: build_args(w, **{"shard-size": 0}), "--shard-size must be at least 1"),
+    "build: max length 0": (lambda w, r: build_args(w, **{"max-length": 0}), "--max-length must be at least 1"),
+    "build: device banana": (lambda w, r: build_args(w, device="banana"), "--device 'banana' is not a device"),
+    "build: device past the GPUs": (lambda w, r: build_args(w, device=f"cuda:{GPUS + 7}"),
+                                    f"--device cuda:{GPUS + 7}: this machine has "),
+    "build: device cuda:0 without a GPU": (lambda w, r: build_args(w, device="cuda:0" if not GPUS else "cuda:99"),
+                                           "this machine has "),
+    "build: timeout 0": (lambda w, r: build_args(w, timeout=0), "--timeout must be a positive number of minutes"),
+    "build: offload folder not writable": (lambda w, r: build_args(w, **{"device-map": "auto",
+                                                                        "offload-folder": SYS_DIR / "alignkd-off"}),
+                                           "--offload-folder /sys/alignkd-off cannot be created or written"),
+    "build: max memory in bits": (lambda w, r: build_args(w, **{"device-map": "auto", "max-memory": "0=70gb"}),
+                                  "'70gb' ends in a lowercase b, which accelerate may read as bits; write 70GB "
+                                  "or 70GiB"),
     "build: attn topk negative": (lambda w, r: build_args(w, **{"attn-topk": -1}), "--attn-topk must be 0"),
     "build: attn topk on packed attention": (lambda w, r: build_args(w, **{"attn-topk": 4, "attn-dtype": "uint4-log"}),
                                              "--attn-dtype uint4-log packs two per byte"),

@@ -124,8 +124,9 @@ def test_dispatched_teacher_takes_its_inputs_where_its_embeddings_run(dispatched
 def test_device_map_files_are_checked_against_the_model(tmp_path, tiny_llava_dir):
     from alignkd.models.placement import parse_device_map, parse_max_memory
 
-    assert parse_max_memory("0=70GiB, 1=70GiB,cpu=200GiB,disk=1000000") == {
-        0: "70GiB", 1: "70GiB", "cpu": "200GiB", "disk": 1000000}
+    # plain bytes go to accelerate, so it never reads a unit itself (it takes "70gb" as gigabits)
+    assert parse_max_memory("0=70GiB, 1=70GB,cpu=1.5MiB,disk=1000000") == {
+        0: 70 * 2**30, 1: 70 * 10**9, "cpu": 1_572_864, "disk": 1000000}
     cases = {
         "unknown": ({**DEVICE_MAP, "model.nope": "cpu"}, "names 'model.nope', which is not a module of"),
         "partial": ({"model.vision_tower": "cpu"}, "places no device for model.multi_modal_projector"),

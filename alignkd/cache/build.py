@@ -23,6 +23,14 @@ from alignkd.storage_schemas import ATTN_DTYPES, PROCESSOR_FILES, TOKENIZER_DIR,
 LOGIT_MODES = ("topk", "sampled")
 POSITION_POLICIES = ("response", "text")
 COMPUTE_DTYPES = ("float32", "float16", "bfloat16")
+# Positions and counts are stored as int32, and a batch or shard beyond it could never be
+# filled; a bigger number is a typo (--batch-size 100000000000000000000000), not a request.
+MAX_COUNT = 2**31 - 1
+COUNTS = ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples")
+
+# How long a rank > 0 waits for rank 0's cache.json to show at its --out (a shared
+# filesystem's attribute cache may lag a few seconds behind the node that wrote it).
+SAME_OUT_WAIT_S = float(os.environ.get("ALIGNKD_SAME_OUT_WAIT_S", 20))
 
 # Options that change what is stored. Resuming with any of them different would mix two
 # kinds of sample in one cache, so a resume compares exactly these against cache.json.
@@ -64,11 +72,21 @@ class BuildConfig:
     device_map: str | None = None      # auto | balanced | balanced_low_0 | sequential | map.json
     max_memory: str | None = None      # "0=70GiB,1=70GiB,cpu=200GiB"
     offload_folder: str | None = None  # for modules placed on "disk" (default: a temporary directory)
+    # Under torchrun: the most minutes a rank that finished waits for the others (None: 72 hours)
+    timeout: float | None = None
 
     def __post_init__(self) -> None:
         check_choices(self, {"logit_mode": LOGIT_MODES, "logit_positions": POSITION_POLICIES,
                              "attn_dtype": ATTN_DTYPES, "vision_dtype": VISION_DTYPES, "dtype": COMPUTE_DTYPES})
-        check_at_least_one(self, ("batch_size", "max_length", "shard_size", "logit_k", "logit_samples"))
+        for name in COUNTS + ("attn_topk", "limit"):
+            value, flag = getattr(self, name), f"--{name.replace('_', '-')}"
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)):
+                raise ConfigError(f"{flag} must be a whole number, not {value!r}.")
+            if (value or 0) > MAX_COUNT:
+                raise ConfigError(f"{flag} {value} is more than {MAX_COUNT:,}.")
+        check_at_least_one(self, COUNTS)
+        if self.timeout is not None and not 0 < self.timeout < float("inf"):
+            raise ConfigError(f"--timeout must be a positive number of minutes, not {self.timeout}.")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
         from alignkd.cache.writer import check_attn_store, check_attn_topk
@@ -87,6 +105,10 @@ class BuildConfig:
             if not os.access(root, os.X_OK):  # else every row would be an unreadable_image reject
                 raise ConfigError(f"images directory {root} cannot be entered (permission denied).")
         check_out_dir(self.out)
+        if self.device_map is None:
+            from alignkd.models.placement import check_device
+
+            check_device(self.device)
         self.placement()  # refuses a malformed --device-map / --max-memory before the teacher loads
 
     def placement(self):
@@ -187,6 +209,31 @@ def save_tokenizer(tokenizer, cache, teacher_dir: Path | None = None) -> None:
     open_store(cache).write_dir(TOKENIZER_DIR, save)
 
 
+def cache_json_digest(out: str) -> str | None:
+    """sha256 of the cache.json at `out` (its created_at makes it this cache's), None without one."""
+    import hashlib
+
+    from alignkd.cache.storage import open_store
+    from alignkd.storage_schemas import CACHE_JSON
+
+    store = open_store(out)
+    return hashlib.sha256(store.read_bytes(CACHE_JSON)).hexdigest() if store.is_file(CACHE_JSON) else None
+
+
+def check_same_out(cfg: BuildConfig, digest: str) -> None:
+    """A rank > 0 must see the cache rank 0 opened: a per-node --out would split the cache in two.
+    A shared filesystem may show a new file late, so a missing one is waited for a little."""
+    from alignkd.distributed import dist_info
+
+    deadline = time.monotonic() + SAME_OUT_WAIT_S
+    while (mine := cache_json_digest(cfg.out)) != digest and time.monotonic() < deadline:
+        time.sleep(0.5)
+    if mine != digest:
+        seen = "without rank 0's cache.json" if mine is None else "with a cache.json that is not rank 0's"
+        raise ConfigError(f"every node must see the same --out: rank {dist_info().rank} sees {cfg.out} {seen} "
+                          "(give every node a shared directory or an s3:// cache).")
+
+
 def build_cache(cfg: BuildConfig) -> BuildSummary:
     """Run the teacher over `cfg.data` once and write the cache at `cfg.out`.
 
@@ -201,7 +248,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     from alignkd.data import REASONS
     from alignkd.data.mixture import MixedSource, source_specs
     from alignkd.data.render import ANSWER_END
-    from alignkd.distributed import all_reduce_sum, barrier, init_process_group
+    from alignkd.distributed import all_reduce_sum, init_process_group, meet
 
     start = time.perf_counter()
     dist = init_process_group()
@@ -223,16 +270,16 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if source.ignored_columns:
         summary.notes.append(f"columns alignkd does not read were left out: {', '.join(source.ignored_columns)}")
-    if not dist.is_main:
-        barrier()  # rank 0 creates (or clears, with --overwrite) the cache first
+    if not dist.is_main:  # rank 0 creates (or clears, with --overwrite) the cache first
+        check_same_out(cfg, meet("opened", "create or open the cache", cfg.timeout)[0])
     kit = teacher.layer0_kit  # --attn-store layer0: written once, beside the tokenizer
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
                      share_vision=cfg.share_vision, attn_store=cfg.attn_store,
                      layer0_kit=None if kit is None else kit_record(kit),
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
-        if dist.is_main:
-            barrier()
+        if dist.is_main and dist.world_size > 1:
+            meet("opened", "create or open the cache", cfg.timeout, cache_json_digest(cfg.out))
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
             if writer.rank == 0:
@@ -258,8 +305,9 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
                 rec.record_id, rec.source = record_ids.get(rec.manifest_row, ""), source.source_name(rec.manifest_row)
                 writer.add(rec)
                 summary.samples += 1
-    barrier()
     if dist.world_size > 1:
+        # a rank that hangs is named every REPORT_EVERY_S, and --timeout bounds the wait
+        meet("finished", "finish their rows", cfg.timeout)
         if dist.is_main:
             rebuild_catalog(cfg.out)
         reasons = sorted(REASONS)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from alignkd.cache.identity import teacher_identity
+from alignkd.errors import ConfigError
 from alignkd.hub import resolve_model
 
 
@@ -135,14 +136,20 @@ class TeacherPass:
 
     def __init__(self, cfg, dist) -> None:
         from alignkd.models import load_vlm
-        from alignkd.models.placement import input_device, placement_counts
+        from alignkd.models.placement import check_offload_folder, input_device, placement_counts
 
         self.cfg = cfg
         # one GPU per torchrun rank: a bare "cuda" becomes this rank's device
         self.device = f"cuda:{dist.local_rank}" if cfg.device == "cuda" else cfg.device
+        if self.device != cfg.device and dist.local_rank >= torch.cuda.device_count():
+            raise ConfigError(f"--device cuda gives local rank {dist.local_rank} cuda:{dist.local_rank}, but this "
+                              f"machine has {torch.cuda.device_count()} GPU(s); start at most that many processes "
+                              "per node.")
         self.show_progress = cfg.progress and dist.is_main
         source = resolve_model(cfg.teacher, "--teacher", trust_remote_code=cfg.trust_remote_code)
         placement = cfg.placement()
+        if placement is not None and placement.offload_folder is not None:
+            check_offload_folder(placement.offload_folder)
         if placement is not None and placement.offload_folder is None:
             # what goes to "disk" and is not read in place from the safetensors; removed with the pass
             self._offload = tempfile.TemporaryDirectory(prefix="alignkd-offload-")

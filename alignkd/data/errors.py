@@ -22,6 +22,7 @@ REASONS = frozenset({
     "missing_image",              # the image file does not exist
     "unreadable_image",           # the image exists but cannot be read (permission denied, I/O error)
     "corrupt_image",              # PIL cannot decode the image
+    "bad_image",                  # decoded, but the processor refuses it (Qwen-VL: aspect ratio over 200)
     "template_rejected",          # the processor's chat template raised on this sample
     "image_tokens_truncated",     # max_length would cut through the image tokens
     "no_answer_tokens",           # no assistant token survives truncation

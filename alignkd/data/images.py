@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 from alignkd.data.errors import SampleError
@@ -80,6 +81,36 @@ def decode_image(data: bytes, sample_id: str, row: int | None, name: str = "imag
         # PIL names its buffer ("cannot identify image file <_io.BytesIO object at 0x7f...>"): name the image
         words = re.sub(r"<_io\.BytesIO object at 0x[0-9a-f]+>", repr(name), str(err))
         raise SampleError(sample_id, row, "corrupt_image", f"has {name!r} that cannot be decoded ({words})") from None
+
+
+@contextmanager
+def image_refusals_as_rejects(processor, loaded: list, sample_id: str, row: int | None):
+    """Around the processor's call on one sample: a ValueError that its image processor also
+    raises for one of the sample's images alone (Qwen-VL: an aspect ratio over 200) becomes a
+    `bad_image` reject with the processor's words, and the build goes on. Any other error is
+    not about one image and keeps its traceback."""
+    try:
+        yield
+    except ValueError:
+        for index, img in enumerate(loaded):
+            reason = _refusal(processor, img)
+            if reason is not None:
+                name = repr(img.name) if img.name else f"number {index + 1}"
+                raise SampleError(sample_id, row, "bad_image",
+                                  f"has image {name} that the processor refuses ({reason})") from None
+        raise
+
+
+def _refusal(processor, img) -> str | None:
+    """The image processor's ValueError for this image alone, or None if it takes the image."""
+    image_processor = getattr(processor, "image_processor", None)
+    if image_processor is None:
+        return None
+    try:
+        image_processor(images=[img.image], return_tensors="pt")
+    except ValueError as err:
+        return str(err).strip().rstrip(".") or type(err).__name__
+    return None
 
 
 def image_inputs_from_bytes(processor, image_bytes: bytes, *, sample_id: str = "<unknown>",

@@ -22,7 +22,7 @@ import torch
 
 from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
-from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, load_image
+from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, image_refusals_as_rejects, load_image
 from alignkd.data.manifest import ManifestRecord
 from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
 
@@ -45,8 +45,9 @@ def render_prefix_lm(record: ManifestRecord, processor, images_root: str | Path 
                           "takes exactly one image per sample")
     loaded = load_image(images_root, record.images[0], sid, row)
     prompt, answer = split_prompt(messages)
-    out = processor(text=[processor.image_token + prompt], images=[loaded.image], suffix=[answer],
-                    return_tensors="pt")
+    with image_refusals_as_rejects(processor, [loaded], sid, row):
+        out = processor(text=[processor.image_token + prompt], images=[loaded.image], suffix=[answer],
+                        return_tensors="pt")
     ids, types = out["input_ids"][0].long(), out.get("token_type_ids")
     if types is None:
         raise ProcessorError(f"{type(processor).__name__} returned no token_type_ids, so alignkd cannot tell "

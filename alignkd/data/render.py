@@ -37,7 +37,7 @@ import torch
 
 from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
-from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, load_image
+from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, image_refusals_as_rejects, load_image
 from alignkd.data.manifest import ManifestRecord
 from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
 
@@ -74,7 +74,8 @@ def render_sample(record: ManifestRecord, processor, images_root: str | Path | N
                           f"has {len(record.images)} images, but alignkd takes one image per sample for {rules.family}")
     loaded = [load_image(images_root, ref, sid, row) for ref in record.images]
     text, spans = render_with_spans(processor, messages, sid, row, rules.family)
-    out = _encode(processor, text, loaded)
+    with image_refusals_as_rejects(processor, loaded, sid, row):
+        out = _encode(processor, text, loaded)
     ids, offsets = out["input_ids"][0].long(), out["offset_mapping"][0]
     replacements = _image_replacements(out)
     if len(replacements) != len(loaded):

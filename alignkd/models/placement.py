@@ -24,7 +24,11 @@ from alignkd.errors import ConfigError
 
 STRATEGIES = ("auto", "balanced", "balanced_low_0", "sequential")  # what from_pretrained computes itself
 _NAMED_DEVICES = ("cpu", "disk")
-_SIZE = re.compile(r"^\d+(\.\d+)?\s*(GIB|MIB|KIB|GB|MB|KB)$|^\d+$", re.IGNORECASE)
+# --max-memory units, spelt out: accelerate reads a lowercase "b" as bits ("70gb" is 8.75 GB),
+# so a size ending in "b" is refused rather than guessed, and what we hand on is plain bytes.
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$")
 
 
 @dataclass(frozen=True)
@@ -51,13 +55,25 @@ def parse_max_memory(text: str) -> dict:
         if not isinstance(device, int) and device not in _NAMED_DEVICES:
             raise ConfigError(f"--max-memory {text!r}: {key!r} is not a device; use a GPU index (0, 1, ...), "
                               "cpu or disk.")
-        if not _SIZE.match(size):
-            raise ConfigError(f"--max-memory {text!r}: {size!r} is not a size; use bytes or a number with "
-                              "GiB, MiB, GB or MB (e.g. 70GiB).")
         if device in limits:
             raise ConfigError(f"--max-memory {text!r} names {key} twice.")
-        limits[device] = int(size) if size.isdigit() else size.replace(" ", "")
+        limits[device] = size_in_bytes(size, text)
     return limits
+
+
+def size_in_bytes(size: str, text: str) -> int:
+    """"70GiB" -> 75161927680. Units: B, KB, MB, GB, TB (powers of 1000), KiB ... TiB (of 1024)."""
+    match = _SIZE.match(size)
+    unit = match.group(2) if match else ""
+    if match and unit.endswith("b"):
+        number, prefix = match.group(1), unit[:1].upper() if len(unit) > 1 else ""
+        ways = f"{number}{prefix}B or {number}{prefix}iB" if prefix else f"{number} (bytes)"
+        raise ConfigError(f"--max-memory {text!r}: {size!r} ends in a lowercase b, which accelerate may read as bits; "
+                          f"write {ways} instead.")
+    if not match or unit.upper() not in UNITS:
+        raise ConfigError(f"--max-memory {text!r}: {size!r} is not a size; use bytes or a number with "
+                          "GiB, MiB, KiB, GB, MB or KB (e.g. 70GiB).")
+    return int(float(match.group(1)) * UNITS[unit.upper()])
 
 
 def parse_device_map(value: str) -> str | dict:
@@ -85,6 +101,40 @@ def _device_of(device, where: str):
     if isinstance(device, str) and (device in _NAMED_DEVICES or re.fullmatch(r"cuda:\d+", device)):
         return int(device.split(":")[1]) if device.startswith("cuda:") else device
     raise ConfigError(f"{where} is placed on {device!r}; use a GPU index, \"cuda:N\", \"cpu\" or \"disk\".")
+
+
+def check_device(device: str, option: str = "--device") -> None:
+    """A device torch knows and this machine has: cpu, cuda, cuda:N (N below the GPU count), mps."""
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"{option} {device!r} is not a device; use cpu, cuda or cuda:N.") from None
+    if parsed.type == "cuda":
+        count = torch.cuda.device_count()
+        if not count or (parsed.index is not None and parsed.index >= count):
+            have = f"has {count} GPU(s), cuda:0 to cuda:{count - 1}" if count else "has no GPU that torch can use"
+            raise ConfigError(f"{option} {device}: this machine {have} (torch.cuda.device_count() = {count}).")
+    elif parsed.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"{option} {device}: MPS is not available on this machine.")
+    elif parsed.type not in ("cpu", "mps"):
+        raise ConfigError(f"{option} {device!r}: alignkd runs the teacher on cpu, cuda or cuda:N, not {parsed.type}.")
+
+
+def check_offload_folder(folder: str) -> None:
+    """Create --offload-folder and write a file in it now: accelerate would fail half-way through
+    loading, and the error would read as damaged teacher weights."""
+    import tempfile
+
+    try:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        reason = err.strerror or type(err).__name__
+        raise ConfigError(f"--offload-folder {folder} cannot be created or written ({reason[0].lower()}{reason[1:]}); "
+                          "choose a writable directory for the modules placed on disk.") from None
 
 
 def check_gpus(placement: Placement) -> None:
@@ -167,9 +217,11 @@ def _prefixes(name: str) -> list[str]:
 
 
 def placement_counts(model) -> dict[str, int]:
-    """How many mapped modules sit on each device (for the build's summary line)."""
+    """How many mapped modules sit on each device (for the build's summary line); {device: 1}
+    when everything fit one device (transformers then dispatches nothing and keeps no map)."""
+    mapped = getattr(model, "hf_device_map", None) or {"": next(model.parameters()).device}
     counts: dict[str, int] = {}
-    for device in (getattr(model, "hf_device_map", None) or {}).values():
+    for device in mapped.values():
         key = f"cuda:{device}" if isinstance(device, int) else str(device)
         counts[key] = counts.get(key, 0) + 1
     return counts
