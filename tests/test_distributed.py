@@ -45,12 +45,13 @@ def test_build_and_distill_under_torchrun(tmp_path, tiny_llava_dir, tiny_student
     assert build.returncode == 0, build.stderr[-3000:]
     # one summary line, from rank 0, with the totals of both ranks
     summaries = [line for line in build.stdout.splitlines() if line.startswith("cached")]
-    assert summaries == [summaries[0]] and summaries[0].startswith("cached 9 samples")
-    assert "1 duplicate_id" in summaries[0]
+    # the repeated id is kept on whichever rank its row falls to, as "t0#2"
+    assert summaries == [summaries[0]] and summaries[0].startswith("cached 10 samples")
+    assert "rejects: none" in summaries[0]
     shard_names = sorted(p.name for p in (tmp_path / "cache" / "shards").iterdir())
     assert any(n.startswith("shard-r1-") for n in shard_names) and "shard-000000" in shard_names
     assert verify_cache(tmp_path / "cache") == []
-    assert sorted(open_cache(tmp_path / "cache").sample_ids) == sorted(f"t{i}" for i in range(9))
+    assert sorted(open_cache(tmp_path / "cache").sample_ids) == sorted([f"t{i}" for i in range(9)] + ["t0#2"])
 
     run = _torchrun("distill", "--student", str(tiny_student_dir), "--cache", "cache", "--out", "run",
                     "--max-steps", "3", "--batch-size", "2", "--logging-steps", "1", "--no-progress",
