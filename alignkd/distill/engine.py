@@ -114,7 +114,7 @@ class AlignKDTrainer(Trainer):
             if not is_write_failure(err):
                 raise
             shutil.rmtree(staging, ignore_errors=True)
-            raise write_failure(f"checkpoint {name}", root / name,
+            raise write_failure("a checkpoint", root / name,
                                 err, checkpoint_bytes(self.accelerator.unwrap_model(model), self.optimizer)) from None
         finally:
             self._staging = None

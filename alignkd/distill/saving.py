@@ -39,7 +39,7 @@ def write_failure(what: str, path, err: BaseException, needed: int) -> WriteErro
     room = f"about {megabytes(needed)} needed, {megabytes(free)} free there" if free is not None \
         else f"about {megabytes(needed)} needed"
     return WriteError(f"cannot write {what} to {path}: {_reason(err, needed, free)} ({room}); "
-                      "free some space and rerun with --resume.")
+                      "make room and rerun with --resume.")
 
 
 def _reason(err: BaseException, needed: int, free: int | None) -> str:
