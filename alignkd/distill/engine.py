@@ -92,6 +92,14 @@ class AlignKDTrainer(Trainer):
     def last_terms(self) -> dict[str, float]:
         return dict(self._last_terms)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the final checkpoint in mid-epoch (a run killed while exporting), the
+        # Trainer (5.x) would run one step past max_steps before its end-of-step check.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
     def _get_output_dir(self, trial) -> str:
         return self._staging or super()._get_output_dir(trial)
 
