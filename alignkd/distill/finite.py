@@ -2,11 +2,16 @@
 
 A too-large learning rate or a nan weight decay used to train on silently: the Trainer
 replaces a nan loss by the running mean in its log, and AdamW turns inf/nan parameters
-into more of the same, so the run ended "successfully" with a student full of nan. The
-checks here are one fused pass each: the loss terms are stacked and tested together, and
-the parameters are reduced with `torch._foreach_norm(ord=inf)` (one max-abs per tensor,
-which is inf or nan exactly when the tensor holds one, and cannot overflow as a 2-norm
-could) and tested with one `isfinite`; only a failure walks the tensors to name one.
+into more of the same, so the run ended "successfully" with a student full of nan.
+
+The checks are one pass each, with one host sync: the loss terms are stacked and tested
+with one `isfinite`; each parameter is reduced to its extremes, which are inf or nan
+exactly when the tensor holds one (a max-abs cannot overflow as a 2-norm or a sum could),
+and those are tested together. On CUDA the reduction is `torch._foreach_norm(ord=inf)`,
+fused over all tensors; on CPU that op is slow (2.3 s for 134M fp32 parameters on one
+thread, half of an AdamW step's 5.0 s) while one `aminmax` per tensor takes 38 ms, so CPU
+uses that. Measured on one CPU thread: 0.4 ms per step for the tests' tiny student (64
+tensors, a 23 ms step), 0.02 ms for the loss terms. Only a failure walks the tensors to name one.
 """
 
 from __future__ import annotations
@@ -31,12 +36,19 @@ def first_non_finite(named: Iterable[tuple[str, torch.Tensor]]) -> str | None:
     for i, (_, t) in enumerate(named):
         by_device.setdefault(t.device, []).append(i)
     bad: list[int] = []
-    for indices in by_device.values():
-        peaks = torch._foreach_norm([_local(named[i][1]) for i in indices], ord=float("inf"))
-        finite = torch.isfinite(torch.stack([p.float() for p in peaks]))
+    for device, indices in by_device.items():
+        finite = torch.isfinite(_extremes([_local(named[i][1]) for i in indices], device))
         if not bool(finite.all()):
             bad += [indices[j] for j in (~finite).nonzero().flatten().tolist()]
     return named[min(bad)][0] if bad else None
+
+
+def _extremes(tensors: list[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """One float per tensor, non-finite exactly when the tensor holds a nan or inf."""
+    if device.type == "cuda":
+        return torch.stack(torch._foreach_norm(tensors, ord=float("inf"))).float()
+    lows, highs = zip(*(torch.aminmax(t) for t in tensors))  # one op per tensor: dispatch is the cost here
+    return torch.maximum(torch.stack(lows).float().abs(), torch.stack(highs).float().abs())
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
