@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import resource
+import shutil
 import signal
 from pathlib import Path
 
@@ -89,8 +90,6 @@ def test_non_finite_training_stops_naming_the_step_and_exports_nothing(world, ti
 
 
 def test_eval_refuses_a_model_with_non_finite_weights(world, tiny_student_dir, tmp_path):
-    import shutil
-
     model = tmp_path / "diverged"
     shutil.copytree(tiny_student_dir, model)
     weights = load_file(model / "model.safetensors")
@@ -165,11 +164,16 @@ def test_out_holding_a_model_a_cache_or_user_files_is_refused(world, tiny_studen
     (user / "thesis.txt").write_text("four years")
     (user / "src" / "m.py").write_text("print(1)\n")
     cache_copy = tmp_path / "other-cache"
-    import shutil
-
     shutil.copytree(world["cache"], cache_copy)
-    before = {p: _tree(p) for p in (tiny_llava_dir, cache_copy, user)}
-    for out, needle in [(tiny_llava_dir, "already holds a model (config.json)"),
+    # the cache's own teacher is an input too: refused even with --overwrite
+    teacher_files = _tree(tiny_llava_dir)
+    line = _one_sentence(CliRunner().invoke(main, _args(world, tiny_student_dir, tiny_llava_dir, "--overwrite")))
+    assert f"--out {tiny_llava_dir} is the cache's teacher directory" in line, line
+    assert _tree(tiny_llava_dir) == teacher_files
+    teacher_copy = tmp_path / "some-model"
+    shutil.copytree(tiny_llava_dir, teacher_copy)
+    before = {p: _tree(p) for p in (teacher_copy, cache_copy, user)}
+    for out, needle in [(teacher_copy, "already holds a model (config.json)"),
                         (cache_copy, "already holds a cache (cache.json)"),
                         (user, "already holds files this run did not write (src and more)")]:
         line = _one_sentence(CliRunner().invoke(main, _args(world, tiny_student_dir, out)))
@@ -264,3 +268,35 @@ def test_full_disk_while_checkpointing_is_one_sentence_and_leaves_no_partial_che
     result = CliRunner().invoke(main, args + ["--overwrite"])  # the space is back
     assert result.exit_code == 0, result.output
     assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1", "checkpoint-2", "run.json"]
+
+
+def test_full_disk_while_exporting_is_one_sentence_and_leaves_no_student(world, tiny_student_dir, tmp_path):
+    from alignkd.cache.reader import open_cache
+    from alignkd.distill.export import export_student
+    from alignkd.distill.objective import AlignKDObjective, LossWeights
+    from alignkd.models import load_vlm
+
+    vlm, meta = load_vlm(tiny_student_dir), open_cache(world["cache"]).meta
+    objective = AlignKDObjective(vlm.model, teacher_heads=meta["teacher_shapes"]["num_heads"],
+                                 teacher_dim=meta["teacher_shapes"]["hidden_size"], weights=LossWeights(),
+                                 logit_mode="topk", logit_samples=16)
+    out = tmp_path / "run"
+    cfg = DistillConfig(student=str(tiny_student_dir), cache=str(world["cache"]), out=str(out))
+    log = tmp_path / "export.log"
+    pid = os.fork()
+    if pid == 0:
+        code = 99
+        try:
+            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # below the student's 208 kB weights
+            export_student(objective, vlm.processor, out, cfg, meta)
+        except Exception as err:  # noqa: BLE001 - reported through the log
+            log.write_text(f"{type(err).__name__}: {err}")
+            code = 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 3
+    assert log.read_text().startswith(f"WriteError: cannot write the student to {out}: the file size limit "
+                                      "(ulimit -f) is 0.1 MB (about "), log.read_text()
+    assert sorted(p.name for p in out.iterdir()) == []  # no .tmp-export, no config.json, no weights

@@ -7,7 +7,7 @@ new or empty, or hold this very run (`--resume`, checked against the run's recor
 `--overwrite` is given, which removes only what a distill run wrote (its record says which
 files) and refuses a directory whose distill-named files (`checkpoints/`, `metrics.jsonl`...)
 another program wrote. An --out that is, is inside, or contains an input (student, cache,
-images) is refused whatever the flags.
+images, or the teacher the cache was built from) is refused whatever the flags.
 
 The record is written before step 1 to `checkpoints/run.json` (a run in progress); the
 export writes the same record, plus the exported file names, to `distill_run.json`, whose
@@ -96,7 +96,8 @@ def check_out(cfg) -> None:
 
 def _check_not_an_input(cfg) -> None:
     out = Path(cfg.out).resolve()
-    inputs = {"--student": cfg.student, "--cache": cfg.cache, "--images": cfg.images}
+    inputs = {"--student": cfg.student, "--cache": cfg.cache, "--images": cfg.images,
+              "cache's teacher": _cache_teacher(cfg.cache)}
     for option, value in inputs.items():
         if value is None or "://" in str(value) or not Path(value).exists():
             continue  # a hub id or a URL is not a directory --out could land in
@@ -106,6 +107,16 @@ def _check_not_an_input(cfg) -> None:
         if relation:
             raise ConfigError(f"--out {cfg.out} {relation} the {option} directory {value}; the run would write "
                               "over its own input: choose a directory of its own for --out.")
+
+
+def _cache_teacher(cache: str) -> str | None:
+    """The teacher directory a local cache was built from, as its cache.json names it."""
+    from alignkd.storage_schemas import CACHE_JSON
+
+    try:
+        return str(json.loads((Path(cache) / CACHE_JSON).read_text())["teacher"]["path"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # a URL, or a damaged cache that open_cache will name
 
 
 def describe_contents(out: Path) -> str | None:

@@ -10,6 +10,7 @@ failed or killed save never leaves a `checkpoint-N` that `--resume` could take.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -46,14 +47,14 @@ def _reason(err: BaseException, needed: int, free: int | None) -> str:
     code = err.errno if isinstance(err, OSError) and err.errno else None
     if code is None and (m := re.search(r"(?:os error|errno)\s*(\d+)", str(err), flags=re.I)):
         code = int(m.group(1))
+    limit = _file_size_limit()
+    if limit is not None and code in (None, errno.EFBIG):  # torch.save says neither
+        return f"the file size limit (ulimit -f) is {megabytes(limit)}"
     if code is not None:
         words = os.strerror(code)
         return words[0].lower() + words[1:]
     if free is not None and free < needed:
         return "no space left on device"
-    limit = _file_size_limit()
-    if limit is not None:
-        return f"the file size limit (ulimit -f) is {megabytes(limit)}"
     return f"the write failed ({str(err).splitlines()[0][:200]})"
 
 

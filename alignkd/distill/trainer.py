@@ -245,8 +245,8 @@ def _last_checkpoint(out: Path) -> str:
                    if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir())
     complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
     if not complete:
-        raise ConfigError(f"--resume: no complete checkpoint found under {ckpt_dir}; the run stopped before "
-                          "its first checkpoint: start it again with --overwrite.")
+        raise ConfigError(f"--resume: no complete checkpoint found under {ckpt_dir}; start the run again "
+                          "with --overwrite.")
     for step, p in found:
         if step > int(complete[-1].name.split("-")[1]) and p not in complete:
             shutil.rmtree(p)
