@@ -241,7 +241,7 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
               "cache) under OUT.")
 @click.option("--overwrite", is_flag=True,
               help="Start again in an OUT that holds a run (its files are removed) or other files (kept); never "
-                   "an OUT that is the student, the cache or the images.")
+                   "an OUT that is, holds or lies inside an input (student, cache, images, the cache's teacher).")
 @click.option("--w-ce", default=1.0, show_default=True)
 @click.option("--w-logit", default=1.0, show_default=True)
 @click.option("--w-attn", default=1.0, show_default=True)
