@@ -57,7 +57,7 @@ def _args(world, student, out, *extra):
 
 def _one_sentence(result) -> str:
     assert result.exit_code == 1, result.output
-    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output and isinstance(result.exception, (SystemExit, type(None))), result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.output
     return lines[0]
