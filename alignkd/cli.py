@@ -259,7 +259,8 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
               help="Student model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
                    "through the local Hugging Face cache.")
 @click.option("--cache", "cache_dir", required=True, help="Teacher cache from `alignkd cache build`.")
-@click.option("--out", required=True, help="Output directory for the student, adapters and metrics.")
+@click.option("--out", required=True, help="Output directory for the student, adapters and metrics: new or empty "
+              "(see --resume, --overwrite).")
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
 @click.option("--epochs", default=1.0, show_default=True)
 @click.option("--max-steps", default=-1, show_default=True, help="Overrides --epochs when positive.")
@@ -270,7 +271,11 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--weight-decay", default=0.0, show_default=True)
 @click.option("--seed", default=0, show_default=True)
 @click.option("--bf16", is_flag=True, help="bf16 mixed precision.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint under OUT.")
+@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this run (same student and "
+              "cache) under OUT.")
+@click.option("--overwrite", is_flag=True,
+              help="Start again in an OUT that holds a run (its files are removed) or other files (kept); never "
+                   "an OUT that is, holds or lies inside an input (student, cache, images, the cache's teacher).")
 @click.option("--w-ce", default=1.0, show_default=True)
 @click.option("--w-logit", default=1.0, show_default=True)
 @click.option("--w-attn", default=1.0, show_default=True)

@@ -74,3 +74,12 @@ def check_at_least_one(config, names: tuple[str, ...]) -> None:
     for name in names:
         if getattr(config, name) < 1:
             raise ConfigError(f"{_flag(name)} must be at least 1.")
+
+
+def check_finite(config, names: tuple[str, ...]) -> None:
+    """Each named float field of a config must be a finite number (click reads "nan" and "inf" as floats)."""
+    import math
+
+    for name in names:
+        if not math.isfinite(getattr(config, name)):
+            raise ConfigError(f"{_flag(name)} must be a finite number, not {getattr(config, name)}.")

@@ -49,7 +49,7 @@ def train_and_score(job: dict) -> dict:
     if not (run / "distill_run.json").exists():
         distill(DistillConfig(student=job["student"], cache=job["cache"], out=str(run), max_steps=job["steps"],
                               batch_size=job["batch_size"], lr=job["lr"], seed=job["seed"], logging_steps=25,
-                              save_steps=10**9, progress=False, verify=False, workers=0,
+                              save_steps=10**9, progress=False, verify=False, workers=0, overwrite=True,
                               **job["overrides"]))
     world = Path(job["world"])
     result = evaluate(EvalConfig(model=str(run), data=str(world / f"{job['split']}.json"),

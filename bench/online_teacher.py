@@ -70,7 +70,8 @@ def train(world: Path, cache: str, out: Path, seed: int, recipe: dict, online: b
         return out
     cfg = DistillConfig(student=str(world / "student"), cache=cache, out=str(out), max_steps=recipe["steps"],
                         batch_size=recipe["batch_size"], lr=recipe["lr"], warmup_ratio=recipe["warmup_ratio"],
-                        seed=seed, save_steps=10**9, progress=False, workers=0)
+                        seed=seed, save_steps=10**9, progress=False, workers=0,
+                        overwrite=True)  # a run cut off before its export starts over
     options = {**open_cache(cache).meta["build_options"]}
     wrap = (lambda obj: OnlineTargets(obj, str(world / "teacher"), options)) if online else None
     start = time.perf_counter()

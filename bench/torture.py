@@ -37,7 +37,7 @@ import tempfile
 import threading
 import time
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -362,6 +362,223 @@ def run(kills: int, samples: int, per_cache: int, seed: int, root: Path, overwri
     return tally, overwrites
 
 
+# ================================================================ distill --resume: the kill matrix
+# `alignkd distill` (the CLI, in a forked child) SIGKILLed at a random step, at one of these
+# moments, then rerun with --resume (with --overwrite when no checkpoint was complete yet, which
+# starts over), kill after kill, until an unarmed rerun finishes. The exported student and
+# adapters must be bit-identical to an uninterrupted run with the same seed: on CPU every op is
+# deterministic, a checkpoint holds the weights, the optimizer and scheduler state and the RNG
+# states exactly, and the sampler replays an epoch's order from its seed, so a resumed step
+# computes the same floats as the uninterrupted one (the tests and the bench found 0 differing
+# bits; a tolerance would hide a step replayed on other data).
+#
+#     step          after the n-th optimizer step, before its log line and checkpoint
+#     checkpoint    inside the n-th checkpoint: weights, optimizer and scheduler staged, not yet renamed
+#     published     right after the n-th checkpoint was renamed into place
+#     export        the student exported under OUT/.tmp-export, not yet moved into OUT
+#     dtime         a seeded random moment (model load, a step, a save, the export, anything)
+DISTILL_POINTS = ("step", "checkpoint", "published", "export", "dtime")
+
+
+def arm_distill(kill: Kill) -> None:
+    """Make this (distill) process die at `kill`'s moment."""
+    from transformers import Trainer, TrainerCallback
+
+    from alignkd.distill import engine, export, saving
+
+    if kill.point == "dtime":
+        threading.Timer(kill.delay, _die).start()
+    elif kill.point == "step":
+        class DieAtStep(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                if state.global_step == kill.n:
+                    _die()
+
+        build = engine.build_callbacks
+        engine.build_callbacks = lambda out: build(out) + [DieAtStep()]
+    elif kill.point == "checkpoint":
+        _after_nth(Trainer, "_save_optimizer_and_scheduler", 1,
+                   when=lambda self, output_dir: output_dir.endswith(f"checkpoint-{kill.n}"))
+    elif kill.point == "published":
+        _after_nth(saving, "publish_checkpoint", 1, when=lambda staged, final: final.name == f"checkpoint-{kill.n}")
+    elif kill.point == "export":
+        _after_nth(export, "publish", 1, before=True)
+    else:
+        raise ValueError(kill.point)
+
+
+def distill_until_killed(args: list[str], kill: Kill | None, log: Path | None = None) -> str:
+    """Run `alignkd distill ARGS` in a forked child armed with `kill`: 'killed', 'finished' or 'failed'."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            from click.testing import CliRunner
+
+            from alignkd.cli import main as cli
+
+            if kill is not None:
+                arm_distill(kill)
+            result = CliRunner().invoke(cli, ["distill", *args])
+            if log is not None:
+                log.write_text(result.output + (f"\n{result.exception!r}" if result.exit_code else ""))
+            code = result.exit_code
+        except BaseException as exc:
+            print(f"distill failed: {exc!r}", file=sys.stderr)
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
+        return "killed"
+    return "finished" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+
+
+def distill_args(student, cache, out, steps: int, save_steps: int, seed: int = 0) -> list[str]:
+    # batch 2 over 8 samples: the run crosses an epoch, so a resume replays a reshuffled order too
+    return ["--student", str(student), "--cache", str(cache), "--out", str(out), "--max-steps", str(steps),
+            "--save-steps", str(save_steps), "--batch-size", "2", "--lr", "3e-3", "--seed", str(seed),
+            "--logging-steps", "1", "--workers", "0", "--no-verify", "--no-progress"]
+
+
+def last_checkpoint_step(out: Path) -> int:
+    steps = [int(p.name.split("-")[1]) for p in (out / "checkpoints").glob("checkpoint-*")
+             if (p / "trainer_state.json").is_file()]
+    return max(steps, default=0)
+
+
+def draw_distill_kill(rng: random.Random, steps: int, save_steps: int, done: int, seconds: float, i: int) -> Kill:
+    """The first kills visit every moment once; the step is drawn past the last complete checkpoint
+    (for the checkpoint moments, among the steps that save one)."""
+    point = DISTILL_POINTS[i] if i < len(DISTILL_POINTS) else rng.choice(DISTILL_POINTS)
+    if point == "dtime":
+        return Kill("dtime", delay=rng.uniform(0.0, 0.9 * seconds))
+    ahead = range(done + 1, steps + 1)
+    if point in ("checkpoint", "published"):
+        ahead = [n for n in ahead if n % save_steps == 0 or n == steps]
+    return Kill(point, n=rng.choice(list(ahead) or [steps]))
+
+
+def compare_students(ref: Path, got: Path) -> None:
+    """The exported student and adapters, tensor for tensor, bit for bit; metrics.jsonl holds
+    each step once, with the reference's losses exactly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    def logged(run: Path) -> list[dict]:
+        return [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines()) if "loss" in r]
+
+    assert logged(got) == logged(ref), f"{got}: steps or losses in metrics.jsonl differ from the reference"
+    for name in ("model.safetensors", "adapters.safetensors"):
+        a, b = load_file(ref / name), load_file(got / name)
+        assert a.keys() == b.keys(), f"{got / name}: other tensors than the reference"
+        for key in a:
+            assert a[key].dtype == b[key].dtype and a[key].shape == b[key].shape, f"{got / name}: {key}"
+            diff = (a[key].double() - b[key].double()).abs().max().item() if a[key].numel() else 0.0
+            assert bits(a[key]) == bits(b[key]), f"{got / name}: {key} differs (max |diff| {diff:.3g})"
+
+
+def bits(t) -> bytes:
+    """A tensor's bytes (any dtype): nan == nan and 0.0 != -0.0 here, unlike torch.equal."""
+    import torch
+
+    return bytes(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+@dataclass
+class DistillTally:
+    killed: Counter = field(default_factory=Counter)      # moment -> kills delivered
+    finished: Counter = field(default_factory=Counter)    # moment -> runs that ended before their moment came
+    runs: int = 0                                         # runs finished and found bit-identical
+    checkpoint_at_kill: Counter = field(default_factory=Counter)  # last complete checkpoint's step -> kills
+
+
+def distill_torture(world: dict, root: Path, kills: int, per_run: int, steps: int, save_steps: int,
+                    rng: random.Random, on_run=None) -> DistillTally:
+    """Deliver `kills` SIGKILLs to distill runs (each run taking up to `per_run`, each rerun resuming
+    the last), finish each run unarmed and compare its student with an uninterrupted run's."""
+    reference = root / "distill-reference"
+    start = time.perf_counter()
+    args = distill_args(world["student"], world["cache"], reference, steps, save_steps)
+    if distill_until_killed(args, None, root / "distill-reference.log") != "finished":
+        raise AssertionError(f"the reference distill failed: {(root / 'distill-reference.log').read_text()}")
+    seconds = time.perf_counter() - start
+    tally = DistillTally()
+    delivered, index = 0, 0
+    while delivered < kills:
+        out = root / f"distill-{index:05d}"
+        index += 1
+        for _ in range(min(per_run, kills - delivered)):
+            kill = draw_distill_kill(rng, steps, save_steps, last_checkpoint_step(out), seconds, delivered)
+            if distill_once(world, out, steps, save_steps, kill) == "finished":
+                tally.finished[kill.point] += 1
+                if kill.point == "dtime":  # this run was faster than the reference: aim earlier
+                    seconds /= 2
+                break
+            delivered += 1
+            tally.killed[kill.point] += 1
+            tally.checkpoint_at_kill[last_checkpoint_step(out)] += 1
+        if distill_once(world, out, steps, save_steps, None) != "finished":
+            raise AssertionError(f"the final resume of {out} did not finish")
+        compare_students(reference, out)
+        tally.runs += 1
+        shutil.rmtree(out)
+        if on_run:
+            on_run(delivered, tally)
+    return tally
+
+
+def distill_once(world: dict, out: Path, steps: int, save_steps: int, kill: Kill | None) -> str:
+    """One run: fresh, --resume from the last checkpoint, or --overwrite when none was complete."""
+    flag = [] if not out.exists() else ["--resume"] if last_checkpoint_step(out) else ["--overwrite"]
+    log = out.with_name(out.name + ".log")
+    outcome = distill_until_killed(distill_args(world["student"], world["cache"], out, steps, save_steps) + flag,
+                                   kill, log)
+    if outcome == "failed":
+        raise AssertionError(f"a distill of {out} {' '.join(flag)} failed while armed with {kill}: "
+                             f"{log.read_text()[-2000:]}")
+    return outcome
+
+
+def distill_world(root: Path, samples: int = 8) -> dict:
+    """make_world's teacher and manifest, its cache, and a smaller student with the same tokenizer."""
+    from alignkd.cache.build import BuildConfig
+    from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
+
+    world = make_world(root, samples)
+    cfg = BuildConfig(teacher=str(world["teacher"]), data=str(world["data"]), images=str(world["images"]),
+                      out=str(root / "distill-cache"), batch_size=4, progress=False)
+    if build_until_killed(cfg, None) != "finished":
+        raise AssertionError("the cache build failed")
+    spec = TinyLlavaSpec(hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
+    return {**world, "cache": Path(cfg.out), "student": build_tiny_llava(root / "student", spec, seed=1)}
+
+
+def run_distill(kills: int, per_run: int, steps: int, save_steps: int, seed: int, root: Path) -> DistillTally:
+    import torch
+
+    torch.set_num_threads(1)
+    world = distill_world(root)
+
+    def report(delivered, tally):
+        print(f"  {delivered}/{kills} kills delivered, {tally.runs} students equal so far", flush=True)
+
+    return distill_torture(world, root, kills, per_run, steps, save_steps, random.Random(seed), on_run=report)
+
+
+def main_distill(args) -> None:
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="alignkd-torture-distill-") as tmp:
+        tally = run_distill(args.kills, args.per_cache, args.steps, args.save_steps, args.seed, Path(tmp))
+    print(f"\n{'moment':<15} {'killed':>7} {'finished first':>15}")
+    for point in DISTILL_POINTS:
+        print(f"{point:<15} {tally.killed[point]:>7} {tally.finished[point]:>15}")
+    at_kill = ", ".join(f"{n}: {c}" for n, c in sorted(tally.checkpoint_at_kill.items()))
+    print(f"\nlast complete checkpoint when killed (step: kills): {at_kill}")
+    print(f"{tally.runs} runs resumed to the end, every student bit-identical to the uninterrupted run "
+          f"({sum(tally.killed.values())} kills, {time.perf_counter() - start:.0f} s)")
+# ================================================================ end of the distill kill matrix
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--kills", type=int, default=200)
@@ -370,8 +587,13 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--overwrite-rounds", type=int, default=2,
                         help="rounds of the --overwrite matrix (each case once per round)")
+    parser.add_argument("--distill", action="store_true", help="kill `alignkd distill --resume` runs instead")
+    parser.add_argument("--steps", type=int, default=10, help="--distill: steps per run")
+    parser.add_argument("--save-steps", type=int, default=3, help="--distill: steps between checkpoints")
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
+    if args.distill:
+        return main_distill(args)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alignkd-torture-") as tmp:
         tally, overwrites = run(args.kills, args.samples, args.per_cache, args.seed, Path(tmp), args.overwrite_rounds)

@@ -76,3 +76,39 @@ def test_eval_counts_a_right_answer_and_breaks_down_by_qtype(tiny_llava_dir, tmp
     report = json.loads(result.output[result.output.index("{"):])
     assert report["samples"] == 6 and set(report["by_type"]) == {"colour"}
     assert report["accuracy"] == 1.0 and report["by_type"]["colour"] == 1.0
+
+
+def _one_sentence(result) -> str:
+    assert result.exit_code == 1 and "Traceback" not in result.output, result.output
+    lines = [ln for ln in result.output.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+def test_bad_eval_options_are_one_sentence(tiny_llava_dir, small_dataset):
+    manifest, images = small_dataset
+    base = ["eval", "--model", str(tiny_llava_dir), "--data", str(manifest), "--images", str(images), "--no-progress"]
+    for extra, message in [(["--max-new-tokens", "0"], "--max-new-tokens must be at least 1."),
+                           (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 1."),
+                           (["--limit", "0"], "--limit must be at least 1, not 0."),
+                           (["--limit", "-1"], "--limit must be at least 1, not -1."),  # used to drop the last row
+                           (["--max-length", "0"], "--max-length must be at least 1.")]:
+        assert _one_sentence(CliRunner().invoke(main, base + extra)) == f"error: {message}", extra
+
+
+def test_eval_refuses_a_non_finite_answer_ce(tiny_llava_dir, small_dataset, tmp_path):
+    """Finite weights can still overflow: a head scaled to 1e38 gives inf logits and CE nan."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    manifest, images = small_dataset
+    model = tmp_path / "overflowing"
+    shutil.copytree(tiny_llava_dir, model)
+    weights = load_file(model / "model.safetensors")
+    head = next(k for k in weights if "lm_head" in k or "embed_tokens" in k)
+    weights[head] = weights[head].sign() * 1e38 + 1e38 * (weights[head] == 0)
+    save_file(weights, model / "model.safetensors", metadata={"format": "pt"})
+    line = _one_sentence(CliRunner().invoke(main, ["eval", "--model", str(model), "--data", str(manifest),
+                                                   "--images", str(images), "--no-progress"]))
+    assert line.startswith(f"error: model {model} gives a non-finite answer CE (") and "cannot be scored" in line

@@ -3,12 +3,17 @@
 Per-term losses come back from the objective's forward; we average them over the
 logging window exactly as the Trainer averages its own `loss`, so the JSONL, the
 TensorBoard scalars and the progress bar all show the same numbers.
+
+A nan/inf loss term, or a parameter the optimizer step left non-finite, stops the run
+(alignkd.distill.finite) before any checkpoint or export can hold it. Checkpoints are
+written under a staging name and renamed whole (alignkd.distill.saving).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -37,6 +42,8 @@ class AlignKDTrainer(Trainer):
         self._term_count = 0
         self._last_terms: dict[str, float] = {}
         self._share_sums: dict[str, list[float]] = defaultdict(list)
+        self._staging: str | None = None  # set while a checkpoint is being written
+        self.add_callback(FiniteParameters())
 
     def _get_train_sampler(self, train_dataset=None):
         from alignkd.distill.sampling import make_sampler
@@ -53,6 +60,10 @@ class AlignKDTrainer(Trainer):
         objective.measure_grad_shares = bool(every) and self.state.global_step % every == 0
         outputs = model(**inputs)
         if model.training:
+            from alignkd.distill.finite import check_loss_terms
+
+            check_loss_terms(self.state.global_step + 1, outputs["loss"],
+                             {k.removeprefix("loss_"): v for k, v in outputs.items() if k.startswith("loss_")})
             for key, value in outputs.items():
                 if key.startswith("loss_"):
                     self._term_sums[key] += float(value)
@@ -81,6 +92,45 @@ class AlignKDTrainer(Trainer):
     def last_terms(self) -> dict[str, float]:
         return dict(self._last_terms)
 
+    def _run_epoch(self, *args, **kwargs):
+        # Resumed from the final checkpoint in mid-epoch (a run killed while exporting), the
+        # Trainer (5.x) would run one step past max_steps before its end-of-step check.
+        if self.state.global_step >= self.state.max_steps > 0:
+            self.control.should_training_stop = True
+            return None
+        return super()._run_epoch(*args, **kwargs)
+
+    def _get_output_dir(self, trial) -> str:
+        return self._staging or super()._get_output_dir(trial)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        """The Trainer's checkpoint, written whole under checkpoints/.tmp-checkpoint/ and then
+        renamed: a full disk or a kill mid-save leaves no checkpoint-N to resume from."""
+        from alignkd.distill.saving import STAGING, checkpoint_bytes, is_write_failure, publish_checkpoint, \
+            write_failure
+
+        root = Path(super()._get_output_dir(trial))
+        name = f"checkpoint-{self.state.global_step}"
+        staging = root / STAGING
+        if self.args.should_save:
+            shutil.rmtree(staging, ignore_errors=True)  # a save cut off earlier
+        self.accelerator.wait_for_everyone()  # every rank writes its RNG state into the staged checkpoint
+        self._staging = str(staging)
+        try:
+            super()._save_checkpoint(model, trial)
+        except Exception as err:
+            if not is_write_failure(err):
+                raise
+            shutil.rmtree(staging, ignore_errors=True)
+            raise write_failure("a checkpoint", root / name,
+                                err, checkpoint_bytes(self.accelerator.unwrap_model(model), self.optimizer)) from None
+        finally:
+            self._staging = None
+        self.accelerator.wait_for_everyone()
+        if self.args.should_save:
+            publish_checkpoint(staging / name, root / name)
+            shutil.rmtree(staging, ignore_errors=True)
+
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
         # Tied embeddings share storage, which safetensors' save_file refuses; save_model
         # de-duplicates them and the Trainer's non-strict load restores the tie.
@@ -92,6 +142,22 @@ class AlignKDTrainer(Trainer):
         os.makedirs(output_dir, exist_ok=True)
         safetensors.torch.save_model(self.accelerator.unwrap_model(self.model),
                                      os.path.join(output_dir, "model.safetensors"))
+
+
+class FiniteParameters(TrainerCallback):
+    """After each optimizer step (before any log or checkpoint), stop if a trainable
+    parameter holds nan or inf. One fused reduction per device, see alignkd.distill.finite."""
+
+    def __init__(self) -> None:
+        self._named: list | None = None
+
+    def on_optimizer_step(self, args, state, control, model=None, **kwargs):
+        from alignkd.distill.finite import check_parameters
+
+        if self._named is None:  # after the Trainer wrapped the model (FSDP swaps the parameters)
+            self._named = [(name.removeprefix("student."), p) for name, p in model.named_parameters()
+                           if p.requires_grad]
+        check_parameters(state.global_step + 1, self._named)
 
 
 class JsonlMetrics(TrainerCallback):

@@ -7,6 +7,7 @@ same rendering the cache uses, so a model is scored on exactly the text it was t
 
 from __future__ import annotations
 
+import math
 import re
 import string
 from collections import defaultdict
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from alignkd.errors import ConfigError
+from alignkd.errors import AlignKDError, ConfigError, check_at_least_one
 from alignkd.hub import check_model_arg, resolve_model
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
@@ -37,6 +38,9 @@ class EvalConfig:
     progress: bool = True
 
     def __post_init__(self) -> None:
+        check_at_least_one(self, ("max_length", "max_new_tokens", "batch_size"))
+        if self.limit is not None and self.limit < 1:
+            raise ConfigError(f"--limit must be at least 1, not {self.limit}.")
         check_model_arg(self.model, "--model", "model directory")
         if not Path(self.data).exists():
             raise ConfigError(f"manifest {self.data} does not exist.")
@@ -111,6 +115,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
 
         vlm = load_vlm(resolve_model(cfg.model, "--model").path)
         model, processor = vlm.model, vlm.processor
+        _check_finite_weights(model, cfg.model)
     model.eval()
     family = FAMILIES.get(model.config.model_type)  # any chat-template VLM can be scored, supported or not
     rules = family.render_rules(model.config) if family else RenderRules(family=model.config.model_type)
@@ -132,6 +137,9 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
             ce_sum, ce_tokens = ce_sum + ce, ce_tokens + n
         bar.update(len(records[start:start + cfg.batch_size]))
     bar.close()
+    if ce_tokens and not math.isfinite(ce_sum):
+        raise AlignKDError(f"model {cfg.model} gives a non-finite answer CE ({ce_sum / ce_tokens}) on {cfg.data}, "
+                           "so it cannot be scored.")
     per_type: dict[str, list[int]] = defaultdict(list)
     for qtype, hit in hits:
         if qtype is not None:
@@ -139,6 +147,15 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     return EvalResult(samples=len(hits), accuracy=sum(h for _, h in hits) / max(len(hits), 1),
                       answer_ce=ce_sum / max(ce_tokens, 1), skipped=skipped,
                       by_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())})
+
+
+def _check_finite_weights(model, name: str) -> None:
+    """A model whose weights hold nan/inf (a diverged run) is refused, not scored as CE nan."""
+    from alignkd.distill.finite import first_non_finite
+
+    bad = first_non_finite(model.named_parameters())
+    if bad is not None:
+        raise AlignKDError(f"model {name} has non-finite weights (first: {bad}), so it cannot be scored.")
 
 
 def _question_types(manifest: str) -> dict[str, str]:

@@ -3,7 +3,8 @@
 The export is written whole into OUT/.tmp-export, then each file is moved into OUT with
 `config.json` last (and the old one removed first): a run killed while exporting leaves
 no directory that `from_pretrained` would take for a finished student, and `--resume`
-(which restarts from the final checkpoint) exports again.
+(which restarts from the final checkpoint) exports again. A state dict holding a nan or
+inf is never written, and a write that fails (full disk) is one sentence naming OUT.
 """
 
 from __future__ import annotations
@@ -11,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 EXPORT_TMP = ".tmp-export"
@@ -26,11 +26,23 @@ def export_student(objective, processor, out: Path, cfg, cache_meta: dict, state
 
     `state_dict` is the objective's full state dict when its modules hold only shards (FSDP:
     gathered on this rank by `sharding.gather_state_dict`); None reads the modules."""
+    from alignkd.distill.finite import NonFiniteError, first_non_finite
+    from alignkd.distill.saving import is_write_failure, tensor_bytes, write_failure
+
     out = Path(out)
+    weights = state_dict if state_dict is not None else objective.state_dict()
+    if (bad := first_non_finite(weights.items())) is not None:
+        raise NonFiniteError(f"the trained tensor {bad} is not finite, so nothing was exported to {out}.")
     (out / LAST).unlink(missing_ok=True)  # until the end, OUT does not look like a finished model
     tmp = out / EXPORT_TMP
     shutil.rmtree(tmp, ignore_errors=True)
-    write_export(objective, processor, tmp, out / "metrics.jsonl", cfg, cache_meta, state_dict)
+    try:
+        write_export(objective, processor, tmp, out / "metrics.jsonl", cfg, cache_meta, state_dict)
+    except Exception as err:
+        if not is_write_failure(err):
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise write_failure("the student", out, err, tensor_bytes(weights.values())) from None
     publish(tmp, out)
 
 
@@ -47,10 +59,12 @@ def write_export(objective, processor, tmp: Path, metrics: Path, cfg, cache_meta
     processor.save_pretrained(tmp)
     adapters = {k: v for k, v in state_dict.items() if k.startswith(ADAPTERS)}
     safetensors.torch.save_file({k: v.contiguous() for k, v in adapters.items()}, tmp / "adapters.safetensors")
-    run = {"config": {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(cfg).items()},
-           "cache_teacher": cache_meta.get("teacher", {}), "cache_options": cache_meta.get("build_options", {})}
-    (tmp / "distill_run.json").write_text(json.dumps(run, indent=2))
     plot_loss_curves(metrics, tmp / "loss_curves.png")
+    from alignkd.distill.outdir import FINISHED, run_record
+
+    # the exported names, so that --overwrite later removes exactly these (alignkd.distill.outdir)
+    files = sorted({p.relative_to(tmp).parts[0] for p in tmp.rglob("*")} | {FINISHED})
+    (tmp / FINISHED).write_text(json.dumps({**run_record(cfg, cache_meta), "files": files}, indent=2))
 
 
 def publish(tmp: Path, out: Path) -> None:

@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_out_dir
+from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_finite, check_out_dir
 from alignkd.hub import check_model_arg, resolve_model
 
 
@@ -35,6 +35,7 @@ class DistillConfig:
     seed: int = 0
     bf16: bool = False
     resume: bool = False
+    overwrite: bool = False           # replace a finished or stopped run in --out (alignkd.distill.outdir)
     w_ce: float = 1.0
     w_logit: float = 1.0
     w_attn: float = 1.0
@@ -65,6 +66,14 @@ class DistillConfig:
     def __post_init__(self) -> None:
         check_choices(self, {"attn_loss": ("auto", "mse", "kl"), "adapters": ("trainable", "frozen"),
                              "log": ("jsonl", "tensorboard"), "loss_scale": ("normalized", "paper")})
+        # nan passes every comparison below (nan < 0 is False), so finiteness comes first
+        check_finite(self, ("epochs", "lr", "weight_decay", "warmup_ratio", "w_ce", "w_logit", "w_attn", "w_vis",
+                            "temperature"))
+        if self.max_steps <= 0 and self.epochs <= 0:
+            raise ConfigError(f"--epochs must be positive when --max-steps is not, not {self.epochs}: "
+                              "the run would export an untrained student.")
+        if self.resume and self.overwrite:
+            raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them.")
         for name in ("w_ce", "w_logit", "w_attn", "w_vis", "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative.")
@@ -94,6 +103,12 @@ class DistillConfig:
 
         check_local_dir(self.cache, "cache")  # a URL: open_cache names a missing cache
         check_out_dir(self.out)
+        from alignkd.distributed import dist_info
+
+        if dist_info().is_main:  # rank 0 records the run before step 1; a later rank must not see it as foreign
+            from alignkd.distill.outdir import check_out
+
+            check_out(self)
 
 
 @dataclass
@@ -184,6 +199,12 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     if len(dataset):
         dataset[0]  # refuses a student whose processor gives other image tokens, before the Trainer starts
     out = Path(cfg.out)
+    from alignkd.distributed import dist_info
+
+    if dist_info().is_main:
+        from alignkd.distill.outdir import prepare_out
+
+        prepare_out(cfg, meta)
     # transformers 5 reads the TensorBoard directory from the environment only.
     os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     args = TrainingArguments(
@@ -218,8 +239,9 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
 
 
 def _last_checkpoint(out: Path) -> str:
-    """The newest complete checkpoint. The Trainer writes trainer_state.json last, so a
-    checkpoint without it was cut off by a kill: it is removed, not resumed from."""
+    """The newest complete checkpoint. Checkpoints are renamed into place whole
+    (engine.AlignKDTrainer._save_checkpoint); one without trainer_state.json (written last
+    by the Trainer) comes from an older alignkd cut off by a kill: it is removed, not resumed from."""
     import shutil
 
     ckpt_dir = out / "checkpoints"
@@ -227,7 +249,8 @@ def _last_checkpoint(out: Path) -> str:
                    if (m := re.fullmatch(r"checkpoint-(\d+)", p.name)) and p.is_dir())
     complete = [p for _, p in found if (p / "trainer_state.json").is_file()]
     if not complete:
-        raise ConfigError(f"--resume: no complete checkpoint found under {ckpt_dir}.")
+        raise ConfigError(f"--resume: no complete checkpoint found under {ckpt_dir}; start the run again "
+                          "with --overwrite.")
     for step, p in found:
         if step > int(complete[-1].name.split("-")[1]) and p not in complete:
             shutil.rmtree(p)
