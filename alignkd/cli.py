@@ -95,7 +95,8 @@ def cache() -> None:
 @click.option("--device", default="cpu", show_default=True)
 @click.option("--dtype", default="float32", show_default=True, help="Teacher compute dtype.")
 @click.option("--seed", default=0, show_default=True, help="Seed for sampled logits.")
-@click.option("--overwrite", is_flag=True, help="Delete an existing cache instead of resuming it.")
+@click.option("--overwrite", is_flag=True,
+              help="Delete an existing alignkd cache (only the files alignkd wrote) instead of resuming it.")
 @click.option("--logit-mode", type=click.Choice(["topk", "sampled"]), default="topk", show_default=True)
 @click.option("--logit-k", default=16, show_default=True, help="Top-k size (topk mode); see BENCHMARKS.md.")
 @click.option("--logit-samples", default=64, show_default=True, help="Draws per position (sampled mode).")
