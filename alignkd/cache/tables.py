@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import re
+from decimal import Decimal
 
 import pyarrow as pa
 
@@ -37,9 +38,17 @@ def _cell(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
+def _json_default(value):
+    if isinstance(value, (bytes, bytearray)):
+        return f"<{len(value)} bytes>"
+    if isinstance(value, Decimal):  # DuckDB's literals (1.5) are DECIMAL: a number, not a string
+        return float(value)
+    return str(value)
+
+
 def _json_text(value) -> str:
     """A nested value (list, struct, map) as one JSON cell."""
-    return json.dumps(value, default=lambda v: f"<{len(v)} bytes>" if isinstance(v, (bytes, bytearray)) else str(v))
+    return json.dumps(value, default=_json_default)
 
 
 def _csv_column(column: pa.ChunkedArray) -> pa.ChunkedArray | pa.Array:
