@@ -108,9 +108,10 @@ def test_limits_reach_duckdb(cache):
 
 
 @pytest.mark.parametrize("option,value,message", [
-    ("--timeout", "0", "--timeout 0 must be a number of seconds above 0."),
-    ("--timeout", "nan", "--timeout nan must be a number of seconds above 0."),
-    ("--timeout", "-5", "--timeout -5 must be a number of seconds above 0."),
+    ("--timeout", "0", "--timeout 0 must be a finite number of seconds above 0."),
+    ("--timeout", "nan", "--timeout nan must be a finite number of seconds above 0."),
+    ("--timeout", "-5", "--timeout -5 must be a finite number of seconds above 0."),
+    ("--timeout", "inf", "--timeout inf must be a finite number of seconds above 0."),
     ("--memory-limit", "12 parsecs", "--memory-limit '12 parsecs' must be a size such as 4GB, 512MiB or 25% "
                                      "(of this machine's memory)."),
     ("--memory-limit", "0%", "--memory-limit '0%' must be a share of memory above 0% and at most 100%."),

@@ -82,7 +82,7 @@ class SQLLimits:
     def __post_init__(self) -> None:
         parse_memory_limit(self.memory)
         if self.timeout_s is not None and not (math.isfinite(self.timeout_s) and self.timeout_s > 0):
-            raise ConfigError(f"--timeout {self.timeout_s:g} must be a number of seconds above 0.")
+            raise ConfigError(f"--timeout {self.timeout_s:g} must be a finite number of seconds above 0.")
         if self.threads < 1:
             raise ConfigError(f"threads {self.threads} must be at least 1.")
 
