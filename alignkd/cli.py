@@ -182,7 +182,11 @@ def _footprint_words(summary) -> str:
 @click.argument("query")
 @click.option("--format", "fmt", type=click.Choice(["table", "csv", "json"]), default="table",
               show_default=True)
-def cache_sql(cache_dir: str, query: str, fmt: str) -> None:
+@click.option("--memory-limit", default="25%", show_default=True,
+              help="The most memory the query may use: a size (4GB, 512MiB) or a share of this machine's.")
+@click.option("--timeout", "timeout_s", type=float, default=60.0, show_default=True,
+              help="Seconds the query may run before it is stopped.")
+def cache_sql(cache_dir: str, query: str, fmt: str, memory_limit: str, timeout_s: float) -> None:
     """Run read-only SQL over the catalog (tables: samples, rejects, shards).
 
     \b
@@ -190,9 +194,11 @@ def cache_sql(cache_dir: str, query: str, fmt: str) -> None:
       alignkd cache sql cache/ "SELECT count(*), avg(teacher_ce) FROM samples"
     """
     from alignkd.cache.catalog import run_sql
+    from alignkd.cache.sql_limits import SQLLimits
     from alignkd.cache.tables import format_table
 
-    click.echo(format_table(run_sql(cache_dir, query), fmt))
+    limits = SQLLimits(memory=memory_limit, timeout_s=timeout_s)
+    click.echo(format_table(run_sql(cache_dir, query, limits), fmt))
 
 
 @cache.command("verify")

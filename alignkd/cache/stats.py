@@ -14,6 +14,7 @@ from collections import defaultdict
 
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
+from alignkd.cache.sql_limits import SQLLimits
 from alignkd.cache.storage import CacheStore, open_store
 from alignkd.storage_schemas import ARRAY_KINDS, SHARDS_DIR
 
@@ -44,9 +45,15 @@ def _disk_bytes_by_kind(cache) -> dict[str, int]:
     return dict(sizes)
 
 
+def _summary_sql(cache, sql: str):
+    """Our own summary queries: bounded in memory like any, but with no deadline, so a large
+    cache (or one on object storage) is summarised however long it takes; Ctrl-C still stops it."""
+    return run_sql(cache, sql, SQLLimits(timeout_s=None))
+
+
 def _one_row(cache, sql: str) -> dict:
     """The single result row, with DuckDB's DECIMAL sums turned into plain numbers."""
-    rows = run_sql(cache, sql).to_pylist()
+    rows = _summary_sql(cache, sql).to_pylist()
     row = rows[0] if rows else {}
     return {k: (int(v) if type(v).__name__ == "Decimal" else v) for k, v in row.items()}
 
@@ -97,7 +104,7 @@ def cache_stats(cache) -> dict:
             SELECT min({col}) AS min, quantile_cont({col}, 0.1) AS p10, median({col}) AS p50,
                    quantile_cont({col}, 0.9) AS p90, max({col}) AS max, avg({col}) AS mean
             FROM samples WHERE NOT isnan({col})""")
-    rejects = {r["reason"]: r["n"] for r in run_sql(
+    rejects = {r["reason"]: r["n"] for r in _summary_sql(
         cache, "SELECT reason, count(*) AS n FROM rejects GROUP BY reason ORDER BY n DESC").to_pylist()}
     disk = _disk_bytes_by_kind(path)
     n = max(counts.get("samples", 0), 1)

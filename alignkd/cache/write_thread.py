@@ -77,3 +77,5 @@ class WriteThread:
                 self._handle(item)
             except BaseException as exc:     # surfaced by the next submit or close
                 self.error = exc
+                if item is None:             # finish failed: nothing follows, close() is waiting
+                    return

@@ -20,7 +20,6 @@ writer takes ownership of the arrays handed to `add`: do not modify them afterwa
 
 from __future__ import annotations
 
-import warnings
 
 from alignkd.cache import cache_setup
 from alignkd.cache.lock import CacheLock
@@ -245,6 +244,5 @@ class CacheWriter:
             return
         try:
             record_shard(self.store, doc)  # nothing on object storage: `cache sql` builds it in memory
-        except duckdb.Error as exc:  # e.g. a client holds the catalog open; the shards are the truth
-            warnings.warn(f"catalog.duckdb not updated for {doc['name']} ({exc}); rebuilt on close.")
-            self._catalog_stale = True
+        except duckdb.Error:  # e.g. a client holds the catalog open, a full disk; the shards are the truth
+            self._catalog_stale = True  # rebuilt on close, which says why in one sentence if it fails again
