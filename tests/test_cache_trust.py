@@ -110,6 +110,11 @@ def test_overwrite_of_a_cache_deletes_only_what_alignkd_wrote(world, tmp_path):
     assert sorted(p.name for p in (out / "shards").glob("shard-*")) == ["shard-000000", "shard-000001"]
     assert sorted(open_cache(out).sample_ids) == ["s0", "s1", "s2", "s3"]
     assert cli("cache", "verify", out).exit_code == 0
+    # what the cache holds once is alignkd's own entries, never the user's files beside them
+    assert "thesis" not in result.output and "src" not in result.output.split("once (")[1]
+    from alignkd.cache.stats import build_footprint
+
+    assert set(build_footprint(out)["fixed"]) == {"cache.json", "catalog.duckdb", "tokenizer"}
 
 
 def test_overwrite_refuses_an_out_that_is_a_symbolic_link(world, tmp_path):

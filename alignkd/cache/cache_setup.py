@@ -24,10 +24,8 @@ from alignkd.cache.storage import CacheStore
 from alignkd.errors import ConfigError
 from alignkd.storage_schemas import (CACHE_JSON, CATALOG_FILE, FORMAT_NAME, REJECTS_FILE, SAMPLES_FILE,
                                      SCHEMA_VERSION, SHARDS_DIR, TEMP_PREFIX, TOKENIZER_DIR, LAYER0_KIT_DIR,
-                                     shard_name)
+                                     OWN_ENTRIES, shard_name)
 
-# the cache directory's own entries (`own_files`): everything else in it is the user's
-OWN_NAMES = frozenset({CACHE_JSON, CATALOG_FILE, f"{CATALOG_FILE}.wal", SHARDS_DIR, TOKENIZER_DIR, LAYER0_KIT_DIR})
 OWN_CATALOG_TEMP = re.compile(rf"{re.escape(CATALOG_FILE)}\.tmp-\d+(\.wal)?")  # rebuild_catalog's
 
 
@@ -90,7 +88,7 @@ def own_files(store: CacheStore) -> list[str]:
     """What alignkd writes into a cache, relative to it: cache.json, the catalog and its WAL and
     temporary files, the tokenizer, every shard (committed or in flight) and the .tmp- files.
     The lock files are left: the build deleting the rest holds one."""
-    top = [n for n in store.list() if n in OWN_NAMES or n.startswith(TEMP_PREFIX) or OWN_CATALOG_TEMP.fullmatch(n)]
+    top = [n for n in store.list() if n in OWN_ENTRIES or n.startswith(TEMP_PREFIX) or OWN_CATALOG_TEMP.fullmatch(n)]
     shards = [f"{SHARDS_DIR}/{n}" for n in store.list(SHARDS_DIR)
               if n.startswith("shard-") or n.startswith(f"{TEMP_PREFIX}shard-")]
     return [n for n in top if n != SHARDS_DIR] + shards

@@ -16,7 +16,7 @@ from alignkd.cache.catalog import run_sql
 from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
 from alignkd.cache.sql_limits import SQLLimits
 from alignkd.cache.storage import CacheStore, open_store
-from alignkd.storage_schemas import ARRAY_KINDS, SHARDS_DIR
+from alignkd.storage_schemas import ARRAY_KINDS, OWN_ENTRIES, SHARDS_DIR
 
 DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass", "attn_top16_share")
 
@@ -64,10 +64,9 @@ def bytes_per_sample(disk: dict[str, int], samples: int) -> float:
 
 
 def fixed_parts(store: CacheStore) -> dict[str, int]:
-    """Bytes of what a cache holds once, whatever its size: every entry beside shards/ (the
-    tokenizer, cache.json, catalog.duckdb; the writer's hidden lock files aside)."""
-    return {name: store.tree_bytes(name) for name in store.list()
-            if name != SHARDS_DIR and not name.startswith(".")}
+    """Bytes of what a cache holds once, whatever its size: alignkd's entries beside shards/
+    (the tokenizer, cache.json, catalog.duckdb, a layer-0 kit), never a user's file there."""
+    return {name: store.tree_bytes(name) for name in store.list() if name in OWN_ENTRIES and name != SHARDS_DIR}
 
 
 def build_footprint(cache) -> dict:

@@ -31,6 +31,9 @@ TEMP_PREFIX = ".tmp-"              # in-flight shards; readers skip anything sta
 LOCK_FILE = ".lock"                # rank 0; rank r > 0 uses ".lock-r{r}"
 TOKENIZER_DIR = "tokenizer"        # the teacher's tokenizer (save_pretrained), for distill's id check
 LAYER0_KIT_DIR = "layer0_kit"      # --attn-store layer0: the teacher's layer-0 kit (config.json, layer0.safetensors)
+# every top-level entry alignkd writes; anything else in a cache directory is the user's
+# (`cache build --overwrite` deletes only these, `cache stats` counts only these)
+OWN_ENTRIES = frozenset({CACHE_JSON, CATALOG_FILE, f"{CATALOG_FILE}.wal", SHARDS_DIR, TOKENIZER_DIR, LAYER0_KIT_DIR})
 # the teacher directory's processor files, copied into TOKENIZER_DIR when present: `cache show`
 # reads the processor's settings from them (tile size, grid pinpoints, tokens per tile)
 PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json")
