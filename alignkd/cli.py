@@ -334,7 +334,7 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str
                                         progress=not no_progress, **opts))
     if not dist_info().is_main:
         return
-    terms = " ".join(f"{k.removeprefix('loss_')}={v:.4f}" for k, v in summary.final_losses.items())
+    terms = " ".join(f"{k.removeprefix('loss_')}={v:.4g}" for k, v in summary.final_losses.items())
     click.echo(f"distilled {summary.steps} steps in {summary.seconds:.0f}s ({terms}) -> {summary.out}")
 
 
@@ -366,7 +366,8 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
         click.echo(json.dumps(asdict(result), indent=2))
         return
     click.echo(f"{opts['model']}: accuracy {result.accuracy:.3f} over {result.samples} samples, "
-               f"answer CE {result.answer_ce:.4f}" + (f", {result.skipped} skipped" if result.skipped else ""))
+               f"answer CE {result.answer_ce:.4f}" + (f", {result.skipped} skipped (" + ", ".join(
+                   f"{n} {reason}" for reason, n in result.skipped_by_reason.items()) + ")" if result.skipped else ""))
     for qtype, acc in result.by_type.items():
         click.echo(f"  {qtype:<12} {acc:.3f}")
 

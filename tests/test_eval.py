@@ -112,3 +112,20 @@ def test_eval_refuses_a_non_finite_answer_ce(tiny_llava_dir, small_dataset, tmp_
     line = _one_sentence(CliRunner().invoke(main, ["eval", "--model", str(model), "--data", str(manifest),
                                                    "--images", str(images), "--no-progress"]))
     assert line.startswith(f"error: model {model} gives a non-finite answer CE (") and "cannot be scored" in line
+
+
+def test_records_eval_cannot_score_are_counted_by_reason(tiny_llava_dir, small_dataset, tmp_path):
+    """Skipped records are listed by reject reason, as `rejects` lists them (issue 25)."""
+    manifest, images = small_dataset
+    records = json.loads(manifest.read_text())
+    records[0]["image"] = "nope.png"                                  # missing_image
+    records[1]["conversations"] = records[1]["conversations"][:1]     # bad_conversation (no answer)
+    records[2]["image"] = "nope.png"
+    (tmp_path / "m.json").write_text(json.dumps(records))
+    args = ["eval", "--model", str(tiny_llava_dir), "--data", str(tmp_path / "m.json"), "--images", str(images),
+            "--max-new-tokens", "2", "--no-progress"]
+    line = CliRunner().invoke(main, args).output.splitlines()[0]
+    assert line.endswith("over 3 samples, answer CE " + line.split("answer CE ")[1].split(",")[0]
+                         + ", 3 skipped (1 bad_conversation, 2 missing_image)"), line
+    report = json.loads(CliRunner().invoke(main, args + ["--json"]).output)
+    assert report["skipped"] == 3 and report["skipped_by_reason"] == {"bad_conversation": 1, "missing_image": 2}

@@ -137,8 +137,8 @@ def render_stats(s: dict) -> str:
              f"samples {s['samples']} in {s['shards']} shard(s); "
              f"rejects {sum(s['rejects'].values())}"
              + "".join(f"\n  reject {reason}: {n}" for reason, n in s["rejects"].items()),
-             "tokens " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["tokens"].items()),
-             "images " + ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["images"].items()),
+             ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["tokens"].items()),
+             ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in s["images"].items()),
              f"on disk {kilobytes(s['bytes_per_sample'])} per sample; tensors compress "
              + (f"{s['tensor_compression_ratio']:.2f}x vs raw fp16/int32" if s["tensor_compression_ratio"]
                 else "n/a"),
@@ -155,5 +155,9 @@ def render_stats(s: dict) -> str:
     name = f"{t['repo_id']}@{str(t.get('revision'))[:12]}" if t.get("repo_id") else t.get("path")
     lines.append(f"teacher {name} ({s['teacher_shapes'].get('model_type')}, "
                  f"config {str(t.get('config_sha256'))[:12]}, weights {str(t.get('weights_fingerprint'))[:12]})")
-    lines.append("build " + " ".join(f"{k}={v}" for k, v in s["build_options"].items()))
+    options = {k: v for k, v in s["build_options"].items() if k != "sources"}
+    lines.append("build " + " ".join(f"{k}={v}" for k, v in options.items()))
+    for src in s["build_options"].get("sources", []):  # the mixture: what each source gave
+        lines.append(f"source {src['name']}: {src['kept']:,} of {src['records']:,} records ({src['sampling']})"
+                     + (f", images under {src['images']}" if src.get("images") else ""))
     return "\n".join(lines)

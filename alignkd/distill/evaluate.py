@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import re
 import string
-from collections import defaultdict
+from collections import Counter, defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,6 +54,7 @@ class EvalResult:
     accuracy: float
     answer_ce: float
     skipped: int = 0
+    skipped_by_reason: dict = field(default_factory=dict)  # reject reason -> records not scored, as `rejects` counts them
     by_type: dict = field(default_factory=dict)
 
 
@@ -122,15 +123,15 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     records = list(open_source(cfg.data).records())[: cfg.limit]
     qtypes = _question_types(cfg.data)
     hits: list[tuple[str | None, int]] = []
-    ce_sum, ce_tokens, skipped = 0.0, 0, 0
+    ce_sum, ce_tokens, skipped = 0.0, 0, Counter()
     bar = tqdm(total=len(records), desc="eval", unit="sample", disable=not cfg.progress)
     for start in range(0, len(records), cfg.batch_size):
         samples = []
         for rec in records[start:start + cfg.batch_size]:
             try:
                 samples.append(render_sample(rec, processor, cfg.images, cfg.max_length, rules))
-            except SampleError:
-                skipped += 1
+            except SampleError as err:
+                skipped[err.reason] += 1
         if samples:
             batch_hits, ce, n = _score_batch(model, processor.tokenizer, samples, cfg.max_new_tokens)
             hits += [(qtypes.get(s.sample_id), h) for s, h in zip(samples, batch_hits)]
@@ -145,7 +146,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
         if qtype is not None:
             per_type[qtype].append(hit)
     return EvalResult(samples=len(hits), accuracy=sum(h for _, h in hits) / max(len(hits), 1),
-                      answer_ce=ce_sum / max(ce_tokens, 1), skipped=skipped,
+                      answer_ce=ce_sum / max(ce_tokens, 1), skipped=sum(skipped.values()),
+                      skipped_by_reason=dict(sorted(skipped.items())),
                       by_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())})
 
 
