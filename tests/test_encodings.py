@@ -123,3 +123,14 @@ def test_torch_widen_equals_numpy_decode(enc):
     t = to_torch_stored(stored.reshape(*x.shape[:-1], x.shape[-1] // 2 if packed else x.shape[-1]), enc)
     s = None if scale is None else torch.from_numpy(scale.reshape(x.shape[:-1] if "log" in enc else (-1,)))
     np.testing.assert_array_equal(widen(t, enc, s).numpy(), decode(stored, enc, scale, x.shape))
+
+
+def test_every_encoding_of_the_format_has_its_arithmetic_and_agrees_on_packing():
+    """One table says what the format holds (storage_schemas.ENCODINGS), one says how to
+    compute it (cache.encodings.CODECS): a new encoding added to one but not the other fails here."""
+    from alignkd.cache.encodings import CODECS
+    from alignkd.storage_schemas import ENCODINGS
+
+    assert set(CODECS) == set(ENCODINGS)
+    for name, spec in ENCODINGS.items():
+        assert getattr(CODECS[name], "packed", False) == spec.packed, name

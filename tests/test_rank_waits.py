@@ -101,7 +101,7 @@ def test_nodes_with_their_own_out_are_told_to_share_one(tmp_path, tiny_llava_dir
     results = [node.communicate(timeout=180) for node in nodes]
     assert [node.returncode != 0 for node in nodes] == [True, True]
     sentence = (f"every node must see the same --out: rank 1 sees {tmp_path / 'out-node1'} without rank 0's "
-                "cache.json (give every node a shared directory or an s3:// cache).")
+                "cache.json (give every node a shared directory, or a cache on object storage).")
     assert errors(results[1][1]) == [f"error: {sentence}"], results[1][1][-3000:]
     node0 = errors(results[0][1])
     assert len(node0) == 1 and node0[0].startswith("error: rank 1 (on another node) failed") and sentence in node0[0], \

@@ -231,7 +231,7 @@ def check_same_out(cfg: BuildConfig, digest: str) -> None:
     if mine != digest:
         seen = "without rank 0's cache.json" if mine is None else "with a cache.json that is not rank 0's"
         raise ConfigError(f"every node must see the same --out: rank {dist_info().rank} sees {cfg.out} {seen} "
-                          "(give every node a shared directory or an s3:// cache).")
+                          "(give every node a shared directory, or a cache on object storage).")
 
 
 def build_cache(cfg: BuildConfig) -> BuildSummary:

@@ -36,7 +36,7 @@ import sys
 import numpy as np
 
 from alignkd.errors import ConfigError
-from alignkd.storage_schemas import ENCODED_DTYPE, PACKED_ENCODINGS
+from alignkd.storage_schemas import ATTN_RECOMPUTED, ENCODED_DTYPE
 
 LOG_RANGE = 12.0  # uint8-log covers log(p / row max) in [-12, 0]: 6e-6 of the row's max
 LOG_RANGE_4 = 7.0  # uint4-log: [-7, 0] in 14 steps of 0.5, i.e. down to 1e-3 of the row's max
@@ -47,31 +47,149 @@ _LOG4_LUT = np.concatenate([[0.0], np.exp(-LOG_RANGE_4 * (15 - np.arange(1, 16))
 _INT4_LUT = np.arange(-8, 8, dtype=np.float32)  # nibble n holds q = n - 8, q in [-7, 7]
 
 
-def encode(values: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
-    """A tensor -> (flat stored values, flat float32 scales or None)."""
-    x = np.ascontiguousarray(values)
-    if encoding in ("uint8-log", "uint4-log"):
-        lut = _LOG_LUT if encoding == "uint8-log" else _LOG4_LUT
-        q, m = _encode_log(x.astype(np.float32, copy=False), lut)
-        return (_pack(q, x.shape) if encoding == "uint4-log" else q), m
-    if encoding in ("int8-channel", "int4-channel"):
-        q, s = _encode_int(x.astype(np.float32, copy=False), 127 if encoding == "int8-channel" else 7)
-        return (_pack((q + 8).astype(np.uint8), x.shape) if encoding == "int4-channel" else q), s
-    x = x.reshape(-1)
-    if encoding == "bfloat16":
-        u = x.astype(np.float32, copy=False).view(np.uint32)
+class Encoding:
+    """One stored form of a float tensor: `encode` (numpy, the writer), `decode` (numpy, the
+    reader) and `widen` (torch, on the training device). The format's facts about it (stored
+    dtype, scales, packing, compression) are its row of `storage_schemas.ENCODINGS`."""
+
+    name = ""
+
+    def encode(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        """A contiguous tensor -> (flat stored values, flat float32 scales or None)."""
+        return x.reshape(-1).astype(ENCODED_DTYPE[self.name], copy=False), None
+
+    def decode(self, stored: np.ndarray, scale: np.ndarray | None, shape: tuple[int, ...] | None) -> np.ndarray:
+        """Flat stored values (+ scales) -> flat float32."""
+        return stored.astype(np.float32, copy=False)
+
+    def widen(self, t, scale):
+        """A stored-width torch tensor (+ scales) -> float32 on its device."""
+        return t.float()
+
+
+class Plain(Encoding):
+    """float16 / float32 and the layer0 placeholder: numpy's own cast."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+
+class Ids(Plain):
+    """uint16 / uint32 / int32 ids and counts: lossless, read back as int64."""
+
+    def encode(self, x):
+        flat = x.reshape(-1)
+        if self.name != "int32" and flat.size and (flat.min() < 0 or flat.max() > np.iinfo(self.name).max):
+            raise ValueError(f"ids {flat.min()}..{flat.max()} do not fit {self.name}")
+        return flat.astype(ENCODED_DTYPE[self.name], copy=False), None
+
+    def decode(self, stored, scale, shape):
+        return stored.astype(np.int64)
+
+
+class BFloat16(Encoding):
+    name = "bfloat16"
+
+    def encode(self, x):
+        u = x.reshape(-1).astype(np.float32, copy=False).view(np.uint32)
         # round to nearest even on the 16 dropped bits (what torch's .bfloat16() does)
         u = u + (np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1)))
         return (u >> np.uint32(16)).astype(np.uint16), None
-    if encoding == "uint8-sqrt":
-        # sqrt companding: probabilities ~1/L keep ~4 bits; linear u8 would zero them
-        return np.rint(np.sqrt(np.clip(x, 0.0, 1.0, dtype=np.float32)) * 255.0).astype(np.uint8), None
-    if encoding == "log-float16":
+
+    def decode(self, stored, scale, shape):
+        return _bf16_to_f32(stored)
+
+
+class SqrtUint8(Encoding):
+    """sqrt companding: probabilities ~1/L keep ~4 bits; linear u8 would zero them."""
+
+    name = "uint8-sqrt"
+
+    def encode(self, x):
+        return np.rint(np.sqrt(np.clip(x.reshape(-1), 0.0, 1.0, dtype=np.float32)) * 255.0).astype(np.uint8), None
+
+    def decode(self, stored, scale, shape):
+        return _SQRT_LUT[stored]
+
+    def widen(self, t, scale):
+        import torch
+
+        return torch.from_numpy(_SQRT_LUT).to(t.device)[t.long()]
+
+
+class LogRows(Encoding):
+    """uint8-log / uint4-log attention: per-row max scale, geometric levels (module docstring)."""
+
+    def __init__(self, name: str, lut: np.ndarray, packed: bool) -> None:
+        self.name, self.lut, self.packed = name, lut, packed
+
+    def encode(self, x):
+        q, m = _encode_log(x.astype(np.float32, copy=False), self.lut)
+        return (_pack(q, x.shape) if self.packed else q), m
+
+    def decode(self, stored, scale, shape):
+        q = _unpack(stored) if self.packed else stored
+        last = shape[-1] if shape else q.size
+        return (self.lut[q].reshape(-1 if last else 0, last) * scale[:, None]).reshape(-1)
+
+    def widen(self, t, scale):
+        import torch
+
+        t = _unpack_torch(t) if self.packed else t
+        return torch.from_numpy(self.lut).to(t.device)[t.long()] * scale.float().unsqueeze(-1)
+
+
+class IntChannels(Encoding):
+    """int8-channel / int4-channel vision: per-channel max |x| scale over the sample's tokens."""
+
+    def __init__(self, name: str, top: int) -> None:
+        self.name, self.top, self.packed = name, top, top < 127
+
+    def encode(self, x):
+        q, s = _encode_int(x.astype(np.float32, copy=False), self.top)
+        return (_pack((q + 8).astype(np.uint8), x.shape) if self.packed else q), s
+
+    def decode(self, stored, scale, shape):
+        q = _INT4_LUT[_unpack(stored)] if self.packed else stored.astype(np.float32)
+        last = shape[-1] if shape else q.size
+        return (q.reshape(-1 if last else 0, last) * scale[None, :]).reshape(-1)
+
+    def widen(self, t, scale):
+        q = _unpack_torch(t).float() - 8.0 if self.packed else t.float()
+        return q * scale.float().unsqueeze(-2)
+
+
+class LogFloat16(Encoding):
+    """The logit tail mass r as fp16 log r (r = 0 -> -inf): a 1e-9 tail survives."""
+
+    name = "log-float16"
+
+    def encode(self, x):
         with np.errstate(divide="ignore"):
-            return np.log(np.clip(x.astype(np.float64), 0.0, 1.0)).astype(np.float16), None
-    if encoding in ("uint16", "uint32") and x.size and (x.min() < 0 or x.max() > np.iinfo(encoding).max):
-        raise ValueError(f"ids {x.min()}..{x.max()} do not fit {encoding}")
-    return x.astype(ENCODED_DTYPE[encoding], copy=False), None
+            return np.log(np.clip(x.reshape(-1).astype(np.float64), 0.0, 1.0)).astype(np.float16), None
+
+    def decode(self, stored, scale, shape):
+        return np.exp(stored.astype(np.float32))
+
+
+# name -> encoding: one entry per row of storage_schemas.ENCODINGS (tests/test_encodings.py checks both agree)
+CODECS: dict[str, Encoding] = {e.name: e for e in (
+    BFloat16(), Plain("float16"), SqrtUint8(), LogRows("uint8-log", _LOG_LUT, packed=False),
+    LogRows("uint4-log", _LOG4_LUT, packed=True), IntChannels("int8-channel", 127), IntChannels("int4-channel", 7),
+    LogFloat16(), Plain("float32"), Ids("int32"), Ids("uint16"), Ids("uint32"), Plain(ATTN_RECOMPUTED),
+)}
+
+
+def encode(values: np.ndarray, encoding: str) -> tuple[np.ndarray, np.ndarray | None]:
+    """A tensor -> (flat stored values, flat float32 scales or None)."""
+    return CODECS[encoding].encode(np.ascontiguousarray(values))
+
+
+def decode(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None,
+           shape: tuple[int, ...] | None = None) -> np.ndarray:
+    """Flat stored values (+ scales) -> float32 (integer ids -> int64), reshaped to `shape` if given."""
+    out = CODECS[encoding].decode(stored, scale, shape)
+    return out.reshape(shape) if shape is not None else out
 
 
 def _encode_log(p: np.ndarray, lut: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -117,28 +235,11 @@ def _unpack(stored: np.ndarray) -> np.ndarray:
     return out
 
 
-def decode(stored: np.ndarray, encoding: str, scale: np.ndarray | None = None,
-           shape: tuple[int, ...] | None = None) -> np.ndarray:
-    """Flat stored values (+ scales) -> float32 (integer ids -> int64), reshaped to `shape` if given."""
-    if encoding == "bfloat16":
-        out = _bf16_to_f32(stored)
-    elif encoding == "uint8-sqrt":
-        out = _SQRT_LUT[stored]
-    elif encoding in ("uint8-log", "uint4-log"):
-        q, lut = (stored, _LOG_LUT) if encoding == "uint8-log" else (_unpack(stored), _LOG4_LUT)
-        last = shape[-1] if shape else q.size
-        out = (lut[q].reshape(-1 if last else 0, last) * scale[:, None]).reshape(-1)
-    elif encoding in ("int8-channel", "int4-channel"):
-        q = stored.astype(np.float32) if encoding == "int8-channel" else _INT4_LUT[_unpack(stored)]
-        last = shape[-1] if shape else q.size
-        out = (q.reshape(-1 if last else 0, last) * scale[None, :]).reshape(-1)
-    elif encoding == "log-float16":
-        out = np.exp(stored.astype(np.float32))
-    elif encoding in ("int32", "uint16", "uint32"):
-        out = stored.astype(np.int64)
-    else:
-        out = stored.astype(np.float32, copy=False)
-    return out.reshape(shape) if shape is not None else out
+def _unpack_torch(t):
+    """[..., n/2] bytes -> [..., n] nibbles, low nibble first."""
+    import torch
+
+    return torch.stack([t & 15, t >> 4], dim=-1).flatten(-2)
 
 
 def _bf16_to_f32(stored: np.ndarray) -> np.ndarray:
@@ -165,17 +266,4 @@ def widen(t, encoding: str, scale=None):
     uint8-log: `scale` has t's shape without the last axis; int8-channel: `scale` is
     [..., D] with t of shape [..., N, D] (one scale row per sample).
     """
-    import torch
-
-    if encoding == "uint8-sqrt":
-        return torch.from_numpy(_SQRT_LUT).to(t.device)[t.long()]
-    if encoding in PACKED_ENCODINGS:  # [..., n/2] bytes -> [..., n] nibbles, low nibble first
-        t = torch.stack([t & 15, t >> 4], dim=-1).flatten(-2)
-    if encoding in ("uint8-log", "uint4-log"):
-        lut = _LOG_LUT if encoding == "uint8-log" else _LOG4_LUT
-        return torch.from_numpy(lut).to(t.device)[t.long()] * scale.float().unsqueeze(-1)
-    if encoding == "int8-channel":
-        return t.float() * scale.float().unsqueeze(-2)
-    if encoding == "int4-channel":
-        return (t.float() - 8.0) * scale.float().unsqueeze(-2)
-    return t.float()
+    return CODECS[encoding].widen(t, scale)

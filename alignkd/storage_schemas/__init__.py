@@ -9,6 +9,8 @@ docs/cache-format.md is the prose version of this module.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import pyarrow as pa
 
 FORMAT_NAME = "alignkd-cache"
@@ -68,13 +70,41 @@ VISION_DTYPES = ("bfloat16", "float16", "int8-channel", "int4-channel")
 LOGIT_ID_DTYPES = ("uint16", "uint32")
 UINT16_VOCAB = 65536  # ids 0..65535 fit uint16 (only valid entries are stored: no padding id)
 
-# stored numpy dtype for each encoding; bfloat16 is kept as its raw uint16 bit pattern
-# (zarr 3.1 has no bfloat16), and the array's "alignkd_encoding" attribute says so.
-# alignkd/cache/encodings.py defines each encoding and its round-trip bound.
-ENCODED_DTYPE = {"bfloat16": "uint16", "float16": "float16", "uint8-sqrt": "uint8", "uint8-log": "uint8",
-                 "int8-channel": "int8", "uint4-log": "uint8", "int4-channel": "uint8", "log-float16": "float16", "float32": "float32", "int32": "int32",
-                 "uint16": "uint16", "uint32": "uint32",
-                 ATTN_RECOMPUTED: "float16"}  # an attn array with no elements (--attn-store layer0)
+
+
+@dataclass(frozen=True)
+class EncodingSpec:
+    """What the format says of one encoding; alignkd/cache/encodings.py holds its arithmetic
+    (one class per row, same names) and the round-trip bound tests/test_encodings.py checks."""
+
+    stored: str               # numpy dtype of the stored values
+    scaled: bool = False      # float32 scales beside the values (in the SCALE_OF array)
+    packed: bool = False      # two 4-bit values per stored byte
+    compressed: bool = True   # blosc over the chunks; False: codes blosc barely shrinks (see BLOSC)
+
+
+# Every encoding an array may hold, the one table to extend. bfloat16 is kept as its raw
+# uint16 bit pattern (zarr 3.1 has no bfloat16), and the array's "alignkd_encoding"
+# attribute says so.
+ENCODINGS = {
+    "bfloat16": EncodingSpec("uint16"),
+    "float16": EncodingSpec("float16"),
+    "uint8-sqrt": EncodingSpec("uint8"),
+    "uint8-log": EncodingSpec("uint8", scaled=True, compressed=False),
+    "uint4-log": EncodingSpec("uint8", scaled=True, packed=True),
+    "int8-channel": EncodingSpec("int8", scaled=True, compressed=False),
+    "int4-channel": EncodingSpec("uint8", scaled=True, packed=True),
+    "log-float16": EncodingSpec("float16"),
+    "float32": EncodingSpec("float32"),
+    "int32": EncodingSpec("int32"),
+    "uint16": EncodingSpec("uint16"),
+    "uint32": EncodingSpec("uint32"),
+    ATTN_RECOMPUTED: EncodingSpec("float16"),  # an attn array with no elements (--attn-store layer0)
+}
+# views of the table, by the names the reader and writer use
+ENCODED_DTYPE = {name: spec.stored for name, spec in ENCODINGS.items()}
+SCALED_ENCODINGS = tuple(name for name, spec in ENCODINGS.items() if spec.scaled)  # need their float32 scales
+PACKED_ENCODINGS = tuple(name for name, spec in ENCODINGS.items() if spec.packed)  # two values per stored byte
 
 ARRAY_SPECS = {
     #  kind            inner chunk  encoding (None: from the writer's option)
@@ -91,8 +121,6 @@ ARRAY_SPECS = {
     "logit_tail":    {"chunk": 1024, "encoding": "log-float16"},  # log of the tail mass r_p
 }
 SCALE_OF = {"attn": "attn_scale", "vision": "vision_scale"}  # where a scaled encoding keeps its scales
-SCALED_ENCODINGS = ("uint8-log", "int8-channel", "uint4-log", "int4-channel")  # need their float32 scales
-PACKED_ENCODINGS = ("uint4-log", "int4-channel")  # two values per stored byte
 ARRAY_KINDS = tuple(ARRAY_SPECS)
 
 
@@ -119,8 +147,8 @@ BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 # lz4-bitshuffle gains 1.13x on uint8-log attention and ~1.0x on int8 vision, while
 # decoding those chunks cost more CPU than the whole rest of a read (bench/cache_storage.py).
 # A raw chunk is read straight into the output buffer; its zarr.json lists only the `bytes`
-# codec. uint8-sqrt codes (1.49x) and the packed 4-bit tier keep blosc.
-UNCOMPRESSED_ENCODINGS = frozenset({"uint8-log", "int8-channel"})
+# codec. uint8-sqrt codes (1.49x) and the packed 4-bit tier keep blosc (ENCODINGS' `compressed`).
+UNCOMPRESSED_ENCODINGS = frozenset(name for name, spec in ENCODINGS.items() if not spec.compressed)
 # A raw chunk stores its zero padding too (blosc squeezes it to nothing), so raw arrays use
 # 4096-element chunks: at most 4 KB of padding per sample, where 65536 made a small
 # model's ~2 KB attention sample take 64 KB. 16 index bytes per 4 KB chunk is 0.4%.
