@@ -279,7 +279,8 @@ def _loss_weight_options(command):
               "(see --resume, --overwrite).")
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
 @click.option("--epochs", default=_distill_default("epochs"), show_default=True)
-@click.option("--max-steps", default=_distill_default("max_steps"), show_default=True, help="Overrides --epochs when positive.")
+@click.option("--max-steps", default=_distill_default("max_steps"), show_default=True,
+              help="Overrides --epochs when positive.")
 @click.option("--batch-size", default=_distill_default("batch_size"), show_default=True)
 @click.option("--grad-accum", default=_distill_default("grad_accum"), show_default=True)
 @click.option("--lr", default=_distill_default("lr"), show_default=True)

@@ -21,17 +21,10 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from alignkd.distill.terms import LOSS_TERMS, LossWeights
+from alignkd.distill.terms import LOSS_TERMS, LossWeights, resolve_attn_loss
 
 LOSS_SCALES = ("normalized", "paper")
 ATTN_LOSSES = ("auto", "mse", "kl")
-
-
-def resolve_attn_loss(attn_loss: str, loss_scale: str) -> str:
-    """`auto` is the KL under the normalized scale and the paper's MSE under `paper`."""
-    if attn_loss != "auto":
-        return attn_loss
-    return "kl" if loss_scale == "normalized" else "mse"
 
 
 class AlignKDObjective(nn.Module):

@@ -131,6 +131,13 @@ class AttentionAlignment(LossTerm):
                               mode=self.mode, vision_mask=batch.get("t_vision_mask"))
 
 
+def resolve_attn_loss(attn_loss: str, loss_scale: str) -> str:
+    """The attention term's form: `auto` is the KL under the normalized scale, the paper's MSE under `paper`."""
+    if attn_loss != "auto":
+        return attn_loss
+    return "kl" if loss_scale == "normalized" else "mse"
+
+
 @dataclass(frozen=True)
 class TermSpec:
     term: type[LossTerm]

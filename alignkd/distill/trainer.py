@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from alignkd.distill.terms import DEFAULT_PRESET, LOSS_TERMS, PRESETS, LossWeights, preset_weights
+from alignkd.distill.terms import DEFAULT_PRESET, LOSS_TERMS, PRESETS, LossWeights, preset_weights, resolve_attn_loss
 from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_finite, check_out_dir
 from alignkd.hub import check_model_arg, resolve_model
 
@@ -63,8 +63,6 @@ class DistillConfig:
 
     @property
     def resolved_attn_loss(self) -> str:
-        from alignkd.distill.objective import resolve_attn_loss
-
         return resolve_attn_loss(self.attn_loss, self.loss_scale)
 
     def loss_weights(self):
