@@ -58,6 +58,9 @@ DEFAULT_ARMS = {"ce": CE_ONLY, "alignkd": ""}
 ABLATION_ARMS = {("alignkd" if p == DEFAULT_PRESET else p): ("" if p == DEFAULT_PRESET else f"--preset {p}")
                  for p in PRESETS}
 ABLATION_BASE = "logits"
+# Before the presets the CE-only arm was these flags (the same objective, bit for bit): its run
+# directories keep their names, so an earlier --out is reused rather than trained again.
+SAME_RUN_AS = {CE_ONLY: "--w-logit 0 --w-attn 0 --w-vis 0"}
 RECIPE_DEFAULTS = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.0}
 WORLD_FILES = ("teacher", "student", "train_student.json", "images")
 
@@ -131,7 +134,8 @@ def build_cache(args, world: World, out: Path) -> Path:
 
 def run_name(world: World, arm_flags: str, seed: int) -> str:
     r = world.recipe
-    tag = hashlib.sha256(arm_flags.strip().encode()).hexdigest()[:8]
+    flags = arm_flags.strip()
+    tag = hashlib.sha256(SAME_RUN_AS.get(flags, flags).encode()).hexdigest()[:8]
     return f"{r['steps']}steps-b{r['batch_size']}-lr{r['lr']:g}-w{r['warmup_ratio']:g}-x{tag}-seed{seed}"
 
 
