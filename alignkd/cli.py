@@ -11,6 +11,8 @@ import sys
 import click
 
 from alignkd import __version__
+from alignkd.distill.terms import LOSS_TERMS, PRESETS
+from alignkd.distill.trainer import DistillConfig
 from alignkd.errors import AlignKDError, describe_os_error
 
 
@@ -261,6 +263,20 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
     click.echo(f"wrote {show_sample(cache_dir, sample_id, out, images_root=images)}")
 
 
+def _distill_default(name: str):
+    """A `distill` option's default is its `DistillConfig` field's: each setting has one default."""
+    return DistillConfig.__dataclass_fields__[name].default
+
+
+def _loss_weight_options(command):
+    """One --w-NAME option per loss term of alignkd.distill.terms.LOSS_TERMS (None: the preset's weight)."""
+    for spec in reversed(LOSS_TERMS.values()):  # click lists options in decoration order
+        command = click.option(f"--{spec.option.replace('_', '-')}", spec.option, type=float, default=None,
+                               help=f"Weight of the {spec.term.name} term, {spec.help} [default: the preset's, "
+                                    f"{spec.default_weight:g} in full].")(command)
+    return command
+
+
 @main.command()
 @click.option("--student", required=True,
               help="Student model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
@@ -269,44 +285,48 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
 @click.option("--out", required=True, help="Output directory for the student, adapters and metrics: new or empty "
               "(see --resume, --overwrite).")
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
-@click.option("--epochs", default=1.0, show_default=True)
-@click.option("--max-steps", default=-1, show_default=True, help="Overrides --epochs when positive.")
-@click.option("--batch-size", default=8, show_default=True)
-@click.option("--grad-accum", default=1, show_default=True)
-@click.option("--lr", default=1e-4, show_default=True)
-@click.option("--warmup-ratio", default=0.0, show_default=True)
-@click.option("--weight-decay", default=0.0, show_default=True)
-@click.option("--seed", default=0, show_default=True)
+@click.option("--epochs", default=_distill_default("epochs"), show_default=True)
+@click.option("--max-steps", default=_distill_default("max_steps"), show_default=True,
+              help="Overrides --epochs when positive.")
+@click.option("--batch-size", default=_distill_default("batch_size"), show_default=True)
+@click.option("--grad-accum", default=_distill_default("grad_accum"), show_default=True)
+@click.option("--lr", default=_distill_default("lr"), show_default=True)
+@click.option("--warmup-ratio", default=_distill_default("warmup_ratio"), show_default=True)
+@click.option("--weight-decay", default=_distill_default("weight_decay"), show_default=True)
+@click.option("--seed", default=_distill_default("seed"), show_default=True)
 @click.option("--bf16", is_flag=True, help="bf16 mixed precision.")
 @click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this run (same student and "
               "cache) under OUT.")
 @click.option("--overwrite", is_flag=True,
               help="Start again in an OUT that holds a run (its files are removed) or other files (kept); never "
                    "an OUT that is, holds or lies inside an input (student, cache, images, the cache's teacher).")
-@click.option("--w-ce", default=1.0, show_default=True)
-@click.option("--w-logit", default=1.0, show_default=True)
-@click.option("--w-attn", default=1.0, show_default=True)
-@click.option("--w-vis", default=1.0, show_default=True)
-@click.option("--temperature", default=1.0, show_default=True)
+@click.option("--preset", type=click.Choice(list(PRESETS)), default=_distill_default("preset"), show_default=True,
+              help="Named objective: the weight of every loss term (ce: the CE-only baseline; logits: CE + logit "
+                   "KD; full: Align-KD). A --w-NAME flag overrides its term's weight.")
+@_loss_weight_options
+@click.option("--temperature", default=_distill_default("temperature"), show_default=True)
 @click.option("--vision-topk", type=int, default=None,
               help="Vision tokens counted twice by text focus [default: N_v/9, the paper's 16 of 144].")
-@click.option("--loss-scale", type=click.Choice(["paper", "normalized"]), default="paper", show_default=True,
+@click.option("--loss-scale", type=click.Choice(["paper", "normalized"]), default=_distill_default("loss_scale"),
+              show_default=True,
               help="paper: the paper's exact MSE forms; normalized: scale-free terms (docs/method.md). "
                    "docs/efficacy.md compares them on three worlds.")
-@click.option("--attn-loss", type=click.Choice(["auto", "mse", "kl"]), default="auto", show_default=True,
+@click.option("--attn-loss", type=click.Choice(["auto", "mse", "kl"]), default=_distill_default("attn_loss"),
+              show_default=True,
               help="auto: kl under --loss-scale normalized, mse under paper.")
-@click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default="trainable", show_default=True)
+@click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default=_distill_default("adapters"),
+              show_default=True)
 @click.option("--freeze", default="vision_tower", show_default=True, help="Comma list of modules to freeze.")
-@click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default="jsonl", show_default=True)
+@click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default=_distill_default("log"), show_default=True)
 @click.option("--verify/--no-verify", default=True, show_default=True,
               help="Check every shard's checksums before training (skip for very large caches).")
-@click.option("--save-steps", default=500, show_default=True)
-@click.option("--logging-steps", default=5, show_default=True)
-@click.option("--grad-share-steps", default=0, show_default=True,
+@click.option("--save-steps", default=_distill_default("save_steps"), show_default=True)
+@click.option("--logging-steps", default=_distill_default("logging_steps"), show_default=True)
+@click.option("--grad-share-steps", default=_distill_default("grad_share_steps"), show_default=True,
               help="Every N steps, log each term's share of the student's gradient norm (0: off).")
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option("--workers", default=2, show_default=True, help="DataLoader worker processes reading the cache.")
-@click.option("--shuffle", default="uniform", show_default=True,
+@click.option("--workers", default=_distill_default("workers"), show_default=True, help="DataLoader worker processes reading the cache.")
+@click.option("--shuffle", default=_distill_default("shuffle"), show_default=True,
               help="Training order: uniform (a new permutation each epoch) or window:N (shards shuffled N at a "
                    "time, for caches far larger than memory on remote storage).")
 @click.option("--fsdp", default="",
@@ -378,7 +398,8 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
 @click.option("--seeds", type=int, default=None, help="Student seeds per ablation row (3 full, 1 quick).")
 @click.option("--teacher", default=None, help="Use this trained teacher directory instead of the shipped one.")
 @click.option("--steps", "distill_steps", type=int, default=None, help="Distillation steps per student.")
-@click.option("--ablation", is_flag=True, help="Also train one row per loss term (+ logit KD, + vision, + attention).")
+@click.option("--ablation", is_flag=True,
+              help="Also train one row per objective preset (logits, logits + vision, logits + attention).")
 @click.option("--no-progress", is_flag=True)
 @click.pass_context
 def demo(ctx, out: str, quick: bool, seeds: int | None, teacher: str | None, distill_steps: int | None,

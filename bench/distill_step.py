@@ -152,7 +152,7 @@ class Bench:
             student, teacher_heads=meta["teacher_shapes"]["num_heads"],
             teacher_dim=meta["teacher_shapes"]["hidden_size"], weights=LossWeights(),
             logit_mode=meta["build_options"]["logit_mode"],
-            logit_samples=meta["build_options"]["logit_samples"]).to(self.args.device)
+            logit_samples=meta["build_options"]["logit_samples"], loss_scale="normalized").to(self.args.device)
         return obj, adamw(obj)
 
     def _step(self, loss: torch.Tensor, opt) -> None:

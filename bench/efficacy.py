@@ -15,7 +15,8 @@ For each world the bench runs, as separate processes of the CLI:
 1. `alignkd cache build --teacher WORLD/teacher --data WORLD/train_student.json ...` once;
 2. per seed and arm, `alignkd distill --student WORLD/student --cache ... --seed S` with the
    world's recipe: the arm `alignkd` takes every objective default, the arm `ce` adds
-   `--w-logit 0 --w-attn 0 --w-vis 0`, and `--arm NAME="FLAGS"` adds more (ablations);
+   `--preset ce`, `--ablation` adds one arm per other objective preset (`--preset logits`,
+   `logits+vision`, `logits+attention`), and `--arm NAME="FLAGS"` adds more;
 3. `alignkd eval --json` of every student and of the teacher on the chosen split.
 
 Two distills run at a time with one torch thread each. Every stage is skipped when its
@@ -23,10 +24,13 @@ output exists, so an interrupted bench resumes; run directories carry the recipe
 and a hash of the arm's flags, so changing either never reuses a stale run. It prints one
 table: teacher, CE only, Align-KD (mean ± sample std over seeds), the gain, the spread of
 the per-seed paired gains, the seeds Align-KD wins, and the share of the teacher-student
-gap closed. Tune on `--split val`; report `--split test`.
+gap closed. With a `logits` arm (`--ablation`) a second table gives each other arm's paired
+per-seed increment over logits only: what the vision and attention terms add to plain logit
+distillation. Tune on `--split val`; report `--split test`.
 
     python bench/efficacy.py --world /work/worlds/digits --world /work/worlds/heldout \\
         --seeds 3 --split val --out /work/efficacy
+    python bench/efficacy.py --world /work/worlds/digits --ablation --seeds 5 --split val --out /work/efficacy
 """
 
 from __future__ import annotations
@@ -45,8 +49,18 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-CE_ONLY = "--w-logit 0 --w-attn 0 --w-vis 0"
+from alignkd.distill.terms import DEFAULT_PRESET, PRESETS
+
+# An arm is a set of `distill` flags; the objective presets are the one definition of each
+# objective (the default preset runs with no flags, so its runs are the `alignkd` arm's).
+CE_ONLY = "--preset ce"
 DEFAULT_ARMS = {"ce": CE_ONLY, "alignkd": ""}
+ABLATION_ARMS = {("alignkd" if p == DEFAULT_PRESET else p): ("" if p == DEFAULT_PRESET else f"--preset {p}")
+                 for p in PRESETS}
+ABLATION_BASE = "logits"
+# Before the presets the CE-only arm was these flags (the same objective, bit for bit): its run
+# directories keep their names, so an earlier --out is reused rather than trained again.
+SAME_RUN_AS = {CE_ONLY: "--w-logit 0 --w-attn 0 --w-vis 0"}
 RECIPE_DEFAULTS = {"steps": 1500, "batch_size": 32, "lr": 1e-3, "warmup_ratio": 0.0}
 WORLD_FILES = ("teacher", "student", "train_student.json", "images")
 
@@ -120,7 +134,8 @@ def build_cache(args, world: World, out: Path) -> Path:
 
 def run_name(world: World, arm_flags: str, seed: int) -> str:
     r = world.recipe
-    tag = hashlib.sha256(arm_flags.strip().encode()).hexdigest()[:8]
+    flags = arm_flags.strip()
+    tag = hashlib.sha256(SAME_RUN_AS.get(flags, flags).encode()).hexdigest()[:8]
     return f"{r['steps']}steps-b{r['batch_size']}-lr{r['lr']:g}-w{r['warmup_ratio']:g}-x{tag}-seed{seed}"
 
 
@@ -173,12 +188,40 @@ def summarise_world(name: str, teacher: dict, scores: dict[str, dict[int, dict]]
                             "per_seed": values}
         if arm != "ce" and "ce" in scores:
             gains = paired(scores, arm)
+            mean, sd, wins = gain_stats(gains)
             ce = statistics.fmean(100 * v["all"] for v in scores["ce"].values())
             gap = out["teacher"] - ce
-            out["arms"][arm].update(gain=statistics.fmean(gains), gain_sd=statistics.stdev(gains) if len(gains) > 1
-                                    else 0.0, wins=sum(g > 0 for g in gains), per_seed_gain=gains,
-                                    gap_closed=statistics.fmean(gains) / gap if gap > 0 else None)
+            out["arms"][arm].update(gain=mean, gain_sd=sd, wins=wins, per_seed_gain=gains,
+                                    gap_closed=mean / gap if gap > 0 else None)
     return out
+
+
+def gain_stats(gains: list[float]) -> tuple[float, float, int]:
+    """(mean, sample sd, seeds won) of per-seed paired gains."""
+    return statistics.fmean(gains), statistics.stdev(gains) if len(gains) > 1 else 0.0, sum(g > 0 for g in gains)
+
+
+def increments(scores: dict[str, dict[int, dict]], base: str = ABLATION_BASE) -> dict[str, dict]:
+    """Each arm's paired per-seed increment over `base` (logits only): mean, sample sd, seeds won."""
+    out = {}
+    for arm in scores:
+        if arm in ("ce", base) or base not in scores:
+            continue
+        gains = paired(scores, arm, base)
+        mean, sd, wins = gain_stats(gains)
+        out[arm] = {"mean": mean, "sd": sd, "wins": wins, "per_seed": gains}
+    return out
+
+
+def render_increments(summaries: list[dict]) -> str:
+    """The ablation table: what each arm adds to logits only, seed by seed."""
+    lines = [f"increment over {ABLATION_BASE} only (points): mean ± sample sd of per-seed paired gains", "",
+             "| world | arm | over logits | sd | wins | per seed |", "|---|---|---|---|---|---|"]
+    for s in summaries:
+        for arm, inc in s.get("over_logits", {}).items():
+            lines.append(f"| {s['world']} | {arm} | {inc['mean']:+.1f} | {inc['sd']:.1f} | "
+                         f"{inc['wins']}/{len(inc['per_seed'])} | {' '.join(f'{g:+.1f}' for g in inc['per_seed'])} |")
+    return "\n".join(lines)
 
 
 def render(summaries: list[dict], split: str, seeds: int) -> str:
@@ -198,8 +241,11 @@ def render(summaries: list[dict], split: str, seeds: int) -> str:
     return "\n".join(lines)
 
 
-def parse_arms(items: list[str], include_defaults: bool) -> dict[str, str]:
-    arms = dict(DEFAULT_ARMS) if include_defaults else {"ce": CE_ONLY}
+def parse_arms(items: list[str], include_defaults: bool, ablation: bool = False) -> dict[str, str]:
+    if ablation:  # the presets' order: ce, logits, ..., the default last
+        arms = dict(ABLATION_ARMS)
+    else:
+        arms = dict(DEFAULT_ARMS) if include_defaults else {"ce": CE_ONLY}
     for item in items:
         name, sep, flags = item.partition("=")
         if not sep or not name.strip() or name.strip() == "ce":
@@ -216,6 +262,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--split", choices=("val", "test"), default="val")
     p.add_argument("--arm", action="append", default=[], help='NAME="distill flags", e.g. paper="--loss-scale paper"')
     p.add_argument("--no-default-arm", action="store_true", help="train only CE only and the --arm rows")
+    p.add_argument("--ablation", action="store_true",
+                   help=f"one arm per objective preset ({', '.join(PRESETS)}) and each one's increment over "
+                        f"{ABLATION_BASE} only")
     p.add_argument("--steps", type=int, help="override every world's recipe")
     p.add_argument("--lr", type=float)
     p.add_argument("--batch-size", type=int)
@@ -235,7 +284,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> list[dict]:
     args = parse_args(argv)
     start = time.perf_counter()
-    arms = parse_arms(args.arm, not args.no_default_arm)
+    arms = parse_arms(args.arm, not args.no_default_arm, args.ablation)
     overrides = {"steps": args.steps, "lr": args.lr, "batch_size": args.batch_size, "warmup_ratio": args.warmup_ratio}
     worlds = [load_world(w, overrides) for w in args.world]
     for world in worlds:
@@ -262,8 +311,13 @@ def main(argv=None) -> list[dict]:
             if w.root == world.root:
                 scores.setdefault(arm, {})[seed] = result
         teacher = evaluate(args, world, world.root / "teacher", outs[world.root] / f"teacher-eval-{args.split}.json")
-        summaries.append({**summarise_world(world.name, teacher, scores), "recipe": world.recipe, "arms_flags": arms})
+        summary = {**summarise_world(world.name, teacher, scores), "recipe": world.recipe, "arms_flags": arms}
+        if ABLATION_BASE in scores:
+            summary["over_logits"] = increments(scores)
+        summaries.append(summary)
     table = render(summaries, args.split, args.seeds)
+    if any("over_logits" in s for s in summaries):
+        table += "\n\n" + render_increments(summaries)
     (out_root / f"summary-{args.split}.json").write_text(json.dumps(summaries, indent=1))
     (out_root / f"table-{args.split}.md").write_text(table + "\n")
     print("\n" + table + f"\n\nwall {time.perf_counter() - start:.0f} s; per-run logs under {out_root}")

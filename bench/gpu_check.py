@@ -190,7 +190,8 @@ def base_checks(args) -> dict:
     student, _ = build_model(s_spec, dev, dtype, args.tiny)
     student.train()
     objective = AlignKDObjective(student, teacher_heads=t_spec.num_heads, teacher_dim=t_spec.hidden_size,
-                                 weights=LossWeights(), logit_mode="topk", logit_samples=64).to(dev)
+                                 weights=LossWeights(), logit_mode="topk", logit_samples=64,
+                                 loss_scale="normalized").to(dev)
     opt = torch.optim.AdamW([p for p in objective.parameters() if p.requires_grad], lr=1e-5)
     reader = open_cache(cache + "/c", images=False)
 
@@ -363,7 +364,8 @@ def fsdp_worker(args) -> dict:
     student, _ = build_model(s_spec, dev, torch.float32, args.tiny)  # fp32 master weights, bf16 compute
     student.train()
     objective = AlignKDObjective(student, teacher_heads=t_spec.num_heads, teacher_dim=t_spec.hidden_size,
-                                 weights=LossWeights(), logit_mode="topk", logit_samples=64)
+                                 weights=LossWeights(), logit_mode="topk", logit_samples=64,
+                                 loss_scale="normalized")
     out = tempfile.mkdtemp(prefix=f"gpu-check-fsdp-r{rank}-")
     sharding = fsdp_arguments(("full_shard", "auto_wrap"), wrap_classes(student, ("LlamaDecoderLayer",)))
     targs = TrainingArguments(output_dir=out + "/ckpt", max_steps=1, per_device_train_batch_size=args.batch,

@@ -7,10 +7,10 @@ alignkd, every stage is a subprocess of the CLI:
    `train.json`, written as `OUT/student-train.json`;
 2. `alignkd cache build --teacher T --data OUT/student-train.json --images IMGS --out OUT/cache`;
 3. per seed, `alignkd distill --student S --cache OUT/cache --out RUN --max-steps N
-   --batch-size 32 --lr 1e-3 --seed S` with the default weights ("Align-KD"), and the
-   same with `--w-logit 0 --w-attn 0 --w-vis 0` ("CE only"); `--extra-distill-args`
-   go to both rows (CE only's zero weights come last, so they still win). Two distills
-   run at a time, each with OMP_NUM_THREADS=1;
+   --batch-size 32 --lr 1e-3 --seed S` with the default objective ("Align-KD"), and the
+   same with `--preset ce` ("CE only"); `--extra-distill-args` go to both rows, and may not
+   set the objective (--preset, --w-*), which would change the CE-only baseline too. Two
+   distills run at a time, each with OMP_NUM_THREADS=1;
 4. `alignkd eval --model RUN --data SPLIT.json --images IMGS --json` for every run (right
    after its distill) and the teacher.
 
@@ -39,7 +39,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-CE_ONLY = ["--w-logit", "0", "--w-attn", "0", "--w-vis", "0"]
+CE_ONLY = ["--preset", "ce"]  # the CLI's one definition of the baseline
 ROWS = (("CE only", "ce", CE_ONLY), ("Align-KD (defaults)", "akd", []))
 
 
@@ -173,6 +173,8 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.error(f"--{name.replace('_', '-')} {getattr(args, name)} is not a directory")
     if args.seeds < 1 or args.steps < 1:
         p.error("--seeds and --steps must be at least 1")
+    if any(a.startswith(("--preset", "--w-")) for a in shlex.split(args.extra_distill_args)):
+        p.error("--extra-distill-args may not set the objective (--preset, --w-*): it goes to the CE-only row too")
     return args
 
 

@@ -7,7 +7,10 @@ already finished are reused, so a sweep can be extended row by row.
 
     python bench/objective_sweep.py --cache demo/cache --student demo/student-init \\
         --world demo/world --split val --steps 1000 --seeds 0,1,2 \\
-        --row "CE only:w_logit=0,w_vis=0,w_attn=0" --row "full:" --out sweep/
+        --row "CE only:preset=ce" --row "logits:preset=logits" --row "full:" --out sweep/
+
+A row's overrides are `DistillConfig` fields: `preset=NAME` picks an objective preset
+(alignkd.distill.terms.PRESETS) and `w_NAME=...` overrides one term's weight.
 """
 
 from __future__ import annotations

@@ -8,8 +8,9 @@ unembedding E [32000, 256] give the logits; vision tokens [Nv, 2048] and layer-0
 with its real adapters (teacher 32 heads / d 4096 -> student 16 / 2048), so every term,
 mask and adapter gradient is the one training computes.
 
-The objective is the default one (`loss_scale="normalized"`: standardised teacher tokens and
-variance-normalised L_vis, KL attention); the MSE attention term is measured alone too.
+The objective is the normalized one (`loss_scale="normalized"`: standardised teacher tokens and
+variance-normalised L_vis, KL attention; `alignkd distill`'s default is the paper's scale); the MSE
+attention term is measured alone too. `full` below is that normalized objective's gradient.
 
 Initial state, "mid training": vision tokens at unit scale (the normalized L_vis regresses
 the teacher's standardised tokens from the adapter's image of them); attention = the
@@ -34,10 +35,11 @@ import torch
 from torch import nn
 
 from alignkd.distill.dataset import collate_distill, item_from_record, widen_targets
+from alignkd.distill.fidelity import per_term_gradients
 from alignkd.distill.objective import AlignKDObjective, LossWeights
+from alignkd.distill.terms import AttentionAlignment
 
 STUDENT_HEADS, STUDENT_DIM, HIDDEN = 16, 2048, 256
-TERMS = ("ce", "logit", "vis", "attn", "attn_kl")
 
 
 class StandInStudent(nn.Module):
@@ -74,16 +76,25 @@ class StandInStudent(nn.Module):
 
 
 def build_objective(records, vocab: int, teacher_heads: int, teacher_dim: int) -> AlignKDObjective:
-    """The default objective (normalized loss scale, KL attention), standardised with the fp32
-    teacher's per-channel statistics as `alignkd distill` computes them from the cache."""
+    """The normalized objective (KL attention), standardised with the fp32 teacher's per-channel
+    statistics as `alignkd distill` computes them from the cache."""
     torch.manual_seed(0)
     student = StandInStudent(records, vocab)
     vis = np.concatenate([r.vision for r in records]).astype(np.float64)
     stats = (torch.from_numpy(vis.mean(0)).float(), torch.from_numpy(vis.std(0)).float())
     objective = AlignKDObjective(student, teacher_heads=teacher_heads, teacher_dim=teacher_dim,
-                                 weights=LossWeights(), logit_mode="topk", logit_samples=0, vision_stats=stats)
+                                 weights=LossWeights(), logit_mode="topk", logit_samples=0, loss_scale="normalized",
+                                 vision_stats=stats)
     student.init_from_teacher(objective)
     return objective
+
+
+def standin_terms(objective: AlignKDObjective) -> dict:
+    """The objective's own terms, with the attention term in both forms (`attn` the MSE, `attn_kl`)."""
+    terms = {name: objective.terms[name] for name in ("ce", "logit", "vis")}
+    terms["attn"] = AttentionAlignment(objective.head_adapter, "mse")
+    terms["attn_kl"] = AttentionAlignment(objective.head_adapter, "kl")
+    return terms
 
 
 def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, torch.Tensor]:
@@ -91,19 +102,13 @@ def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, tor
     batch = widen_targets(collate_distill([item_from_record(record, {})], pad_token_id=0))
     student = {id(p) for p in objective.student.parameters()}
     params = [p for p in objective.parameters() if p.requires_grad]
-    default_attn = objective.attn_loss
+    losses = {name: term(objective.student.capture(j), batch) for name, term in standin_terms(objective).items()}
     out = {}
-    for term in TERMS:
-        name = "attn" if term == "attn_kl" else term
-        objective.weights = LossWeights(**{t: float(t == name) for t in ("ce", "logit", "vis", "attn")})
-        objective.attn_loss = "kl" if term == "attn_kl" else "mse"
-        loss = objective.loss_terms(objective.student.capture(j), batch)[name]
-        grads = torch.autograd.grad(loss, params, allow_unused=True)
+    for term, grads in per_term_gradients(losses, params).items():
         flat = [((gr if gr is not None else torch.zeros_like(p)).reshape(-1).double(), id(p) in student)
                 for gr, p in zip(grads, params)]
         out[term] = torch.cat([g for g, own in flat if own])
         out[f"{term}@adapters"] = torch.cat([g for g, own in flat if not own] or [torch.zeros(1, dtype=torch.double)])
-    objective.weights, objective.attn_loss = LossWeights(), default_attn
     return out
 
 
@@ -112,7 +117,7 @@ def summed_gradients(objective, records) -> dict[str, torch.Tensor]:
     for j, r in enumerate(records):
         for term, g in term_gradients(objective, j, r).items():
             total[term] = total[term] + g if term in total else g
-    # the default objective: every weight 1, the attention term as KL (the default attn_loss)
+    # the normalized objective: every weight 1, the attention term as KL
     total["full"] = total["ce"] + total["logit"] + total["vis"] + total["attn_kl"]
     total["full@adapters"] = total["vis@adapters"] + total["attn_kl@adapters"]
     return total

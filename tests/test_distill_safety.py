@@ -279,7 +279,7 @@ def test_full_disk_while_exporting_is_one_sentence_and_leaves_no_student(world, 
     vlm, meta = load_vlm(tiny_student_dir), open_cache(world["cache"]).meta
     objective = AlignKDObjective(vlm.model, teacher_heads=meta["teacher_shapes"]["num_heads"],
                                  teacher_dim=meta["teacher_shapes"]["hidden_size"], weights=LossWeights(),
-                                 logit_mode="topk", logit_samples=16)
+                                 logit_mode="topk", logit_samples=16, loss_scale="normalized")
     out = tmp_path / "run"
     cfg = DistillConfig(student=str(tiny_student_dir), cache=str(world["cache"]), out=str(out))
     log = tmp_path / "export.log"

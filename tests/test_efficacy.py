@@ -1,5 +1,6 @@
 """bench/efficacy.py end to end on a tiny world directory it has never seen: the CLI stages,
-the per-world table and summary, resume, and refusals of a malformed world."""
+the ablation over the objective presets, the per-world tables and summary, resume, and
+refusals of a malformed world."""
 
 from __future__ import annotations
 
@@ -39,32 +40,56 @@ def _run(*args, cwd: Path) -> subprocess.CompletedProcess:
                           text=True, timeout=300)
 
 
-def test_efficacy_runs_a_new_world_through_the_cli(tmp_path, tiny_llava_dir, tiny_student_dir):
+PRESET_ARMS = {"ce": "ce", "logits": "logits", "logits+vision": "logits+vision",
+               "logits+attention": "logits+attention", "alignkd": "full"}
+
+
+def _logged_terms(run: Path) -> set[str]:
+    """The loss terms a run's metrics.jsonl logged at any step: the terms its objective computed."""
+    records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {k.removeprefix("loss_") for r in records for k in r if k.startswith("loss_")}
+
+
+def test_efficacy_ablation_runs_a_new_world_through_the_cli(tmp_path, tiny_llava_dir, tiny_student_dir):
+    """`--ablation`: one arm per objective preset, each a real CLI distill whose objective computed
+    exactly its preset's terms, the usual table, and each arm's paired increment over logits only."""
     world = _world(tmp_path / "tinyworld", tiny_llava_dir, tiny_student_dir)
     out = tmp_path / "out"
-    first = _run("--world", world, "--seeds", 1, "--split", "val", "--out", out, "--jobs", 2,
-                 "--arm", "vis=--w-logit 0 --w-attn 0", cwd=tmp_path)
+    first = _run("--world", world, "--seeds", 1, "--split", "val", "--out", out, "--jobs", 2, "--ablation",
+                 cwd=tmp_path)
     assert first.returncode == 0, first.stderr[-2000:]
     [summary] = json.loads((out / "summary-val.json").read_text())
     assert summary["world"] == "tinyworld" and summary["recipe"]["steps"] == 2
-    assert set(summary["arms"]) == {"ce", "alignkd", "vis"}
-    for arm in ("alignkd", "vis"):
-        a = summary["arms"][arm]
-        assert len(a["per_seed"]) == len(a["per_seed_gain"]) == 1
-        assert abs(a["gain"] - (a["per_seed"][0] - summary["arms"]["ce"]["per_seed"][0])) < 1e-9
-    # every student is a real distill run through the CLI, with the recipe and the arm's flags
-    runs = sorted((out).glob("tinyworld-*/*/*-seed*/distill_run.json"))
-    assert len(runs) == 3
+    assert list(summary["arms"]) == list(PRESET_ARMS)
+    for arm in PRESET_ARMS:
+        if arm != "ce":
+            a = summary["arms"][arm]
+            assert len(a["per_seed"]) == len(a["per_seed_gain"]) == 1
+            assert abs(a["gain"] - (a["per_seed"][0] - summary["arms"]["ce"]["per_seed"][0])) < 1e-9
+    logits = summary["arms"]["logits"]["per_seed"][0]
+    assert set(summary["over_logits"]) == {"logits+vision", "logits+attention", "alignkd"}
+    for arm, inc in summary["over_logits"].items():
+        assert abs(inc["mean"] - (summary["arms"][arm]["per_seed"][0] - logits)) < 1e-9
+        assert inc["wins"] == int(inc["mean"] > 0) and inc["sd"] == 0.0
+    # every student is a real distill run through the CLI, with the recipe and its arm's preset,
+    # and its objective computed its preset's terms and no other (a term that ran is logged)
+    runs = sorted(out.glob("tinyworld-*/*/*-seed*/distill_run.json"))
+    assert len(runs) == len(PRESET_ARMS)
     configs = {p.parent.parent.name: json.loads(p.read_text())["config"] for p in runs}
+    terms = {p.parent.parent.name: _logged_terms(p.parent) for p in runs}
+    assert {arm: c["preset"] for arm, c in configs.items()} == PRESET_ARMS
     assert configs["ce"]["w_vis"] == configs["ce"]["w_attn"] == configs["ce"]["w_logit"] == 0
-    assert configs["vis"]["w_vis"] == 1 and configs["vis"]["w_logit"] == 0
+    assert terms == {"ce": {"ce"}, "logits": {"ce", "logit"}, "logits+vision": {"ce", "logit", "vis"},
+                     "logits+attention": {"ce", "logit", "attn"}, "alignkd": {"ce", "logit", "vis", "attn"}}
     assert configs["alignkd"]["max_steps"] == 2 and configs["alignkd"]["batch_size"] == 2
     table = (out / "table-val.md").read_text()
-    assert "| tinyworld | alignkd |" in table and "| tinyworld | vis |" in table
+    assert "| tinyworld | alignkd |" in table and "| tinyworld | logits+vision |" in table
     assert table.splitlines()[0] in first.stdout
+    increments = table[table.index("increment over logits only"):].splitlines()
+    assert increments[2] == "| world | arm | over logits | sd | wins | per seed |"
+    assert len(increments) == 4 + 3 and all(line in first.stdout for line in increments)
     # a rerun reuses every finished stage: no distill runs again
-    again = _run("--world", world, "--seeds", 1, "--split", "val", "--out", out, "--arm",
-                 "vis=--w-logit 0 --w-attn 0", cwd=tmp_path)
+    again = _run("--world", world, "--seeds", 1, "--split", "val", "--out", out, "--ablation", cwd=tmp_path)
     assert again.returncode == 0, again.stderr[-2000:]
     assert not [line for line in again.stdout.splitlines() if line.startswith("[efficacy] tinyworld:")]
     assert json.loads((out / "summary-val.json").read_text()) == [summary]

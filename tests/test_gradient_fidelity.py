@@ -47,7 +47,7 @@ def live(tiny_llava_dir, tiny_student_dir, tmp_path_factory):
     torch.manual_seed(0)
     objective = AlignKDObjective(student.model, teacher_heads=text["num_attention_heads"],
                                  teacher_dim=text["hidden_size"], weights=LossWeights(), logit_mode="topk",
-                                 logit_samples=16)
+                                 logit_samples=16, loss_scale="normalized")
     meta = {"teacher_shapes": {"vocab_size": teacher.model.config.get_text_config().vocab_size}}
     return {"root": root, "records": records, "objective": objective, "processor": student.processor, "meta": meta}
 

@@ -98,6 +98,22 @@ def test_a_temperature_1_cache_is_tempered_exactly_when_the_tail_is_stored_whole
     torch.testing.assert_close(same_tail, part.tail)
 
 
+def test_a_float16_target_is_tempered_like_its_float32_copy():
+    """`cache build` stores logit values as float16 by default; `distill --temperature 2` on such a
+    cache once stopped with an overflow (the -1e30 fill took the values' dtype)."""
+    from alignkd.distill.losses import temper_topk_target
+
+    t = encode_topk(randn(3, 20, seed=18), 5)
+    ids = t.ids.clone()
+    ids[0, -1] = -1  # a padded slot
+    half = t.values.half()
+    values, tail = temper_topk_target(half, ids, t.tail, 2.0, 20)
+    ref_values, ref_tail = temper_topk_target(half.float(), ids, t.tail, 2.0, 20)
+    assert values.dtype == torch.float32
+    torch.testing.assert_close(values, ref_values, rtol=0, atol=0)
+    torch.testing.assert_close(tail, ref_tail, rtol=0, atol=0)
+
+
 def test_topk_gradients_finite_when_k_covers_vocab():
     student = randn(2, 10, seed=8).requires_grad_()
     t = encode_topk(randn(2, 10, seed=9), 10)

@@ -124,3 +124,28 @@ def test_vision_stats_match_numpy_over_every_token(cache):
     mean, std = teacher_vision_stats(reader)
     np.testing.assert_allclose(mean.numpy(), tokens.mean(0), rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(std.numpy(), tokens.std(0), rtol=1e-4, atol=1e-6)
+
+
+def test_a_term_with_weight_0_never_runs_nor_reads_its_targets(cache, tiny_student_dir, tiny_llava_dir):
+    """`--preset logits`: the vision and attention targets may be nan, or the rows absent as in a
+    layer0 cache with no kit, and the loss is the clean batch's; the full objective would read them."""
+    from alignkd.distill.terms import preset_weights
+
+    obj, processor = _objective(tiny_student_dir, tiny_llava_dir, "paper", teacher_vision_stats(open_cache(cache)))
+    obj.weights = LossWeights(**preset_weights("logits"))
+    dataset = CachedDistillDataset(cache, processor)
+    batch = dataset.collate([dataset[i] for i in range(len(dataset))])
+    clean = obj(**batch)
+    from alignkd.distill.objective import drop_unread_targets
+
+    read = drop_unread_targets(batch, [obj.terms[name] for name in obj.weights.enabled()])
+    assert sorted(k for k in read if k.startswith("t_")) == sorted(k for k in batch if k.startswith("t_logit"))
+    poisoned = {k: v for k, v in batch.items() if not k.startswith("t_attn")}
+    poisoned["t_vision"] = torch.full_like(batch["t_vision"], float("nan"))
+    poisoned["t_focus"] = torch.full_like(batch["t_focus"], float("nan"))
+    out = obj(**poisoned)
+    assert set(out) == {"loss", "loss_ce", "loss_logit"}
+    assert torch.isfinite(out["loss"]) and torch.equal(out["loss"], clean["loss"])
+    obj.weights = LossWeights()
+    with pytest.raises(RuntimeError, match="no layer-0 kit was given"):
+        obj(**poisoned)

@@ -246,7 +246,7 @@ def test_text_only_samples_leave_the_image_terms_as_the_image_samples_give_them(
     torch.manual_seed(0)
     obj = AlignKDObjective(student.model, teacher_heads=reader.meta["teacher_shapes"]["num_heads"],
                            teacher_dim=reader.meta["teacher_shapes"]["hidden_size"], weights=LossWeights(),
-                           logit_mode="topk", logit_samples=0)
+                           logit_mode="topk", logit_samples=0, loss_scale="normalized")
     ds = CachedDistillDataset(str(cache), student.processor)
     item = {sid: ds[reader.index_of(sid)] for sid in ("first", "text", "two")}
 

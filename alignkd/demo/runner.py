@@ -17,15 +17,15 @@ from pathlib import Path
 
 from alignkd.errors import ConfigError
 
-# One row per loss term, as in the paper's ablation; "+ X" means CE plus that term alone.
-# The default run trains the first and last rows only (CE only against full Align-KD);
-# `--ablation` adds the single-term rows.
+# One row per objective preset (alignkd.distill.terms.PRESETS): CE only, logit KD, logit KD plus
+# each Align-KD term, and the full objective. The default run trains the first and last rows
+# only (CE only against full Align-KD); `--ablation` adds the others.
 ABLATION = (
-    ("CE only", dict(w_logit=0.0, w_vis=0.0, w_attn=0.0)),
-    ("+ logit KD", dict(w_vis=0.0, w_attn=0.0)),
-    ("+ vision tokens", dict(w_logit=0.0, w_attn=0.0)),
-    ("+ attention", dict(w_logit=0.0, w_vis=0.0)),
-    ("full Align-KD", dict()),
+    ("CE only", "ce"),
+    ("logits only", "logits"),
+    ("logits + vision", "logits+vision"),
+    ("logits + attention", "logits+attention"),
+    ("full Align-KD", "full"),
 )
 DEFAULT_ROWS = ("CE only", "full Align-KD")
 
@@ -141,7 +141,7 @@ def build_demo_cache(cfg: DemoConfig, teacher: Path, paths, out: Path) -> Path:
     return cache
 
 
-def distill_row(cfg: DemoConfig, name: str, weights: dict, seed: int, student: Path, cache: Path,
+def distill_row(cfg: DemoConfig, name: str, preset: str, seed: int, student: Path, cache: Path,
                 out: Path, callbacks: list | None = None) -> Path:
     from alignkd.distill.trainer import DistillConfig, distill
 
@@ -153,7 +153,7 @@ def distill_row(cfg: DemoConfig, name: str, weights: dict, seed: int, student: P
                           batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, seed=seed,
                           logging_steps=10, save_steps=10**9, progress=False, verify=False,
                           # two students already share the two cores; the world's samples are tiny
-                          workers=0, **weights), callbacks=callbacks)
+                          workers=0, preset=preset), callbacks=callbacks)
     shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the exported student is what is kept
     return run
 
@@ -194,8 +194,8 @@ def distill_all(cfg: DemoConfig, jobs: list, student: Path, cache: Path, out: Pa
     ctx = multiprocessing.get_context("spawn")
     with ctx.Manager() as manager, ProcessPoolExecutor(max(cfg.workers, 1), mp_context=ctx) as pool:
         steps = manager.Queue() if cfg.progress else None
-        futures = [pool.submit(_distill_job, (cfg, name, weights, seed, student, cache, out, steps))
-                   for name, weights, seed in jobs]
+        futures = [pool.submit(_distill_job, (cfg, name, preset, seed, student, cache, out, steps))
+                   for name, preset, seed in jobs]
         todo = sum(not (out / "runs" / _slug(name, seed) / "distill_run.json").exists() for name, _, seed in jobs)
         with tqdm(total=todo * cfg.distill_steps, desc=f"distil {todo} students", unit="step",
                   disable=not cfg.progress) as bar:
@@ -321,7 +321,7 @@ def _run_demo(cfg: DemoConfig) -> Path:
     paths = prepare_world(cfg, out)
     student = prepare_student_init(teacher, out)
     cache = build_demo_cache(cfg, teacher, paths, out)
-    jobs = [(name, weights, seed) for name, weights in cfg.rows() for seed in range(cfg.seeds)]
+    jobs = [(name, preset, seed) for name, preset in cfg.rows() for seed in range(cfg.seeds)]
     runs = distill_all(cfg, jobs, student, cache, out)
     rows: dict[str, list[dict]] = {}
     from tqdm.auto import tqdm

@@ -68,8 +68,9 @@ def temper_topk_target(teacher_logp: Tensor, ids: Tensor, tail: Tensor, temperat
     spread evenly over the vocabulary's other V - |S| tokens: exact at tau = 1 or for an empty
     tail, and an upper bound on it for tau > 1 (x^(1/tau) is concave).
     """
+    teacher_logp = teacher_logp.float()  # stored as float16 by default: -1e30 would overflow it
     valid = ids >= 0
-    scaled = torch.where(valid, teacher_logp.float() / temperature, torch.full_like(teacher_logp, _MASKED))
+    scaled = torch.where(valid, teacher_logp / temperature, torch.full_like(teacher_logp, _MASKED))
     rest = (vocab_size - valid.sum(-1)).clamp(min=1).float()
     r = tail.float().clamp(min=0)
     log_tail = torch.where(r > 0, rest.log() + (r.clamp(min=1e-30).log() - rest.log()) / temperature,

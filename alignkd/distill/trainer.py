@@ -15,6 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
+from alignkd.distill.terms import DEFAULT_PRESET, LOSS_TERMS, PRESETS, LossWeights, preset_weights, resolve_attn_loss
 from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_finite, check_out_dir
 from alignkd.hub import check_model_arg, resolve_model
 
@@ -36,10 +37,13 @@ class DistillConfig:
     bf16: bool = False
     resume: bool = False
     overwrite: bool = False           # replace a finished or stopped run in --out (alignkd.distill.outdir)
-    w_ce: float = 1.0
-    w_logit: float = 1.0
-    w_attn: float = 1.0
-    w_vis: float = 1.0
+    # The objective: a preset of alignkd.distill.terms (PRESETS) gives every term's weight; a w_NAME
+    # set here overrides it (None: the preset's). One field per row of terms.LOSS_TERMS.
+    preset: str = DEFAULT_PRESET
+    w_ce: float | None = None
+    w_logit: float | None = None
+    w_attn: float | None = None
+    w_vis: float | None = None
     temperature: float = 1.0
     vision_topk: int | None = None    # None: N_v / 9, the paper's 16 of 144
     attn_loss: str = "auto"           # auto: kl under the normalized scale, mse under paper
@@ -59,26 +63,33 @@ class DistillConfig:
 
     @property
     def resolved_attn_loss(self) -> str:
-        if self.attn_loss != "auto":
-            return self.attn_loss
-        return "kl" if self.loss_scale == "normalized" else "mse"
+        return resolve_attn_loss(self.attn_loss, self.loss_scale)
+
+    def loss_weights(self):
+        """The objective's `LossWeights`: the preset's, with the w_NAME fields given."""
+        return LossWeights(**{name: getattr(self, spec.option) for name, spec in LOSS_TERMS.items()})
 
     def __post_init__(self) -> None:
         check_choices(self, {"attn_loss": ("auto", "mse", "kl"), "adapters": ("trainable", "frozen"),
-                             "log": ("jsonl", "tensorboard"), "loss_scale": ("normalized", "paper")})
+                             "log": ("jsonl", "tensorboard"), "loss_scale": ("normalized", "paper"),
+                             "preset": tuple(PRESETS)})
+        weight_options = [spec.option for spec in LOSS_TERMS.values()]
+        for name, weight in preset_weights(self.preset).items():  # recorded as numbers, not as None
+            if getattr(self, LOSS_TERMS[name].option) is None:
+                object.__setattr__(self, LOSS_TERMS[name].option, weight)
         # nan passes every comparison below (nan < 0 is False), so finiteness comes first
-        check_finite(self, ("epochs", "lr", "weight_decay", "warmup_ratio", "w_ce", "w_logit", "w_attn", "w_vis",
-                            "temperature"))
+        check_finite(self, ("epochs", "lr", "weight_decay", "warmup_ratio", *weight_options, "temperature"))
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError(f"--epochs must be positive when --max-steps is not, not {self.epochs}: "
                               "the run would export an untrained student.")
         if self.resume and self.overwrite:
             raise ConfigError("--resume continues the run in --out and --overwrite replaces it; pass one of them.")
-        for name in ("w_ce", "w_logit", "w_attn", "w_vis", "lr", "weight_decay"):
+        for name in (*weight_options, "lr", "weight_decay"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must not be negative.")
-        if not any(getattr(self, f"w_{t}") > 0 for t in ("ce", "logit", "attn", "vis")):
-            raise ConfigError("every loss weight is 0; enable at least one of --w-ce/--w-logit/--w-attn/--w-vis.")
+        if not any(getattr(self, name) > 0 for name in weight_options):
+            flags = "/".join(f"--{name.replace('_', '-')}" for name in weight_options)
+            raise ConfigError(f"every loss weight is 0; enable at least one of {flags}.")
         if self.workers < 0:
             raise ConfigError(f"--workers must be 0 or more, not {self.workers}.")
         check_at_least_one(self, ("batch_size", "grad_accum", "logging_steps", "save_steps"))
@@ -153,7 +164,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     from alignkd.distill.dataset import CachedDistillDataset
     from alignkd.distill.engine import AlignKDTrainer, build_callbacks
     from alignkd.distill.export import export_student
-    from alignkd.distill.objective import AlignKDObjective, LossWeights
+    from alignkd.distill.objective import AlignKDObjective
     from alignkd.distill.sampling import parse_order
     from alignkd.distill.sharding import check_fsdp_engaged, fsdp_arguments, gather_state_dict, parse_fsdp, wrap_classes
     from alignkd.models import load_vlm
@@ -177,7 +188,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     _freeze(student, cfg.freeze, vlm.family)
     fsdp_words = parse_fsdp(cfg.fsdp)
     sharding = fsdp_arguments(fsdp_words, wrap_classes(student, cfg.fsdp_wrap_class) if fsdp_words else [])
-    weights = LossWeights(ce=cfg.w_ce, logit=cfg.w_logit, vis=cfg.w_vis, attn=cfg.w_attn)
+    weights = cfg.loss_weights()
     vision_stats = None
     if cfg.loss_scale == "normalized" and weights.vis > 0:
         from alignkd.distill.vision_stats import teacher_vision_stats
@@ -219,7 +230,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
         dataloader_pin_memory=torch.cuda.is_available(), dataloader_persistent_workers=cfg.workers > 0,
         # Under torchrun on CPU (the tests' two gloo processes) DDP needs gloo; NCCL otherwise.
         # Parameters only go unused when a loss term is off (e.g. the adapters of w_attn=0).
-        ddp_find_unused_parameters=len(weights.enabled()) < 4,
+        ddp_find_unused_parameters=len(weights.enabled()) < len(LOSS_TERMS),
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         **sharding,
     )
