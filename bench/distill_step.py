@@ -133,7 +133,8 @@ def trainable_student(model_dir, device: str):
 
 
 def to_device(batch: dict, device: str, pixel_dtype=None) -> dict:
-    out = {k: v.to(device, non_blocking=True) for k, v in batch.items()}
+    # collate_distill also hands back non-tensor columns (the batch's sample ids): they stay as they are
+    out = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
     if pixel_dtype is not None and "pixel_values" in out:
         out["pixel_values"] = out["pixel_values"].to(pixel_dtype)
     return out
@@ -299,6 +300,21 @@ def print_table(times: dict) -> None:
     print(f"train only, (b)/(a) = {tb / ta:.3f}, {third}/(b) = {tc / tb:.3f}")
 
 
+def print_recompute_share(bench: Bench, n_batches: int, device: str, repeats: int = 3) -> None:
+    """The kit's layer-0 forward alone (what (d) adds to (b)'s train part), against (b)'s train
+    part timed right beside it: a steadier share than the whole steps' ratio on a loaded box."""
+    kit, train = [], []
+    for r in range(repeats * n_batches):
+        batch = bench.layer0_inputs(r % n_batches)
+        with torch.autocast(**bench.autocast):
+            _, t = timed(bench.layer0_obj.teacher_rows, batch, device=device)
+        kit.append(t)
+        train.append(timed(bench.cached_train, bench.cached_inputs(r % n_batches), device=device)[1])
+    share = statistics.median(k / t for k, t in zip(kit, train))
+    print(f"kit recompute alone: median {statistics.median(kit):.4f} s per step, {share:.1%} of (b)'s train part "
+          f"(paired over {len(kit)} batches), i.e. (d)/(b) = {1 + share:.3f} from the kit's cost")
+
+
 def profile_cached(bench: Bench, steps: int, n_batches: int) -> None:
     """cProfile of (b): where a step from the cache spends its time beyond (a)'s."""
     prof = cProfile.Profile()
@@ -339,6 +355,8 @@ def main() -> None:
         print(f"batch {args.batch}, {n_batches} distinct batches, {args.device} {args.dtype}, "
               f"{args.threads} threads, {args.warmup} warm-up + {args.steps} interleaved repeats")
         print_table(measure(bench.variants(), n_batches, args.steps, args.warmup, args.device))
+        if args.stores:
+            print_recompute_share(bench, n_batches, args.device)
         if args.profile:
             profile_cached(bench, args.steps, n_batches)
 
