@@ -83,6 +83,17 @@ SCALES = {
                               image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
                               vision_heads=4),
         question_words=(90, 130), extra_vocab=32000),
+    # For a GPU: kit7b's teacher and a MobileLLaMA-1.4B-shaped student (d 2048 x 24 layers, 16 heads,
+    # MLP 5632), the student the issue's <= 1.05x step target is about. Three fp32 students with
+    # AdamW state are ~67 GB (an H200; not run yet).
+    "gpu7b": Scale(
+        teacher=TinyLlavaSpec(hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=1024,
+                              image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
+                              vision_heads=4),
+        student=TinyLlavaSpec(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=5632,
+                              image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
+                              vision_heads=4),
+        question_words=(90, 130), extra_vocab=32000),
     # MobileVLM-like shapes for a GPU: 576 image tokens (336 px / patch 14), ~700-token
     # sequences, a 32k vocabulary. Teacher d=2048 × 8 layers, student d=1024 × 6 layers.
     "large": Scale(
