@@ -7,7 +7,7 @@ shards' bytes (tensors and per-sample rows) over the samples; what a cache holds
 whatever its size (the tokenizer, cache.json, catalog.duckdb), is `fixed_bytes`, which
 `cache build`'s closing line prints beside it (`build_footprint`). A cache built with
 --attn-store layer0 stores no attention (its raw and disk bytes are 0, the rows are
-recomputed) and holds the layer-0 kit once, among the fixed part.
+recomputed) and holds the layer-0 kit once, which stats prints beside the per-sample bytes.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from collections import defaultdict
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
 from alignkd.cache.storage import CacheStore, open_store
-from alignkd.storage_schemas import ARRAY_KINDS, SHARDS_DIR
+from alignkd.storage_schemas import ARRAY_KINDS, LAYER0_KIT_DIR, SHARDS_DIR
 
 DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass", "attn_top16_share")
 
@@ -119,8 +119,8 @@ def cache_stats(cache) -> dict:
                    "multi_image_samples": counts.get("multi_image", 0),
                    "samples_sharing_vision": counts.get("vision_shared", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
-        "bytes_per_sample": bytes_per_sample(disk, n), "fixed": fixed_parts(path),
-        "attn_recomputed": recomputed,
+        "bytes_per_sample": bytes_per_sample(disk, n), "attn_recomputed": recomputed,
+        "layer0_kit_bytes": path.tree_bytes(LAYER0_KIT_DIR) if recomputed else 0,
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
         "teacher": meta.get("teacher", {}), "teacher_shapes": meta.get("teacher_shapes", {}),
         "build_options": meta.get("build_options", {}), "storage": meta.get("storage", {}),
@@ -147,7 +147,9 @@ def render_stats(s: dict) -> str:
         raw = s["bytes_raw"].get(kind)
         lines.append(f"  {kind:<14} {kilobytes(size):>10} {(kilobytes(raw) if raw is not None else '-'):>10}"
                      + ("  recomputed from the layer-0 kit" if kind == "attn" and s["attn_recomputed"] else ""))
-    lines.append("once " + ", ".join(f"{name} {kilobytes(size)}" for name, size in s["fixed"].items()))
+    if s["attn_recomputed"]:
+        lines.append(f"once {LAYER0_KIT_DIR} {kilobytes(s['layer0_kit_bytes'])}: the teacher's layer-0 kit, from "
+                     "which the attention rows are recomputed (none stored)")
     lines.append(f"{'teacher stats':<20}" + "".join(f"{k:>9}" for k in ("min", "p10", "p50", "p90", "max")))
     for col, q in s["distributions"].items():
         if q.get("p50") is None:
