@@ -175,11 +175,10 @@ class Bench:
             self.layer0_obj, self.layer0_opt = self._objective(self.layer0_student.model)
             self.layer0_obj.layer0_kit = self.layer0.reader.layer0_kit
             self.layer0_obj.layer0_kit(args.device)  # loaded once per process, before the clock
-            self.teacher = load_vlm(teacher_dir, dtype=args.dtype, device=args.device)  # for count_params
         else:
             self.online_student = trainable_student(student_dir, args.device)
             self.online_obj, self.online_opt = self._objective(self.online_student.model)
-            self.teacher = load_vlm(teacher_dir, dtype=args.dtype, device=args.device)
+        self.teacher = load_vlm(teacher_dir, dtype=args.dtype, device=args.device)  # (c)'s, and count_params
         by_id = {r.sample_id: r for r in read_manifest(manifest)}
         ids = self.dataset.reader.sample_ids
         self.batches = [ids[i:i + args.batch] for i in range(0, len(ids) - args.batch + 1, args.batch)]
