@@ -21,6 +21,7 @@ Reads return stored widths (what the distill DataLoader ships).
     .venv/bin/python bench/cache_storage.py [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
     .venv/bin/python bench/cache_storage.py --skip-fidelity --s3      # + moto S3 against local disk
     .venv/bin/python bench/cache_storage.py --layer0 [--shapes llava-1.5-7b]   # maps vs --attn-store layer0
+    .venv/bin/python bench/synthetic_layer0.py [--batch 8]   # the kit's memory, one recompute's peak
 
 `--layer0`: the records' attention is computed by a synthetic 7B-wide teacher's layer 0
 (bench/synthetic_layer0.py says exactly what is synthetic), and the table sets a few maps

@@ -88,3 +88,62 @@ def row_entropy_share(recs) -> float:
         p = r.attn / r.attn.sum(-1, keepdims=True)
         out.append(float((-(p * np.log(np.clip(p, 1e-30, None))).sum(-1)).mean() / np.log(p.shape[-1])))
     return float(np.mean(out))
+
+
+def _gb_resident() -> float:
+    import os
+
+    return int(open("/proc/self/statm").read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e9
+
+
+def kit_memory(batch: int, n_vision: int, n_text: int) -> None:
+    """The kit's resident memory and one batched recompute's transient peak, on this CPU (Linux):
+    resident set sizes, the peak sampled every 5 ms while the forward runs."""
+    import threading
+    import time
+
+    from alignkd.models.layer0_kit import Layer0Kit
+
+    kit = build_kit()
+    layer0 = Layer0Kit(kit)
+    del kit  # the bytes went with it: what stays is the kit's tensors
+    resident = _gb_resident()
+    L = 35 + n_vision + n_text
+    ids = torch.randint(0, IMAGE_TOKEN, (batch, L))
+    ids[:, 35:35 + n_vision] = IMAGE_TOKEN
+    peak, done = [resident], threading.Event()
+
+    def sample() -> None:
+        while not done.is_set():
+            peak.append(_gb_resident())
+            time.sleep(0.005)
+
+    sampler = threading.Thread(target=sample)
+    sampler.start()
+    start = time.perf_counter()
+    layer0.text_vision_rows({"input_ids": ids, "attention_mask": torch.ones_like(ids)},
+                            torch.randn(batch, n_vision, HIDDEN), torch.arange(L - n_text, L).repeat(batch, 1))
+    secs = time.perf_counter() - start
+    done.set()
+    sampler.join()
+    print(f"float32 kit at d {HIDDEN}: {kit_tensor_gb(layer0):.2f} GB of tensors held; batch {batch}, "
+          f"L {L}, {n_text} text rows: forward {secs:.1f} s on {torch.get_num_threads()} thread(s), transient peak "
+          f"+{max(peak) - resident:.2f} GB")
+
+
+def kit_tensor_gb(layer0) -> float:
+    """GB of the kit's tensors as loaded."""
+    names = {id(t): t for t in [*layer0.model.parameters(), *layer0.model.buffers()] if not t.is_meta}
+    return sum(t.numel() * t.element_size() for t in names.values()) / 1e9
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="the synthetic kit's memory and one recompute's peak")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--vision", type=int, default=576)
+    ap.add_argument("--text", type=int, default=343)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    kit_memory(args.batch, args.vision, args.text)
