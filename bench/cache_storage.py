@@ -20,6 +20,14 @@ Reads return stored widths (what the distill DataLoader ships).
 
     .venv/bin/python bench/cache_storage.py [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
     .venv/bin/python bench/cache_storage.py --skip-fidelity --s3      # + moto S3 against local disk
+    .venv/bin/python bench/cache_storage.py --layer0 [--shapes llava-1.5-7b]   # maps vs --attn-store layer0
+    .venv/bin/python bench/synthetic_layer0.py [--batch 8]   # the kit's memory, one recompute's peak
+
+`--layer0`: the records' attention is computed by a synthetic 7B-wide teacher's layer 0
+(bench/synthetic_layer0.py says exactly what is synthetic), and the table sets a few maps
+tiers beside the `--attn-store layer0` tiers (no rows stored, the kit once, rows recomputed
+from the stored vision tokens by the reader, as `alignkd distill` recomputes them); the
+throughput part then compares the two stores side by side.
 """
 
 from __future__ import annotations
@@ -36,8 +44,11 @@ import numpy as np
 from alignkd.cache.reader import open_cache
 from alignkd.cache.writer import CacheWriter, SampleRecord
 from alignkd.distill.dataset import CachedDistillDataset, collate_distill
+from alignkd.models.layer0_kit import Layer0Kit
 
-H, NV, D, K, VOCAB = 32, 144, 4096, 64, 32000
+H, D, K, VOCAB = 32, 4096, 64, 32000
+SHAPES = {"mobilevlm-v2-7b": 144, "llava-1.5-7b": 576}  # vision tokens per image; both are Vicuna-7B wide
+NV = SHAPES["mobilevlm-v2-7b"]  # set by --shapes
 
 
 def synth(i: int, rng: np.random.Generator) -> SampleRecord:
@@ -69,6 +80,11 @@ CHOICES = [("bfloat16", "bfloat16", 0), ("float16", "float16", 0), ("uint8-sqrt"
            ("uint4-log", "int8-channel", 0), ("uint4-log", "int4-channel", 0),
            ("uint8-log", "int8-channel", 128), ("uint8-log", "int8-channel", 64), ("uint8-log", "int8-channel", 32),
            ("uint8-log", "int4-channel", 64)]
+# --layer0: (attention store or maps dtype, vision dtype, kit dtype); maps tiers keep every column
+LAYER0_CHOICES = [("bfloat16", "bfloat16", None), ("uint8-log", "bfloat16", None),
+                  ("uint8-log", "int8-channel", None), ("uint4-log", "int4-channel", None),
+                  ("layer0", "bfloat16", "float32"), ("layer0", "int8-channel", "float32"),
+                  ("layer0", "int4-channel", "float32"), ("layer0", "bfloat16", "bfloat16")]
 
 
 def raw_tensors(rec: SampleRecord) -> dict:
@@ -84,13 +100,20 @@ def raw_bytes(rec: SampleRecord) -> int:
     return sum(a.nbytes for a in raw_tensors(rec).values())
 
 
-def write_cache(path: Path, recs, **kw) -> float:
-    """Seconds from the first add to a closed cache (creation and imports excluded)."""
+def write_cache(path: Path, recs, kit=None, **kw) -> float:
+    """Seconds from the first add to a closed cache (creation and imports excluded). With
+    `kit` (KitBytes) an --attn-store layer0 cache: the kit written once, as `cache build` does."""
+    from alignkd.cache.layer0_store import kit_record, save_kit
+
     if "://" not in str(path):
         shutil.rmtree(path, ignore_errors=True)
     meta = {"bench": True, "teacher_shapes": {"vocab_size": VOCAB}}
+    if kit is not None:
+        kw.update(attn_store="layer0", layer0_kit=kit_record(kit))
     with CacheWriter(path, meta, shard_size=16, store_images=False, **kw) as w:
         start = time.perf_counter()
+        if kit is not None:
+            save_kit(w.store, kit)
         for r in recs:
             w.add(r)
     return time.perf_counter() - start
@@ -220,6 +243,80 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
               f"{raw / secs / 1e6:.0f} |")
 
 
+def fidelity_layer0(work: Path, recs, grad_n: int, kit) -> None:
+    """Maps tiers beside --attn-store layer0 tiers, on rows the synthetic teacher's layer 0 made."""
+    import standin_student as standin
+    import synthetic_layer0
+
+    sub = recs[:grad_n]
+    objective = standin.build_objective(sub, VOCAB, teacher_heads=H, teacher_dim=D)
+    reference = standin.summed_gradients(objective, sub)
+    kits = {"float32": kit, "bfloat16": synthetic_layer0.bf16_kit(kit)}
+    print(f"## (a3) maps vs --attn-store layer0, {NV} vision tokens; rows made by the synthetic teacher's layer 0 "
+          f"(row entropy over the vision keys {synthetic_layer0.row_entropy_share(recs):.0%} of uniform)\n")
+    print("Judge and columns as in (a); `kit MB` is what a layer0 cache holds once (the synthetic teacher's "
+          "float32 kit, or its bf16 cast), not per sample. layer0 rows are the reader's: recomputed on the CPU "
+          "from the stored vision tokens.\n")
+    print("| attn | vision | kit | MB/sample | attn MB | vision MB | logits MB | kit MB (once) | 1-cos full | "
+          "1-cos attn (mse) | 1-cos attn (kl) | 1-cos vis | 1-cos logit | 1-cos adapters |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    for attn_dtype, vision_dtype, kit_dtype in LAYER0_CHOICES:
+        path = work / f"cache-{attn_dtype}-{vision_dtype}-{kit_dtype}"
+        this_kit = kits.get(kit_dtype)
+        write_cache(path, recs, kit=this_kit, vision_dtype=vision_dtype,
+                    **({} if this_kit else {"attn_dtype": attn_dtype}))
+        kinds = bytes_by_kind(path)
+        n = len(recs)
+        reader = open_cache(path)
+        # layer0: the widened read recomputes the rows (the same function the training step runs, batched)
+        stored = standin.summed_gradients(objective, [reader.get(i, widen=this_kit is not None)
+                                                      for i in range(grad_n)])
+        c = standin.cosines(stored, reference)
+        logits = sum(v for k, v in kinds.items() if k.startswith("logit")) / n
+        attn_bytes = sum(v for k, v in kinds.items() if k.startswith("attn"))
+        kit_mb = f"{len(this_kit.weights) / 1e6:.0f}" if this_kit else "–"
+        print(f"| {attn_dtype} | {vision_dtype} | {kit_dtype or '–'} | {sum(kinds.values()) / n / 1e6:.3f} | "
+              f"{attn_bytes / n / 1e6:.3f} | {kinds['vision'] / n / 1e6:.3f} | {logits / 1e6:.3f} | {kit_mb} | "
+              f"{1 - c['full']:.1e} | {1 - c['attn']:.1e} | {1 - c['attn_kl']:.1e} | {1 - c['vis']:.1e} | "
+              f"{1 - c['logit']:.1e} | {1 - c['full@adapters']:.1e} |")
+
+
+def read_widened(path: Path, n: int) -> float:
+    """Samples/s of `reader[i]` (float32, a layer0 cache's rows recomputed on this CPU): what
+    `cache show` and third-party code get; the kit's load is paid before the clock starts."""
+    reader = open_cache(path)
+    if reader.attn_store == "layer0":
+        reader.layer0_kit()
+    return read_random(reader, range(n))
+
+
+def throughput_stores(work: Path, recs, kit, attn_dtype: str, vision_dtype: str) -> None:
+    """The maps store against layer0 (same vision dtype), side by side, each pass cold."""
+    paths = {"maps": work / "tp-maps", "layer0": work / "tp-layer0"}
+    write_cache(paths["maps"], recs, attn_dtype=attn_dtype, vision_dtype=vision_dtype)
+    write_cache(paths["layer0"], recs, kit=kit, vision_dtype=vision_dtype)
+    order = np.random.default_rng(1).permutation(len(recs))
+    print(f"\n## (b3) maps ({attn_dtype} attention) vs layer0, {vision_dtype} vision, {len(recs)} samples, "
+          f"{NV} vision tokens; cold = page cache dropped before each pass\n")
+    rows = {}
+    for _ in range(2):  # alternate, twice; the faster pass of each counts
+        for store, path in paths.items():
+            ds = CachedDistillDataset(str(path), processor=None)
+            drop_page_cache(path)
+            got = [read_random(StoredReads(path), order)]
+            drop_page_cache(path)
+            got.append(read_loader(ds, order_sampler(ds, ORDERS[0])))
+            got.append(read_widened(path, min(16, len(recs))))
+            rows[store] = [max(a, b) for a, b in zip(rows.get(store, [0.0] * 3), got)]
+    names = ["reader, cold random, samples/s (stored widths: what a DataLoader worker reads)",
+             "distill DataLoader(num_workers=2, batch 8), cold, samples/s",
+             "reader[i], float32 rows (layer0: recomputed on 1 CPU thread), samples/s"]
+    print("| measure | maps | layer0 | layer0 / maps |")
+    print("|---|---|---|---|")
+    for k, name in enumerate(names):
+        print(f"| {name} | {rows['maps'][k]:.1f} | {rows['layer0'][k]:.1f} | {rows['layer0'][k] / rows['maps'][k]:.2f} |")
+
+
 def order_sampler(ds, order: str):
     from alignkd.distill.sampling import make_sampler, parse_order
 
@@ -342,7 +439,13 @@ def main() -> None:
     ap.add_argument("--skip-fidelity", action="store_true")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--s3", action="store_true", help="also read through a local moto S3 server (moto[server])")
+    ap.add_argument("--shapes", choices=sorted(SHAPES), default="mobilevlm-v2-7b",
+                    help="vision tokens per sample: 144 (MobileVLM-V2-7B) or 576 (LLaVA-1.5-7B)")
+    ap.add_argument("--layer0", action="store_true",
+                    help="rows from a synthetic 7B-wide layer 0; maps tiers beside --attn-store layer0 tiers")
     args = ap.parse_args()
+    global NV
+    NV = SHAPES[args.shapes]
     work = Path(args.workdir)
     import duckdb, zarr  # noqa: F401,E401  one-time import cost, paid before the first shard
     import torch
@@ -353,10 +456,22 @@ def main() -> None:
     raw = np.mean([raw_bytes(r) for r in recs[:args.samples]])
     print(f"# {args.samples} samples, mean T_text {np.mean([r.attn.shape[0] for r in recs[:args.samples]]):.0f}; "
           f"raw (fp16 attn/vision/log-probs) {raw / 1e6:.2f} MB/sample\n")
+    kit = None
+    if args.layer0:
+        import synthetic_layer0
+
+        kit = synthetic_layer0.build_kit()
+        synthetic_layer0.with_kit_attention(recs, Layer0Kit(kit))
     if not args.skip_fidelity:
-        fidelity(work, recs[:args.samples], args.grad_samples)
+        if kit is not None:
+            fidelity_layer0(work, recs[:args.samples], args.grad_samples, kit)
+        else:
+            fidelity(work, recs[:args.samples], args.grad_samples)
     if not args.skip_throughput:
-        throughput(work, recs[:args.throughput_samples], args.attn_dtype, args.vision_dtype)
+        if kit is not None:
+            throughput_stores(work, recs[:args.throughput_samples], kit, args.attn_dtype, args.vision_dtype)
+        else:
+            throughput(work, recs[:args.throughput_samples], args.attn_dtype, args.vision_dtype)
     if args.s3:
         object_storage(work, recs[:args.samples], args.attn_dtype, args.vision_dtype)
     shutil.rmtree(work, ignore_errors=True)

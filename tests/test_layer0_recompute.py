@@ -208,3 +208,24 @@ def test_build_refuses_a_kit_that_does_not_reproduce_the_teacher(tiny_llava_dir,
     other = load_vlm(build_tiny_llava(tmp_path / "other", TinyLlavaSpec(), seed=2))
     with pytest.raises(AlignKDError, match="model family 'llava'.*build with --attn-store maps"):
         check_recompute(Layer0Kit(extract_kit(other.model)), batch, cap, "llava")
+
+
+def test_stats_count_layer0_attention_as_recomputed(tiny_llava_dir, small_dataset, tmp_path):
+    """`cache stats` of a layer0 cache: no raw attention bytes (the tensor ratio is of what is
+    stored), the kit among what the cache holds once, and no unused attention dtype."""
+    from alignkd.cache.stats import kilobytes, render_stats
+
+    manifest, images = small_dataset
+    cache = tmp_path / "layer0"
+    _build(tiny_llava_dir, manifest, images, cache, "layer0")
+    stats = cache_stats(cache)
+    assert stats["attn_recomputed"] and stats["bytes_raw"]["attn"] == 0
+    kit = sum(f.stat().st_size for f in (cache / "layer0_kit").iterdir())
+    assert stats["layer0_kit_bytes"] == kit
+    text = render_stats(stats)
+    once = next(line for line in text.splitlines() if line.startswith("once "))
+    assert once.startswith(f"once layer0_kit {kilobytes(kit)}: ")
+    attn_line = next(line for line in text.splitlines() if line.strip().startswith("attn "))
+    assert attn_line.endswith("recomputed from the layer-0 kit")
+    build_line = next(line for line in text.splitlines() if line.startswith("build "))
+    assert "attn_store=layer0" in build_line and "attn_dtype" not in build_line

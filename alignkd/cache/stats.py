@@ -5,7 +5,9 @@ int32 (token ids, counts, offsets), the way a naive per-sample dump would store 
 the compression ratio is raw over the bytes the shards actually take. "Per sample" is the
 shards' bytes (tensors and per-sample rows) over the samples; what a cache holds once,
 whatever its size (the tokenizer, cache.json, catalog.duckdb), is `fixed_bytes`, which
-`cache build`'s closing line prints beside it (`build_footprint`).
+`cache build`'s closing line prints beside it (`build_footprint`). A cache built with
+--attn-store layer0 stores no attention (its raw and disk bytes are 0, the rows are
+recomputed) and holds the layer-0 kit once, which stats prints beside the per-sample bytes.
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from alignkd.cache.catalog import run_sql
 from alignkd.cache.shard_format import committed_shards, load_cache_json, read_shard_json
 from alignkd.cache.sql_limits import SQLLimits
 from alignkd.cache.storage import CacheStore, open_store
-from alignkd.storage_schemas import ARRAY_KINDS, OWN_ENTRIES, SHARDS_DIR
+from alignkd.storage_schemas import ARRAY_KINDS, LAYER0_KIT_DIR, OWN_ENTRIES, SHARDS_DIR
 
 DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass", "attn_top16_share")
 
@@ -106,6 +108,9 @@ def cache_stats(cache) -> dict:
     rejects = {r["reason"]: r["n"] for r in _summary_sql(
         cache, "SELECT reason, count(*) AS n FROM rejects GROUP BY reason ORDER BY n DESC").to_pylist()}
     disk = _disk_bytes_by_kind(path)
+    recomputed = meta.get("storage", {}).get("attn_store") == "layer0"
+    if recomputed:  # no rows stored, none a per-sample dump would need: the kit recomputes them
+        raw["attn"] = 0
     n = max(counts.get("samples", 0), 1)
     tensors_disk = sum(disk.get(k, 0) for k in ARRAY_KINDS)
     tensors_raw = sum(raw.get(k, 0) for k in ARRAY_KINDS)
@@ -120,7 +125,8 @@ def cache_stats(cache) -> dict:
                    "multi_image_samples": counts.get("multi_image", 0),
                    "samples_sharing_vision": counts.get("vision_shared", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
-        "bytes_per_sample": bytes_per_sample(disk, n),
+        "bytes_per_sample": bytes_per_sample(disk, n), "attn_recomputed": recomputed,
+        "layer0_kit_bytes": path.tree_bytes(LAYER0_KIT_DIR) if recomputed else 0,
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
         "teacher": meta.get("teacher", {}), "teacher_shapes": meta.get("teacher_shapes", {}),
         "build_options": meta.get("build_options", {}), "storage": meta.get("storage", {}),
@@ -145,7 +151,11 @@ def render_stats(s: dict) -> str:
              "  kind            disk        raw"]
     for kind, size in sorted(s["bytes_on_disk"].items()):
         raw = s["bytes_raw"].get(kind)
-        lines.append(f"  {kind:<14} {kilobytes(size):>10} {(kilobytes(raw) if raw is not None else '-'):>10}")
+        lines.append(f"  {kind:<14} {kilobytes(size):>10} {(kilobytes(raw) if raw is not None else '-'):>10}"
+                     + ("  recomputed from the layer-0 kit" if kind == "attn" and s["attn_recomputed"] else ""))
+    if s["attn_recomputed"]:
+        lines.append(f"once {LAYER0_KIT_DIR} {kilobytes(s['layer0_kit_bytes'])}: the teacher's layer-0 kit, from "
+                     "which the attention rows are recomputed (none stored)")
     lines.append(f"{'teacher stats':<20}" + "".join(f"{k:>9}" for k in ("min", "p10", "p50", "p90", "max")))
     for col, q in s["distributions"].items():
         if q.get("p50") is None:
@@ -155,8 +165,9 @@ def render_stats(s: dict) -> str:
     name = f"{t['repo_id']}@{str(t.get('revision'))[:12]}" if t.get("repo_id") else t.get("path")
     lines.append(f"teacher {name} ({s['teacher_shapes'].get('model_type')}, "
                  f"config {str(t.get('config_sha256'))[:12]}, weights {str(t.get('weights_fingerprint'))[:12]})")
-    options = {k: v for k, v in s["build_options"].items() if k != "sources"}
-    lines.append("build " + " ".join(f"{k}={v}" for k, v in options.items()))
+    # layer0 stores no attention; the sources get a line each below
+    unused = ("sources",) + (("attn_dtype", "attn_topk") if s["attn_recomputed"] else ())
+    lines.append("build " + " ".join(f"{k}={v}" for k, v in s["build_options"].items() if k not in unused))
     for src in s["build_options"].get("sources", []):  # the mixture: what each source gave
         lines.append(f"source {src['name']}: {src['kept']:,} of {src['records']:,} records ({src['sampling']})"
                      + (f", images under {src['images']}" if src.get("images") else ""))
