@@ -55,7 +55,7 @@ def probe(data: str, teacher: str, out: str, limit: int | None) -> None:
     from alignkd.distributed import init_process_group
 
     import ijson  # noqa: F401 - the readers' modules, loaded before "before" so that what
-    import pyarrow.compute  # noqa: F401   planning adds is the data's cost, not an import's
+    import pyarrow.compute as pc  # planning adds is the data's cost, not an import's
     import pyarrow.parquet  # noqa: F401
     import yaml  # noqa: F401
 
@@ -65,7 +65,9 @@ def probe(data: str, teacher: str, out: str, limit: int | None) -> None:
     source, share = plan_rows(cfg, dist)
     seconds = time.perf_counter() - start
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    renamed = int(pc.sum(pc.not_equal(share.keys, share.ids)).as_py() or 0)  # repeated ids given ID#k
     print(json.dumps({"rank": dist.rank, "rows": sum(k for _, k in source.counts), "share": len(share.rows),
+                      "first_row": int(share.rows[0]) if len(share.rows) else None, "renamed": renamed,
                       "share_bytes": share.nbytes(), "rss_before_mb": before / 1024, "peak_mb": peak / 1024,
                       "added_mb": (peak - before) / 1024, "seconds": seconds}), flush=True)
 
