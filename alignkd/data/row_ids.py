@@ -2,10 +2,10 @@
 
 A build plans all of its rows before the teacher runs: every rank reads every id (a
 repeated id's key depends on the rows before it, whichever rank they fall to), then keeps
-only its own share. As Python objects (a RowId a row, sets and dicts of ids) that cost
-~160 bytes a row, ~110 MB per torchrun rank for LLaVA-665K; an Arrow string array costs
-the id's characters plus 4 bytes, and keys are found with vectorised sorts
-(BENCHMARKS.md, "Planning LLaVA-665K").
+only its own share. As Python objects (a RowId a row, a keyed copy of the list, sets and
+dicts of ids) that peaked at ~450 bytes a row, +300 MB per torchrun rank for LLaVA-665K;
+an Arrow string array costs the id's characters plus 4 bytes, keys are found with a
+vectorised sort, and the peak is ~105 bytes a row (BENCHMARKS.md, "Planning LLaVA-665K").
 
 Keys: an id's first record keeps it, its k-th becomes `ID#k`, made longer by "#" while
 that string is some record's id or another key. A row with a `problem` (a made-up `rowN`
@@ -104,7 +104,7 @@ def occurrences(ids: pa.Array, keyed: np.ndarray) -> np.ndarray:
     """Which occurrence of its id each keyed row is (1, 2, ...), in row order; 0 elsewhere.
 
     By sorting the ids (a stable sort keeps each id's rows in row order) rather than hashing
-    them: Arrow's hash table for 665K ids held ~60 MB at its peak, the sort a third of that.
+    them: Arrow's hash-based dictionary_encode of 665K ids peaked ~35 MB higher.
     """
     n = len(ids)
     order = pc.sort_indices(ids).to_numpy()
