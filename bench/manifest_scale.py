@@ -10,11 +10,11 @@
    GROUP BY source` must match the sampling, kept + rejects = the slice's records by
    source, and every reject has a reason.
 
-    .venv/bin/python bench/manifest_scale.py                          # scales 0.1 and 1.0 (~10 min, 2 cores)
+    .venv/bin/python bench/manifest_scale.py                          # scales 0.1 and 1.0 (~5 min on 2 busy cores)
     .venv/bin/python bench/manifest_scale.py --scales 0.01 0.1 --build-limit 80
     .venv/bin/python bench/manifest_scale.py --workdir /tmp/scale     # keep (and reuse) the manifests
 
-Written manifests are kept in --workdir between runs (LLaVA-665K at 1.0: 443 MB, ~75 s to write).
+Written manifests are kept in --workdir between runs (LLaVA-665K at 1.0: 443 MB = 423 MiB, ~75 s to write).
 """
 
 from __future__ import annotations
@@ -106,7 +106,7 @@ def onevision_at(scale: float, workdir: Path, images: bool = False) -> Path:
 
 
 def planning_table(scales: list[float], workdir: Path) -> list[str]:
-    lines = ["| manifest | file MB | rows planned | rank | share rows | share MB | RSS before MB | peak RSS MB | "
+    lines = ["| manifest | file MiB | rows planned | rank | share rows | share MB | RSS before MB | peak RSS MB | "
              "planning added MB | seconds |", "|" + "---|" * 10]
     print("\n".join(lines), flush=True)
     runs = [(f"LLaVA-665K x{s}", llava665k_at(s, workdir)) for s in scales]
@@ -181,8 +181,8 @@ def slice_lines(result: dict) -> list[str]:
         nrej = sum(s["rejects"].values())
         ok = s["kept"] + nrej == s["in_slice"] and s["sampled"] == expected_sample(s["sampling"], s["records"])
         reasons = ", ".join(f"{k}: {v}" for k, v in sorted(s["rejects"].items())) or "-"
-        lines.append(f"| {name} | {s['sampling']} | {s['records']} | {s['sampled']} | {s['in_slice']} | {s['kept']} | {s['repeats']} | "
-                     f"{reasons} | {'yes' if ok else 'NO'} |")
+        lines.append(f"| {name} | {s['sampling']} | {s['records']} | {s['sampled']} | {s['in_slice']} | {s['kept']} | "
+                     f"{s['repeats']} | {reasons} | {'yes' if ok else 'NO'} |")
     lines.append(f"\nrejects without a reason or a sentence: {result['unexplained_rejects']}")
     return lines
 

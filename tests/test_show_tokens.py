@@ -58,8 +58,12 @@ def test_a_lone_sentencepiece_space_is_titled_as_a_space():
 def long_answer_cache(tmp_path_factory, tiny_llava_dir):
     root = tmp_path_factory.mktemp("show-pages")
     make_image(root / "images" / "a.png")
-    data = write_manifest(root / "data.json", [{"id": "long", "image": "a.png", "conversations": [
-        {"from": "human", "value": "<image>\ndescribe the picture ?"}, {"from": "gpt", "value": ANSWER}]}])
+    turns = [{"from": "human", "value": "<image>\ndescribe the picture ?"}, {"from": "gpt", "value": "red"}]
+    data = write_manifest(root / "data.json", [
+        {"id": "long", "image": "a.png", "conversations": [turns[0], {"from": "gpt", "value": ANSWER}]},
+        # "dup" three times, the first a missing_image reject: the two kept are dup#2 and dup#3
+        {"id": "dup", "image": "gone.png", "conversations": turns},
+        {"id": "dup", "image": "a.png", "conversations": turns}, {"id": "dup", "image": "a.png", "conversations": turns}])
     built = cli("cache", "build", "--teacher", tiny_llava_dir, "--data", data, "--images", root / "images",
                 "--out", root / "cache", "--no-progress", "--logit-k", "4")
     assert built.exit_code == 0, built.output
@@ -84,3 +88,12 @@ def test_every_answer_token_is_drawn_on_pages_that_say_which(long_answer_cache):
     focus, *tokens = second.axes
     assert [ax.get_title() for ax in tokens] == [f"answer token {w}" for w in words[8:]]
     assert focus.get_title().endswith(f"\nanswer tokens 9-{len(words)} of {len(words)} (page 2 of 2)")
+
+
+def test_show_takes_a_key_or_an_id_and_names_the_keys_an_id_shares(long_answer_cache):
+    root = long_answer_cache
+    shared = cli("cache", "show", root / "cache", "dup", "--out", root / "dup.png")
+    assert shared.exit_code == 1 and shared.output.strip() == (
+        f"error: id dup names 2 samples of cache {root / 'cache'} (dup#2, dup#3); give one of their sample ids.")
+    shown = cli("cache", "show", root / "cache", "dup#3", "--out", root / "dup3.png")
+    assert shown.exit_code == 0 and (root / "dup3.png").is_file(), shown.output

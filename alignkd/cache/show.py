@@ -96,7 +96,9 @@ def load_view(cache_path: str, sample_id: str, images_root: str | None = None) -
     reader = open_cache(cache_path, check_crc=True)  # a damaged sample is refused, never drawn
     try:
         sample = reader[reader.index_of(sample_id)]
-    except KeyError:
+    except KeyError as err:
+        if isinstance(err, AlignKDError) and "give one of their sample ids" in str(err):
+            raise  # a record id that several samples share: the reader lists their keys
         raise AlignKDError(f"sample {sample_id!r} is not in cache {cache_path}.") from None
     if sample.n_images == 0:
         raise AlignKDError(f"sample {sample_id!r} is text only: there is no image attention to show.")

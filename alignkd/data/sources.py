@@ -134,7 +134,8 @@ class ParquetSource:
         for f, pf in self._files:
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
-                chosen = range(first, first + n) if mask is None else (np.flatnonzero(mask[first:first + n]) + first).tolist()
+                chosen = (range(first, first + n) if mask is None
+                          else (np.flatnonzero(mask[first:first + n]) + first).tolist())
                 if chosen:
                     yield from self._group_records(f, pf, g, first, chosen)
                 first += n
