@@ -252,15 +252,17 @@ def cache_stats(cache_dir: str, as_json: bool) -> None:
 @click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
 def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> None:
     """Draw the teacher's text focus over each image, its vision tokens laid out as the model
-    family lays them out, plus per-answer-token attention rows.
+    family lays them out, plus per-answer-token attention rows (8 a page: OUT.png, OUT-p2.png, ...).
 
     \b
     Example:
       alignkd cache show cache/ s0 --out s0.png
     """
-    from alignkd.cache.show import show_sample
+    from alignkd.cache.show import MAX_TOKEN_PANELS, show_pages
 
-    click.echo(f"wrote {show_sample(cache_dir, sample_id, out, images_root=images)}")
+    pages = show_pages(cache_dir, sample_id, out, images_root=images)
+    click.echo(f"wrote {pages[0]}" if len(pages) == 1 else
+               f"wrote {', '.join(map(str, pages))}: {MAX_TOKEN_PANELS} answer tokens a page")
 
 
 def _distill_default(name: str):

@@ -234,19 +234,33 @@ def check_same_out(cfg: BuildConfig, digest: str) -> None:
                           "(give every node a shared directory, or a cache on object storage).")
 
 
+def plan_rows(cfg: BuildConfig, dist):
+    """What a rank knows before its teacher loads: the sources (sampled), and its own rows
+    (`row % world_size == rank`, within --limit) with their keys and ids. Every rank reads
+    every id, since a repeated id's key depends on the rows before it; see
+    `alignkd.data.row_ids` for what that costs (bench/manifest_scale.py measures this function)."""
+    from alignkd.data.mixture import MixedSource, source_specs
+
+    source = MixedSource(source_specs(cfg.data, cfg.images), seed=cfg.seed)
+    share = source.share(dist.rank, dist.world_size, cfg.limit)
+    check_images_kept(source, cfg)
+    return source, share
+
+
 def build_cache(cfg: BuildConfig) -> BuildSummary:
     """Run the teacher over `cfg.data` once and write the cache at `cfg.out`.
 
     Under torchrun each rank takes the manifest rows with `row % world_size == rank` and
     writes its own shards; rank 0 creates the cache first and rebuilds the catalog last.
     """
+    import numpy as np
+
     from alignkd.cache.catalog import rebuild_catalog
     from alignkd.cache.layer0_store import kit_record, save_kit
     from alignkd.cache.stats import build_footprint
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS
-    from alignkd.data.mixture import MixedSource, source_specs
     from alignkd.data.render import ANSWER_END
     from alignkd.distributed import all_reduce_sum, init_process_group, meet
 
@@ -255,13 +269,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     if cfg.device_map is not None and dist.local_world_size > 1:
         raise ConfigError(f"--device-map spreads the teacher over all of a node's GPUs, so run one process per node "
                           f"(torchrun --nproc-per-node 1), not {dist.local_world_size}; the nodes split the manifest.")
-    source = MixedSource(source_specs(cfg.data, cfg.images), seed=cfg.seed)
-    index = source.index()[: cfg.limit]  # (row, key, id) of every record; images stay on disk until their batch
-    check_images_kept(source, cfg)
-    index = [r for r in index if r.row % dist.world_size == dist.rank]
-    # the few rows whose key is not their id (repeated ids): row -> the id as written
-    record_ids = {r.row: r.record_id for r in index if r.record_id is not None and r.record_id != r.sample_id}
-    keys = {r.row: r.sample_id for r in index if r.row in record_ids}
+    source, share = plan_rows(cfg, dist)  # images stay on disk until their batch
     teacher = TeacherPass(cfg, dist)
     meta = {"teacher": teacher.identity, "teacher_shapes": teacher.shapes,
             "build_options": {**cfg.stored_options(), "answer_end": ANSWER_END, "sources": source.plan()},
@@ -290,19 +298,18 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
             save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out, teacher.vlm.path)
             if kit is not None:
                 save_kit(writer.store, kit)
-        done = writer.done_rows
         # this rank's rows only: under torchrun the ranks' counts are summed below
-        summary.skipped_done = sum(r.row in done for r in index)
-        todo = {r.row for r in index if r.row not in done}
-        for outcome in teacher.run(source.records(todo, keys), total=len(todo)):
+        todo = share.rows[~np.isin(share.rows, np.fromiter(writer.done_rows, np.int64))]
+        summary.skipped_done = len(share.rows) - len(todo)
+        for outcome in teacher.run(source.records(todo, share.key), total=len(todo)):
             if outcome.reject is not None:
                 err = outcome.reject
-                writer.reject(err.sample_id, err.row, err.reason, str(err), record_id=record_ids.get(err.row, ""),
+                writer.reject(err.sample_id, err.row, err.reason, str(err), record_id=share.record_id(err.row),
                               source=source.source_name(err.row))
                 summary.rejects[err.reason] += 1
             else:
                 rec = outcome.record
-                rec.record_id, rec.source = record_ids.get(rec.manifest_row, ""), source.source_name(rec.manifest_row)
+                rec.record_id, rec.source = share.record_id(rec.manifest_row), source.source_name(rec.manifest_row)
                 writer.add(rec)
                 summary.samples += 1
     if dist.world_size > 1:

@@ -18,6 +18,8 @@ Keys. LLaVA-665K's ids are image ids: one COCO image asked about in several conv
 repeats its id, and a mixture repeats ids across sources. Every record is kept: the first
 occurrence of an id keeps it as its `sample_id`, the k-th gets `ID#k` (made longer if that
 string is itself some record's id), and the original id stays in the `record_id` column.
+Every rank reads every id (a key depends on the rows before it) as Arrow strings and keeps
+only its share (`share`, `alignkd.data.row_ids`).
 """
 
 from __future__ import annotations
@@ -29,10 +31,14 @@ from pathlib import Path
 from typing import Iterator
 
 import numpy as np
+import pyarrow as pa
 
 from alignkd.data.errors import ManifestError
 from alignkd.data.manifest import ManifestRecord
-from alignkd.data.sources import RowId, open_source
+from alignkd.data.row_ids import IdColumn, RankRows, RowId, assign_keys, row_mask, unique_keys
+from alignkd.data.sources import open_source
+
+__all__ = ["MixedSource", "SourceSpec", "assign_keys", "source_specs"]
 
 YAML_SUFFIXES = (".yaml", ".yml")
 STRATEGIES = ("all", "first", "end", "random")
@@ -148,31 +154,41 @@ class MixedSource:
     def ignored_columns(self) -> list[str]:
         return sorted({c for part in self._parts for c in getattr(part, "ignored_columns", [])})
 
-    def index(self) -> list[RowId]:
-        """Every kept record's global row, unique key and original id."""
-        rows, self._kept, self.counts, offset = [], [], [], 0
+    def ids(self) -> IdColumn:
+        """The id of every kept record, global row by global row (sources sampled)."""
+        columns, self._kept, self.counts = [], [], []
         for spec, part in zip(self.specs, self._parts):
-            local = part.index()
+            local = part.ids()
             kept = sample_rows(spec, len(local), self.seed)
-            rows += [RowId(offset + i, local[r].sample_id, local[r].problem) for i, r in enumerate(kept.tolist())]
+            columns.append(local if spec.strategy == "all" else local.take(kept))
             self._kept.append(kept)
             self.counts.append((len(local), len(kept)))
-            offset += len(kept)
-        return assign_keys(rows)
+        return IdColumn.concat(columns)
 
-    def records(self, rows: set[int] | None = None, keys: dict[int, str] | None = None) -> Iterator[ManifestRecord]:
-        """The records at these global rows, in order, with their key as `sample_id` (`keys`:
-        row -> key where it differs from the id), their source and their images root."""
+    def index(self) -> list[RowId]:
+        """Every kept record's global row, unique key and original id (small mixtures, tests)."""
+        col = self.ids()
+        return col.rows(unique_keys(col))
+
+    def share(self, rank: int = 0, world_size: int = 1, limit: int | None = None) -> RankRows:
+        """The rows a rank builds (`row % world_size == rank`, within `limit`), with their keys."""
+        col = self.ids()
+        keys = unique_keys(col)
+        rows = np.arange(rank, min(len(col), limit or len(col)), world_size, dtype=np.int64)
+        return RankRows(rows, col.ids.take(pa.array(rows)).combine_chunks(), keys.take(pa.array(rows)))
+
+    def records(self, rows=None, key=None) -> Iterator[ManifestRecord]:
+        """The records at these global rows (a set or an ascending array; None: all), in order,
+        with `key(row)` as `sample_id` (None: the id), their source and their images root."""
         if self._kept is None:
-            self.index()
-        offset = 0
+            self.ids()
+        mask, offset = row_mask(rows), 0
         for spec, part, kept in zip(self.specs, self._parts, self._kept):
-            wanted = {int(kept[g - offset]): g for g in (rows if rows is not None else range(offset, offset + len(kept)))
-                      if offset <= g < offset + len(kept)}
-            if wanted:
-                for rec in part.records(set(wanted)):
-                    g = wanted[rec.row]
-                    yield replace(rec, row=g, sample_id=(keys or {}).get(g, rec.sample_id), record_id=rec.sample_id,
+            local = kept if mask is None else kept[np.flatnonzero(mask[offset:offset + len(kept)])]
+            if len(local):
+                for rec in part.records(local):
+                    g = offset + int(np.searchsorted(kept, rec.row))  # kept is ascending
+                    yield replace(rec, row=g, sample_id=key(g) if key else rec.sample_id, record_id=rec.sample_id,
                                   source=spec.name, images_root=spec.images)
             offset += len(kept)
 
@@ -189,23 +205,3 @@ class MixedSource:
         """What each source contributed, for the cache's build options."""
         return [{**spec.describe(), "records": n, "kept": k} for spec, (n, k) in zip(self.specs, self.counts)]
 
-
-def assign_keys(rows: list[RowId]) -> list[RowId]:
-    """Unique keys in row order: an id's first record keeps it, its k-th becomes `ID#k`."""
-    taken = {r.sample_id for r in rows if r.problem is None}
-    seen: dict[str, int] = {}
-    out = []
-    for r in rows:
-        if r.problem is not None:  # a reject with a made-up id ("row12"): no key to give
-            out.append(r)
-            continue
-        k = seen[r.sample_id] = seen.get(r.sample_id, 0) + 1
-        if k == 1:
-            out.append(RowId(r.row, r.sample_id, None, r.sample_id))
-            continue
-        key = f"{r.sample_id}#{k}"
-        while key in taken:  # some record is really called "ID#k"
-            key += "#"
-        taken.add(key)
-        out.append(RowId(r.row, key, None, r.sample_id))
-    return out

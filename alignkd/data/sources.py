@@ -1,7 +1,7 @@
 """Where records come from: a JSON/JSONL manifest, or a Parquet dataset read row group by row group.
 
     source = open_source("train.json")            # or a .parquet file, or a directory of them
-    index = source.index()                         # (row, id, problem) of every row: cheap
+    ids = source.ids()                             # every row's id (Arrow strings) and problem: cheap
     for record in source.records(rows={0, 5}):    # ManifestRecords, in row order, streamed
         ...
 
@@ -21,24 +21,18 @@ rows with their images stream through.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+import numpy as np
+
 from alignkd.data.errors import ManifestError
 from alignkd.data.manifest import ImageRef, ManifestRecord, iter_manifest, record_from_fields
+from alignkd.data.row_ids import IdColumn, RowId, row_mask, wanted
 
 ID_COLUMN = "id"
 TURN_COLUMNS = ("conversations", "messages")
 IMAGE_COLUMNS = ("image", "images")
-
-
-@dataclass(frozen=True, slots=True)  # slots: LLaVA-665K's index is 665K of these per rank
-class RowId:
-    row: int
-    sample_id: str
-    problem: str | None = None
-    record_id: str | None = None  # the id as written, once sample_id is a unique key (data.mixture)
 
 
 class JsonSource:
@@ -54,13 +48,22 @@ class JsonSource:
             self._rows = sum(1 for _ in iter_manifest(self.path))
         return self._rows
 
-    def index(self) -> list[RowId]:
-        rows = [RowId(r.row, r.sample_id, r.problem) for r in iter_manifest(self.path)]
-        self._rows = len(rows)
-        return rows
+    def ids(self) -> IdColumn:
+        col = IdColumn.gather((r.sample_id, r.problem) for r in iter_manifest(self.path))
+        self._rows = len(col)
+        return col
 
-    def records(self, rows: set[int] | None = None) -> Iterator[ManifestRecord]:
-        return (r for r in iter_manifest(self.path) if rows is None or r.row in rows)
+    def index(self) -> list[RowId]:
+        return self.ids().rows()
+
+    def records(self, rows=None) -> Iterator[ManifestRecord]:
+        """The records at `rows` (a set or an array of rows; None: all), stopping after the last."""
+        mask = row_mask(rows)
+        for r in iter_manifest(self.path):
+            if mask is not None and r.row >= len(mask):
+                return  # --limit's slice read, not the rest of a 1 GB file
+            if wanted(mask, r.row):
+                yield r
 
 
 class ParquetSource:
@@ -107,26 +110,34 @@ class ParquetSource:
     def __len__(self) -> int:
         return sum(pf.metadata.num_rows for _, pf in self._files)
 
-    def index(self) -> list[RowId]:
-        out, row = [], 0
+    def ids(self) -> IdColumn:
+        return IdColumn.gather(self._id_pairs())
+
+    def _id_pairs(self) -> Iterator[tuple[str, str | None]]:
+        row = 0
         for f, pf in self._files:
             if self._columns["id"] is None:
-                out += [RowId(row + i, f"{f.name}#{i}") for i in range(pf.metadata.num_rows)]
-            else:
-                ids = _read_or_name(f, "its id column", lambda: pf.read(columns=[ID_COLUMN])).column(0).to_pylist()
-                out += [_row_id(row + i, raw) for i, raw in enumerate(ids)]
-            row += pf.metadata.num_rows
-        return out
+                yield from ((f"{f.name}#{i}", None) for i in range(pf.metadata.num_rows))
+                row += pf.metadata.num_rows
+                continue
+            for g in range(pf.num_row_groups):  # a row group at a time: memory bounded by the group
+                ids = _read_or_name(f, f"row group {g}", lambda: pf.read_row_group(g, columns=[ID_COLUMN]))
+                yield from (_row_id(row + i, raw) for i, raw in enumerate(ids.column(0).to_pylist()))
+                row += ids.num_rows
 
-    def records(self, rows: set[int] | None = None) -> Iterator[ManifestRecord]:
-        """Every wanted row's record, reading one row group at a time."""
-        first = 0
+    def index(self) -> list[RowId]:
+        return self.ids().rows()
+
+    def records(self, rows=None) -> Iterator[ManifestRecord]:
+        """Every wanted row's record (a set or an array of rows; None: all), a row group at a time."""
+        mask, first = row_mask(rows), 0
         for f, pf in self._files:
             for g in range(pf.num_row_groups):
                 n = pf.metadata.row_group(g).num_rows
-                wanted = range(first, first + n) if rows is None else [r for r in range(first, first + n) if r in rows]
-                if wanted:
-                    yield from self._group_records(f, pf, g, first, wanted)
+                chosen = (range(first, first + n) if mask is None
+                          else (np.flatnonzero(mask[first:first + n]) + first).tolist())
+                if chosen:
+                    yield from self._group_records(f, pf, g, first, chosen)
                 first += n
 
     def _group_records(self, f: Path, pf, group: int, first: int, wanted) -> Iterator[ManifestRecord]:
@@ -180,10 +191,11 @@ def find_parquet_files(path: Path, config: str | None = None, split: str | None 
     return files
 
 
-def _row_id(row: int, raw) -> RowId:
+def _row_id(row: int, raw) -> tuple[str, str | None]:
+    """(id, problem) of a row whose id column holds `raw` (the same rule as a manifest's)."""
     if isinstance(raw, bool) or not isinstance(raw, (str, int)) or str(raw) == "":
-        return RowId(row, f"row{row}", "missing_id")
-    return RowId(row, str(raw))
+        return f"row{row}", "missing_id"
+    return str(raw), None
 
 
 def _image_refs(value) -> tuple[ImageRef, ...] | None:
