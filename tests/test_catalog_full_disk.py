@@ -8,10 +8,6 @@ gives a cache that verifies."""
 from __future__ import annotations
 
 import json
-import os
-import resource
-import signal
-import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +16,7 @@ import pytest
 from alignkd.cache.catalog import rebuild_catalog, run_sql
 from alignkd.cache.verify import verify_cache
 from alignkd.errors import AlignKDError
+from conftest import in_child_with_file_size_limit
 from test_cache_storage import write_cache
 
 # DuckDB grows its file in 256 KiB blocks: an empty catalog fits in 300 kB, one with rows does not
@@ -28,32 +25,19 @@ LIMITS = {"on_create": 200_000, "on_commit": 300_000}
 
 def _write_under_limit(path: Path, limit: int, log: Path) -> int:
     """write_cache in a forked child under the limit; what it raised and warned goes to `log`."""
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-            resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                try:
-                    write_cache(path, n=3)
-                    error, code = None, 0
-                except Exception as exc:  # noqa: BLE001 - the parent asserts what it was
-                    error, code = {"type": type(exc).__name__, "user_error": isinstance(exc, AlignKDError),
-                                   "message": str(exc)}, 1
-            log.write_text(json.dumps({"error": error, "warnings": [str(w.message) for w in caught]}))
-        finally:
-            os._exit(code)
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:  # a writer that hangs on the failure must fail the test, not stall it
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return os.waitstatus_to_exitcode(status)
-        time.sleep(0.05)
-    os.kill(pid, signal.SIGKILL)
-    os.waitpid(pid, 0)
-    pytest.fail("the writer hung after catalog.duckdb could not be written")
+    def body() -> int:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                write_cache(path, n=3)
+                error, code = None, 0
+            except Exception as exc:  # noqa: BLE001 - the parent asserts what it was
+                error, code = {"type": type(exc).__name__, "user_error": isinstance(exc, AlignKDError),
+                               "message": str(exc)}, 1
+        log.write_text(json.dumps({"error": error, "warnings": [str(w.message) for w in caught]}))
+        return code
+
+    return in_child_with_file_size_limit(body, limit, timeout_s=60)
 
 
 @pytest.mark.parametrize("when", LIMITS)

@@ -15,9 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import resource
 import shutil
-import signal
 from pathlib import Path
 
 import pytest
@@ -30,7 +28,7 @@ from alignkd.cli import main
 from alignkd.distill.trainer import DistillConfig
 from alignkd.errors import ConfigError
 
-from conftest import make_image, write_manifest
+from conftest import in_child_with_file_size_limit, invoke_cli_with_file_size_limit, make_image, write_manifest
 
 
 @pytest.fixture(scope="module")
@@ -231,20 +229,7 @@ LIMIT = 235_000  # bytes per file: above a checkpoint's model.safetensors (217 k
 
 
 def _invoke_with_file_size_limit(args: list[str], log: Path) -> int:
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-            resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
-            result = CliRunner().invoke(main, args)
-            log.write_text(result.output + ("" if isinstance(result.exception, (SystemExit, type(None)))
-                                            else f"escaped: {result.exception!r}"))
-            code = result.exit_code
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return invoke_cli_with_file_size_limit(args, log, LIMIT)
 
 
 def test_full_disk_while_checkpointing_is_one_sentence_and_leaves_no_partial_checkpoint(world, tiny_student_dir,
@@ -283,20 +268,16 @@ def test_full_disk_while_exporting_is_one_sentence_and_leaves_no_student(world, 
     out = tmp_path / "run"
     cfg = DistillConfig(student=str(tiny_student_dir), cache=str(world["cache"]), out=str(out))
     log = tmp_path / "export.log"
-    pid = os.fork()
-    if pid == 0:
-        code = 99
+
+    def body() -> int:
         try:
-            signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-            resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))  # below the student's 208 kB weights
             export_student(objective, vlm.processor, out, cfg, meta)
         except Exception as err:  # noqa: BLE001 - reported through the log
             log.write_text(f"{type(err).__name__}: {err}")
-            code = 3
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    assert os.waitstatus_to_exitcode(status) == 3
+            return 3
+        return 0
+
+    assert in_child_with_file_size_limit(body, 100_000) == 3  # below the student's 208 kB weights
     assert log.read_text().startswith(f"WriteError: cannot write the student to {out}: the file size limit "
                                       "(ulimit -f) is 0.1 MB (about "), log.read_text()
     assert sorted(p.name for p in out.iterdir()) == []  # no .tmp-export, no config.json, no weights

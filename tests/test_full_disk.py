@@ -5,9 +5,6 @@ the space back must complete the cache exactly as an uninterrupted build does.""
 
 from __future__ import annotations
 
-import os
-import resource
-import signal
 import sys
 from pathlib import Path
 
@@ -17,17 +14,12 @@ from click.testing import CliRunner
 from alignkd.cli import main
 
 from alignkd.cache.shard_format import committed_shards
-from conftest import write_manifest
+from conftest import invoke_cli_with_file_size_limit, write_manifest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 import torture  # noqa: E402
 
 LIMIT = 1_500_000  # bytes per file: above catalog.duckdb (~0.5 MB), below the 2nd shard's samples.parquet
-
-
-def _limit_file_size():
-    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails with EFBIG instead
-    resource.setrlimit(resource.RLIMIT_FSIZE, (LIMIT, LIMIT))
 
 
 def _dataset(root: Path) -> tuple[Path, Path]:
@@ -48,20 +40,7 @@ def _dataset(root: Path) -> tuple[Path, Path]:
 
 
 def _invoke_with_file_size_limit(args: list[str], log: Path) -> int:
-    """Run the CLI in a forked child under the limit; its output goes to `log`."""
-    pid = os.fork()
-    if pid == 0:
-        code = 99
-        try:
-            _limit_file_size()
-            result = CliRunner().invoke(main, args)
-            log.write_text(result.output + ("" if isinstance(result.exception, (SystemExit, type(None)))
-                                            else f"escaped: {result.exception!r}"))
-            code = result.exit_code
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    return os.waitstatus_to_exitcode(status)
+    return invoke_cli_with_file_size_limit(args, log, LIMIT)
 
 
 def test_full_disk_is_one_sentence_and_resume_completes(tmp_path, tiny_llava_dir):
