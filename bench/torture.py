@@ -104,26 +104,35 @@ def arm(kill: Kill) -> None:
         raise ValueError(kill.point)
 
 
-def build_until_killed(cfg, kill: Kill | None) -> str:
-    """Run build_cache(cfg) in a forked child armed with `kill`: 'killed', 'finished' or 'failed'."""
-    from alignkd.cache.build import build_cache
-
+def run_until_killed(body, what: str) -> str:
+    """Run `body()` (armed with its kill, returning an exit code) in a forked child:
+    'killed' (SIGKILL), 'finished' (exit 0) or 'failed'."""
     pid = os.fork()
     if pid == 0:  # the child never returns into the caller's stack
         code = 1
         try:
-            if kill is not None:
-                arm(kill)
-            build_cache(cfg)
-            code = 0
+            code = body()
         except BaseException as exc:  # reported through the exit code only
-            print(f"build failed: {exc!r}", file=sys.stderr)
+            print(f"{what} failed: {exc!r}", file=sys.stderr)
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
         return "killed"
     return "finished" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+
+
+def build_until_killed(cfg, kill: Kill | None) -> str:
+    """Run build_cache(cfg) in a forked child armed with `kill`: 'killed', 'finished' or 'failed'."""
+    def body() -> int:
+        from alignkd.cache.build import build_cache
+
+        if kill is not None:
+            arm(kill)
+        build_cache(cfg)
+        return 0
+
+    return run_until_killed(body, "build")
 
 
 # ---------------------------------------------------------------- the comparison
@@ -409,28 +418,19 @@ def arm_distill(kill: Kill) -> None:
 
 def distill_until_killed(args: list[str], kill: Kill | None, log: Path | None = None) -> str:
     """Run `alignkd distill ARGS` in a forked child armed with `kill`: 'killed', 'finished' or 'failed'."""
-    pid = os.fork()
-    if pid == 0:
-        code = 1
-        try:
-            from click.testing import CliRunner
+    def body() -> int:
+        from click.testing import CliRunner
 
-            from alignkd.cli import main as cli
+        from alignkd.cli import main as cli
 
-            if kill is not None:
-                arm_distill(kill)
-            result = CliRunner().invoke(cli, ["distill", *args])
-            if log is not None:
-                log.write_text(result.output + (f"\n{result.exception!r}" if result.exit_code else ""))
-            code = result.exit_code
-        except BaseException as exc:
-            print(f"distill failed: {exc!r}", file=sys.stderr)
-        finally:
-            os._exit(code)
-    _, status = os.waitpid(pid, 0)
-    if os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL:
-        return "killed"
-    return "finished" if os.waitstatus_to_exitcode(status) == 0 else "failed"
+        if kill is not None:
+            arm_distill(kill)
+        result = CliRunner().invoke(cli, ["distill", *args])
+        if log is not None:
+            log.write_text(result.output + (f"\n{result.exception!r}" if result.exit_code else ""))
+        return result.exit_code
+
+    return run_until_killed(body, "distill")
 
 
 def distill_args(student, cache, out, steps: int, save_steps: int, seed: int = 0) -> list[str]:
