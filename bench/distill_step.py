@@ -63,6 +63,11 @@ class Scale:
 
 # Teacher ≈ 4× the student's parameters in both scales. Both share one tokenizer and one
 # image grid (the cache's vision-token count must match the student's).
+# a Vicuna-7B-width teacher (d 4096, 32 heads) whose layer 0 is what a 7B kit recomputes;
+# shared by the CPU scale "kit7b" and the GPU scale "gpu7b"
+KIT7B_TEACHER = TinyLlavaSpec(hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=1024,
+                              image_size=336, patch_size=28, vision_hidden=256, vision_layers=2, vision_heads=4)
+
 SCALES = {
     # 64 image tokens, ~90-token sequences, ~60-word vocabulary: a CPU-sized run.
     "small": Scale(
@@ -76,9 +81,7 @@ SCALES = {
     # 336 px / patch 28); the student is "large"'s d=1024 x 6 layers (145 M), 10x smaller than a
     # 1.4B student, so the kit's share of the step is ~10x what it would be beside MobileLLaMA-1.4B.
     "kit7b": Scale(
-        teacher=TinyLlavaSpec(hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=1024,
-                              image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
-                              vision_heads=4),
+        teacher=KIT7B_TEACHER,
         student=TinyLlavaSpec(hidden_size=1024, num_layers=6, num_heads=8, intermediate_size=2816,
                               image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
                               vision_heads=4),
@@ -87,9 +90,7 @@ SCALES = {
     # MLP 5632), the student the issue's <= 1.05x step target is about. Three fp32 students with
     # AdamW state are ~67 GB (an H200; not run yet).
     "gpu7b": Scale(
-        teacher=TinyLlavaSpec(hidden_size=4096, num_layers=2, num_heads=32, intermediate_size=1024,
-                              image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
-                              vision_heads=4),
+        teacher=KIT7B_TEACHER,
         student=TinyLlavaSpec(hidden_size=2048, num_layers=24, num_heads=16, intermediate_size=5632,
                               image_size=336, patch_size=28, vision_hidden=256, vision_layers=2,
                               vision_heads=4),

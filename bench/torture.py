@@ -570,14 +570,19 @@ def main_distill(args) -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alignkd-torture-distill-") as tmp:
         tally = run_distill(args.kills, args.per_cache, args.steps, args.save_steps, args.seed, Path(tmp))
-    print(f"\n{'moment':<15} {'killed':>7} {'finished first':>15}")
-    for point in DISTILL_POINTS:
-        print(f"{point:<15} {tally.killed[point]:>7} {tally.finished[point]:>15}")
+    print_kills(DISTILL_POINTS, tally)
     at_kill = ", ".join(f"{n}: {c}" for n, c in sorted(tally.checkpoint_at_kill.items()))
     print(f"\nlast complete checkpoint when killed (step: kills): {at_kill}")
     print(f"{tally.runs} runs resumed to the end, every student bit-identical to the uninterrupted run "
           f"({sum(tally.killed.values())} kills, {time.perf_counter() - start:.0f} s)")
 # ================================================================ end of the distill kill matrix
+
+def print_kills(points, tally) -> None:
+    """The kills per moment, and how often a run finished before its kill came."""
+    print(f"\n{'moment':<15} {'killed':>7} {'finished first':>15}")
+    for point in points:
+        print(f"{point:<15} {tally.killed[point]:>7} {tally.finished[point]:>15}")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -597,9 +602,7 @@ def main() -> None:
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="alignkd-torture-") as tmp:
         tally, overwrites = run(args.kills, args.samples, args.per_cache, args.seed, Path(tmp), args.overwrite_rounds)
-    print(f"\n{'moment':<15} {'killed':>7} {'finished first':>15}")
-    for point in POINTS:
-        print(f"{point:<15} {tally.killed[point]:>7} {tally.finished[point]:>15}")
+    print_kills(POINTS, tally)
     at_kill = ", ".join(f"{n}: {c}" for n, c in sorted(tally.shards_at_kill.items()))
     print(f"\ncommitted shards when killed (shards: kills): {at_kill}")
     print(f"{tally.caches} caches resumed to the end, every one equal to the uninterrupted build "
