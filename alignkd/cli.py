@@ -307,6 +307,9 @@ def _loss_weight_options(command):
                    "KD; full: Align-KD). A --w-NAME flag overrides its term's weight.")
 @_loss_weight_options
 @click.option("--temperature", default=_distill_default("temperature"), show_default=True)
+@click.option("--align-fade", default=_distill_default("align_fade"), show_default=True,
+              help="Fade the alignment terms (vision, attention) linearly to 0 over this share of the run, "
+                   "logits and CE throughout (0: constant weights).")
 @click.option("--vision-topk", type=int, default=None,
               help="Vision tokens counted twice by text focus [default: N_v/9, the paper's 16 of 144].")
 @click.option("--loss-scale", type=click.Choice(["paper", "normalized"]), default=_distill_default("loss_scale"),

@@ -169,6 +169,17 @@ def test_frozen_adapters_stay_fixed(world, tmp_path, tiny_student_dir):
     assert torch.equal(adapters["head_adapter.bias"], torch.zeros(2))
 
 
+def test_align_fade_runs_the_alignment_terms_early_and_logits_throughout(world, tmp_path, tiny_student_dir):
+    _, rows = _train(world, tiny_student_dir, tmp_path / "run", max_steps=8, align_fade=0.5)
+    steps = {row["step"]: row for row in rows if "loss" in row}
+    # weights fall as 1 - step/4 (the step counted before it runs): on at steps 1-4, never computed after
+    for step in (1, 2, 3, 4):
+        assert steps[step]["loss_vis"] > 0 and steps[step]["loss_attn"] > 0, steps[step]
+    for step in (5, 6, 7, 8):
+        assert "loss_vis" not in steps[step] and "loss_attn" not in steps[step], steps[step]
+        assert steps[step]["loss_logit"] > 0 and steps[step]["loss_ce"] > 0
+
+
 def test_distill_needs_no_teacher_and_output_loads_and_generates(world, tmp_path, tiny_llava_dir):
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -268,6 +279,7 @@ def test_bad_options_are_one_sentence(world, tmp_path, tiny_student_dir):
     runner = CliRunner()
     for args, needle in [(["--w-ce", "0", "--w-logit", "0", "--w-attn", "0", "--w-vis", "0"], "every loss weight"),
                          (["--temperature", "0"], "--temperature"),
+                         (["--align-fade", "1.5"], "--align-fade"),
                          (["--freeze", "no_such_part"], "no_such_part")]:
         result = runner.invoke(main, ["distill", "--student", str(tiny_student_dir), "--cache",
                                       world["caches"]["topk"].out, "--out", str(tmp_path / "r"),

@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignkd.cli import main
-from alignkd.distill.terms import LOSS_TERMS, PRESETS, LossTerm, LossWeights, TermSpec, preset_weights
+from alignkd.distill.terms import LOSS_TERMS, PRESETS, LossTerm, LossWeights, TermSpec, faded, preset_weights
 from alignkd.distill.trainer import DistillConfig
 from alignkd.errors import ConfigError
 
@@ -82,3 +82,11 @@ def test_an_unknown_preset_is_one_sentence(tiny_student_dir, tmp_path):
                                        str(tmp_path / "cache"), "--out", str(tmp_path / "o"), "--preset", "logit"])
     assert result.exit_code == 2 and "Invalid value for '--preset'" in result.output
     assert "Traceback" not in result.output
+
+
+def test_align_fade_scales_only_the_alignment_terms_linearly_to_zero():
+    full = LossWeights(ce=1.0, logit=2.0, vis=1.0, attn=4.0)
+    assert faded(full, 0.3, 0.0) is full                   # 0: no schedule
+    assert faded(full, 0.25, 0.5) == LossWeights(ce=1.0, logit=2.0, vis=0.5, attn=2.0)
+    after = faded(full, 0.75, 0.5)
+    assert after == LossWeights(ce=1.0, logit=2.0, vis=0.0, attn=0.0) and after.enabled() == ("ce", "logit")

@@ -30,8 +30,11 @@ class QuietProgressCallback(ProgressCallback):
 
 
 class AlignKDTrainer(Trainer):
-    def __init__(self, *args, grad_share_steps: int = 0, train_order=None, **kwargs) -> None:
+    def __init__(self, *args, grad_share_steps: int = 0, train_order=None, align_fade: float = 0.0,
+                 **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.align_fade = align_fade  # alignkd.distill.terms.faded, applied at each step
+        self._base_weights = None
         self.train_order = train_order  # a sampling.TrainOrder; None: the Trainer's own sampler
         # One bar, no per-step dicts on the console: they go to metrics.jsonl / TensorBoard.
         self.pop_callback(PrinterCallback)
@@ -56,6 +59,8 @@ class AlignKDTrainer(Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         objective = self.accelerator.unwrap_model(model)
+        if self.align_fade > 0 and model.training:
+            self._fade_weights(objective)
         every = self.grad_share_steps
         objective.measure_grad_shares = bool(every) and self.state.global_step % every == 0
         outputs = model(**inputs)
@@ -72,6 +77,16 @@ class AlignKDTrainer(Trainer):
             self._term_count += 1
         loss = outputs["loss"]
         return (loss, outputs) if return_outputs else loss
+
+    def _fade_weights(self, objective) -> None:
+        """The objective's weights at this step of `--align-fade`: a function of the step alone, so a
+        resumed run picks the schedule up where it stopped."""
+        from alignkd.distill.terms import faded
+
+        if self._base_weights is None:
+            self._base_weights = objective.weights
+        progress = self.state.global_step / max(self.state.max_steps, 1)
+        objective.weights = faded(self._base_weights, progress, self.align_fade)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if self._term_count and "loss" in logs:

@@ -31,6 +31,8 @@ class LossTerm:
 
     name: ClassVar[str]
     reads: ClassVar[tuple[str, ...]]
+    # An alignment term (the teacher's inner states, not its outputs): `--align-fade` fades these.
+    aligns: ClassVar[bool] = False
 
     @classmethod
     def from_objective(cls, objective) -> "LossTerm":
@@ -84,6 +86,7 @@ class VisionAlignment(LossTerm):
     """L_vis: the student's vision tokens against the teacher's, all tokens plus the top-k by text focus."""
 
     name, reads = "vis", ("t_vision", "t_focus")
+    aligns = True
 
     def __init__(self, adapter, loss_scale: str, topk: int | None = None) -> None:
         self.adapter, self.loss_scale, self.topk = adapter, loss_scale, topk
@@ -110,6 +113,7 @@ class AttentionAlignment(LossTerm):
     `t_vision` and `t_image_grid_thw` are the kit's inputs there."""
 
     name, reads = "attn", ("t_attn", "t_text_positions", "t_vision", "t_image_grid_thw")
+    aligns = True
 
     def __init__(self, head_adapter, mode: str, teacher_rows=None) -> None:
         self.head_adapter, self.mode, self.teacher_rows = head_adapter, mode, teacher_rows
@@ -194,6 +198,17 @@ class LossWeights:
     def enabled(self) -> tuple[str, ...]:
         """The terms that run, in table order: a weight of 0 means the term is not computed at all."""
         return tuple(name for name, w in self._values.items() if w > 0)
+
+
+def faded(weights: LossWeights, progress: float, fade: float) -> LossWeights:
+    """`weights` at `progress` (the share of the run done, 0 to 1) under `--align-fade fade`: the
+    alignment terms fall linearly from their weight to 0 over the first `fade` of the run and stay
+    off after; the other terms keep theirs. `fade` 0: no schedule, `weights` themselves."""
+    if fade <= 0:
+        return weights
+    scale = max(0.0, 1.0 - progress / fade)
+    return LossWeights(**{name: w * scale if LOSS_TERMS[name].term.aligns else w
+                          for name, w in weights.as_dict().items()})
 
 
 def _only(*names: str) -> dict[str, float]:

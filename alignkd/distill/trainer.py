@@ -45,6 +45,7 @@ class DistillConfig:
     w_attn: float | None = None
     w_vis: float | None = None
     temperature: float = 1.0
+    align_fade: float = 0.0           # fade the alignment terms to 0 over this share of the run (0: never)
     vision_topk: int | None = None    # None: N_v / 9, the paper's 16 of 144
     attn_loss: str = "auto"           # auto: kl under the normalized scale, mse under paper
     loss_scale: str = "paper"         # the best worst-world gain of three worlds (docs/efficacy.md)
@@ -78,7 +79,8 @@ class DistillConfig:
             if getattr(self, LOSS_TERMS[name].option) is None:
                 object.__setattr__(self, LOSS_TERMS[name].option, weight)
         # nan passes every comparison below (nan < 0 is False), so finiteness comes first
-        check_finite(self, ("epochs", "lr", "weight_decay", "warmup_ratio", *weight_options, "temperature"))
+        check_finite(self, ("epochs", "lr", "weight_decay", "warmup_ratio", *weight_options, "temperature",
+                            "align_fade"))
         if self.max_steps <= 0 and self.epochs <= 0:
             raise ConfigError(f"--epochs must be positive when --max-steps is not, not {self.epochs}: "
                               "the run would export an untrained student.")
@@ -97,6 +99,8 @@ class DistillConfig:
             raise ConfigError("--vision-topk must be at least 1.")
         if self.grad_share_steps < 0:
             raise ConfigError("--grad-share-steps must not be negative.")
+        if not 0 <= self.align_fade <= 1:
+            raise ConfigError(f"--align-fade must be in [0, 1] (a share of the run), not {self.align_fade}.")
         if self.temperature <= 0:
             raise ConfigError("--temperature must be positive.")
         if not 0 <= self.warmup_ratio < 1:
@@ -229,8 +233,8 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
         use_cpu=not torch.cuda.is_available(), dataloader_num_workers=cfg.workers,
         dataloader_pin_memory=torch.cuda.is_available(), dataloader_persistent_workers=cfg.workers > 0,
         # Under torchrun on CPU (the tests' two gloo processes) DDP needs gloo; NCCL otherwise.
-        # Parameters only go unused when a loss term is off (e.g. the adapters of w_attn=0).
-        ddp_find_unused_parameters=len(weights.enabled()) < len(LOSS_TERMS),
+        # Parameters only go unused when a loss term is off (e.g. the adapters of w_attn=0, or faded).
+        ddp_find_unused_parameters=len(weights.enabled()) < len(LOSS_TERMS) or cfg.align_fade > 0,
         ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
         **sharding,
     )
@@ -239,7 +243,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     trainer = AlignKDTrainer(
         model=objective if wrap_objective is None else wrap_objective(objective), args=args, train_dataset=dataset,
         data_collator=dataset.collate, callbacks=build_callbacks(out) + list(callbacks or []),
-        grad_share_steps=cfg.grad_share_steps, train_order=order)
+        grad_share_steps=cfg.grad_share_steps, train_order=order, align_fade=cfg.align_fade)
     check_fsdp_engaged(fsdp_words, trainer)
     result = trainer.train(resume_from_checkpoint=_last_checkpoint(out) if cfg.resume else None)
     state_dict = gather_state_dict(trainer)  # under FSDP every rank takes part; rank 0 gets it whole
