@@ -2,7 +2,7 @@
 
 The cache cannot hold dense logits (131 MB per 2k-token sample at a 32k vocabulary),
 so each distilled position keeps a handful of ids. Two encodings, both specified in
-docs/ALIGN-KD.md and measured in bench/logit_fidelity.py:
+docs/method.md and measured in bench/logit_fidelity.py:
 
 - `encode_topk`: the true top-k ids with the teacher's full-vocabulary log-probs and
   the tail mass `r_p = 1 - sum_S p`, for the (k+1)-bucket "ghost token" KL. The values

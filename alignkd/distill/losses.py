@@ -1,7 +1,7 @@
 """The four Align-KD loss terms, each a small function with a narrow signature.
 
 Every term accepts padded batches and takes its validity from masks, never from
-equal lengths (the official code's batch-size-1 limitation, docs/ALIGN-KD.md #5).
+equal lengths (the official code's batch-size-1 limitation, docs/method.md, "Where alignkd differs", 5).
 
 Position convention (shared with the cache builder through `alignkd.targets.select_positions`):
 logits at position t are the distribution of token t+1. Labels are unshifted, as in

@@ -140,7 +140,7 @@ def element_counts(row: dict, encodings: dict) -> dict[str, int]:
             "vision_scale": D if own_vision and encodings["vision"] in SCALED_ENCODINGS else 0,
             "focus": Nv, "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
 
-# blosc-lz4 + bitshuffle: measured on this 2-core box, lz4 decodes ~3x faster than
+# blosc-lz4 + bitshuffle: measured (BENCHMARKS.md), lz4 decodes ~3x faster than
 # zstd for ~10% more bytes; the reader's throughput target makes lz4 the right side.
 BLOSC = {"cname": "lz4", "clevel": 5, "shuffle": "bitshuffle"}
 # Codes that blosc barely shrinks are stored without a compressor: on 7B-shaped samples

@@ -103,7 +103,7 @@ class LocalStore(CacheStore):
         """A read-only descriptor on `rel`, refused when the file opened lies outside the cache.
         The kernel names the file a descriptor holds (/proc/self/fd): one call, where resolving
         the path costs one per component; a shard's ~22 files took 3.3 ms that way and 0.45 ms
-        this way, measured on the 2-core box, and a uniform order reopens shards often."""
+        this way (BENCHMARKS.md), and a uniform order reopens shards often."""
         path = self.root / rel
         fd = os.open(path, os.O_RDONLY)
         try:
