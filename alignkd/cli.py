@@ -372,6 +372,8 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str
 @click.option("--max-new-tokens", default=16, show_default=True)
 @click.option("--limit", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--predictions", default=None,
+              help="Write each scored record's greedy answer as JSON lines (id, prediction, answer, correct).")
 @click.option("--no-progress", is_flag=True)
 def eval_(as_json: bool, no_progress: bool, **opts) -> None:
     """Greedy-answer accuracy (normalised exact match) and answer CE on a manifest.

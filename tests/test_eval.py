@@ -78,6 +78,24 @@ def test_eval_counts_a_right_answer_and_breaks_down_by_qtype(tiny_llava_dir, tmp
     assert report["accuracy"] == 1.0 and report["by_type"]["colour"] == 1.0
 
 
+def test_predictions_file_holds_each_records_greedy_answer(tiny_llava_dir, small_dataset, tmp_path):
+    manifest, images = small_dataset
+    hits, _ = _reference(tiny_llava_dir, manifest, images)
+    out = tmp_path / "p.jsonl"
+    result = CliRunner().invoke(main, ["eval", "--model", str(tiny_llava_dir), "--data", str(manifest), "--images",
+                                       str(images), "--max-new-tokens", "5", "--predictions", str(out),
+                                       "--no-progress"])
+    assert result.exit_code == 0, result.output
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    records = json.loads(manifest.read_text())
+    assert [r["id"] for r in rows] == [rec["id"] for rec in records]
+    assert [int(r["correct"]) for r in rows] == hits  # the per-sample reference's own greedy hits
+    for row, rec in zip(rows, records):
+        assert normalise_answer(row["answer"]) == normalise_answer(rec["conversations"][-1]["value"])
+        assert row["correct"] == (normalise_answer(row["prediction"]) == normalise_answer(row["answer"]))
+    assert not list(tmp_path.glob("*.tmp"))
+
+
 def _one_sentence(result) -> str:
     assert result.exit_code == 1 and "Traceback" not in result.output, result.output
     lines = [ln for ln in result.output.splitlines() if ln.strip()]
@@ -92,7 +110,9 @@ def test_bad_eval_options_are_one_sentence(tiny_llava_dir, small_dataset):
                            (["--max-new-tokens", "-1"], "--max-new-tokens must be at least 1."),
                            (["--limit", "0"], "--limit must be at least 1, not 0."),
                            (["--limit", "-1"], "--limit must be at least 1, not -1."),  # used to drop the last row
-                           (["--max-length", "0"], "--max-length must be at least 1.")]:
+                           (["--max-length", "0"], "--max-length must be at least 1."),
+                           (["--predictions", "/no/such/dir/p.jsonl"],
+                            "--predictions /no/such/dir/p.jsonl: its directory does not exist.")]:
         assert _one_sentence(CliRunner().invoke(main, base + extra)) == f"error: {message}", extra
 
 

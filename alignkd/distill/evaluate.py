@@ -36,6 +36,7 @@ class EvalConfig:
     batch_size: int = 64
     limit: int | None = None
     progress: bool = True
+    predictions: str | None = None  # JSONL: each scored record's id, greedy answer, reference and hit
 
     def __post_init__(self) -> None:
         check_at_least_one(self, ("max_length", "max_new_tokens", "batch_size"))
@@ -46,6 +47,8 @@ class EvalConfig:
             raise ConfigError(f"manifest {self.data} does not exist.")
         if self.images is not None and not Path(self.images).is_dir():
             raise ConfigError(f"images directory {self.images} does not exist.")
+        if self.predictions is not None and not Path(self.predictions).parent.is_dir():
+            raise ConfigError(f"--predictions {self.predictions}: its directory does not exist.")
 
 
 @dataclass
@@ -79,8 +82,8 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
     return ids, mask
 
 
-def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], float, int]:
-    """Exact-match hits, summed answer CE and answer-token count for one batch."""
+def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], float, int, list[dict]]:
+    """Exact-match hits, summed answer CE, answer-token count and each sample's prediction for one batch."""
     from alignkd.data import collate
     from alignkd.data.images import TOKEN_INPUT_KEYS
 
@@ -99,9 +102,11 @@ def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], f
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,
                              pad_token_id=tok.pad_token_id, **images)
     predicted = tok.batch_decode(gen[:, ids.shape[1]:], skip_special_tokens=True)
-    hits = [int(normalise_answer(p) == normalise_answer(tok.decode(s.input_ids[a:b], skip_special_tokens=True)))
-            for p, s, (a, b) in zip(predicted, samples, spans)]
-    return hits, float(ce), int(valid.sum())
+    answers = [tok.decode(s.input_ids[a:b], skip_special_tokens=True) for s, (a, b) in zip(samples, spans)]
+    hits = [int(normalise_answer(p) == normalise_answer(a)) for p, a in zip(predicted, answers)]
+    rows = [{"id": s.sample_id, "prediction": p.strip(), "answer": a.strip(), "correct": bool(h)}
+            for s, p, a, h in zip(samples, predicted, answers, hits)]
+    return hits, float(ce), int(valid.sum()), rows
 
 
 def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
@@ -124,6 +129,7 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     qtypes = _question_types(cfg.data)
     hits: list[tuple[str | None, int]] = []
     ce_sum, ce_tokens, skipped = 0.0, 0, Counter()
+    predictions: list[dict] = []
     bar = tqdm(total=len(records), desc="eval", unit="sample", disable=not cfg.progress)
     for start in range(0, len(records), cfg.batch_size):
         samples = []
@@ -133,7 +139,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
             except SampleError as err:
                 skipped[err.reason] += 1
         if samples:
-            batch_hits, ce, n = _score_batch(model, processor.tokenizer, samples, cfg.max_new_tokens)
+            batch_hits, ce, n, rows = _score_batch(model, processor.tokenizer, samples, cfg.max_new_tokens)
+            predictions += rows
             hits += [(qtypes.get(s.sample_id), h) for s, h in zip(samples, batch_hits)]
             ce_sum, ce_tokens = ce_sum + ce, ce_tokens + n
         bar.update(len(records[start:start + cfg.batch_size]))
@@ -141,6 +148,8 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
     if ce_tokens and not math.isfinite(ce_sum):
         raise AlignKDError(f"model {cfg.model} gives a non-finite answer CE ({ce_sum / ce_tokens}) on {cfg.data}, "
                            "so it cannot be scored.")
+    if cfg.predictions is not None:
+        _write_predictions(Path(cfg.predictions), predictions)
     per_type: dict[str, list[int]] = defaultdict(list)
     for qtype, hit in hits:
         if qtype is not None:
@@ -149,6 +158,21 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
                       answer_ce=ce_sum / max(ce_tokens, 1), skipped=sum(skipped.values()),
                       skipped_by_reason=dict(sorted(skipped.items())),
                       by_type={k: sum(v) / len(v) for k, v in sorted(per_type.items())})
+
+
+def _write_predictions(path: Path, rows: list[dict]) -> None:
+    """One JSON line per scored record, written whole or not at all (a temporary file renamed)."""
+    import json
+    import os
+
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        with open(tmp, "w") as f:
+            f.writelines(json.dumps(row) + "\n" for row in rows)
+        os.replace(tmp, path)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise AlignKDError(f"--predictions {path}: cannot write it ({err.strerror}).") from None
 
 
 def _check_finite_weights(model, name: str) -> None:
