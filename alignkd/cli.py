@@ -11,9 +11,9 @@ import sys
 import click
 
 from alignkd import __version__
-from alignkd.distill.terms import LOSS_TERMS, PRESETS
 from alignkd.distill.trainer import DistillConfig
 from alignkd.errors import AlignKDError, describe_os_error
+from alignkd.settings import config_from_options, options_from
 
 
 class _Group(click.Group):
@@ -265,82 +265,10 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
                f"wrote {', '.join(map(str, pages))}: {MAX_TOKEN_PANELS} answer tokens a page")
 
 
-def _distill_default(name: str):
-    """A `distill` option's default is its `DistillConfig` field's: each setting has one default."""
-    return DistillConfig.__dataclass_fields__[name].default
-
-
-def _loss_weight_options(command):
-    """One --w-NAME option per loss term of alignkd.distill.terms.LOSS_TERMS (None: the preset's weight)."""
-    for spec in reversed(LOSS_TERMS.values()):  # click lists options in decoration order
-        command = click.option(f"--{spec.option.replace('_', '-')}", spec.option, type=float, default=None,
-                               help=f"Weight of the {spec.term.name} term, {spec.help} [default: the preset's, "
-                                    f"{spec.default_weight:g} in full].")(command)
-    return command
-
-
 @main.command()
-@click.option("--student", required=True,
-              help="Student model (safetensors): a local directory, or a hub id org/name[@revision] resolved "
-                   "through the local Hugging Face cache.")
-@click.option("--cache", "cache_dir", required=True, help="Teacher cache from `alignkd cache build`.")
-@click.option("--out", required=True, help="Output directory for the student, adapters and metrics: new or empty "
-              "(see --resume, --overwrite).")
-@click.option("--images", default=None, help="Image root, when the cache holds no image bytes.")
-@click.option("--epochs", default=_distill_default("epochs"), show_default=True)
-@click.option("--max-steps", default=_distill_default("max_steps"), show_default=True,
-              help="Overrides --epochs when positive.")
-@click.option("--batch-size", default=_distill_default("batch_size"), show_default=True)
-@click.option("--grad-accum", default=_distill_default("grad_accum"), show_default=True)
-@click.option("--lr", default=_distill_default("lr"), show_default=True)
-@click.option("--warmup-ratio", default=_distill_default("warmup_ratio"), show_default=True)
-@click.option("--weight-decay", default=_distill_default("weight_decay"), show_default=True)
-@click.option("--seed", default=_distill_default("seed"), show_default=True)
-@click.option("--bf16", is_flag=True, help="bf16 mixed precision.")
-@click.option("--resume", is_flag=True, help="Continue from the last checkpoint of this run (same student and "
-              "cache) under OUT.")
-@click.option("--overwrite", is_flag=True,
-              help="Start again in an OUT that holds a run (its files are removed) or other files (kept); never "
-                   "an OUT that is, holds or lies inside an input (student, cache, images, the cache's teacher).")
-@click.option("--preset", type=click.Choice(list(PRESETS)), default=_distill_default("preset"), show_default=True,
-              help="Named objective: the weight of every loss term (ce: the CE-only baseline; logits: CE + logit "
-                   "KD; full: Align-KD). A --w-NAME flag overrides its term's weight.")
-@_loss_weight_options
-@click.option("--temperature", default=_distill_default("temperature"), show_default=True)
-@click.option("--align-fade", default=_distill_default("align_fade"), show_default=True,
-              help="Fade the alignment terms (vision, attention) linearly to 0 over this share of the run, "
-                   "logits and CE throughout (0: constant weights).")
-@click.option("--vision-topk", type=int, default=None,
-              help="Vision tokens counted twice by text focus [default: N_v/9, the paper's 16 of 144].")
-@click.option("--loss-scale", type=click.Choice(["paper", "normalized"]), default=_distill_default("loss_scale"),
-              show_default=True,
-              help="paper: the paper's exact MSE forms; normalized: scale-free terms (docs/method.md). "
-                   "docs/efficacy.md compares them on three worlds.")
-@click.option("--attn-loss", type=click.Choice(["auto", "mse", "kl"]), default=_distill_default("attn_loss"),
-              show_default=True,
-              help="auto: kl under --loss-scale normalized, mse under paper.")
-@click.option("--adapters", type=click.Choice(["trainable", "frozen"]), default=_distill_default("adapters"),
-              show_default=True)
-@click.option("--freeze", default="vision_tower", show_default=True, help="Comma list of modules to freeze.")
-@click.option("--log", type=click.Choice(["jsonl", "tensorboard"]), default=_distill_default("log"), show_default=True)
-@click.option("--verify/--no-verify", default=True, show_default=True,
-              help="Check every shard's checksums before training (skip for very large caches).")
-@click.option("--save-steps", default=_distill_default("save_steps"), show_default=True)
-@click.option("--logging-steps", default=_distill_default("logging_steps"), show_default=True)
-@click.option("--grad-share-steps", default=_distill_default("grad_share_steps"), show_default=True,
-              help="Every N steps, log each term's share of the student's gradient norm (0: off).")
+@options_from(DistillConfig)
 @click.option("--no-progress", is_flag=True, help="Hide the progress bar.")
-@click.option("--workers", default=_distill_default("workers"), show_default=True, help="DataLoader worker processes reading the cache.")
-@click.option("--shuffle", default=_distill_default("shuffle"), show_default=True,
-              help="Training order: uniform (a new permutation each epoch) or window:N (shards shuffled N at a "
-                   "time, for caches far larger than memory on remote storage).")
-@click.option("--fsdp", default="",
-              help="Shard the student with the Trainer's FSDP (FSDP2), in its words: \"full_shard auto_wrap\", "
-                   "shard_grad_op, offload. Needs torchrun and GPUs; see docs/scale.md.")
-@click.option("--fsdp-wrap-class", default="",
-              help="With --fsdp: comma list of layer classes each FSDP unit holds, e.g. LlamaDecoderLayer "
-                   "[default: the student's own _no_split_modules].")
-def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str, **opts) -> None:
+def distill(no_progress: bool, **opts) -> None:
     """Train a student purely from a teacher cache; the teacher is never loaded.
 
     \b
@@ -348,15 +276,11 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str
       alignkd distill --student student/ --cache cache/ --out run/ --max-steps 200
       torchrun --nproc-per-node 8 --no-python alignkd distill --student student/ --cache cache/ --out run/ --bf16 --fsdp "full_shard auto_wrap"
     """
-    from alignkd.distill.trainer import DistillConfig, distill as run_distill
-
-    parts = tuple(p.strip() for p in freeze.split(",") if p.strip())
-    wrap = tuple(p.strip() for p in fsdp_wrap_class.split(",") if p.strip())
+    from alignkd.distill.trainer import distill as run_distill
     from alignkd.distributed import dist_info
 
     _hide_progress(no_progress)
-    summary = run_distill(DistillConfig(cache=cache_dir, freeze=parts, fsdp_wrap_class=wrap,
-                                        progress=not no_progress, **opts))
+    summary = run_distill(config_from_options(DistillConfig, opts, progress=not no_progress))
     if not dist_info().is_main:
         return
     terms = " ".join(f"{k.removeprefix('loss_')}={v:.4g}" for k, v in summary.final_losses.items())

@@ -17,50 +17,83 @@ from pathlib import Path
 
 from alignkd.distill.terms import DEFAULT_PRESET, LOSS_TERMS, PRESETS, LossWeights, preset_weights, resolve_attn_loss
 from alignkd.errors import AlignKDError, ConfigError, check_at_least_one, check_choices, check_finite, check_out_dir
+from alignkd.settings import choices_of, setting
 from alignkd.hub import check_model_arg, resolve_model
+
+
+def _weight(name: str):
+    """The w_NAME field of loss term `name` (None: the preset's weight)."""
+    spec = LOSS_TERMS[name]
+    return setting(None, type=float, help=f"Weight of the {name} term, {spec.help} [default: the preset's, "
+                                          f"{spec.default_weight:g} in full].")
 
 
 @dataclass(frozen=True)
 class DistillConfig:
-    student: str
-    cache: str
-    out: str
-    images: str | None = None
-    epochs: float = 1.0
-    max_steps: int = -1
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 1e-4
-    warmup_ratio: float = 0.0
-    weight_decay: float = 0.0
-    seed: int = 0
-    bf16: bool = False
-    resume: bool = False
-    overwrite: bool = False           # replace a finished or stopped run in --out (alignkd.distill.outdir)
+    """Every `alignkd distill` setting, declared once: the command's options are generated from
+    these fields (alignkd.settings), and library callers build the same object."""
+
+    student: str = setting(help="Student model (safetensors): a local directory, or a hub id "
+                                "org/name[@revision] resolved through the local Hugging Face cache.")
+    cache: str = setting(help="Teacher cache from `alignkd cache build`.")
+    out: str = setting(help="Output directory for the student, adapters and metrics: new or empty "
+                            "(see --resume, --overwrite).")
+    images: str | None = setting(None, type=str, help="Image root, when the cache holds no image bytes.")
+    epochs: float = setting(1.0)
+    max_steps: int = setting(-1, help="Overrides --epochs when positive.")
+    batch_size: int = setting(8)
+    grad_accum: int = setting(1)
+    lr: float = setting(1e-4)
+    warmup_ratio: float = setting(0.0)
+    weight_decay: float = setting(0.0)
+    seed: int = setting(0)
+    bf16: bool = setting(False, flag=True, help="bf16 mixed precision.")
+    resume: bool = setting(False, flag=True, help="Continue from the last checkpoint of this run (same student "
+                                                  "and cache) under OUT.")
+    # replace a finished or stopped run in --out (alignkd.distill.outdir)
+    overwrite: bool = setting(False, flag=True, help=(
+        "Start again in an OUT that holds a run (its files are removed) or other files (kept); never an OUT "
+        "that is, holds or lies inside an input (student, cache, images, the cache's teacher)."))
     # The objective: a preset of alignkd.distill.terms (PRESETS) gives every term's weight; a w_NAME
     # set here overrides it (None: the preset's). One field per row of terms.LOSS_TERMS.
-    preset: str = DEFAULT_PRESET
-    w_ce: float | None = None
-    w_logit: float | None = None
-    w_attn: float | None = None
-    w_vis: float | None = None
-    temperature: float = 1.0
-    align_fade: float = 0.0           # fade the alignment terms to 0 over this share of the run (0: never)
-    vision_topk: int | None = None    # None: N_v / 9, the paper's 16 of 144
-    attn_loss: str = "auto"           # auto: kl under the normalized scale, mse under paper
-    loss_scale: str = "paper"         # the best worst-world gain of three worlds (docs/efficacy.md)
-    adapters: str = "trainable"
-    freeze: tuple[str, ...] = ("vision_tower",)
-    log: str = "jsonl"
-    verify: bool = True
-    logging_steps: int = 5
-    save_steps: int = 500
-    grad_share_steps: int = 0         # every N steps, log each term's share of the student's gradient
-    progress: bool = True
-    workers: int = 2  # DataLoader workers reading the cache (0: in the training process)
-    shuffle: str = "uniform"          # training order: uniform | window:N (alignkd.distill.sampling)
-    fsdp: str = ""                    # the Trainer's words: "full_shard auto_wrap" ... (alignkd.distill.sharding)
-    fsdp_wrap_class: tuple[str, ...] = ()  # layer classes FSDP shards by (default: the student's own)
+    preset: str = setting(DEFAULT_PRESET, choices=lambda: tuple(PRESETS), help=(
+        "Named objective: the weight of every loss term (ce: the CE-only baseline; logits: CE + logit KD; "
+        "full: Align-KD). A --w-NAME flag overrides its term's weight."))
+    w_ce: float | None = _weight("ce")
+    w_logit: float | None = _weight("logit")
+    w_vis: float | None = _weight("vis")
+    w_attn: float | None = _weight("attn")
+    temperature: float = setting(1.0)
+    align_fade: float = setting(0.0, help="Fade the alignment terms (vision, attention) linearly to 0 over this "
+                                          "share of the run, logits and CE throughout (0: constant weights).")
+    vision_topk: int | None = setting(None, type=int, help="Vision tokens counted twice by text focus "
+                                                           "[default: N_v/9, the paper's 16 of 144].")
+    # paper: the best worst-world gain of three worlds (docs/efficacy.md)
+    loss_scale: str = setting("paper", choices=("paper", "normalized"), help=(
+        "paper: the paper's exact MSE forms; normalized: scale-free terms (docs/method.md). "
+        "docs/efficacy.md compares them on three worlds."))
+    attn_loss: str = setting("auto", choices=("auto", "mse", "kl"), help="auto: kl under --loss-scale normalized, "
+                                                                         "mse under paper.")
+    adapters: str = setting("trainable", choices=("trainable", "frozen"))
+    freeze: tuple[str, ...] = setting(("vision_tower",), comma=True, help="Comma list of modules to freeze.")
+    log: str = setting("jsonl", choices=("jsonl", "tensorboard"))
+    verify: bool = setting(True, negatable=True, help="Check every shard's checksums before training (skip for "
+                                                      "very large caches).")
+    save_steps: int = setting(500)
+    logging_steps: int = setting(5)
+    grad_share_steps: int = setting(0, help="Every N steps, log each term's share of the student's gradient "
+                                            "norm (0: off).")
+    progress: bool = setting(True, cli=False)  # the command's --no-progress
+    workers: int = setting(2, help="DataLoader worker processes reading the cache.")
+    shuffle: str = setting("uniform", help=(
+        "Training order: uniform (a new permutation each epoch) or window:N (shards shuffled N at a time, for "
+        "caches far larger than memory on remote storage)."))  # alignkd.distill.sampling
+    fsdp: str = setting("", show_default=False, help=(
+        "Shard the student with the Trainer's FSDP (FSDP2), in its words: \"full_shard auto_wrap\", "
+        "shard_grad_op, offload. Needs torchrun and GPUs; see docs/scale.md."))  # alignkd.distill.sharding
+    fsdp_wrap_class: tuple[str, ...] = setting((), comma=True, show_default=False, help=(
+        "With --fsdp: comma list of layer classes each FSDP unit holds, e.g. LlamaDecoderLayer "
+        "[default: the student's own _no_split_modules]."))
 
     @property
     def resolved_attn_loss(self) -> str:
@@ -71,9 +104,7 @@ class DistillConfig:
         return LossWeights(**{name: getattr(self, spec.option) for name, spec in LOSS_TERMS.items()})
 
     def __post_init__(self) -> None:
-        check_choices(self, {"attn_loss": ("auto", "mse", "kl"), "adapters": ("trainable", "frozen"),
-                             "log": ("jsonl", "tensorboard"), "loss_scale": ("normalized", "paper"),
-                             "preset": tuple(PRESETS)})
+        check_choices(self, choices_of(DistillConfig))
         weight_options = [spec.option for spec in LOSS_TERMS.values()]
         for name, weight in preset_weights(self.preset).items():  # recorded as numbers, not as None
             if getattr(self, LOSS_TERMS[name].option) is None:
