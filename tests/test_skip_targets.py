@@ -139,3 +139,13 @@ def test_skip_vision_with_layer0_and_unknown_targets_are_refused(tiny_llava_dir,
                                        "--out", base["out"], "--attn-store", "layer0", "--skip", "vision"])
     assert result.exit_code == 1 and result.output.startswith("error: --attn-store layer0 recomputes")
     assert not Path(base["out"]).exists()
+
+
+def test_resuming_with_another_skip_is_refused(caches, tiny_llava_dir):
+    """A resume that would store the target in some shards and not in others names the option."""
+    doc = json.loads((caches["novision"] / "cache.json").read_text())
+    with pytest.raises(ConfigError, match=r"stores --skip=\['vision'\] but this run asks for \[\]"):
+        build_cache(BuildConfig(teacher=str(tiny_llava_dir), data=doc["manifest"],
+                                images=str(caches["novision"].parent / "images"), out=str(caches["novision"]),
+                                batch_size=3, shard_size=4, progress=False))
+    assert json.loads((caches["novision"] / "cache.json").read_text()) == doc
