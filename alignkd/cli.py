@@ -116,6 +116,10 @@ def cache() -> None:
               help="maps: store each sample's layer-0 attention rows; layer0: store none and keep the teacher's "
                    "layer-0 kit (embeddings, layer-0 query/key) once, from which readers and distill recompute "
                    "them exactly; see docs/cache-format.md.")
+@click.option("--skip", type=click.Choice(["attn", "vision"]), multiple=True,
+              help="Leave a teacher target out of the cache (repeatable): attn (the layer-0 attention rows) or "
+                   "vision (the vision tokens). Its loss term is then off in distill; see docs/cache-format.md for "
+                   "the bytes each saves.")
 @click.option("--store-images/--no-store-images", default=True, show_default=True)
 @click.option("--share-vision/--no-share-vision", default=True, show_default=True,
               help="Store the teacher's vision tokens once per distinct set of images (samples that repeat "
@@ -284,7 +288,8 @@ def distill(no_progress: bool, **opts) -> None:
     if not dist_info().is_main:
         return
     terms = " ".join(f"{k.removeprefix('loss_')}={v:.4g}" for k, v in summary.final_losses.items())
-    click.echo(f"distilled {summary.steps} steps in {summary.seconds:.0f}s ({terms}) -> {summary.out}")
+    click.echo(f"distilled {summary.steps} steps in {summary.seconds:.0f}s ({terms}) -> {summary.out}"
+               + "".join(f"; {note}" for note in summary.notes))
 
 
 @main.command(name="eval")

@@ -357,7 +357,7 @@ def test_cache_json_and_shard_json(cache):
     assert (doc["format"], doc["schema_version"]) == (FORMAT_NAME, SCHEMA_VERSION)
     assert doc["storage"] == {"attn_dtype": "bfloat16", "vision_dtype": "bfloat16", "logit_id_dtype": "uint32",
                               "shard_size": 2, "store_images": True, "attn_topk": 0,
-                              "share_vision": True, "attn_store": "maps"}
+                              "share_vision": True, "attn_store": "maps", "skip": []}
     assert doc["teacher"] == META["teacher"] and doc["build_options"] == META["build_options"]
     assert open_cache(path).meta == doc
 

@@ -37,6 +37,7 @@ SAME_OUT_WAIT_S = float(os.environ.get("ALIGNKD_SAME_OUT_WAIT_S", 20))
 STORED_OPTIONS = (
     "max_length", "logit_mode", "logit_k", "logit_samples", "logit_positions",
     "attn_dtype", "vision_dtype", "store_images", "seed", "dtype", "attn_topk", "share_vision", "attn_store",
+    "skip",
 )
 
 
@@ -65,6 +66,7 @@ class BuildConfig:
     attn_topk: int = 0                # > 0: keep each attention row's k largest vision columns (and the rest's mass)
     attn_store: str = "maps"          # "layer0": no attention rows, the teacher's layer-0 kit once (recomputed)
     share_vision: bool = True         # store the vision tokens of each distinct image set once
+    skip: tuple[str, ...] = ()        # targets not to store ("attn", "vision"): their loss terms are then off
     store_images: bool = True
     trust_remote_code: bool = False
     progress: bool = True
@@ -89,10 +91,12 @@ class BuildConfig:
             raise ConfigError(f"--timeout must be a positive number of minutes, not {self.timeout}.")
         if self.limit is not None and self.limit < 1:
             raise ConfigError("--limit must be at least 1.")
-        from alignkd.cache.writer import check_attn_store, check_attn_topk
+        from alignkd.cache.writer import check_attn_store, check_attn_topk, check_skip
 
         check_attn_topk(self.attn_topk, self.attn_dtype)
         check_attn_store(self.attn_store, self.attn_topk)
+        object.__setattr__(self, "skip", tuple(sorted(set(_as_tuple(self.skip)))))  # "vision" alone, too
+        check_skip(self.skip, self.attn_store, self.attn_topk)
         check_model_arg(self.teacher, "--teacher", "model directory")
         from alignkd.hub import parse_dataset_arg
 
@@ -131,7 +135,8 @@ class BuildConfig:
                          self.offload_folder)
 
     def stored_options(self) -> dict:
-        return {name: getattr(self, name) for name in STORED_OPTIONS}
+        # as cache.json holds them (a tuple comes back a list), so a resume compares like with like
+        return {name: list(v) if isinstance(v := getattr(self, name), tuple) else v for name in STORED_OPTIONS}
 
 
 def _as_tuple(value) -> tuple:
@@ -282,7 +287,7 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
         check_same_out(cfg, meet("opened", "create or open the cache", cfg.timeout)[0])
     kit = teacher.layer0_kit  # --attn-store layer0: written once, beside the tokenizer
     with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
-                     share_vision=cfg.share_vision, attn_store=cfg.attn_store,
+                     share_vision=cfg.share_vision, attn_store=cfg.attn_store, skip=cfg.skip,
                      layer0_kit=None if kit is None else kit_record(kit),
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:

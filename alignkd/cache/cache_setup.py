@@ -107,7 +107,7 @@ def remove_own_files(store: CacheStore) -> None:
 
 
 def check_storage(store: CacheStore, stored: dict, storage: dict) -> None:
-    for key in ("attn_store", "attn_dtype", "vision_dtype", "logit_id_dtype", "attn_topk", "share_vision"):
+    for key in ("attn_store", "attn_dtype", "vision_dtype", "logit_id_dtype", "attn_topk", "share_vision", "skip"):
         if key in stored and stored[key] != storage[key]:
             raise ConfigError(f"cache {store} stores --{key.replace('_', '-')}={stored[key]} but this "
                               f"run asks for {storage[key]}; use the same option or pass --overwrite.")

@@ -36,7 +36,7 @@ import sys
 import numpy as np
 
 from alignkd.errors import ConfigError
-from alignkd.storage_schemas import ATTN_RECOMPUTED, ENCODED_DTYPE
+from alignkd.storage_schemas import ABSENT, ATTN_RECOMPUTED, ENCODED_DTYPE
 
 LOG_RANGE = 12.0  # uint8-log covers log(p / row max) in [-12, 0]: 6e-6 of the row's max
 LOG_RANGE_4 = 7.0  # uint4-log: [-7, 0] in 14 steps of 0.5, i.e. down to 1e-3 of the row's max
@@ -176,7 +176,7 @@ class LogFloat16(Encoding):
 CODECS: dict[str, Encoding] = {e.name: e for e in (
     BFloat16(), Plain("float16"), SqrtUint8(), LogRows("uint8-log", _LOG_LUT, packed=False),
     LogRows("uint4-log", _LOG4_LUT, packed=True), IntChannels("int8-channel", 127), IntChannels("int4-channel", 7),
-    LogFloat16(), Plain("float32"), Ids("int32"), Ids("uint16"), Ids("uint32"), Plain(ATTN_RECOMPUTED),
+    LogFloat16(), Plain("float32"), Ids("int32"), Ids("uint16"), Ids("uint32"), Plain(ATTN_RECOMPUTED), Plain(ABSENT),
 )}
 
 

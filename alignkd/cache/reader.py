@@ -32,13 +32,15 @@ from alignkd.cache.shard_format import (CacheFormatError, byte_span, committed_s
                                         read_array_info, read_index, read_parquet, read_raw)
 from alignkd.cache.storage import open_store
 from alignkd.errors import AlignKDError
-from alignkd.storage_schemas import (ARRAY_KINDS, ATTN_RECOMPUTED, PACKED_ENCODINGS, REPLAYED_COLUMNS, SAMPLE_SCHEMA,
-                                     SAMPLES_FILE, SCALED_ENCODINGS, element_counts)
+from alignkd.storage_schemas import (ARRAY_KINDS, ATTN_RECOMPUTED, EMPTY_ENCODINGS, PACKED_ENCODINGS, REPLAYED_COLUMNS,
+                                     SAMPLE_SCHEMA, SAMPLES_FILE, SCALE_OF, SCALED_ENCODINGS, element_counts)
+from alignkd.storage_schemas.kinds import kinds_of, kinds_where, scaled_kinds
 
 _LIST_COLUMNS = ("input_ids", "label_mask", "vision_positions", "text_positions", "logit_positions",
                  "image_paths", "image_sha256", "image_n_vision", *REPLAYED_COLUMNS)
 _STRING_COLUMNS = ("sample_id", "vision_from", "record_id", "source")
-VISION_KINDS = ("vision", "vision_scale")
+VISION_KINDS = kinds_of("vision")  # read from the holder when a sample shares its images' tokens
+FLOAT_KINDS = kinds_where(batch="float")  # decoded as they are (focus, logit_tail)
 IMAGE_GROUP_BYTES = 64 * 2**20  # image bytes kept per reader (per DataLoader worker)
 # Shards whose files stay open per reader (per DataLoader worker), least recently used out:
 # each holds one descriptor per array kind, and a uniform order over LLaVA-665K's ~2,600
@@ -215,10 +217,11 @@ class CacheReader:
         top = (decode(raw["attn_ids"], enc["attn_ids"]).reshape(T, H, top_k),  # --attn-topk: kept columns
                decode(raw["attn_tail"], enc["attn_tail"]).reshape(T, H)) if top_k else (None, None)
         recomputed = enc["attn"] == ATTN_RECOMPUTED  # --attn-store layer0: no rows stored
-        kinds = ("vision",) if recomputed else ("attn", "vision")
-        t = {"attn": None, "attn_scale": None}
+        # the scaled kinds (attn, vision) this cache stores; layer0 and --skip leave theirs None
+        kinds = tuple(k for k in scaled_kinds() if enc[k] not in EMPTY_ENCODINGS)
+        t = {name: None for k in scaled_kinds() for name in (k, SCALE_OF[k])}
         if widen:
-            t.update({k: decode(raw[k], enc[k], raw.get(f"{k}_scale"), shapes[k]) for k in kinds})
+            t.update({k: decode(raw[k], enc[k], raw.get(SCALE_OF[k]), shapes[k]) for k in kinds})
             if top_k:
                 t["attn"] = rows_from_top(t["attn"], *top, Nv)
             values, kept, top = decode(raw["logit_values"], enc["logit_values"]), None, (None, None)
@@ -227,7 +230,7 @@ class CacheReader:
             shapes.update({k: (*v[:-1], v[-1] // 2) for k, v in packed.items()})  # two values per byte
             t.update({k: raw[k].reshape(shapes[k]) for k in kinds})
             for kind in kinds:  # scales only exist (maybe empty: no image) for scaled encodings
-                scale = f"{kind}_scale"
+                scale = SCALE_OF[kind]
                 t[scale] = raw[scale].reshape(shapes[scale]) if enc[kind] in SCALED_ENCODINGS else raw[scale]
             values, kept = raw["logit_values"], {k: enc[k] for k in (*kinds, "logit_values")}
         ids, values = unpack_logits(decode(raw["logit_ids"], enc["logit_ids"]), values,
@@ -237,9 +240,8 @@ class CacheReader:
             record_id=self._cols["record_id"][i], source=self._cols["source"][i],
             input_ids=self._list("input_ids", i), label_mask=self._list("label_mask", i),
             vision_positions=self._list("vision_positions", i), text_positions=self._list("text_positions", i),
-            attn=t["attn"], vision=t["vision"], focus=raw["focus"],
-            logit_positions=self._list("logit_positions", i), logit_ids=ids, logit_values=values,
-            logit_tail=decode(raw["logit_tail"], enc["logit_tail"]),
+            attn=t["attn"], vision=t["vision"], logit_positions=self._list("logit_positions", i),
+            logit_ids=ids, logit_values=values, **{k: decode(raw[k], enc[k]) for k in FLOAT_KINDS},
             teacher_ce=float(self._cols["teacher_ce"][i]), teacher_entropy=float(self._cols["teacher_entropy"][i]),
             teacher_tail_mass=float(self._cols["teacher_tail_mass"][i]),
             image_paths=tuple(self._list("image_paths", i)), image_sha256=tuple(self._list("image_sha256", i)),
@@ -247,8 +249,8 @@ class CacheReader:
             image_bytes=self.image_bytes(i) if self.images else None, encodings=kept,
             **{k: self._list(k, i) for k in REPLAYED_COLUMNS},
             # a scaled encoding always hands its scales back, even none (a text-only sample's [0, H])
-            attn_scale=None if widen or enc["attn"] not in SCALED_ENCODINGS else t["attn_scale"],
-            vision_scale=None if widen or enc["vision"] not in SCALED_ENCODINGS else t["vision_scale"],
+            **{SCALE_OF[k]: None if widen or enc[k] not in SCALED_ENCODINGS else t[SCALE_OF[k]]
+               for k in scaled_kinds()},
             attn_ids=top[0], attn_tail=top[1])
         if recomputed and widen and attn:  # the same dense rows a maps-cache returns
             rec.attn = rows_of_record(self.layer0_kit(), rec)
@@ -259,6 +261,11 @@ class CacheReader:
         from alignkd.cache.layer0_store import load_cache_kit
 
         return load_cache_kit(self.store, self.meta, device)
+
+    @property
+    def skipped(self) -> tuple[str, ...]:
+        """The optional targets `cache build --skip` left out of this cache (none: ())."""
+        return tuple(self.meta.get("storage", {}).get("skip", ()))
 
     @property
     def attn_store(self) -> str:

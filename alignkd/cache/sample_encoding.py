@@ -14,7 +14,7 @@ import numpy as np
 from alignkd.cache.encodings import encode
 from alignkd.cache.record import SampleRecord
 from alignkd.cache.shard_format import CompressedSample, codec_for, compress_sample
-from alignkd.storage_schemas import ARRAY_KINDS, ATTN_RECOMPUTED, SCALE_OF, chunk_elements
+from alignkd.storage_schemas import ABSENT, ARRAY_KINDS, EMPTY_ENCODINGS, ENCODED_DTYPE, SCALE_OF, chunk_elements
 
 
 def check_record(rec: SampleRecord) -> None:
@@ -108,19 +108,25 @@ def encode_sample(rec: SampleRecord, encodings: dict[str, str], attn_topk: int =
         attn, attn_ids, attn_tail = top_columns(rec.attn, attn_topk)
         attn_k = attn.shape[-1]
     vision = rec.vision[:0] if vision_from else rec.vision
-    tensors = {"attn": attn, "vision": vision, "focus": rec.focus, "logit_ids": ids,
-               "logit_values": values, "logit_nnz": nnz, "logit_tail": rec.logit_tail,
-               "attn_ids": attn_ids, "attn_tail": attn_tail}
+    # the kinds computed here; every other kind of the table is the record's attribute of its name
+    derived = {"attn": attn, "attn_ids": attn_ids, "attn_tail": attn_tail, "vision": vision,
+               "logit_ids": ids, "logit_values": values, "logit_nnz": nnz}
+    scales = set(SCALE_OF.values())
     stored = {}
-    if encodings["attn"] == ATTN_RECOMPUTED:  # --attn-store layer0: readers recompute the rows
-        del tensors["attn"]
-        stored["attn"], stored[SCALE_OF["attn"]] = np.zeros(0, np.float16), np.zeros(0, np.float32)
-    for kind, tensor in tensors.items():
-        stored[kind], scale = encode(tensor, encodings[kind])
+    for kind in ARRAY_KINDS:
+        if kind in scales:
+            continue
+        if encodings[kind] in EMPTY_ENCODINGS:  # --attn-store layer0 recomputes the rows, --skip stores none
+            stored[kind], scale = np.zeros(0, ENCODED_DTYPE[encodings[kind]]), None
+        else:
+            stored[kind], scale = encode(derived[kind] if kind in derived else getattr(rec, kind), encodings[kind])
         if kind in SCALE_OF:
             stored[SCALE_OF[kind]] = scale if scale is not None else np.zeros(0, np.float32)
     if vision_from:  # the holder's scales go with the holder's tokens
         stored[SCALE_OF["vision"]] = np.zeros(0, np.float32)
+    for kind in ARRAY_KINDS:  # a skipped target's side arrays hold nothing either
+        if encodings[kind] == ABSENT:
+            stored[kind] = np.zeros(0, ENCODED_DTYPE[ABSENT])
     arrays = {k: compress_sample(stored[k], chunk_elements(k, encodings[k]), codec_for(encodings[k]))
               for k in ARRAY_KINDS}
     return EncodedSample(arrays, int(ids.size), attn_k, top16_share(rec.attn), vision_from)

@@ -112,10 +112,14 @@ def load_view(cache_path: str, sample_id: str, images_root: str | None = None) -
                         settings=settings)
     label_mask = np.asarray(sample.label_mask, dtype=bool)
     rows = [i for i, pos in enumerate(sample.text_positions) if label_mask[pos]]
+    attn = np.zeros((0, 0), np.float32)
+    if sample.attn is None:  # built with --skip attn: the focus panel only (the focus is always stored)
+        rows = []
+    else:
+        attn = np.asarray(sample.attn, dtype=np.float32).mean(axis=1)
     positions = [int(sample.text_positions[i]) for i in rows]
     ids = [int(t) for t in sample.input_ids]
-    return SampleView(sample_id, family, images, grids, np.asarray(sample.focus, dtype=np.float32),
-                      np.asarray(sample.attn, dtype=np.float32).mean(axis=1), rows,
+    return SampleView(sample_id, family, images, grids, np.asarray(sample.focus, dtype=np.float32), attn, rows,
                       token_texts(tokenizer, [ids[p] for p in positions], context=ids, positions=positions))
 
 

@@ -19,19 +19,12 @@ from alignkd.cache.shard_format import committed_shards, load_cache_json, read_s
 from alignkd.cache.sql_limits import SQLLimits
 from alignkd.cache.storage import CacheStore, open_store
 from alignkd.storage_schemas import ARRAY_KINDS, LAYER0_KIT_DIR, OWN_ENTRIES, SHARDS_DIR
+from alignkd.storage_schemas.kinds import TARGET_KINDS, kinds_of
 
 DISTRIBUTION_COLUMNS = ("teacher_ce", "teacher_entropy", "teacher_tail_mass", "attn_top16_share")
 
-# Raw bytes per sample, from the row's shape columns (see the module docstring).
-RAW_BYTES_SQL = {
-    "attn": "2 * n_text * n_heads * n_vision",
-    "vision": "2 * n_vision * vision_dim",
-    "focus": "2 * n_vision",
-    "logit_ids": "4 * logit_entries",
-    "logit_values": "2 * logit_entries",
-    "logit_nnz": "4 * n_logit_positions",
-    "logit_tail": "2 * n_logit_positions",
-}
+# Raw bytes per sample, from the row's shape columns (see the module docstring): the table's own.
+RAW_BYTES_SQL = {kind.name: kind.raw_bytes for kind in TARGET_KINDS if kind.raw_bytes}
 
 
 DISTINCT_IMAGES_SQL = "SELECT count(DISTINCT h) AS n FROM (SELECT unnest(image_sha256) AS h FROM samples)"
@@ -111,6 +104,9 @@ def cache_stats(cache) -> dict:
     recomputed = meta.get("storage", {}).get("attn_store") == "layer0"
     if recomputed:  # no rows stored, none a per-sample dump would need: the kit recomputes them
         raw["attn"] = 0
+    skipped = tuple(meta.get("storage", {}).get("skip", ()))
+    for kind in (k for target in skipped for k in kinds_of(target)):  # --skip: not stored, not needed
+        raw[kind] = 0
     n = max(counts.get("samples", 0), 1)
     tensors_disk = sum(disk.get(k, 0) for k in ARRAY_KINDS)
     tensors_raw = sum(raw.get(k, 0) for k in ARRAY_KINDS)
@@ -125,7 +121,7 @@ def cache_stats(cache) -> dict:
                    "multi_image_samples": counts.get("multi_image", 0),
                    "samples_sharing_vision": counts.get("vision_shared", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
-        "bytes_per_sample": bytes_per_sample(disk, n), "attn_recomputed": recomputed,
+        "bytes_per_sample": bytes_per_sample(disk, n), "attn_recomputed": recomputed, "skipped": skipped,
         "layer0_kit_bytes": path.tree_bytes(LAYER0_KIT_DIR) if recomputed else 0,
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
         "teacher": meta.get("teacher", {}), "teacher_shapes": meta.get("teacher_shapes", {}),
@@ -152,7 +148,8 @@ def render_stats(s: dict) -> str:
     for kind, size in sorted(s["bytes_on_disk"].items()):
         raw = s["bytes_raw"].get(kind)
         lines.append(f"  {kind:<14} {kilobytes(size):>10} {(kilobytes(raw) if raw is not None else '-'):>10}"
-                     + ("  recomputed from the layer-0 kit" if kind == "attn" and s["attn_recomputed"] else ""))
+                     + ("  recomputed from the layer-0 kit" if kind == "attn" and s["attn_recomputed"] else "")
+                     + ("  not stored (--skip)" if kind in s.get("skipped", ()) else ""))
     if s["attn_recomputed"]:
         lines.append(f"once {LAYER0_KIT_DIR} {kilobytes(s['layer0_kit_bytes'])}: the teacher's layer-0 kit, from "
                      "which the attention rows are recomputed (none stored)")
@@ -166,7 +163,8 @@ def render_stats(s: dict) -> str:
     lines.append(f"teacher {name} ({s['teacher_shapes'].get('model_type')}, "
                  f"config {str(t.get('config_sha256'))[:12]}, weights {str(t.get('weights_fingerprint'))[:12]})")
     # layer0 stores no attention; the sources get a line each below
-    unused = ("sources",) + (("attn_dtype", "attn_topk") if s["attn_recomputed"] else ())
+    unused = ("sources",) + (("attn_dtype", "attn_topk") if s["attn_recomputed"] else ()) \
+        + (() if s.get("skipped") else ("skip",))  # said only when a target was left out
     lines.append("build " + " ".join(f"{k}={v}" for k, v in s["build_options"].items() if k not in unused))
     for src in s["build_options"].get("sources", []):  # the mixture: what each source gave
         lines.append(f"source {src['name']}: {src['kept']:,} of {src['records']:,} records ({src['sampling']})"

@@ -30,7 +30,8 @@ from alignkd.cache.storage import open_store
 from alignkd.cache.write_thread import WriteThread
 from alignkd.errors import AlignKDError, ConfigError, describe_os_error
 from alignkd.storage_schemas import (ARRAY_SPECS, ATTN_DTYPES, ATTN_RECOMPUTED, ATTN_STORES, CACHE_JSON_FIELDS,
-                                     PACKED_ENCODINGS, SHARDS_DIR, UINT16_VOCAB, VISION_DTYPES)
+                                     PACKED_ENCODINGS, SHARDS_DIR, SKIPPABLE_TARGETS, UINT16_VOCAB, VISION_DTYPES,
+                                     skipped_encodings)
 
 
 class CacheWriteError(AlignKDError, OSError):
@@ -53,6 +54,19 @@ def check_attn_store(attn_store: str, attn_topk: int) -> None:
     if attn_store == "layer0" and attn_topk:
         raise ConfigError("--attn-topk selects stored attention columns, and --attn-store layer0 stores none; "
                           "leave --attn-topk out.")
+
+
+def check_skip(skip, attn_store: str, attn_topk: int) -> None:
+    """`cache build` asks this before loading the teacher, the writer again on opening."""
+    unknown = sorted(set(skip) - set(SKIPPABLE_TARGETS))
+    if unknown:
+        raise ConfigError(f"--skip {unknown[0]}: only {' and '.join(SKIPPABLE_TARGETS)} may be left out of a cache.")
+    if "vision" in skip and attn_store == "layer0":
+        raise ConfigError("--attn-store layer0 recomputes the attention rows from the stored vision tokens, so "
+                          "--skip vision cannot go with it; use --attn-store maps or keep the vision tokens.")
+    if "attn" in skip and (attn_store == "layer0" or attn_topk):
+        option = "--attn-store layer0" if attn_store == "layer0" else "--attn-topk"
+        raise ConfigError(f"--skip attn stores no attention, so {option} has nothing to do; leave one of them out.")
 
 
 def _check_options(meta: dict, attn_dtype: str, vision_dtype: str, shard_size: int, attn_topk: int) -> None:
@@ -78,11 +92,14 @@ class CacheWriter:
     def __init__(self, path, meta: dict, *, shard_size: int = 256, attn_dtype: str = "bfloat16",
                  vision_dtype: str = "bfloat16", store_images: bool = True, background: bool = True,
                  overwrite: bool = False, rank: int = 0, vocab_size: int | None = None, attn_topk: int = 0,
-                 share_vision: bool = True, attn_store: str = "maps", layer0_kit: dict | None = None) -> None:
+                 share_vision: bool = True, attn_store: str = "maps", layer0_kit: dict | None = None,
+                 skip: tuple[str, ...] = ()) -> None:
         """`layer0_kit` ({"files": {name: {"bytes", "sha256"}}}) is required with attn_store "layer0":
-        the builder writes the kit's files, the writer records what they must hash to."""
+        the builder writes the kit's files, the writer records what they must hash to. `skip` names
+        the optional targets (storage_schemas.kinds.SKIPPABLE_TARGETS) not to store."""
         _check_options(meta, attn_dtype, vision_dtype, shard_size, attn_topk)
         check_attn_store(attn_store, attn_topk)
+        check_skip(skip, attn_store, attn_topk)
         if (attn_store == "layer0") != (layer0_kit is not None):
             raise ValueError("a layer0_kit goes with attn_store='layer0' and only with it")
         self.store = open_store(path)
@@ -95,13 +112,14 @@ class CacheWriter:
         id_dtype = "uint16" if vocab_size and vocab_size <= UINT16_VOCAB else "uint32"
         self.storage = {"attn_dtype": attn_dtype, "vision_dtype": vision_dtype, "logit_id_dtype": id_dtype,
                         "shard_size": shard_size, "store_images": store_images, "attn_topk": attn_topk,
-                        "share_vision": share_vision, "attn_store": attn_store}
+                        "share_vision": share_vision, "attn_store": attn_store, "skip": sorted(set(skip))}
         if layer0_kit is not None:
             self.storage["layer0_kit"] = layer0_kit
         self.encodings = {k: spec.get("encoding") or self.storage[spec["option"]]
                           for k, spec in ARRAY_SPECS.items()}
         if attn_store == "layer0":  # the shard says so itself: its attn array holds nothing
             self.encodings["attn"] = ATTN_RECOMPUTED
+        self.encodings = skipped_encodings(self.encodings, skip)  # and so do a skipped target's arrays
         self._lock = CacheLock(self.path, rank).acquire()
         try:
             self.existing_meta = cache_setup.open_or_create(self.store, meta, self.storage, rank=rank,

@@ -107,3 +107,41 @@ def check_family(student_type: str, teacher_type: str | None) -> None:
         raise AlignKDError(f"the cache was built by a {teacher_type} teacher but the student is a "
                            f"{student_type} model, which takes other per-token inputs; use a student "
                            "of the teacher's family.")
+
+
+# what each optional target holds, for the sentences below
+TARGET_WORDS = {"attn": "attention rows", "vision": "vision tokens"}
+
+
+def terms_reading(target: str) -> tuple[str, ...]:
+    """The loss terms that read target `target` (the target-kind table's `term` column)."""
+    from alignkd.storage_schemas.kinds import TARGET_KINDS
+
+    return tuple(dict.fromkeys(k.term for k in TARGET_KINDS if k.target == target and k.term))
+
+
+def weights_for_cache(cfg, skipped: tuple[str, ...]):
+    """The run's loss weights on a cache built with `cache build --skip`, and one note per term
+    turned off. A term whose target the cache lacks is off when only the default preset turned it
+    on; asked for by its weight option or by another preset, it is refused."""
+    from alignkd.distill.terms import DEFAULT_PRESET, LOSS_TERMS, LossWeights
+    from alignkd.errors import ConfigError
+
+    weights, notes = cfg.loss_weights().as_dict(), []
+    for target in skipped:
+        for term in terms_reading(target):
+            option = LOSS_TERMS[term].option
+            if weights[term] <= 0:
+                continue
+            if option in cfg.given_weights or cfg.preset != DEFAULT_PRESET:
+                asked = (f"--{option.replace('_', '-')} {weights[term]:g}" if option in cfg.given_weights
+                         else f"--preset {cfg.preset}")
+                raise ConfigError(f"cache {cfg.cache} was built with --skip {target} and holds no "
+                                  f"{TARGET_WORDS[target]}, which {asked} needs; set --{option.replace('_', '-')} 0 "
+                                  f"or rebuild the cache without --skip {target}.")
+            weights[term] = 0.0
+            notes.append(f"{term} term off: the cache holds no {TARGET_WORDS[target]} (--skip {target})")
+    if not any(w > 0 for w in weights.values()):
+        raise ConfigError(f"cache {cfg.cache} holds no targets for any loss term this run enables; "
+                          "enable --w-ce or --w-logit.")
+    return LossWeights(**weights), notes

@@ -17,6 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from alignkd.errors import AlignKDError
+from alignkd.storage_schemas import SCALE_OF
+from alignkd.storage_schemas.kinds import TARGET_KINDS, TARGET_POSITIONS, kinds_where, scaled_kinds
 
 # Processed images kept per dataset (per worker), keyed by the image's sha256: LLaVA-style
 # data asks several questions about one image, and the image processor is ~2/3 of the
@@ -158,26 +160,26 @@ def item_from_record(rec, image_inputs: dict, vocab_size: int | None = None, log
     for name in TOKEN_INPUTS:
         if len(getattr(rec, name)):
             item[name] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.int64))
-    for name in ("text_positions", "logit_positions", "logit_ids"):
+    for name in (*TARGET_POSITIONS, *kinds_where(batch="index")):  # positions and logit ids
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.int64))
-    for name in ("focus", "logit_tail"):
+    for name in kinds_where(batch="float"):  # focus, logit_tail
         item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
     enc = rec.encodings or {}
-    for name in ("attn", "vision", "logit_values"):  # attn [T, H, Nv], vision [Nv, D], values [P, K]
-        if name == "attn" and rec.attn is None:  # --attn-store layer0: the training step recomputes the rows
-            if len(rec.image_grid_thw):  # the teacher's own grid, whatever the student's processor says
+    for name in kinds_where(batch="stored"):  # attn [T, H, Nv], vision [Nv, D], values [P, K]
+        if getattr(rec, name) is None:  # not stored: --skip, or --attn-store layer0 (recomputed on device)
+            if name == "attn" and len(rec.image_grid_thw):  # the layer-0 kit's input: the teacher's own grid
                 item["t_image_grid_thw"] = torch.from_numpy(np.asarray(rec.image_grid_thw, np.int64).reshape(-1, 3))
             continue
         if name in enc:
             item[f"t_{name}"] = to_torch_stored(getattr(rec, name), enc[name])
         else:
             item[f"t_{name}"] = torch.from_numpy(np.asarray(getattr(rec, name), dtype=np.float32))
-    for name in ("attn", "vision"):
+    for name in scaled_kinds():
         if name in enc:
             item[f"t_{name}_encoding"] = enc[name]
-            scale = getattr(rec, f"{name}_scale")
+            scale = getattr(rec, SCALE_OF[name])
             if scale is not None:
-                item[f"t_{name}_scale"] = torch.from_numpy(scale)
+                item[f"t_{SCALE_OF[name]}"] = torch.from_numpy(scale)
     if rec.attn_ids is not None:  # --attn-topk: each row's kept columns and the rest's mass, densified on device
         item["t_attn_ids"] = torch.from_numpy(rec.attn_ids.astype(np.int64))
         item["t_attn_tail"] = torch.from_numpy(np.asarray(rec.attn_tail, np.float32))
@@ -193,9 +195,9 @@ def widen_targets(batch: dict) -> dict:
     from alignkd.cache.encodings import widen
 
     out = dict(batch)
-    for name in ("attn", "vision"):
+    for name in scaled_kinds():
         enc = out.pop(f"t_{name}_encoding", None)
-        scale = out.pop(f"t_{name}_scale", None)
+        scale = out.pop(f"t_{SCALE_OF[name]}", None)
         if enc is not None:
             out[f"t_{name}"] = widen(out[f"t_{name}"], enc, scale)
     if "t_attn_ids" in out:
@@ -276,20 +278,21 @@ def collate_distill(items: list[dict], pad_token_id: int) -> dict:
         "input_ids": _pad([it["input_ids"] for it in items], pad_token_id),
         "labels": _pad([it["labels"] for it in items], -100),
         "attention_mask": _pad([torch.ones(n, dtype=torch.long) for n in lengths], 0),
-        "t_text_positions": _pad([it["t_text_positions"] for it in items], -1),
-        "t_vision": _pad([it["t_vision"] for it in items], 0.0),
-        "t_focus": _pad([it["t_focus"] for it in items], 0.0),
-        "t_vision_mask": _pad([torch.ones(it["t_vision"].shape[0], dtype=torch.bool) for it in items], False),
-        "t_logit_positions": _pad([it["t_logit_positions"] for it in items], -1),
-        "t_logit_ids": _pad([_pad_k(it["t_logit_ids"], width, -1) for it in items], -1),
-        "t_logit_values": _pad([_pad_k(it["t_logit_values"], width, 0.0) for it in items], 0.0),
-        "t_logit_tail": _pad([it["t_logit_tail"] for it in items], 0.0),
+        # the real vision columns, from focus [Nv]: stored whatever --skip left out
+        "t_vision_mask": _pad([torch.ones(it["t_focus"].shape[0], dtype=torch.bool) for it in items], False),
     }
-    if any("t_attn" in it for it in items):  # absent from a layer0 cache: recomputed on the training device
-        batch["t_attn"] = _pad([it["t_attn"] for it in items], 0.0)
+    for name in TARGET_POSITIONS:
+        batch[f"t_{name}"] = _pad([it[f"t_{name}"] for it in items], -1)
+    for kind in TARGET_KINDS:
+        # a target absent from every sample (--skip, or layer0's attention rows) is absent from the batch
+        if not kind.batch or not any(f"t_{kind.name}" in it for it in items):
+            continue
+        pad = -1 if kind.batch == "index" else 0.0
+        tensors = [it[f"t_{kind.name}"] for it in items]
+        batch[f"t_{kind.name}"] = _pad([_pad_k(t, width, pad) for t in tensors] if kind.logit_width else tensors, pad)
     if any("t_image_grid_thw" in it for it in items):  # [images, 3] in batch order, as the processor gives it
         batch["t_image_grid_thw"] = torch.cat([it["t_image_grid_thw"] for it in items if "t_image_grid_thw" in it])
-    for name in ("attn", "vision"):
+    for name in scaled_kinds():
         encodings = {it.get(f"t_{name}_encoding") for it in items}
         if len(encodings) > 1:
             raise ValueError(f"one batch mixes {name} encodings {sorted(map(str, encodings))}")

@@ -96,6 +96,11 @@ class DistillConfig:
         "[default: the student's own _no_split_modules]."))
 
     @property
+    def given_weights(self) -> frozenset:
+        """The w_NAME options set explicitly, not filled in from the preset."""
+        return self.__dict__.get("_given_weights", frozenset())
+
+    @property
     def resolved_attn_loss(self) -> str:
         return resolve_attn_loss(self.attn_loss, self.loss_scale)
 
@@ -106,6 +111,9 @@ class DistillConfig:
     def __post_init__(self) -> None:
         check_choices(self, choices_of(DistillConfig))
         weight_options = [spec.option for spec in LOSS_TERMS.values()]
+        # the weights given by name (not by the preset): a cache without a term's target refuses these
+        object.__setattr__(self, "_given_weights",
+                           frozenset(name for name in weight_options if getattr(self, name) is not None))
         for name, weight in preset_weights(self.preset).items():  # recorded as numbers, not as None
             if getattr(self, LOSS_TERMS[name].option) is None:
                 object.__setattr__(self, LOSS_TERMS[name].option, weight)
@@ -163,6 +171,7 @@ class DistillSummary:
     steps: int
     final_losses: dict = field(default_factory=dict)
     seconds: float = 0.0
+    notes: list = field(default_factory=list)  # loss terms a cache built with --skip turned off
 
 
 def _freeze(student, parts: tuple[str, ...], family=None) -> None:
@@ -195,7 +204,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     from transformers import TrainingArguments
 
     from alignkd.cache.reader import open_cache
-    from alignkd.distill.checks import check_cache_integrity, check_student_fits_cache
+    from alignkd.distill.checks import check_cache_integrity, check_student_fits_cache, weights_for_cache
     from alignkd.distill.dataset import CachedDistillDataset
     from alignkd.distill.engine import AlignKDTrainer, build_callbacks
     from alignkd.distill.export import export_student
@@ -210,6 +219,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     if len(reader) == 0:
         raise AlignKDError(f"cache {cfg.cache} holds no samples (every row was rejected or none was "
                            "built yet); there is nothing to distil.")
+    weights, notes = weights_for_cache(cfg, reader.skipped)  # before any work: refuses a term the cache lacks
     if cfg.verify:
         check_cache_integrity(cfg.cache)
     vlm = load_vlm(resolve_model(cfg.student, "--student").path, dtype="float32")
@@ -223,7 +233,6 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     _freeze(student, cfg.freeze, vlm.family)
     fsdp_words = parse_fsdp(cfg.fsdp)
     sharding = fsdp_arguments(fsdp_words, wrap_classes(student, cfg.fsdp_wrap_class) if fsdp_words else [])
-    weights = cfg.loss_weights()
     vision_stats = None
     if cfg.loss_scale == "normalized" and weights.vis > 0:
         from alignkd.distill.vision_stats import teacher_vision_stats
@@ -281,7 +290,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     if trainer.is_world_process_zero():
         export_student(objective, vlm.processor, out, cfg, meta, state_dict=state_dict)
     return DistillSummary(out=str(out), steps=int(result.global_step),
-                          final_losses=trainer.last_terms(), seconds=time.perf_counter() - start)
+                          final_losses=trainer.last_terms(), seconds=time.perf_counter() - start, notes=notes)
 
 
 def _last_checkpoint(out: Path) -> str:

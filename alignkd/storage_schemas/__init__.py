@@ -13,6 +13,10 @@ from dataclasses import dataclass
 
 import pyarrow as pa
 
+# the target-kind table and its names, re-exported: the format's constants are read from here
+from alignkd.storage_schemas.kinds import (ABSENT, ATTN_RECOMPUTED, EMPTY_ENCODINGS, SKIPPABLE_TARGETS,  # noqa: F401
+                                           TARGET_KINDS, kinds_of)
+
 FORMAT_NAME = "alignkd-cache"
 # 2: per-token model inputs, image_grid_thw, compact encodings; 3: uint8-log/int8 arrays uncompressed;
 # 4: any number of images per sample (text-only samples, several images: list-valued image columns)
@@ -20,7 +24,9 @@ FORMAT_NAME = "alignkd-cache"
 # 6: --attn-store layer0 (no attention arrays; a layer-0 kit in LAYER0_KIT_DIR, its sha256 in
 #    cache.json); every record kept (sample_id a unique key, the manifest's id in record_id), a
 #    source per row
-SCHEMA_VERSION = 6
+# 7: `cache build --skip attn|vision` (the target's arrays hold the encoding ABSENT and no elements;
+#    cache.json's storage["skip"] lists the skipped targets)
+SCHEMA_VERSION = 7
 
 # ---------------------------------------------------------------- file and dir names
 CACHE_JSON = "cache.json"
@@ -64,7 +70,6 @@ def shard_name(index: int, rank: int = 0) -> str:
 # keeps the teacher's layer-0 kit once, from which readers recompute the rows. A layer0 shard's
 # attn array holds the encoding ATTN_RECOMPUTED and no elements.
 ATTN_STORES = ("maps", "layer0")
-ATTN_RECOMPUTED = "layer0"
 ATTN_DTYPES = ("bfloat16", "float16", "uint8-sqrt", "uint8-log", "uint4-log")
 VISION_DTYPES = ("bfloat16", "float16", "int8-channel", "int4-channel")
 LOGIT_ID_DTYPES = ("uint16", "uint32")
@@ -100,45 +105,37 @@ ENCODINGS = {
     "uint16": EncodingSpec("uint16"),
     "uint32": EncodingSpec("uint32"),
     ATTN_RECOMPUTED: EncodingSpec("float16"),  # an attn array with no elements (--attn-store layer0)
+    ABSENT: EncodingSpec("float16"),  # an array with no elements: its target was not stored (--skip)
 }
 # views of the table, by the names the reader and writer use
 ENCODED_DTYPE = {name: spec.stored for name, spec in ENCODINGS.items()}
 SCALED_ENCODINGS = tuple(name for name, spec in ENCODINGS.items() if spec.scaled)  # need their float32 scales
 PACKED_ENCODINGS = tuple(name for name, spec in ENCODINGS.items() if spec.packed)  # two values per stored byte
 
-ARRAY_SPECS = {
-    #  kind            inner chunk  encoding (None: from the writer's option)
-    "attn":          {"chunk": 65536, "encoding": None, "option": "attn_dtype"},
-    "attn_scale":    {"chunk": 4096, "encoding": "float32"},    # uint8-log: max of each [t, h] row, else empty
-    "attn_ids":      {"chunk": 16384, "encoding": "uint16"},    # --attn-topk: each row's K kept vision columns
-    "attn_tail":     {"chunk": 4096, "encoding": "float16"},    # --attn-topk: each row's vision mass outside them
-    "vision":        {"chunk": 65536, "encoding": None, "option": "vision_dtype"},
-    "vision_scale":  {"chunk": 4096, "encoding": "float32"},    # int8-channel: scale per channel, else empty
-    "focus":         {"chunk": 1024, "encoding": "float32"},
-    "logit_ids":     {"chunk": 16384, "encoding": None, "option": "logit_id_dtype"},  # valid entries only
-    "logit_values":  {"chunk": 16384, "encoding": "float16"},   # log-probs (top-k) or counts (sampled)
-    "logit_nnz":     {"chunk": 1024, "encoding": "int32"},      # valid entries per position
-    "logit_tail":    {"chunk": 1024, "encoding": "log-float16"},  # log of the tail mass r_p
-}
-SCALE_OF = {"attn": "attn_scale", "vision": "vision_scale"}  # where a scaled encoding keeps its scales
+# The arrays are the rows of the target-kind table (storage_schemas/kinds.py); these are its views.
+ARRAY_SPECS = {k.name: {"chunk": k.chunk, "encoding": k.encoding, **({"option": k.option} if k.option else {})}
+               for k in TARGET_KINDS}
+SCALE_OF = {k.name: k.scale for k in TARGET_KINDS if k.scale}  # where a scaled encoding keeps its scales
 ARRAY_KINDS = tuple(ARRAY_SPECS)
 
 
 def element_counts(row: dict, encodings: dict) -> dict[str, int]:
     """Elements of each array that one sample (a samples.parquet row) holds, given the
-    shard's encodings (shard.json "arrays"): scale arrays are empty unless the encoding is scaled."""
-    T, H, Nv, D = row["n_text"], row["n_heads"], row["n_vision"], row["vision_dim"]
-    k = row.get("attn_k", 0)  # > 0: each attention row keeps its k largest vision columns
-    own_vision = not row.get("vision_from")  # else another sample holds this one's vision tokens
-    e, p = row["logit_entries"], row["n_logit_positions"]
-    halve = {kind: 2 if encodings[kind] in PACKED_ENCODINGS else 1 for kind in ("attn", "vision")}
-    stored_attn = encodings["attn"] != ATTN_RECOMPUTED  # layer0: recomputed, nothing stored
-    return {"attn": T * H * (k or Nv) // halve["attn"] if stored_attn else 0,
-            "attn_scale": T * H if encodings["attn"] in SCALED_ENCODINGS else 0,
-            "attn_ids": T * H * k, "attn_tail": T * H if k else 0,
-            "vision": Nv * D // halve["vision"] if own_vision else 0,
-            "vision_scale": D if own_vision and encodings["vision"] in SCALED_ENCODINGS else 0,
-            "focus": Nv, "logit_ids": e, "logit_values": e, "logit_nnz": p, "logit_tail": p}
+    shard's encodings (shard.json "arrays"): scale arrays are empty unless the encoding is scaled,
+    an array whose encoding says it holds nothing (`EMPTY_ENCODINGS`) is empty, and so is the
+    vision target of a sample that shares another's (`vision_from`)."""
+    def count(kind) -> int:
+        if encodings[kind.name] in EMPTY_ENCODINGS or (kind.own_vision and row.get("vision_from")):
+            return 0
+        return kind.elements(row, encodings, PACKED_ENCODINGS, SCALED_ENCODINGS)
+    return {kind.name: count(kind) for kind in TARGET_KINDS}
+
+
+def skipped_encodings(encodings: dict, skip) -> dict:
+    """The shard's encodings with every array of each skipped target marked ABSENT (`cache build --skip`)."""
+    absent = {name for target in skip for name in kinds_of(target)}
+    return {kind: ABSENT if kind in absent else enc for kind, enc in encodings.items()}
+
 
 # blosc-lz4 + bitshuffle: measured (BENCHMARKS.md), lz4 decodes ~3x faster than
 # zstd for ~10% more bytes; the reader's throughput target makes lz4 the right side.
@@ -234,7 +231,8 @@ REJECT_SCHEMA = pa.schema([
 # beside them (teacher, teacher_shapes, build_options, ...) and may not reuse these names.
 CACHE_JSON_FIELDS = ("format", "schema_version", "alignkd_version", "created_at", "storage")
 STORAGE_FIELDS = ("attn_store", "attn_dtype", "vision_dtype", "logit_id_dtype", "shard_size", "store_images",
-                  "attn_topk", "share_vision", "layer0_kit")
+                  "attn_topk", "share_vision", "layer0_kit", "skip")
+# storage["skip"]: the optional targets (SKIPPABLE_TARGETS) `cache build --skip` left out; [] or absent: none
 # storage["layer0_kit"] (attn_store "layer0" only): {"files": {name: {"bytes", "sha256"}}} of LAYER0_KIT_DIR
 
 # shard.json: "files" lists every other file of the shard with "path", "bytes", "sha256".
