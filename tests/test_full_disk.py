@@ -5,7 +5,6 @@ the space back must complete the cache exactly as an uninterrupted build does.""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +13,10 @@ from click.testing import CliRunner
 from alignkd.cli import main
 
 from alignkd.cache.shard_format import committed_shards
-from conftest import invoke_cli_with_file_size_limit, write_manifest
+from tests.support.limits import invoke_cli_with_file_size_limit
+from tests.support.world import write_manifest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import torture  # noqa: E402
+from bench import torture
 
 LIMIT = 1_500_000  # bytes per file: above catalog.duckdb (~0.5 MB), below the 2nd shard's samples.parquet
 
