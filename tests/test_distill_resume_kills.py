@@ -14,9 +14,8 @@ import random
 
 from alignkd.cache.build import BuildConfig, build_cache
 
-from tests.support.world import make_image, write_manifest
-
 from bench import torture
+from tests.support.world import make_image, write_manifest
 
 
 def test_random_kills_then_resume_give_the_uninterrupted_student_bit_for_bit(tmp_path, tiny_llava_dir,

@@ -18,9 +18,8 @@ from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
 from alignkd.cache.shard_format import committed_shards
-from tests.support.world import make_image, write_manifest
-
 from bench import torture
+from tests.support.world import make_image, write_manifest
 
 N, SHARD = 7, 2
 
