@@ -8,8 +8,8 @@ scales and a few outlier channels, top-64 logits at T/2 response positions.
 
 Fidelity is judged by the training signal: the cosine between the student's gradient from
 the stored targets and from the fp32 targets, over every trainable parameter of a
-1.4B-shaped student stand-in (bench/standin_student.py), for the full default objective
-and for each term alone.
+1.4B-shaped student stand-in (bench/standin_student.py), for the `full` preset on the normalized
+scale and for each term alone.
 
 Throughput is measured side by side in one run against per-sample safetensors files
 holding the same tensors at the same widths (fp16 attention/vision). "Cold" means each
@@ -218,7 +218,7 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
     reference = standin.summed_gradients(objective, sub)
     print("## (a) bytes per sample and gradient fidelity against fp32 targets\n")
     print(f"Gradient cosines over {grad_n} samples (summed gradients), student stand-in at 1.4B shapes; "
-          "`full` is the default objective (normalized scale: CE + logit + vision + attention KL, all weight 1).\n")
+          "`full` is the `full` preset on the normalized scale (CE + logit + vision + attention KL, all weight 1).\n")
     print("Columns `1-cos`: one minus the gradient cosine (0.999 is 1e-3).\n")
     print("Cosines are of the student's gradient (its parameters only); the last column is the adapters' "
           "gradient under the full objective (bench/standin_student.py says why it is kept apart).\n")
