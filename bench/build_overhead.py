@@ -8,9 +8,9 @@ and the writer (bf16 rounding, crc32, blosc, parquet, fsync, catalog) on its bac
 thread. The variants run interleaved, alternating which goes first, so other jobs on the
 shared cores slow both alike; the table reports medians and the median of paired ratios.
 
-    .venv/bin/python bench/build_overhead.py                 # 1 torch thread, 256 samples, 5 repeats
-    .venv/bin/python bench/build_overhead.py --threads 2
-    .venv/bin/python bench/build_overhead.py --profile       # cProfile of one build, main thread
+    .venv/bin/python -m bench.build_overhead                 # 1 torch thread, 256 samples, 5 repeats
+    .venv/bin/python -m bench.build_overhead --threads 2
+    .venv/bin/python -m bench.build_overhead --profile       # cProfile of one build, main thread
 """
 
 from __future__ import annotations
@@ -25,12 +25,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
+from tests.support.world import image_records, turns, write_manifest
 
 # Llama LM d=256, 4 layers, 8 heads; 64 px / patch 8 -> 64 image tokens; a 2-layer d=64 CLIP.
 SPEC = TinyLlavaSpec(hidden_size=256, num_layers=4, num_heads=8, intermediate_size=688,
@@ -40,22 +39,12 @@ ANSWERS = ["red", "blue circle", "yes", "no", "green square above the red cross"
 
 def write_dataset(root: Path, n: int) -> tuple[Path, Path]:
     """n single- and multi-turn records with random 64 px PNGs (so rows differ in length)."""
-    import json
+    def conversation(i: int, rng) -> list[dict]:
+        first = ("what is the colour shape of this image ?", ANSWERS[i % len(ANSWERS)])
+        return turns(first, *([("how many are there ?", str(i % 10))] if i % 3 == 2 else []))
 
-    rng = np.random.default_rng(0)
     images = root / "images"
-    images.mkdir(parents=True)
-    records = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        conv = [{"from": "human", "value": "<image>\nwhat is the colour shape of this image ?"},
-                {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]}]
-        if i % 3 == 2:
-            conv += [{"from": "human", "value": "how many are there ?"}, {"from": "gpt", "value": str(i % 10)}]
-        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": conv})
-    data = root / "data.json"
-    data.write_text(json.dumps(records))
-    return data, images
+    return write_manifest(root / "data.json", image_records(images, n, conversation, size=64)), images
 
 
 def plain_forward(cfg: BuildConfig) -> None:

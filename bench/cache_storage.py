@@ -8,8 +8,8 @@ scales and a few outlier channels, top-64 logits at T/2 response positions.
 
 Fidelity is judged by the training signal: the cosine between the student's gradient from
 the stored targets and from the fp32 targets, over every trainable parameter of a
-1.4B-shaped student stand-in (bench/standin_student.py), for the full default objective
-and for each term alone.
+1.4B-shaped student stand-in (bench/standin_student.py), for the `full` preset on the normalized
+scale and for each term alone.
 
 Throughput is measured side by side in one run against per-sample safetensors files
 holding the same tensors at the same widths (fp16 attention/vision). "Cold" means each
@@ -18,10 +18,10 @@ posix_fadvise(DONTNEED), which needs no root), a fresh reader, each sample read 
 random order; the DataLoader rows start cold too, as a cache far larger than RAM would.
 Reads return stored widths (what the distill DataLoader ships).
 
-    .venv/bin/python bench/cache_storage.py [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
-    .venv/bin/python bench/cache_storage.py --skip-fidelity --s3      # + moto S3 against local disk
-    .venv/bin/python bench/cache_storage.py --layer0 [--shapes llava-1.5-7b]   # maps vs --attn-store layer0
-    .venv/bin/python bench/synthetic_layer0.py [--batch 8]   # the kit's memory, one recompute's peak
+    .venv/bin/python -m bench.cache_storage [--samples 64] [--grad-samples 4] [--workdir /tmp/alignkd-bench]
+    .venv/bin/python -m bench.cache_storage --skip-fidelity --s3      # + moto S3 against local disk
+    .venv/bin/python -m bench.cache_storage --layer0 [--shapes llava-1.5-7b]   # maps vs --attn-store layer0
+    .venv/bin/python -m bench.synthetic_layer0 [--batch 8]   # the kit's memory, one recompute's peak
 
 `--layer0`: the records' attention is computed by a synthetic 7B-wide teacher's layer 0
 (bench/synthetic_layer0.py says exactly what is synthetic), and the table sets a few maps
@@ -211,14 +211,14 @@ def read_loader(ds, sampler, batch_size: int = 8) -> float:
 
 
 def fidelity(work: Path, recs, grad_n: int) -> None:
-    import standin_student as standin
+    from bench import standin_student as standin
 
     sub = recs[:grad_n]
     objective = standin.build_objective(sub, VOCAB, teacher_heads=H, teacher_dim=D)
     reference = standin.summed_gradients(objective, sub)
     print("## (a) bytes per sample and gradient fidelity against fp32 targets\n")
     print(f"Gradient cosines over {grad_n} samples (summed gradients), student stand-in at 1.4B shapes; "
-          "`full` is the default objective (normalized scale: CE + logit + vision + attention KL, all weight 1).\n")
+          "`full` is the `full` preset on the normalized scale (CE + logit + vision + attention KL, all weight 1).\n")
     print("Columns `1-cos`: one minus the gradient cosine (0.999 is 1e-3).\n")
     print("Cosines are of the student's gradient (its parameters only); the last column is the adapters' "
           "gradient under the full objective (bench/standin_student.py says why it is kept apart).\n")
@@ -245,8 +245,8 @@ def fidelity(work: Path, recs, grad_n: int) -> None:
 
 def fidelity_layer0(work: Path, recs, grad_n: int, kit) -> None:
     """Maps tiers beside --attn-store layer0 tiers, on rows the synthetic teacher's layer 0 made."""
-    import standin_student as standin
-    import synthetic_layer0
+    from bench import standin_student as standin
+    from bench import synthetic_layer0
 
     sub = recs[:grad_n]
     objective = standin.build_objective(sub, VOCAB, teacher_heads=H, teacher_dim=D)
@@ -380,25 +380,13 @@ def print_order_costs(where: str, path: str, local: bool) -> None:
 
 
 def start_moto() -> object:
-    """A moto S3 server on a free 127.0.0.1 port, with the AWS environment pointing at it."""
+    """A moto S3 server with the bucket `alignkd-bench`, the AWS environment pointing at it."""
     import logging
-    import socket
 
-    from moto.server import ThreadedMotoServer
+    from tests.support.s3 import start_moto as start_server
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    sock.close()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    server.start()
-    os.environ.update(AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}", AWS_ACCESS_KEY_ID="bench",
-                      AWS_SECRET_ACCESS_KEY="bench", AWS_DEFAULT_REGION="us-east-1")
-    import s3fs
-
-    s3fs.S3FileSystem(skip_instance_cache=True).mkdir("alignkd-bench")
-    return server
+    return start_server("alignkd-bench", key="bench")[0]
 
 
 def object_storage(work: Path, recs, attn_dtype: str, vision_dtype: str) -> None:
@@ -458,7 +446,7 @@ def main() -> None:
           f"raw (fp16 attn/vision/log-probs) {raw / 1e6:.2f} MB/sample\n")
     kit = None
     if args.layer0:
-        import synthetic_layer0
+        from bench import synthetic_layer0
 
         kit = synthetic_layer0.build_kit()
         synthetic_layer0.with_kit_attention(recs, Layer0Kit(kit))

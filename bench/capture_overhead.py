@@ -5,7 +5,7 @@ and sdpa everywhere else; this measures what that costs against an all-sdpa forw
 the same weights. The two variants run interleaved, alternating which goes first, so
 other processes sharing the cores slow both alike; the table reports medians.
 
-    .venv/bin/python bench/capture_overhead.py            # 2 threads, 9 repeats
+    .venv/bin/python -m bench.capture_overhead            # 2 threads, 9 repeats
 """
 
 from __future__ import annotations

@@ -5,11 +5,11 @@ images/ and an optional recipe.json (bench/efficacy.py's docstring). This script
 two of the three development worlds in that layout; the third (the digits world) is
 made by its own script and already has it.
 
-    python bench/dev_worlds.py demo OUT
+    python -m bench.dev_worlds demo OUT
         the demo's grid world (alignkd/demo): 4,000 student records (the demo's), 700 val
         and 1,400 test records (the demo's test split), the shipped teacher, the student
         init with a copy of its tower, and the demo's recipe (1,000 steps, lr 2e-3, 5% warmup).
-    python bench/dev_worlds.py heldout OUT --teacher T --student-init S --world W
+    python -m bench.dev_worlds heldout OUT --teacher T --student-init S --world W
         bench/heldout_world.py's world, as trained by bench/heldout_teacher.py: links to its
         teacher, student init, images and splits; the first 1,500 train records are the
         student's (docs/heldout-world.md).

@@ -15,11 +15,11 @@ column is everything before the student's forward, "train" is forward + backward
 AdamW step. Variants run interleaved, rotating which goes first, so load from other
 jobs on shared cores hits all three alike; the table reports medians.
 
-    .venv/bin/python bench/distill_step.py                               # small, CPU
-    .venv/bin/python bench/distill_step.py --profile                     # + cProfile of (b)
-    .venv/bin/python bench/distill_step.py --scale large --device cuda --dtype bfloat16
-    .venv/bin/python bench/distill_step.py --scale large --steps 1 --samples 8 --batch 2   # CPU smoke
-    .venv/bin/python bench/distill_step.py --stores        # (a), (b) from a maps cache, (d) from a layer0 cache
+    .venv/bin/python -m bench.distill_step                               # small, CPU
+    .venv/bin/python -m bench.distill_step --profile                     # + cProfile of (b)
+    .venv/bin/python -m bench.distill_step --scale large --device cuda --dtype bfloat16
+    .venv/bin/python -m bench.distill_step --scale large --steps 1 --samples 8 --batch 2   # CPU smoke
+    .venv/bin/python -m bench.distill_step --stores        # (a), (b) from a maps cache, (d) from a layer0 cache
 
 `--stores` builds a second cache of the same teacher and data with `--attn-store layer0` and
 sets variant (d) beside (b) instead of (c): its inputs carry no attention rows, and its train
@@ -32,7 +32,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import dataclasses
-import json
 import pstats
 import statistics
 import tempfile
@@ -42,7 +41,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cache.teacher_pass import records_from_capture
@@ -51,6 +49,7 @@ from alignkd.demo.tiny_models import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
 from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record
 from alignkd.distill.objective import AlignKDObjective, LossWeights
 from alignkd.models import capture_forward, load_vlm
+from tests.support.world import image_records, turns, write_manifest
 
 
 @dataclass(frozen=True)
@@ -111,22 +110,14 @@ ANSWERS = ["red", "blue circle", "yes", "no", "green square", "3", "left", "red 
 
 def make_dataset(root: Path, n: int, scale: Scale, words: list[str], seed: int = 0) -> tuple[Path, Path]:
     """n single-image LLaVA records with numpy-made PNGs; every third one is two-turn."""
-    rng = np.random.default_rng(seed)
-    images = root / "images"
-    images.mkdir(parents=True)
-    side = scale.teacher.image_size
-    records = []
-    for i in range(n):
-        Image.fromarray(rng.integers(0, 255, (side, side, 3), dtype=np.uint8)).save(images / f"{i}.png")
+    def conversation(i: int, rng) -> list[dict]:
         question = " ".join(rng.choice(words, size=int(rng.integers(*scale.question_words))))
-        conv = [{"from": "human", "value": f"<image>\n{question} ?"},
-                {"from": "gpt", "value": ANSWERS[i % len(ANSWERS)]}]
-        if i % 3 == 1:
-            conv += [{"from": "human", "value": "how many ?"}, {"from": "gpt", "value": str(i % 10)}]
-        records.append({"id": f"b{i}", "image": f"{i}.png", "conversations": conv})
-    manifest = root / "train.json"
-    manifest.write_text(json.dumps(records))
-    return manifest, images
+        first = (f"{question} ?", ANSWERS[i % len(ANSWERS)])
+        return turns(first, *([("how many ?", str(i % 10))] if i % 3 == 1 else []))
+
+    images = root / "images"
+    records = image_records(images, n, conversation, size=scale.teacher.image_size, seed=seed, id_prefix="b")
+    return write_manifest(root / "train.json", records), images
 
 
 def count_params(model) -> tuple[int, int]:

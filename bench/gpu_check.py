@@ -24,9 +24,9 @@ It reports, as absolute GPU numbers:
 
 Run it first on a lent device, before anything else (the suite never needs it):
 
-    python bench/gpu_check.py [--vision-tokens 576] [--batch 4] [--text 300] [--repeats 5] [--json out.json]
-    python bench/gpu_check.py --sections device-map,fsdp      # only the issue-18 checks
-    python bench/gpu_check.py --tiny --device cpu     # the same code path at tiny shapes, to check it runs
+    python -m bench.gpu_check [--vision-tokens 576] [--batch 4] [--text 300] [--repeats 5] [--json out.json]
+    python -m bench.gpu_check --sections device-map,fsdp      # only the issue-18 checks
+    python -m bench.gpu_check --tiny --device cpu     # the same code path at tiny shapes, to check it runs
 """
 
 from __future__ import annotations
@@ -37,6 +37,7 @@ import statistics
 import tempfile
 import time
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 VOCAB = 32000
 PREFIX = 35  # system prompt and "USER:" before the image
@@ -301,7 +302,9 @@ def check_fsdp_step(args) -> dict:
            "--device", args.device, "--batch", str(args.batch), "--text", str(args.text),
            "--vision-tokens", str(args.vision_tokens), *(["--tiny"] if args.tiny else [])]
     start = time.perf_counter()
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    # the repository root on the ranks' path: the CPU smoke test imports tests/fsdp_on_cpu.py
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     if proc.returncode != 0:
         return {"error": proc.stderr[-4000:]}
     with open(result) as fh:
@@ -323,13 +326,6 @@ class CheckRun:
     run: str = "bench/gpu_check.py section 6: one FSDP step"
 
 
-def sys_path_tests() -> None:
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
 def fsdp_worker(args) -> dict:
     """One rank of section 6: the objective on the Trainer with alignkd's FSDP settings."""
     import os
@@ -344,8 +340,7 @@ def fsdp_worker(args) -> dict:
     from alignkd.models import capture_forward
 
     if args.device == "cpu":  # the smoke test: accelerate's FSDP on gloo (tests/fsdp_on_cpu.py)
-        sys_path_tests()
-        from fsdp_on_cpu import allow_fsdp_on_cpu
+        from tests.fsdp_on_cpu import allow_fsdp_on_cpu
 
         allow_fsdp_on_cpu()
     rank = int(os.environ["RANK"])
@@ -381,8 +376,6 @@ def fsdp_worker(args) -> dict:
     state = gather_state_dict(trainer)
     if not trainer.is_world_process_zero():
         return {}
-    from pathlib import Path
-
     from transformers import AutoModelForImageTextToText
 
     export = Path(out) / "export"

@@ -11,7 +11,7 @@ Same recipe shape as the demo (alignkd/demo/teacher.py), own tower pretraining:
    model directory with its processor, and a smaller student (the demo's student
    sizes) sharing a copy of the tower is saved next to it.
 
-    OMP_NUM_THREADS=1 python bench/heldout_teacher.py --root /work/heldout
+    OMP_NUM_THREADS=1 python -m bench.heldout_teacher --root /work/heldout
 
 writes ROOT/world (unless present), ROOT/teacher, ROOT/student-init and
 ROOT/teacher-metrics.json. Budget: about 15 CPU-minutes on one thread.
@@ -28,10 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import heldout_world as hw  # noqa: E402  (a sibling script, not a package)
-
-from alignkd.demo.tiny_models import TinyLlavaSpec  # noqa: E402
+from alignkd.demo.tiny_models import TinyLlavaSpec
+from bench import heldout_world as hw
 
 _GRID = dict(image_size=hw.IMAGE_SIZE, patch_size=hw.PATCH_SIZE, vision_hidden=64, vision_layers=2, vision_heads=4)
 TEACHER_SPEC = TinyLlavaSpec(hidden_size=128, num_layers=4, num_heads=8, intermediate_size=512, **_GRID)

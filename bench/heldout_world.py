@@ -27,7 +27,7 @@ about rows that hold a digit. The output is the demo world's format: LLaVA manif
 `{train,val,test}.json` (records carry `qtype`, so `alignkd eval` reports per type),
 PNGs under `images/`, and `scenes.json` (written last) to re-derive every answer.
 
-    python bench/heldout_world.py --out /work/heldout/world --n-train 16000
+    python -m bench.heldout_world --out /work/heldout/world --n-train 16000
 """
 
 from __future__ import annotations

@@ -22,7 +22,7 @@ entropy ~2 nats after training).
 Student = teacher logits / T_pos + sigma * noise, T_pos log-uniform in [0.82, 1.22]:
 sigma 1.0 ("mid", KL ~ 0.4 nats) decides the default, sigma 0.5 ("late") is shown.
 
-    .venv/bin/python bench/logit_fidelity.py   # ~3-5 min on 2 shared CPU cores, most of it training
+    .venv/bin/python -m bench.logit_fidelity   # ~3-5 min on 2 shared CPU cores, most of it training
 """
 
 from __future__ import annotations

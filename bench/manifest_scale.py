@@ -10,9 +10,9 @@
    GROUP BY source` must match the sampling, kept + rejects = the slice's records by
    source, and every reject has a reason.
 
-    .venv/bin/python bench/manifest_scale.py                          # scales 0.1 and 1.0 (~5 min on 2 busy cores)
-    .venv/bin/python bench/manifest_scale.py --scales 0.01 0.1 --build-limit 80
-    .venv/bin/python bench/manifest_scale.py --workdir /tmp/scale     # keep (and reuse) the manifests
+    .venv/bin/python -m bench.manifest_scale                          # scales 0.1 and 1.0 (~5 min on 2 busy cores)
+    .venv/bin/python -m bench.manifest_scale --scales 0.01 0.1 --build-limit 80
+    .venv/bin/python -m bench.manifest_scale --workdir /tmp/scale     # keep (and reuse) the manifests
 
 Written manifests are kept in --workdir between runs (LLaVA-665K at 1.0: 443 MB = 423 MiB, ~75 s to write).
 """
@@ -30,9 +30,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from llava_mix import write_llava665k, write_onevision_mix  # noqa: E402
+from bench.llava_mix import write_llava665k, write_onevision_mix
 
 REPO = Path(__file__).resolve().parents[1]
 

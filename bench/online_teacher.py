@@ -12,7 +12,7 @@ checks the claim where it matters, in the trained student: for each seed it trai
 
 then scores both with `alignkd eval`'s evaluator on a split, and prints per-seed pairs.
 
-    python bench/online_teacher.py --world /work/worlds/w/digits --cache /work/eff/.../cache \\
+    python -m bench.online_teacher --world /work/worlds/w/digits --cache /work/eff/.../cache \\
         --seeds 3 --split test --out /work/online
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-import sys
 import time
 from pathlib import Path
 
@@ -99,8 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--split", choices=("val", "test"), default="test")
     args = p.parse_args(argv)
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from efficacy import load_world
+    from bench.efficacy import load_world
 
     torch.set_num_threads(1)
     world = load_world(args.world, {})

@@ -8,9 +8,10 @@ unembedding E [32000, 256] give the logits; vision tokens [Nv, 2048] and layer-0
 with its real adapters (teacher 32 heads / d 4096 -> student 16 / 2048), so every term,
 mask and adapter gradient is the one training computes.
 
-The objective is the normalized one (`loss_scale="normalized"`: standardised teacher tokens and
-variance-normalised L_vis, KL attention; `alignkd distill`'s default is the paper's scale); the MSE
-attention term is measured alone too. `full` below is that normalized objective's gradient.
+The objective is the `full` preset (alignkd/distill/terms.py: every term, weight 1) on the normalized
+scale (`loss_scale="normalized"`: standardised teacher tokens and variance-normalised L_vis, KL
+attention; `alignkd distill`'s default is the paper's scale); the MSE attention term is measured
+alone too. The key `full` below is that objective's gradient, summed from the preset's weights.
 
 Initial state, "mid training": vision tokens at unit scale (the normalized L_vis regresses
 the teacher's standardised tokens from the adapter's image of them); attention = the
@@ -35,9 +36,11 @@ import torch
 from torch import nn
 
 from alignkd.distill.dataset import collate_distill, item_from_record, widen_targets
-from alignkd.distill.fidelity import per_term_gradients
+from alignkd.distill.fidelity import flatten, per_term_gradients
 from alignkd.distill.objective import AlignKDObjective, LossWeights
-from alignkd.distill.terms import AttentionAlignment
+from alignkd.distill.terms import AttentionAlignment, preset_weights, resolve_attn_loss
+
+PRESET, LOSS_SCALE = "full", "normalized"
 
 STUDENT_HEADS, STUDENT_DIM, HIDDEN = 16, 2048, 256
 
@@ -76,14 +79,15 @@ class StandInStudent(nn.Module):
 
 
 def build_objective(records, vocab: int, teacher_heads: int, teacher_dim: int) -> AlignKDObjective:
-    """The normalized objective (KL attention), standardised with the fp32 teacher's per-channel
-    statistics as `alignkd distill` computes them from the cache."""
+    """The `full` preset on the normalized scale (KL attention), standardised with the fp32 teacher's
+    per-channel statistics as `alignkd distill` computes them from the cache."""
     torch.manual_seed(0)
     student = StandInStudent(records, vocab)
     vis = np.concatenate([r.vision for r in records]).astype(np.float64)
     stats = (torch.from_numpy(vis.mean(0)).float(), torch.from_numpy(vis.std(0)).float())
     objective = AlignKDObjective(student, teacher_heads=teacher_heads, teacher_dim=teacher_dim,
-                                 weights=LossWeights(), logit_mode="topk", logit_samples=0, loss_scale="normalized",
+                                 weights=LossWeights(**preset_weights(PRESET)), logit_mode="topk", logit_samples=0,
+                                 loss_scale=LOSS_SCALE,
                                  vision_stats=stats)
     student.init_from_teacher(objective)
     return objective
@@ -102,13 +106,15 @@ def term_gradients(objective: AlignKDObjective, j: int, record) -> dict[str, tor
     batch = widen_targets(collate_distill([item_from_record(record, {})], pad_token_id=0))
     student = {id(p) for p in objective.student.parameters()}
     params = [p for p in objective.parameters() if p.requires_grad]
+    own = [p for p in params if id(p) in student]
+    adapters = [p for p in params if id(p) not in student]
     losses = {name: term(objective.student.capture(j), batch) for name, term in standin_terms(objective).items()}
     out = {}
     for term, grads in per_term_gradients(losses, params).items():
-        flat = [((gr if gr is not None else torch.zeros_like(p)).reshape(-1).double(), id(p) in student)
-                for gr, p in zip(grads, params)]
-        out[term] = torch.cat([g for g, own in flat if own])
-        out[f"{term}@adapters"] = torch.cat([g for g, own in flat if not own] or [torch.zeros(1, dtype=torch.double)])
+        by_param = dict(zip(map(id, params), grads))
+        out[term] = flatten([by_param[id(p)] for p in own], own)
+        out[f"{term}@adapters"] = (flatten([by_param[id(p)] for p in adapters], adapters) if adapters
+                                   else torch.zeros(1, dtype=torch.double))
     return out
 
 
@@ -117,10 +123,17 @@ def summed_gradients(objective, records) -> dict[str, torch.Tensor]:
     for j, r in enumerate(records):
         for term, g in term_gradients(objective, j, r).items():
             total[term] = total[term] + g if term in total else g
-    # the normalized objective: every weight 1, the attention term as KL
-    total["full"] = total["ce"] + total["logit"] + total["vis"] + total["attn_kl"]
-    total["full@adapters"] = total["vis@adapters"] + total["attn_kl@adapters"]
+    total[PRESET] = objective_gradient(total, "")
+    total[f"{PRESET}@adapters"] = objective_gradient(total, "@adapters")
     return total
+
+
+def objective_gradient(total: dict, suffix: str) -> torch.Tensor:
+    """The preset's objective's gradient (`suffix` "@adapters": the adapters'): gradients are linear
+    in the terms, so it is the terms' gradients weighted by the preset, attention in the scale's form."""
+    attn = "attn_kl" if resolve_attn_loss("auto", LOSS_SCALE) == "kl" else "attn"
+    return sum(w * total[(attn if name == "attn" else name) + suffix]
+               for name, w in preset_weights(PRESET).items() if w > 0)
 
 
 def cosines(stored: dict, reference: dict) -> dict[str, float]:

@@ -21,8 +21,8 @@ random moment, or whole) with the user's files in and beside it, a symlinked sha
 symlinked --out; each must be refused touching nothing, or rebuilt to equal the reference,
 and every file of the user's must be byte-identical afterwards.
 
-    .venv/bin/python bench/torture.py --kills 200              # the long run (BENCHMARKS.md)
-    .venv/bin/python bench/torture.py --kills 12 --samples 10  # a quick look
+    .venv/bin/python -m bench.torture --kills 200              # the long run (BENCHMARKS.md)
+    .venv/bin/python -m bench.torture --kills 12 --samples 10  # a quick look
 """
 
 from __future__ import annotations
@@ -43,6 +43,8 @@ from pathlib import Path
 import numpy as np
 
 from alignkd.storage_schemas import ARRAY_KINDS
+from tests.support.files import USER_FILES, plant_user_files, snapshot
+from tests.support.world import QUESTION, build_student, build_teacher, image_records, turns, write_manifest
 
 POINTS = ("time", "chunk", "shard_json", "renamed", "catalog_write", "rebuild")
 # per point: the range of n for "the n-th time this moment comes" in one build process
@@ -225,30 +227,7 @@ OVERWRITE_CASES = {
     "symlinked_shards": "refused",       # shards/ a link to a directory elsewhere that holds the user's files too
     "symlinked_out": "refused",          # --out itself a link to a cache elsewhere
 }
-USER_FILES = {"thesis.txt": b"four years of work\n", "src/m.py": b"x = 1\n", ".notes": b"hidden, still the user's\n"}
 FOREIGN_CACHE_JSON = ("{}", "not json", '{"format": "my-notes"}', "[1, 2]", "")
-
-
-def plant_user_files(root: Path, extra: tuple[str, ...] = ()) -> None:
-    for rel, data in {**USER_FILES, **{rel: rel.encode() for rel in extra}}.items():
-        (root / rel).parent.mkdir(parents=True, exist_ok=True)
-        (root / rel).write_bytes(data)
-
-
-def digests(root: Path) -> dict[str, str]:
-    """Every file and link under root (links not followed): path -> sha256, or the link's target."""
-    import hashlib
-
-    found = {}
-    for parent, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(parent) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                found[rel] = "link:" + os.readlink(path)
-            elif path.is_file():
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
 
 
 def prepare_overwrite_case(case: str, ref_cfg, out: Path, elsewhere: Path, rng: random.Random,
@@ -305,9 +284,9 @@ def overwrite_matrix(ref_cfg, root: Path, rounds: int, rng: random.Random, secon
             out, elsewhere = place / "out", place / "elsewhere"
             place.mkdir(parents=True)
             user = prepare_overwrite_case(case, ref_cfg, out, elsewhere, rng, seconds)
-            before = digests(place)
+            before = snapshot(place)
             outcome = overwrite_outcome(replace(ref_cfg, out=str(out)))
-            after = digests(place)
+            after = snapshot(place)
             assert outcome.split(":")[0] == expected, f"{case}: {outcome}"
             assert {f: after.get(f) for f in user} == {f: before[f] for f in user}, f"{case}: a user's file changed"
             if expected == "refused":
@@ -321,28 +300,15 @@ def overwrite_matrix(ref_cfg, root: Path, rounds: int, rng: random.Random, secon
 
 def make_world(root: Path, n_samples: int) -> dict:
     """A tiny teacher, `n_samples` images and a manifest with two rejects at the end."""
-    from PIL import Image
-
-    from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
-
-    teacher = build_tiny_llava(root / "teacher", TinyLlavaSpec(), seed=0)
+    answers = ["red", "blue circle", "yes", "no", "green square", "3", "left", "a red cross above"]
     images = root / "images"
     images.mkdir()
-    rng = np.random.default_rng(0)
-    answers = ["red", "blue circle", "yes", "no", "green square", "3", "left", "a red cross above"]
-    records = []
-    for i in range(n_samples):
-        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        conv = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
-                {"from": "gpt", "value": answers[i % len(answers)]}]
-        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": conv})
+    records = image_records(images, n_samples, lambda i, rng: turns((QUESTION, answers[i % len(answers)])))
     conv = records[0]["conversations"]
     records += [{"id": "gone", "image": "gone.png", "conversations": conv}, {"id": "s0", "image": "0.png",
                                                                              "conversations": conv}]
-    import json
-
-    (root / "data.json").write_text(json.dumps(records))
-    return {"teacher": teacher, "data": root / "data.json", "images": images}
+    return {"teacher": build_teacher(root / "teacher"), "data": write_manifest(root / "data.json", records),
+            "images": images}
 
 
 def reference_build(world: dict, root: Path, **opts):
@@ -543,15 +509,13 @@ def distill_once(world: dict, out: Path, steps: int, save_steps: int, kill: Kill
 def distill_world(root: Path, samples: int = 8) -> dict:
     """make_world's teacher and manifest, its cache, and a smaller student with the same tokenizer."""
     from alignkd.cache.build import BuildConfig
-    from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
 
     world = make_world(root, samples)
     cfg = BuildConfig(teacher=str(world["teacher"]), data=str(world["data"]), images=str(world["images"]),
                       out=str(root / "distill-cache"), batch_size=4, progress=False)
     if build_until_killed(cfg, None) != "finished":
         raise AssertionError("the cache build failed")
-    spec = TinyLlavaSpec(hidden_size=32, num_heads=2, intermediate_size=64, num_layers=2)
-    return {**world, "cache": Path(cfg.out), "student": build_tiny_llava(root / "student", spec, seed=1)}
+    return {**world, "cache": Path(cfg.out), "student": build_student(root / "student")}
 
 
 def run_distill(kills: int, per_run: int, steps: int, save_steps: int, seed: int, root: Path) -> DistillTally:

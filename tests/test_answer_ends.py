@@ -14,7 +14,7 @@ import pytest
 from alignkd.data import read_manifest, render_sample
 from alignkd.data.sample import IGNORE_INDEX
 from alignkd.models import load_vlm
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 # llava-hf/llava-1.5-7b-hf's chat_template.json (2024), whitespace as published: no </s> after
 # an assistant turn, so its labels used to end in the answer's last word.

@@ -14,7 +14,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignkd.cli import main
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 CONV = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
         {"from": "gpt", "value": "red"}]

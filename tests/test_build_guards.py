@@ -17,7 +17,7 @@ from PIL import Image
 from alignkd.cli import main
 from alignkd.data import LoadedImage
 from alignkd.data.images import image_refusals_as_rejects
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from families_tiny import build_family
 
 CONV = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"}, {"from": "gpt", "value": "red"}]

@@ -31,7 +31,7 @@ from alignkd.cache.verify import verify_cache
 from alignkd.cli import main
 from alignkd.data import collate, read_manifest, render_sample
 from alignkd.models import capture_forward, load_vlm
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 # Round-to-nearest storage: relative error <= 2^-9 (bf16) and 2^-11 (fp16); 2x margin.
 BF16_RTOL, FP16_RTOL = 2.0 ** -8, 2.0 ** -10

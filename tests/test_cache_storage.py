@@ -28,6 +28,8 @@ from alignkd.errors import ConfigError
 from alignkd.storage_schemas import ARRAY_KINDS, FORMAT_NAME, SCALE_OF, SCHEMA_VERSION
 
 REPO = Path(__file__).resolve().parents[1]
+# a child process imports this worktree's alignkd and tests, not an installed copy
+WITH_REPO = {**os.environ, "PYTHONPATH": str(REPO)}
 SCALES = set(SCALE_OF.values()) | {"attn_ids", "attn_tail"}  # empty unless scaled / --attn-topk
 DATA_KINDS = [k for k in ARRAY_KINDS if k not in SCALES]  # arrays with bytes in the bf16 `cache` fixture
 META = {"teacher": {"path": "tiny", "config_sha256": "c0ffee"}, "build_options": {"logit_mode": "topk"}}
@@ -378,9 +380,8 @@ def test_cache_json_and_shard_json(cache):
 
 # ---------------------------------------------------------------- reliability
 CRASH = """
-import os, sys
-sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-from test_cache_storage import make_record, META
+import os
+from tests.test_cache_storage import make_record, META
 from alignkd.cache.writer import CacheWriter
 w = CacheWriter({path!r}, META, shard_size=2)
 for i in range(3):
@@ -397,8 +398,8 @@ os._exit(0)  # a crash: no close, the third sample's shard stays in flight
 
 def test_crash_leaves_temp_dir_that_reader_ignores_and_resume_cleans(tmp_path):
     path = tmp_path / "c"
-    code = CRASH.format(repo=str(REPO), tests=str(REPO / "tests"), path=str(path))
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+    code = CRASH.format(path=str(path))
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60, env=WITH_REPO)
     temp = [p.name for p in (path / "shards").iterdir() if p.name.startswith(".tmp-")]
     assert temp == [".tmp-shard-000001"]
     assert len(open_cache(path)) == 2 and verify_cache(path) == []
@@ -434,7 +435,7 @@ def test_resume_refuses_other_attn_dtype(cache, tmp_path):
 
 
 HOLD = """
-import sys; sys.path.insert(0, {repo!r})
+import sys
 from alignkd.cache.writer import CacheWriter
 from alignkd.errors import AlignKDError
 try:
@@ -448,8 +449,8 @@ def test_second_writer_is_refused(tmp_path):
     path = tmp_path / "c"
     with CacheWriter(path, META) as w:
         w.add(make_record(0))
-        proc = subprocess.run([sys.executable, "-c", HOLD.format(repo=str(REPO), path=str(path))],
-                              capture_output=True, text=True, timeout=60)
+        proc = subprocess.run([sys.executable, "-c", HOLD.format(path=str(path))],
+                              capture_output=True, text=True, timeout=60, env=WITH_REPO)
         assert proc.returncode == 3
         assert proc.stdout.strip() == f"cache {path} is locked by another build (pid {os.getpid()})."
         with pytest.raises(CacheLockedError):

@@ -6,7 +6,6 @@ reads with its checksums on and writes PNG only.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import shutil
 import threading
@@ -21,7 +20,8 @@ from alignkd.cache.lock import CacheLock, build_in_progress
 from alignkd.cache.reader import open_cache
 from alignkd.cache.storage import OutsideCacheError
 from alignkd.cli import main
-from conftest import make_image, write_manifest
+from tests.support.files import plant_user_files, snapshot
+from tests.support.world import make_image, write_manifest
 
 CONV = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"}, {"from": "gpt", "value": "red"}]
 
@@ -37,28 +37,6 @@ def error_line(result) -> str:
     lines = [ln for ln in result.output.splitlines() if ln.strip() and "Loading weights" not in ln]
     assert len(lines) == 1 and lines[0].startswith("error: ") and lines[0].endswith("."), lines
     return lines[0]
-
-
-def snapshot(root: Path) -> dict[str, str]:
-    """Every file and link under root: relative path -> sha256 of its bytes (or the link's target)."""
-    found = {}
-    for parent, dirs, files in os.walk(root):
-        for name in dirs + files:
-            path = Path(parent) / name
-            rel = path.relative_to(root).as_posix()
-            if path.is_symlink():
-                found[rel] = "link:" + os.readlink(path)
-            elif path.is_file():
-                found[rel] = hashlib.sha256(path.read_bytes()).hexdigest()
-    return found
-
-
-def plant_user_files(root: Path) -> None:
-    """What a user keeps in a directory they point alignkd at."""
-    (root / "src").mkdir(parents=True, exist_ok=True)
-    (root / "thesis.txt").write_text("four years of work\n")
-    (root / "src" / "m.py").write_text("x = 1\n")
-    (root / ".notes").write_text("hidden, and still the user's\n")
 
 
 @pytest.fixture(scope="module")

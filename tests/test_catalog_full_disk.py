@@ -16,7 +16,7 @@ import pytest
 from alignkd.cache.catalog import rebuild_catalog, run_sql
 from alignkd.cache.verify import verify_cache
 from alignkd.errors import AlignKDError
-from conftest import in_child_with_file_size_limit
+from tests.support.limits import in_child_with_file_size_limit
 from test_cache_storage import write_cache
 
 # DuckDB grows its file in 256 KiB blocks: an empty catalog fits in 300 kB, one with rows does not

@@ -15,7 +15,7 @@ from click.testing import CliRunner
 
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cli import main
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 
 def _flip(path: Path, at: int, n: int = 8) -> None:

@@ -8,7 +8,7 @@ import pickle
 
 import pytest
 import torch
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 from alignkd.data import (
     IGNORE_INDEX,

@@ -15,7 +15,7 @@ from alignkd.data import open_source, read_manifest
 from alignkd.data.errors import ManifestError, SampleError
 from alignkd.data.images import load_image
 from alignkd.errors import AlignKDError
-from conftest import make_image
+from tests.support.world import make_image
 
 TURNS = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"}, {"from": "gpt", "value": "red"}]
 

@@ -28,7 +28,7 @@ from alignkd.distill.objective import AlignKDObjective, LossWeights
 from alignkd.distill.trainer import DistillConfig, distill
 from alignkd.errors import AlignKDError
 
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 TERMS = ("ce", "logit", "vis", "attn")
 REPO = Path(__file__).resolve().parents[1]

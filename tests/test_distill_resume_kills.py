@@ -11,15 +11,11 @@ same losses (bench/torture.py says why bit identity, not a tolerance, is the rig
 from __future__ import annotations
 
 import random
-import sys
-from pathlib import Path
 
 from alignkd.cache.build import BuildConfig, build_cache
 
-from conftest import make_image, write_manifest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import torture  # noqa: E402
+from bench import torture
+from tests.support.world import make_image, write_manifest
 
 
 def test_random_kills_then_resume_give_the_uninterrupted_student_bit_for_bit(tmp_path, tiny_llava_dir,

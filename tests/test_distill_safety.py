@@ -28,7 +28,8 @@ from alignkd.cli import main
 from alignkd.distill.trainer import DistillConfig
 from alignkd.errors import ConfigError
 
-from conftest import in_child_with_file_size_limit, invoke_cli_with_file_size_limit, make_image, write_manifest
+from tests.support.limits import in_child_with_file_size_limit, invoke_cli_with_file_size_limit
+from tests.support.world import make_image, write_manifest
 
 
 @pytest.fixture(scope="module")

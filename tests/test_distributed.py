@@ -12,7 +12,7 @@ import sys
 from alignkd.cache.reader import open_cache
 from alignkd.cache.verify import verify_cache
 
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 
 def _free_port() -> int:

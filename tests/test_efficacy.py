@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 BENCH = Path(__file__).resolve().parents[1] / "bench" / "efficacy.py"
 

@@ -25,7 +25,7 @@ from alignkd.cache.verify import verify_cache
 from alignkd.data import collate, read_manifest, render_sample
 from alignkd.distill.trainer import DistillConfig, distill
 from alignkd.models import capture_forward, load_vlm
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from families_tiny import FAMILY_NAMES, MODEL_TYPES, RAGGED, build_family
 
 BF16_RTOL = 2.0 ** -8

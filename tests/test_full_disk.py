@@ -5,7 +5,6 @@ the space back must complete the cache exactly as an uninterrupted build does.""
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -14,28 +13,22 @@ from click.testing import CliRunner
 from alignkd.cli import main
 
 from alignkd.cache.shard_format import committed_shards
-from conftest import invoke_cli_with_file_size_limit, write_manifest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import torture  # noqa: E402
+from bench import torture
+from tests.support.limits import invoke_cli_with_file_size_limit
+from tests.support.world import QUESTION, random_image, turns, write_manifest
 
 LIMIT = 1_500_000  # bytes per file: above catalog.duckdb (~0.5 MB), below the 2nd shard's samples.parquet
 
 
 def _dataset(root: Path) -> tuple[Path, Path]:
     """Four small images, then four 512 px noise PNGs (~0.8 MB each, stored in samples.parquet)."""
-    from PIL import Image
-
     images = root / "images"
-    images.mkdir()
     rng = np.random.default_rng(0)
     records = []
     for i in range(8):
-        size = 40 if i < 4 else 512
-        Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(images / f"{i}.png")
-        conv = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"},
-                {"from": "gpt", "value": ["red", "blue", "yes", "no"][i % 4]}]
-        records.append({"id": f"s{i}", "image": f"{i}.png", "conversations": conv})
+        random_image(images / f"{i}.png", rng, size=40 if i < 4 else 512)
+        records.append({"id": f"s{i}", "image": f"{i}.png",
+                        "conversations": turns((QUESTION, ["red", "blue", "yes", "no"][i % 4]))})
     return write_manifest(root / "data.json", records), images
 
 

@@ -18,7 +18,7 @@ from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_
 from alignkd.distill.fidelity import gradient_cosine
 from alignkd.distill.objective import AlignKDObjective, LossWeights
 
-from conftest import make_image
+from tests.support.world import make_image
 
 
 @pytest.fixture(scope="module")

@@ -21,7 +21,7 @@ from alignkd.cache.identity import teacher_identity
 from alignkd.cli import main
 from alignkd.errors import AlignKDError
 from alignkd.hub import ModelSource, parse_hub_id, resolve_model
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from fake_hub import FakeHub
 
 COMMIT_A, COMMIT_B = "a" * 39 + "1", "b" * 39 + "2"

@@ -5,17 +5,12 @@ per-source counts that match the sampling, no record lost and every reject expla
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
 
 import pyarrow.compute as pc
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-
-from manifest_scale import build_slice, expected_sample, plan_under_torchrun  # noqa: E402
-from llava_mix import write_llava665k, write_onevision_mix  # noqa: E402
-
-from alignkd.data.mixture import MixedSource, source_specs  # noqa: E402
+from alignkd.data.mixture import MixedSource, source_specs
+from bench.llava_mix import write_llava665k, write_onevision_mix
+from bench.manifest_scale import build_slice, expected_sample, plan_under_torchrun
 
 
 def test_two_ranks_plan_disjoint_halves_keyed_as_one_process_keys_them(tmp_path):

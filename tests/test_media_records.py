@@ -12,7 +12,7 @@ from click.testing import CliRunner
 
 from alignkd.cache.catalog import run_sql
 from alignkd.cli import main
-from conftest import make_image
+from tests.support.world import make_image
 
 Q = "what is the colour of this image ?"
 

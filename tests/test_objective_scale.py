@@ -20,7 +20,7 @@ from alignkd.distill.losses import StudentToTeacherAdapter, default_vision_topk,
 from alignkd.distill.objective import AlignKDObjective, LossWeights
 from alignkd.distill.vision_stats import teacher_vision_stats
 
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 # With the normalized scale the 100x teacher changes no share by more than this (the
 # standardisation removes the factor exactly; what is left is float rounding).

@@ -21,7 +21,7 @@ import pytest
 from click.testing import CliRunner
 
 from alignkd.cli import main
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 CONV = [{"from": "human", "value": "<image>\nwhat is the colour ?"}, {"from": "gpt", "value": "red"}]

@@ -16,7 +16,7 @@ from alignkd.data import IGNORE_INDEX, SampleError, collate, render_sample
 from alignkd.data.manifest import ImageRef, ManifestRecord
 from alignkd.models import capture_forward, load_vlm
 from alignkd.models.attention_probe import probe_state
-from conftest import make_image
+from tests.support.world import make_image
 from families_tiny import build_family
 
 QUESTION = "<image>\nwhat is the colour of this image ?"

@@ -23,11 +23,10 @@ from click.testing import CliRunner
 
 from alignkd.cache.reader import open_cache
 from alignkd.cli import main
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from test_distributed import _free_port
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import torture  # noqa: E402
+from bench import torture
 
 REPO = Path(__file__).resolve().parents[1]
 PAUSE = Path(__file__).with_name("torchrun_pause.py")

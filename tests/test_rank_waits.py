@@ -19,7 +19,7 @@ import time
 
 import pytest
 
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from test_rank_killed import CONV, launch
 from test_scale import launch_node
 from test_distributed import _free_port

@@ -11,8 +11,6 @@ at every such stage.
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 
@@ -20,10 +18,8 @@ from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
 from alignkd.cache.shard_format import committed_shards
-from conftest import make_image, write_manifest
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import torture  # noqa: E402
+from bench import torture
+from tests.support.world import make_image, write_manifest
 
 N, SHARD = 7, 2
 

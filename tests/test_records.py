@@ -28,7 +28,7 @@ from click.testing import CliRunner
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
 from alignkd.cli import main
-from conftest import make_image
+from tests.support.world import make_image
 
 Q = "what is the colour of this image ?"
 MAX_LENGTH = 64  # two images' 32 tokens plus a short prompt fit; the long answer does not

@@ -73,9 +73,8 @@ def test_sql_on_s3_through_register_filesystem(s3):
 
 
 KILLED = """
-import os, sys, time
-sys.path.insert(0, {repo!r}); sys.path.insert(0, {tests!r})
-from test_cache_storage import make_record, META
+import os, time
+from tests.test_cache_storage import make_record, META
 from alignkd.cache.storage import open_store
 from alignkd.cache.writer import CacheWriter
 w = CacheWriter({url!r}, META, shard_size=2)
@@ -89,8 +88,8 @@ os._exit(0)  # killed: the third sample's shard is never uploaded
 
 def test_resume_after_a_kill_on_s3(s3, tmp_path):
     url = s3["url"]("resume")
-    code = KILLED.format(repo=str(REPO), tests=str(REPO / "tests"), url=url)
-    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ})
+    code = KILLED.format(url=url)
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert open_cache(url).sample_ids == ["s000", "s001"]
     # objects of a shard whose upload died before shard.json: not part of the cache
     fs = s3["fs"]

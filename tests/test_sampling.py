@@ -98,8 +98,7 @@ def _probe(tmp_path: Path, ranks: int) -> dict[str, list[list[int]]]:
 
 
 def test_the_trainer_draws_the_same_order_on_one_process_and_on_two_gloo_ranks(tmp_path):
-    sys.path.insert(0, str(PROBE.parent))
-    from order_probe import BATCH, EPOCHS, N, SHARD
+    from tests.order_probe import BATCH, EPOCHS, N, SHARD
 
     singles, pairs = _probe(tmp_path, ranks=1), _probe(tmp_path, ranks=2)
     for order in ORDERS:

@@ -29,7 +29,7 @@ from alignkd.data import collate, read_manifest, render_sample
 from alignkd.errors import ConfigError
 from alignkd.models import load_vlm
 from alignkd.models.placement import Placement, input_device
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from test_cache_build import FP16_RTOL, cli, make_dataset
 from test_distributed import _free_port
 from test_rank_killed import CONV, PAUSE, REPO, assert_one_sentence, finish, kill_held_rank, torture

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from alignkd.cache.show import sample_figure, token_texts
-from conftest import make_image, write_manifest
+from tests.support.world import make_image, write_manifest
 from test_cache_build import cli
 
 ANSWER = "red green blue yellow circle square triangle cross above below left right"  # 12 tokens

@@ -4,19 +4,17 @@ catalog row, inside a catalog write, during a catalog rebuild), each build resum
 last; the finished cache equals an uninterrupted build byte for byte in every tensor and
 row for row in its tables. Then the --overwrite matrix once per case: refused touching
 nothing, or rebuilt to the uninterrupted cache, the user's files byte-identical either way.
-`bench/torture.py --kills 200` is the long run.
+`python -m bench.torture --kills 200` is the long run.
 """
 
 from __future__ import annotations
 
 import random
-import sys
 from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-import torture  # noqa: E402
+from bench import torture
 
 
 @pytest.fixture(scope="module")

@@ -2,8 +2,9 @@
 between the student's gradient (every trainable parameter, the full objective) from two target
 batches.
 
-`per_term_gradients` is the one place a gradient is taken per term: the objective's logged
-gradient shares, `flat_gradient` here and bench/standin_student.py all call it.
+`per_term_gradients` is the one place a gradient is taken per term, and `flatten` the one place
+a term's gradient becomes a vector: the objective's logged gradient shares, `flat_gradient` here
+and bench/standin_student.py all call them.
 
 Per-tensor errors (row-KL, relative error) say little about what training receives: a
 1 % error on attention probabilities whose loss term is 1e-6 of the total changes the
@@ -26,12 +27,17 @@ def per_term_gradients(losses: dict[str, torch.Tensor], params: list, keep_graph
             for i, (name, loss) in enumerate(losses.items())}
 
 
+def flatten(grads: tuple, params: list) -> torch.Tensor:
+    """One loss's gradients (`per_term_gradients`' entry) as one float64 vector over `params`, zeros
+    where the loss has no path to a parameter."""
+    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
+                      for g, p in zip(grads, params)])
+
+
 def flat_gradient(objective: nn.Module, batch: dict) -> torch.Tensor:
     """d(loss)/d(theta) over every trainable parameter, flattened (zeros where a term has no path)."""
     params = [p for p in objective.parameters() if p.requires_grad]
-    grads = per_term_gradients({"loss": objective(**batch)["loss"]}, params)["loss"]
-    return torch.cat([(g if g is not None else torch.zeros_like(p)).reshape(-1).double()
-                      for g, p in zip(grads, params)])
+    return flatten(per_term_gradients({"loss": objective(**batch)["loss"]}, params)["loss"], params)
 
 
 def gradient_cosine(objective: nn.Module, stored: dict, reference: dict) -> float:
