@@ -304,17 +304,36 @@ def print_table(times: dict) -> None:
 
 def print_recompute_share(bench: Bench, n_batches: int, device: str, repeats: int = 3) -> None:
     """The kit's layer-0 forward alone (what (d) adds to (b)'s train part), against (b)'s train
-    part timed right beside it: a steadier share than the whole steps' ratio on a loaded box."""
-    kit, train = [], []
+    part timed right beside it: a steadier share than the whole steps' ratio on a loaded box.
+    Timed twice per batch, with q projected at the text rows only (the kit's default) and at
+    every position (the kit before the row cut), the three rotating which goes first."""
+    kit = bench.layer0.reader.layer0_kit(device)
+
+    def kit_rows(cut: bool):
+        def run(batch):
+            kit.project_query_rows = cut
+            try:
+                with torch.autocast(**bench.autocast):
+                    return bench.layer0_obj.teacher_rows(batch)
+            finally:
+                kit.project_query_rows = True
+        return run
+
+    runs = {"q at text rows": kit_rows(True), "q at every position": kit_rows(False)}
+    times: dict[str, list[float]] = {name: [] for name in [*runs, "train"]}
     for r in range(repeats * n_batches):
-        batch = bench.layer0_inputs(r % n_batches)
-        with torch.autocast(**bench.autocast):
-            _, t = timed(bench.layer0_obj.teacher_rows, batch, device=device)
-        kit.append(t)
-        train.append(timed(bench.cached_train, bench.cached_inputs(r % n_batches), device=device)[1])
-    share = statistics.median(k / t for k, t in zip(kit, train))
-    print(f"kit recompute alone: median {statistics.median(kit):.4f} s per step, {share:.1%} of (b)'s train part "
-          f"(paired over {len(kit)} batches), i.e. (d)/(b) = {1 + share:.3f} from the kit's cost")
+        batch, cached = bench.layer0_inputs(r % n_batches), bench.cached_inputs(r % n_batches)
+        order = list(times)[r % 3:] + list(times)[: r % 3]
+        for name in order:
+            fn, arg = (bench.cached_train, cached) if name == "train" else (runs[name], batch)
+            times[name].append(timed(fn, arg, device=device)[1])
+    for name in runs:
+        share = statistics.median(k / t for k, t in zip(times[name], times["train"]))
+        print(f"kit recompute alone, {name}: median {statistics.median(times[name]):.4f} s per step, {share:.1%} "
+              f"of (b)'s train part (paired over {len(times[name])} batches), i.e. (d)/(b) = {1 + share:.3f} "
+              "from the kit's cost")
+    cut = statistics.median(a / b for a, b in zip(times["q at text rows"], times["q at every position"]))
+    print(f"row cut: kit time with q at text rows / at every position = {cut:.3f} (paired)")
 
 
 def profile_cached(bench: Bench, steps: int, n_batches: int) -> None:

@@ -102,6 +102,36 @@ def test_recomputed_rows_equal_stored_maps(caches):
         assert not rows[b, T:].any() and not rows[b, :, :, Nv:].any()
 
 
+def test_query_projection_runs_on_query_rows_only(caches):
+    """The kit projects q at the batch's text rows alone (keys at every position), and the rows
+    equal the full projection's: counted at the real linear layers of a family's tiny kit."""
+    layer0 = caches["layer0"]
+    kit = layer0.layer0_kit()
+    inputs, vision, text, recs = _batch(layer0, range(len(layer0)))
+    attention = kit.family.get_attention_modules(kit.model)[0]
+    seen: dict[str, int] = {}
+
+    def count(name):
+        return lambda _module, args: seen.__setitem__(name, seen.get(name, 0) + args[0].shape[:-1].numel())
+
+    hooks = [m.register_forward_pre_hook(count(n.split(".")[0])) for n, m in attention.named_modules()
+             if isinstance(m, torch.nn.Linear)]
+    try:
+        rows = kit.text_vision_rows(inputs, vision, text)
+        cut = dict(seen)
+        seen.clear()
+        kit.project_query_rows = False
+        full = kit.text_vision_rows(inputs, vision, text)
+    finally:
+        kit.project_query_rows = True
+        for hook in hooks:
+            hook.remove()
+    B, L = inputs["input_ids"].shape
+    assert cut == {"q_proj": sum(len(r.text_positions) for r in recs), "k_proj": B * L} and cut["q_proj"] < B * L
+    assert seen == {"q_proj": B * L, "k_proj": B * L}
+    torch.testing.assert_close(rows, full, rtol=1e-5, atol=1e-7)
+
+
 def test_family_quirk_is_in_force(caches):
     """The family's positions or masks matter here, so the equality above is their test too."""
     family, layer0, maps = caches["family"], caches["layer0"], caches["maps"]

@@ -17,7 +17,9 @@ the cached vision tokens at the image positions, i.e. the decoder receives exact
 `inputs_embeds` the capture saw. Layer 0's attention runs the model file's own eager
 attention (as the probe does, softcapping included) and stops the forward by raising,
 so nothing after the probabilities is computed; the value projection is a stand-in that
-returns zeros, since the probabilities never depend on it.
+returns zeros, since the probabilities never depend on it. When only some query rows are
+wanted (`text_vision_rows`), the query projection runs on those rows alone
+(`QueryRowsProjection`); keys stay at every position, since each row's softmax reads them all.
 """
 
 from __future__ import annotations
@@ -89,6 +91,28 @@ class ZeroProjection(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.new_zeros(*x.shape[:-1], self.out_features)
+
+
+class QueryRowsProjection(nn.Module):
+    """Layer 0's query projection, computed only at `rows` ([B, T] positions, -1 = padding) when
+    they are set: the other positions' queries are zeros. The family's own code after it (the
+    per-head q norm, rotary) works per position and still sees [B, L, ...]; the kit's attention
+    then keeps exactly these rows, so they are the full projection's rows and nothing else is read."""
+
+    def __init__(self, linear: nn.Module) -> None:
+        super().__init__()
+        self.linear = linear
+        self.rows: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.rows is None:
+            return self.linear(x)
+        batch, slot = (self.rows >= 0).nonzero(as_tuple=True)
+        position = self.rows[batch, slot]
+        picked = self.linear(x[batch, position])                          # [rows, H * head_dim]
+        out = picked.new_zeros(*x.shape[:-1], picked.shape[-1])
+        out[batch, position] = picked
+        return out
 
 
 @dataclass
@@ -193,6 +217,9 @@ class Layer0Kit:
             raise AlignKDError(f"the layer-0 kit holds no {lacking[0]}, which layer 0's attention needs.")
         attention = self.family.get_attention_modules(self.model)[0]
         attention.v_proj = ZeroProjection(attention.v_proj.out_features)
+        attention.q_proj = QueryRowsProjection(attention.q_proj)
+        # False projects q at every position (what the kit did before; bench/distill_step.py compares)
+        self.project_query_rows = True
         _register()
         self.model.set_attn_implementation({self.family.text_config: KIT_ATTN_NAME})
         self.model.eval()
@@ -229,6 +256,8 @@ class Layer0Kit:
         handle = self.family.get_decoder(self.model).register_forward_pre_hook(place_vision, with_kwargs=True)
         attention = self.family.get_attention_modules(self.model)[0]
         attention.alignkd_query_rows = None if query_rows is None else query_rows.to(self.device)
+        if self.project_query_rows:
+            attention.q_proj.rows = attention.alignkd_query_rows
         try:  # the kit's own dtype, as at build time, whatever autocast the training step runs under
             with torch.no_grad(), torch.autocast(self.device.type, enabled=False):
                 self.model(**inputs, use_cache=False, return_dict=True)
@@ -236,7 +265,7 @@ class Layer0Kit:
             return reached.weights
         finally:
             handle.remove()
-            attention.alignkd_query_rows = None
+            attention.alignkd_query_rows = attention.q_proj.rows = None
         raise RuntimeError("the layer-0 kit's forward never reached layer 0's attention")
 
     def text_vision_rows(self, inputs: dict, vision: torch.Tensor, text_positions: torch.Tensor) -> torch.Tensor:
