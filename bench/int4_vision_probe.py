@@ -13,7 +13,7 @@ Schemes (4-bit codes, q in [-7, 7], symmetric max-|x| scales stored as fp16 unle
 - `intB-channel` (B = 5, 6; `--schemes`): the format's per-channel scheme with B bits, to show
   what bit depth the KL term needs (bytes counted as if packed at B bits).
 
-    PYTHONPATH=.:bench .venv/bin/python bench/int4_vision_probe.py [--grad-samples 4]
+    .venv/bin/python -m bench.int4_vision_probe [--grad-samples 4]
 """
 
 from __future__ import annotations
@@ -101,9 +101,8 @@ def main() -> None:
     ap.add_argument("--schemes", nargs="*", help="only these schemes (names as in the table)")
     args = ap.parse_args()
     torch.set_num_threads(1)
-    import cache_storage
-    import standin_student as standin
-    import synthetic_layer0
+    from bench import cache_storage, synthetic_layer0
+    from bench import standin_student as standin
 
     from alignkd.cache.layer0_store import rows_of_record
     from alignkd.models.layer0_kit import Layer0Kit

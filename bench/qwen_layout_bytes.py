@@ -12,14 +12,13 @@ processor's pixel budget (tests keep images at <= 96x96 px, 36 vision tokens); t
 (d 64, bf16 under lz4 ~1.34x, one copy per two samples) imply. "Tensor bytes" are the zarr
 arrays' bytes on disk (`cache stats`' kinds) over the samples.
 
-    PYTHONPATH=.:tests .venv/bin/python bench/qwen_layout_bytes.py
+    .venv/bin/python -m bench.qwen_layout_bytes
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import sys
 import tempfile
 from pathlib import Path
 
@@ -79,8 +78,7 @@ def main() -> None:
                         help="only the default build (to run this against an older checkout, e.g. format v4)")
     parser.add_argument("--max-pixels", type=int, default=62_000, help="the processor's longest_edge (pixels)")
     args = parser.parse_args()
-    sys.path.append(str(Path(__file__).resolve().parents[1] / "tests"))  # after PYTHONPATH's tests
-    from families_tiny import build_family
+    from tests.families_tiny import build_family
 
     from alignkd.cache.build import BuildConfig, build_cache
 
