@@ -367,6 +367,7 @@ def distill(cache_dir: str, freeze: str, no_progress: bool, fsdp_wrap_class: str
 @click.option("--images", default=None, help="Image root for the records' image paths.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Records answered per generate call.")
 @click.option("--limit", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--no-progress", is_flag=True)
