@@ -93,8 +93,9 @@ def _patch_logits(tower, head, pixel_values, num_classes: int = NUM_CLASSES):
 class PatchTask:
     """What a tower learns per patch, from a world's endless scene stream: its content class
     (`sample(rng, n)` -> (pixels, labels)) and, at CELL_WEIGHT, which grid cell it lies in
-    (`cells`: the cell of every patch, out of `num_cells`). `rng_key` seeds the training stream; the accuracy check draws from key + 1.
-    bench/heldout_teacher.py trains its digit world's tower with its own task."""
+    (`cells`: the cell of every patch, out of `num_cells`). `rng_key` seeds the training
+    stream; the accuracy check draws from key + 1. bench/heldout_teacher.py trains its digit
+    world's tower with its own task."""
     num_classes: int
     num_cells: int
     cells: np.ndarray
@@ -104,7 +105,8 @@ class PatchTask:
 
 def grid_task(patch_size: int) -> PatchTask:
     """The demo world's task: 17 cell contents, for a tower with `patch_size` patches."""
-    return PatchTask(NUM_CLASSES, NUM_CELLS, patch_cells(patch_size), lambda rng, n: sample_batch(rng, n, patch_size), 17)
+    return PatchTask(NUM_CLASSES, NUM_CELLS, patch_cells(patch_size),
+                     lambda rng, n: sample_batch(rng, n, patch_size), rng_key=17)
 
 
 def pretrain_vision_tower(vision_config, seed: int = 0, steps: int = 400, batch_size: int = 32,
