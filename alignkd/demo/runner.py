@@ -146,7 +146,7 @@ def build_demo_cache(cfg: DemoConfig, teacher: Path, paths, out: Path) -> Path:
     from alignkd.experiment.stages import build_cache
 
     st = replace(demo_stages(cfg), threads=2)  # the build has the machine to itself
-    return build_cache(st, "cache", teacher, paths.train, paths.images_root, out,
+    return build_cache(st, "", teacher, paths.train, paths.images_root, out,
                        ["--batch-size", "64", "--shard-size", "512"], overwrite=False)
 
 

@@ -45,8 +45,8 @@ class Stages:
         """`command` is the CLI to call (e.g. "alignkd"); empty: this Python's `-m alignkd.cli`."""
         return cls(cli=tuple(shlex.split(command)), **kw) if command else cls(**kw)
 
-    def say(self, msg: str) -> None:
-        print(f"[{self.tag}] {msg}", flush=True)
+    def say(self, msg: str, about: str = "") -> None:
+        print(f"[{self.tag}] " + (f"{about}: " if about else "") + msg, flush=True)
 
 
 def _env(threads: int) -> dict:
@@ -70,7 +70,7 @@ def build_cache(st: Stages, label: str, teacher: Path, data: Path, images: Path,
     """`out/cache`, built once (`out/cache.done` marks it finished) and reused by every arm and seed."""
     cache, done = out / "cache", out / "cache.done"
     if not done.exists():
-        st.say(f"{label}: cache build -> {cache}")
+        st.say(f"cache build -> {cache}", label)
         run_logged([*st.cli, "cache", "build", "--teacher", str(teacher), "--data", str(data),
                     "--images", str(images), "--out", str(cache), *(["--overwrite"] if overwrite else []),
                     "--no-progress", *flags], out / "cache-build.log", st.threads)
@@ -90,7 +90,7 @@ def distill(st: Stages, label: str, student: Student, init: Path, cache: Path, r
     run_logged(cmd, run.with_name(run.name + ".log"), st.threads)
     if st.drop_checkpoints:
         shutil.rmtree(run / "checkpoints", ignore_errors=True)
-    st.say(f"{label}: {run.parent.name}/{run.name} in {time.perf_counter() - start:.0f} s")
+    st.say(f"{run.parent.name}/{run.name} in {time.perf_counter() - start:.0f} s", label)
 
 
 def evaluate(st: Stages, model: Path, data: Path, images: Path, target: Path) -> dict:
