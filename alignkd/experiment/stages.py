@@ -141,7 +141,7 @@ def _draw_progress(futures, tasks: list[Task]) -> None:
     todo = [t for t in tasks if not (t.student.run / "distill_run.json").exists()]
     with tqdm(total=sum(t.steps for t in todo), desc=f"distil {len(todo)} students", unit="step") as bar:
         while wait(futures, timeout=0.5).not_done:
-            bar.update(sum(_steps_logged(t) for t in todo) - bar.n)
+            bar.update(max(sum(_steps_logged(t) for t in todo) - bar.n, 0))
         bar.update(bar.total - bar.n)
 
 
