@@ -299,6 +299,7 @@ def distill(no_progress: bool, **opts) -> None:
 @click.option("--images", default=None, help="Image root for the records' image paths.")
 @click.option("--max-length", default=2048, show_default=True)
 @click.option("--max-new-tokens", default=16, show_default=True)
+@click.option("--batch-size", default=64, show_default=True, help="Records answered per generate call.")
 @click.option("--limit", type=int, default=None)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--predictions", default=None,

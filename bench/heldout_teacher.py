@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from alignkd.demo.tiny_models import TinyLlavaSpec
+from alignkd.demo.vision_pretrain import PatchTask, pretrain_vision_tower
 from bench import heldout_world as hw
 
 _GRID = dict(image_size=hw.IMAGE_SIZE, patch_size=hw.PATCH_SIZE, vision_hidden=64, vision_layers=2, vision_heads=4)
@@ -36,7 +37,6 @@ TEACHER_SPEC = TinyLlavaSpec(hidden_size=128, num_layers=4, num_heads=8, interme
 STUDENT_SPEC = TinyLlavaSpec(hidden_size=64, num_layers=2, num_heads=4, intermediate_size=256, **_GRID)
 NUM_CLASSES = 11  # empty, 0-9
 NUM_CELLS = hw.GRID * hw.GRID
-CELL_WEIGHT = 0.25
 MAX_NEW_TOKENS = 6  # "row 2 column 4" + </s>
 
 
@@ -58,42 +58,9 @@ def sample_batch(rng: np.random.Generator, batch_size: int):
     return normalise(images), torch.from_numpy(np.stack([patch_labels(s) for s in scenes]))
 
 
-def _logits(tower, head, pixels):
-    logits = head(tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-1][:, 1:])
-    return logits[..., :NUM_CLASSES], logits[..., NUM_CLASSES:]
-
-
-def pretrain_tower(vision_config, seed: int, steps: int, batch_size: int = 32, lr: float = 3e-3):
-    """A CLIP tower trained on per-patch digit class (+ cell id); returns (state, content acc, cell acc)."""
-    import torch
-    from torch.nn.functional import cross_entropy
-    from transformers import CLIPVisionModel
-
-    torch.manual_seed(seed)
-    tower = CLIPVisionModel(vision_config)
-    head = torch.nn.Linear(vision_config.hidden_size, NUM_CLASSES + NUM_CELLS)
-    cells = torch.arange(NUM_CELLS)
-    params = [*tower.parameters(), *head.parameters()]
-    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = np.random.default_rng([seed, 117])
-    tower.train()
-    for _ in range(steps):
-        pixels, labels = sample_batch(rng, batch_size)
-        content, cell = _logits(tower, head, pixels)
-        loss = (cross_entropy(content.flatten(0, 1), labels.flatten())
-                + CELL_WEIGHT * cross_entropy(cell.flatten(0, 1), cells.repeat(len(pixels))))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        sched.step()
-    tower.eval()
-    with torch.no_grad():
-        pixels, labels = sample_batch(np.random.default_rng([seed, 118]), 256)
-        content, cell = _logits(tower, head, pixels)
-    content_acc = float((content.argmax(-1) == labels).float().mean())
-    cell_acc = float((cell.argmax(-1) == cells).float().mean())
-    return {k: v.detach().clone() for k, v in tower.state_dict().items()}, content_acc, cell_acc
+# The demo's tower pretrainer on this world's patches: one patch per cell, so the cell of
+# patch i is i; its own stream key (117) so the two worlds never share draws.
+DIGIT_TASK = PatchTask(NUM_CLASSES, NUM_CELLS, np.arange(NUM_CELLS), sample_batch, rng_key=117)
 
 
 def save_dir(model, processor, target: Path) -> None:
@@ -144,8 +111,9 @@ def train(args) -> dict:
     else:
         tokenizer = build_word_tokenizer(hw.world_vocabulary())
         processor = build_processor(tokenizer, TEACHER_SPEC)
-        tower, content_acc, cell_acc = pretrain_tower(build_llava_config(tokenizer, TEACHER_SPEC).vision_config,
-                                                      seed=args.seed, steps=args.pretrain_steps)
+        pretrained = pretrain_vision_tower(build_llava_config(tokenizer, TEACHER_SPEC).vision_config,
+                                           seed=args.seed, steps=args.pretrain_steps, task=DIGIT_TASK)
+        tower, content_acc, cell_acc = pretrained.state_dict, pretrained.patch_accuracy, pretrained.cell_accuracy
         print(f"tower: digit {content_acc:.4f}, cell {cell_acc:.4f} after {time.perf_counter() - start:.0f} s",
               flush=True)
         # The student needs only the tower, so it is written before the (long) teacher training.

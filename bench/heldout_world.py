@@ -39,7 +39,7 @@ from pathlib import Path
 
 import numpy as np
 
-from alignkd.demo.world import manifest_record, write_json
+from alignkd.demo.world import SceneKind, write_json, write_splits
 
 GRID = 4
 CELL = 16
@@ -161,35 +161,19 @@ def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str]:
     raise ValueError(f"unknown qtype {qtype!r}; expected one of {QTYPES}")
 
 
-def _write_split(root: Path, split: str, seed: int, n: int) -> tuple[list[dict], dict]:
-    from PIL import Image
-
-    # One generator per split (as in the demo world): changing n_val never changes train.
-    rng = np.random.default_rng([seed, 101, SPLITS.index(split)])
-    records, scenes = [], {}
-    scene, image = None, ""
-    for i in range(n):
-        if i % QUESTIONS_PER_IMAGE == 0:
-            scene = sample_scene(rng)
-            image = f"{split}-{i // QUESTIONS_PER_IMAGE:05d}.png"
-            Image.fromarray(render_scene(scene, rng)).save(root / "images" / image)
-            scenes[image] = [[d.row, d.col, d.value] for d in scene]
-        qtype = QTYPES[i % len(QTYPES)]  # 4 questions an image, 6 types: every image sees a mix
-        question, answer = ask(scene, qtype, rng)
-        records.append(manifest_record(f"{split}-{i:06d}", image, question, answer, qtype))
-    return records, scenes
+# What the demo world's split writer needs from this world's scenes.
+DIGIT_SCENES = SceneKind(sample_scene, render_scene, ask, lambda scene: [[d.row, d.col, d.value] for d in scene],
+                         QUESTIONS_PER_IMAGE)
 
 
 def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 16000, n_val: int = 1200,
                    n_test: int = 1200) -> Path:
     """Write `images/`, `{train,val,test}.json` and `scenes.json` (last) under `out_dir`."""
     root = Path(out_dir)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    all_scenes = {}
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        records, scenes = _write_split(root, split, seed, n)
-        write_json(root / f"{split}.json", records)
-        all_scenes.update(scenes)
+    # one generator per split, as in the demo world (its own key, 101: another world's draws)
+    all_scenes = write_splits(root, dict(zip(SPLITS, (n_train, n_val, n_test))),
+                              lambda split: np.random.default_rng([seed, 101, SPLITS.index(split)]), QTYPES,
+                              DIGIT_SCENES)
     write_json(root / "scenes.json", {"seed": seed, "grid": GRID, "image_size": IMAGE_SIZE,
                                        "scenes": all_scenes})
     return root

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--split", choices=("val", "test"), default="test")
     args = p.parse_args(argv)
-    from bench.efficacy import load_world
+    from alignkd.experiment.plan import load_world
 
     torch.set_num_threads(1)
     world = load_world(args.world, {})

@@ -1,10 +1,10 @@
 """`alignkd demo`: the whole pipeline on the generated grid world, ending in an ablation table.
 
-The demo uses the public pipeline and nothing else: an ordinary LLaVA manifest and PNGs,
-`build_cache`, `distill` and `evaluate`, exactly as on a user's data. Every stage
-writes under `--out` and is skipped when its output is already there, so a rerun picks
-up where an interrupted one stopped. The test split is used only for the final table.
-"""
+The demo uses the public pipeline and nothing else: an ordinary LLaVA manifest and PNGs, then
+`alignkd cache build`, `alignkd distill` and `alignkd eval` as subprocesses through the
+experiment runner (`alignkd.experiment`), exactly as on a user's data. Every stage writes
+under `--out` and is skipped when its output is already there, so a rerun picks up where an
+interrupted one stopped. The test split is used only for the final table."""
 
 from __future__ import annotations
 
@@ -131,122 +131,51 @@ def prepare_world(cfg: DemoConfig, out: Path):
                                 n_test=cfg.test_records, qtypes=cfg.qtypes)
 
 
+def demo_stages(cfg: DemoConfig):
+    """The demo's students through the experiment runner: two at a time with one torch thread each,
+    scored with two threads and greedy answers of at most 6 tokens."""
+    from alignkd.experiment.stages import Stages
+
+    return Stages(tag="demo", threads=1, eval_threads=2, drop_checkpoints=True,
+                  distill_flags=("--logging-steps", "10", "--save-steps", str(10**9), "--no-verify", "--workers", "0",
+                                 "--no-progress"),
+                  eval_flags=("--batch-size", "128", "--max-new-tokens", "6"))
+
+
 def build_demo_cache(cfg: DemoConfig, teacher: Path, paths, out: Path) -> Path:
-    from alignkd.cache.build import BuildConfig, build_cache
+    from alignkd.experiment.stages import build_cache
 
-    cache = out / "cache"
-    summary = build_cache(BuildConfig(teacher=str(teacher), data=str(paths.train), images=str(paths.images_root),
-                                      out=str(cache), batch_size=64, shard_size=512, progress=cfg.progress))
-    _log(f"cache: {summary.samples} new samples, {summary.skipped_done} rows already cached -> {cache}")
-    return cache
-
-
-def distill_row(cfg: DemoConfig, name: str, preset: str, seed: int, student: Path, cache: Path,
-                out: Path, callbacks: list | None = None) -> Path:
-    from alignkd.distill.trainer import DistillConfig, distill
-
-    run = out / "runs" / _slug(name, seed)
-    if (run / "distill_run.json").exists():
-        return run
-    shutil.rmtree(run, ignore_errors=True)
-    distill(DistillConfig(student=str(student), cache=str(cache), out=str(run), max_steps=cfg.distill_steps,
-                          batch_size=cfg.batch_size, lr=cfg.lr, warmup_ratio=0.05, seed=seed,
-                          logging_steps=10, save_steps=10**9, progress=False, verify=False,
-                          # two students already share the two cores; the world's samples are tiny
-                          workers=0, preset=preset), callbacks=callbacks)
-    shutil.rmtree(run / "checkpoints", ignore_errors=True)  # the exported student is what is kept
-    return run
-
-
-class _StepReporter:
-    """A TrainerCallback (built lazily: transformers is imported in the worker) that puts
-    each finished step on a queue, so the parent can draw one bar for every student."""
-
-    def __new__(cls, queue):
-        from transformers import TrainerCallback
-
-        class Reporter(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):
-                queue.put(1)
-
-        return Reporter()
-
-
-def _distill_job(args) -> Path:
-    """One student in a worker process; torch gets one thread so two workers share two cores."""
-    import torch
-
-    torch.set_num_threads(1)
-    _quiet_transformers()
-    *job, queue = args
-    return distill_row(*job, callbacks=[_StepReporter(queue)] if queue is not None else None)
-
-
-def distill_all(cfg: DemoConfig, jobs: list, student: Path, cache: Path, out: Path) -> list[Path]:
-    """Every (row, seed) student, `cfg.workers` at a time, under one progress bar over all
-    their steps; finished runs are skipped."""
-    import multiprocessing
-    import queue as queue_lib
-    from concurrent.futures import ProcessPoolExecutor, wait
-
-    from tqdm.auto import tqdm
-
-    ctx = multiprocessing.get_context("spawn")
-    with ctx.Manager() as manager, ProcessPoolExecutor(max(cfg.workers, 1), mp_context=ctx) as pool:
-        steps = manager.Queue() if cfg.progress else None
-        futures = [pool.submit(_distill_job, (cfg, name, preset, seed, student, cache, out, steps))
-                   for name, preset, seed in jobs]
-        todo = sum(not (out / "runs" / _slug(name, seed) / "distill_run.json").exists() for name, _, seed in jobs)
-        with tqdm(total=todo * cfg.distill_steps, desc=f"distil {todo} students", unit="step",
-                  disable=not cfg.progress) as bar:
-            while not wait(futures, timeout=0.5).not_done == set():
-                while steps is not None:
-                    try:
-                        bar.update(steps.get_nowait())
-                    except queue_lib.Empty:
-                        break
-        return [f.result() for f in futures]
+    st = replace(demo_stages(cfg), threads=2)  # the build has the machine to itself
+    return build_cache(st, "", teacher, paths.train, paths.images_root, out,
+                       ["--batch-size", "64", "--shard-size", "512"], overwrite=False)
 
 
 def _slug(name: str, seed: int) -> str:
     return f"{name.lower().replace('+ ', '').replace(' ', '-')}-seed{seed}"
 
 
-def score(model_dir: Path, paths, cfg: DemoConfig, cached: Path) -> dict:
-    """Test accuracy per question type (and overall), kept in `cached` for reruns."""
-    from alignkd.distill.evaluate import EvalConfig, evaluate
+def student_tasks(cfg: DemoConfig, student: Path, cache: Path, paths, out: Path) -> list:
+    """(row, seed) students, rows first; their runs are `runs/<row>-seed<N>`."""
+    from alignkd.experiment.plan import Arm, Student, recipe_flags
+    from alignkd.experiment.stages import Task
 
-    if cached.exists():
-        return json.loads(cached.read_text())
-    result = evaluate(EvalConfig(model=str(model_dir), data=str(paths.test), images=str(paths.images_root),
-                                 batch_size=128, max_new_tokens=6, progress=False))
-    scores = {"all": result.accuracy, **result.by_type, "answer_ce": result.answer_ce}
-    cached.write_text(json.dumps(scores, indent=1))
-    return scores
-
-
-def _mean_spread(values: list[float]) -> str:
-    mean = statistics.fmean(values)
-    if len(values) < 2:
-        return f"{100 * mean:.1f}"
-    return f"{100 * mean:.1f} ± {100 * statistics.stdev(values):.1f}"
+    recipe = recipe_flags({"steps": cfg.distill_steps, "batch_size": cfg.batch_size, "lr": cfg.lr,
+                           "warmup_ratio": 0.05})
+    return [Task(Student(Arm.of_preset(name, preset), seed, out / "runs" / _slug(name, seed)), student, cache,
+                 recipe, paths.test, paths.images_root, "eval-test.json", steps=cfg.distill_steps)
+            for name, preset in cfg.rows() for seed in range(cfg.seeds)]
 
 
 def ablation_table(rows: dict[str, list[dict]], teacher: dict) -> tuple[str, dict]:
     """Markdown table: test accuracy (%) per question type, mean ± sample std over seeds."""
-    qtypes = sorted(k for k in teacher if k not in ("all", "answer_ce"))
-    cols = ["all", *qtypes]
-    lines = ["| model | seeds | " + " | ".join(cols) + " |", "|---" * (len(cols) + 2) + "|"]
-    lines.append("| teacher | - | " + " | ".join(f"{100 * teacher[c]:.1f}" for c in cols) + " |")
-    for name, runs in rows.items():
-        cells = [_mean_spread([r[c] for r in runs]) for c in cols]
-        lines.append(f"| {name} | {len(runs)} | " + " | ".join(cells) + " |")
+    from alignkd.experiment.tables import accuracy_table
+
     ce = statistics.fmean(r["all"] for r in rows["CE only"])
     full = statistics.fmean(r["all"] for r in rows["full Align-KD"])
     gap = teacher["all"] - ce
     summary = {"ce_only": ce, "align_kd": full, "teacher": teacher["all"], "gain_points": 100 * (full - ce),
                "gap_closed": (full - ce) / gap if gap > 0 else None}
-    return "\n".join(lines), summary
+    return accuracy_table(rows, teacher), summary
 
 
 def write_report(out: Path, cfg: DemoConfig, table: str, summary: dict, cache: Path, seconds: float) -> Path:
@@ -313,6 +242,8 @@ def run_demo(cfg: DemoConfig) -> Path:
 
 
 def _run_demo(cfg: DemoConfig) -> Path:
+    from alignkd.experiment.stages import evaluate, train_students
+
     _quiet_transformers()
     start = time.perf_counter()
     out = Path(cfg.out)
@@ -321,14 +252,12 @@ def _run_demo(cfg: DemoConfig) -> Path:
     paths = prepare_world(cfg, out)
     student = prepare_student_init(teacher, out)
     cache = build_demo_cache(cfg, teacher, paths, out)
-    jobs = [(name, preset, seed) for name, preset in cfg.rows() for seed in range(cfg.seeds)]
-    runs = distill_all(cfg, jobs, student, cache, out)
+    tasks = student_tasks(cfg, student, cache, paths, out)
+    st = demo_stages(cfg)
     rows: dict[str, list[dict]] = {}
-    from tqdm.auto import tqdm
-
-    for (name, _, _), run in tqdm(list(zip(jobs, runs)), desc="score students on test", disable=not cfg.progress):
-        rows.setdefault(name, []).append(score(run, paths, cfg, run / "test_scores.json"))
-    teacher_scores = score(teacher, paths, cfg, out / "teacher_test_scores.json")
+    for task, scores in zip(tasks, train_students(st, tasks, max(cfg.workers, 1), progress=cfg.progress)):
+        rows.setdefault(task.student.arm.name, []).append(scores)
+    teacher_scores = evaluate(st, teacher, paths.test, paths.images_root, out / "teacher-eval-test.json")
     table, summary = ablation_table(rows, teacher_scores)
     report = write_report(out, cfg, table, summary, cache, time.perf_counter() - start)
     print(table)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 
@@ -79,52 +80,73 @@ def sample_batch(rng: np.random.Generator, batch_size: int, patch_size: int):
     return normalise(images), torch.from_numpy(labels)
 
 
-def _patch_logits(tower, head, pixel_values):
+def _patch_logits(tower, head, pixel_values, num_classes: int = NUM_CLASSES):
     """(content logits, cell logits) per patch."""
     # LLaVA reads hidden_states[vision_feature_layer=-1] without the CLS token, so the
     # probe reads exactly the features the projector will see.
     out = tower(pixel_values=pixel_values, output_hidden_states=True)
     logits = head(out.hidden_states[-1][:, 1:])
-    return logits[..., :NUM_CLASSES], logits[..., NUM_CLASSES:]
+    return logits[..., :num_classes], logits[..., num_classes:]
+
+
+@dataclass(frozen=True)
+class PatchTask:
+    """What a tower learns per patch, from a world's endless scene stream: its content class
+    (`sample(rng, n)` -> (pixels, labels)) and, at CELL_WEIGHT, which grid cell it lies in
+    (`cells`: the cell of every patch, out of `num_cells`). `rng_key` seeds the training
+    stream; the accuracy check draws from key + 1. bench/heldout_teacher.py trains its digit
+    world's tower with its own task."""
+    num_classes: int
+    num_cells: int
+    cells: np.ndarray
+    sample: Callable
+    rng_key: int
+
+
+def grid_task(patch_size: int) -> PatchTask:
+    """The demo world's task: 17 cell contents, for a tower with `patch_size` patches."""
+    return PatchTask(NUM_CLASSES, NUM_CELLS, patch_cells(patch_size),
+                     lambda rng, n: sample_batch(rng, n, patch_size), rng_key=17)
 
 
 def pretrain_vision_tower(vision_config, seed: int = 0, steps: int = 400, batch_size: int = 32,
-                          lr: float = 3e-3) -> PretrainResult:
-    """Train a fresh `CLIPVisionModel(vision_config)` on per-patch classification."""
+                          lr: float = 3e-3, task: PatchTask | None = None) -> PretrainResult:
+    """Train a fresh `CLIPVisionModel(vision_config)` on per-patch classification (the demo's task by default)."""
     import torch
     from transformers import CLIPVisionModel
 
+    task = task or grid_task(vision_config.patch_size)
     start = time.perf_counter()
     torch.manual_seed(seed)
     tower = CLIPVisionModel(vision_config)
-    head = torch.nn.Linear(vision_config.hidden_size, NUM_CLASSES + NUM_CELLS)
-    cells = torch.from_numpy(patch_cells(vision_config.patch_size))
+    head = torch.nn.Linear(vision_config.hidden_size, task.num_classes + task.num_cells)
+    cells = torch.from_numpy(task.cells)
     params = [*tower.parameters(), *head.parameters()]
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=lr, total_steps=steps, pct_start=0.1)
-    rng = np.random.default_rng([seed, 17])
+    rng = np.random.default_rng([seed, task.rng_key])
     tower.train()
     for _ in range(steps):
-        pixels, labels = sample_batch(rng, batch_size, vision_config.patch_size)
-        content, cell = _patch_logits(tower, head, pixels)
+        pixels, labels = task.sample(rng, batch_size)
+        content, cell = _patch_logits(tower, head, pixels, task.num_classes)
         loss = (torch.nn.functional.cross_entropy(content.flatten(0, 1), labels.flatten())
                 + CELL_WEIGHT * torch.nn.functional.cross_entropy(cell.flatten(0, 1), cells.repeat(len(pixels))))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         sched.step()
-    content_acc, cell_acc = patch_accuracy(tower, head, np.random.default_rng([seed, 18]), vision_config.patch_size)
+    content_acc, cell_acc = patch_accuracy(tower, head, np.random.default_rng([seed, task.rng_key + 1]), task)
     state = {k: v.detach().clone() for k, v in tower.state_dict().items()}
     return PretrainResult(state, content_acc, cell_acc, steps, time.perf_counter() - start)
 
 
-def patch_accuracy(tower, head, rng: np.random.Generator, patch_size: int, n: int = 256) -> tuple[float, float]:
+def patch_accuracy(tower, head, rng: np.random.Generator, task: PatchTask, n: int = 256) -> tuple[float, float]:
     """(content accuracy, cell accuracy) over every patch of `n` fresh images."""
     import torch
 
     tower.eval()
     with torch.no_grad():
-        pixels, labels = sample_batch(rng, n, patch_size)
-        content, cell = _patch_logits(tower, head, pixels)
-    cells = torch.from_numpy(patch_cells(patch_size))
+        pixels, labels = task.sample(rng, n)
+        content, cell = _patch_logits(tower, head, pixels, task.num_classes)
+    cells = torch.from_numpy(task.cells)
     return float((content.argmax(-1) == labels).float().mean()), float((cell.argmax(-1) == cells).float().mean())

@@ -30,6 +30,7 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -184,24 +185,49 @@ def scene_from_json(items: list[dict]) -> Scene:
     return tuple(WorldObject(**item) for item in items)
 
 
-def _write_split(root: Path, split: str, seed: int, n: int, qtypes: tuple[str, ...]) -> tuple[list[dict], dict]:
+@dataclass(frozen=True)
+class SceneKind:
+    """What the split writer needs from a generated world: how a scene is drawn from a
+    generator, rendered, asked about and stored in scenes.json (bench/heldout_world.py's
+    digit world is the second kind)."""
+    sample: Callable        # rng -> scene
+    render: Callable        # (scene, rng) -> uint8 image
+    ask: Callable           # (scene, qtype, rng) -> (question, answer)
+    to_json: Callable       # scene -> JSON-able list
+    questions_per_image: int
+
+
+def write_split(root: Path, split: str, rng: np.random.Generator, n: int, qtypes: tuple[str, ...],
+                kind: SceneKind) -> tuple[list[dict], dict]:
+    """Write split `split`'s images under `root/images`; return its records and {image: scene JSON}."""
     from PIL import Image
 
-    # One generator per split, keyed by the split's index, so that the splits are
-    # independent and changing n_val never changes the training set.
-    rng = np.random.default_rng([seed, SPLITS.index(split)])
     records, scenes = [], {}
     scene, image = None, ""
     for i in range(n):
-        if i % QUESTIONS_PER_IMAGE == 0:
-            scene = sample_scene(rng)
-            image = f"{split}-{i // QUESTIONS_PER_IMAGE:05d}.png"
-            Image.fromarray(render_scene(scene, rng)).save(root / "images" / image)
-            scenes[image] = scene_to_json(scene)
-        qtype = qtypes[i % len(qtypes)]  # 4 questions per image, 5 or 7 types: every image sees a mix
-        question, answer = ask(scene, qtype, rng)
+        if i % kind.questions_per_image == 0:
+            scene = kind.sample(rng)
+            image = f"{split}-{i // kind.questions_per_image:05d}.png"
+            Image.fromarray(kind.render(scene, rng)).save(root / "images" / image)
+            scenes[image] = kind.to_json(scene)
+        qtype = qtypes[i % len(qtypes)]  # several questions per image, cycling types: every image sees a mix
+        question, answer = kind.ask(scene, qtype, rng)
         records.append(manifest_record(f"{split}-{i:06d}", image, question, answer, qtype))
     return records, scenes
+
+
+def write_splits(root: Path, sizes: dict[str, int], rng_of: Callable[[str], np.random.Generator],
+                 qtypes: tuple[str, ...], kind: SceneKind) -> dict:
+    """`images/` and `{split}.json` of every split, each from its own generator `rng_of(split)`, so
+    the splits are independent and changing n_val never changes the training set. Returns every
+    scene, for the scenes.json the caller writes last (its presence means the world is complete)."""
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    all_scenes = {}
+    for split, n in sizes.items():
+        records, scenes = write_split(root, split, rng_of(split), n, qtypes, kind)
+        write_json(root / f"{split}.json", records)
+        all_scenes.update(scenes)
+    return all_scenes
 
 
 def manifest_record(record_id: str, image: str, question: str, answer: str, qtype: str) -> dict:
@@ -215,6 +241,9 @@ def manifest_record(record_id: str, image: str, question: str, answer: str, qtyp
         ],
         "qtype": qtype,
     }
+
+
+GRID_SCENES = SceneKind(sample_scene, render_scene, ask, scene_to_json, QUESTIONS_PER_IMAGE)
 
 
 def write_json(path: Path, obj) -> None:
@@ -232,16 +261,13 @@ def generate_world(out_dir: str | Path, seed: int = 0, n_train: int = 8000, n_va
     the question types cycle through `qtypes` (the teacher was trained on all of QTYPES).
     `scenes.json` is written last, so its presence means the world is complete.
     """
+    unknown = set(qtypes) - set(QTYPES)
+    if unknown or not qtypes:
+        raise ValueError(f"qtypes must be a non-empty subset of {QTYPES}, got {qtypes!r}")
     root = Path(out_dir)
-    (root / "images").mkdir(parents=True, exist_ok=True)
-    all_scenes = {}
-    for split, n in zip(SPLITS, (n_train, n_val, n_test)):
-        unknown = set(qtypes) - set(QTYPES)
-        if unknown or not qtypes:
-            raise ValueError(f"qtypes must be a non-empty subset of {QTYPES}, got {qtypes!r}")
-        records, scenes = _write_split(root, split, seed, n, tuple(qtypes))
-        write_json(root / f"{split}.json", records)
-        all_scenes.update(scenes)
+    all_scenes = write_splits(root, dict(zip(SPLITS, (n_train, n_val, n_test))),
+                              lambda split: np.random.default_rng([seed, SPLITS.index(split)]), tuple(qtypes),
+                              GRID_SCENES)
     write_json(root / "scenes.json", {"seed": seed, "scenes": all_scenes})
     return world_paths(root)
 
