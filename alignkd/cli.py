@@ -219,10 +219,11 @@ def cache_verify(cache_dir: str) -> None:
     from alignkd.cache.storage import open_store
     from alignkd.cache.verify import build_in_progress_at, verify_cache
 
-    building = build_in_progress_at(open_store(cache_dir))
+    store = open_store(cache_dir)
+    building = build_in_progress_at(store)
     if building:
         click.echo(f"a build is in progress (pid {building}): checking the shards it has committed so far")
-    problems = verify_cache(cache_dir)
+    problems = verify_cache(store)
     for problem in problems:
         click.echo(str(problem), err=True)
     if problems:

@@ -198,40 +198,36 @@ def check_resume_options(existing: dict, cfg: BuildConfig, identity: dict) -> No
             )
 
 
-def save_tokenizer(tokenizer, cache, teacher_dir: Path | None = None) -> None:
-    """Keep the teacher's tokenizer in the cache, so distill can check a student against it
-    after the teacher directory is gone, and beside it the teacher's processor files
+def save_tokenizer(tokenizer, store, teacher_dir: Path | None = None) -> None:
+    """Keep the teacher's tokenizer in the cache (`store`), so distill can check a student against
+    it after the teacher directory is gone, and beside it the teacher's processor files
     (`PROCESSOR_FILES`), whose settings `cache show` needs to lay out the vision tokens.
     Written whole under a temporary name, then published (renamed, or uploaded to object storage)."""
-    from alignkd.cache.storage import open_store
-
     def save(into: Path) -> None:
         tokenizer.save_pretrained(into)
         for name in PROCESSOR_FILES if teacher_dir is not None else ():
             if (Path(teacher_dir) / name).is_file():
                 shutil.copyfile(Path(teacher_dir) / name, into / name)
 
-    open_store(cache).write_dir(TOKENIZER_DIR, save)
+    store.write_dir(TOKENIZER_DIR, save)
 
 
-def cache_json_digest(out: str) -> str | None:
-    """sha256 of the cache.json at `out` (its created_at makes it this cache's), None without one."""
+def cache_json_digest(store) -> str | None:
+    """sha256 of the store's cache.json (its created_at makes it this cache's), None without one."""
     import hashlib
 
-    from alignkd.cache.storage import open_store
     from alignkd.storage_schemas import CACHE_JSON
 
-    store = open_store(out)
     return hashlib.sha256(store.read_bytes(CACHE_JSON)).hexdigest() if store.is_file(CACHE_JSON) else None
 
 
-def check_same_out(cfg: BuildConfig, digest: str) -> None:
+def check_same_out(cfg: BuildConfig, store, digest: str) -> None:
     """A rank > 0 must see the cache rank 0 opened: a per-node --out would split the cache in two.
     A shared filesystem may show a new file late, so a missing one is waited for a little."""
     from alignkd.distributed import dist_info
 
     deadline = time.monotonic() + SAME_OUT_WAIT_S
-    while (mine := cache_json_digest(cfg.out)) != digest and time.monotonic() < deadline:
+    while (mine := cache_json_digest(store)) != digest and time.monotonic() < deadline:
         time.sleep(0.5)
     if mine != digest:
         seen = "without rank 0's cache.json" if mine is None else "with a cache.json that is not rank 0's"
@@ -257,12 +253,15 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
 
     Under torchrun each rank takes the manifest rows with `row % world_size == rank` and
     writes its own shards; rank 0 creates the cache first and rebuilds the catalog last.
+    `cfg.out` is opened once, here: the writer, the catalog, the tokenizer and the closing
+    footprint all get this store (so all resolve the cache's root alike).
     """
     import numpy as np
 
     from alignkd.cache.catalog import rebuild_catalog
     from alignkd.cache.layer0_store import kit_record, save_kit
     from alignkd.cache.stats import build_footprint
+    from alignkd.cache.storage import open_store
     from alignkd.cache.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS
@@ -283,24 +282,25 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
     summary = BuildSummary(out=cfg.out, samples=0, placement=teacher.placement)
     if source.ignored_columns:
         summary.notes.append(f"columns alignkd does not read were left out: {', '.join(source.ignored_columns)}")
+    store = open_store(cfg.out)
     if not dist.is_main:  # rank 0 creates (or clears, with --overwrite) the cache first
-        check_same_out(cfg, meet("opened", "create or open the cache", cfg.timeout)[0])
+        check_same_out(cfg, store, meet("opened", "create or open the cache", cfg.timeout)[0])
     kit = teacher.layer0_kit  # --attn-store layer0: written once, beside the tokenizer
-    with CacheWriter(cfg.out, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
+    with CacheWriter(store, meta, shard_size=cfg.shard_size, attn_dtype=cfg.attn_dtype, attn_topk=cfg.attn_topk,
                      share_vision=cfg.share_vision, attn_store=cfg.attn_store, skip=cfg.skip,
                      layer0_kit=None if kit is None else kit_record(kit),
                      vision_dtype=cfg.vision_dtype, store_images=cfg.store_images,
                      overwrite=cfg.overwrite and dist.is_main, rank=dist.rank) as writer:
         if dist.is_main and dist.world_size > 1:
-            meet("opened", "create or open the cache", cfg.timeout, cache_json_digest(cfg.out))
+            meet("opened", "create or open the cache", cfg.timeout, cache_json_digest(store))
         if writer.existing_meta is not None:
             check_resume_options(writer.existing_meta, cfg, teacher.identity)
             if writer.rank == 0:
                 # A build killed between a shard's rename and its catalog row leaves
                 # catalog.duckdb a shard behind; the shard directories are the truth.
-                rebuild_catalog(cfg.out)
+                rebuild_catalog(store)
         if dist.is_main:
-            save_tokenizer(teacher.vlm.processor.tokenizer, cfg.out, teacher.vlm.path)
+            save_tokenizer(teacher.vlm.processor.tokenizer, store, teacher.vlm.path)
             if kit is not None:
                 save_kit(writer.store, kit)
         # this rank's rows only: under torchrun the ranks' counts are summed below
@@ -321,13 +321,13 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
         # a rank that hangs is named every REPORT_EVERY_S, and --timeout bounds the wait
         meet("finished", "finish their rows", cfg.timeout)
         if dist.is_main:
-            rebuild_catalog(cfg.out)
+            rebuild_catalog(store)
         reasons = sorted(REASONS)
         totals = [int(v) for v in all_reduce_sum(
             [summary.samples, summary.skipped_done] + [summary.rejects[r] for r in reasons])]
         summary.samples, summary.skipped_done = totals[:2]
         summary.rejects = Counter({r: n for r, n in zip(reasons, totals[2:]) if n})
-    footprint = build_footprint(cfg.out)
+    footprint = build_footprint(store)
     summary.cached_total, summary.bytes_per_sample = footprint["samples"], footprint["bytes_per_sample"]
     summary.fixed, summary.images = footprint["fixed"], footprint["images"]
     summary.distinct_images = footprint["distinct_images"]

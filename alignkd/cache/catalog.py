@@ -56,8 +56,8 @@ def shard_row(info: dict) -> dict:
             "committed_at": info["committed_at"]}
 
 
-def shards_table(cache) -> pa.Table:
-    rows = [shard_row(read_shard_json(d)) for d in committed_shards(cache)]
+def shards_table(store: CacheStore) -> pa.Table:
+    rows = [shard_row(read_shard_json(d)) for d in committed_shards(store)]
     return pa.Table.from_pylist(rows, schema=SHARDS_TABLE_SCHEMA)
 
 
@@ -153,10 +153,9 @@ def _catalog_failed(store: CacheStore, reason: str) -> str:
             f"untouched, and rerunning the same command rebuilds it.")
 
 
-def record_shard(cache, info: dict) -> None:
+def record_shard(cache: CacheStore, info: dict) -> None:
     """Add one freshly committed shard to catalog.duckdb (held read-write only briefly);
     nothing on object storage, which has no catalog.duckdb."""
-    cache = open_store(cache)
     target = cache.local_path(CATALOG_FILE)
     if target is None:
         return
@@ -172,9 +171,9 @@ def record_shard(cache, info: dict) -> None:
         con.close()
 
 
-def catalog_shards(cache) -> pa.Table:
+def catalog_shards(store: CacheStore) -> pa.Table:
     """The `shards` table as catalog.duckdb has it, opened read-only."""
-    con = duckdb.connect(str(open_store(cache).local_path(CATALOG_FILE)), read_only=True)
+    con = duckdb.connect(str(store.local_path(CATALOG_FILE)), read_only=True)
     try:
         return con.sql("SELECT * FROM shards ORDER BY name").to_arrow_table()
     finally:
@@ -231,12 +230,11 @@ def _check_one_select(cache: CacheStore, query: str) -> None:
             f"statement was refused and {cache} is unchanged.")
 
 
-def sandbox_roots(cache) -> list[str]:
+def sandbox_roots(store: CacheStore) -> list[str]:
     """The directories a query may read: the cache's shards (a URL prefix on object storage).
 
     DuckDB checks a path before it globs it and each file the glob matched, so a root with
     glob characters is allowed both as the views write it (escaped) and as it is."""
-    store = open_store(cache)
     root = store.absolute(SHARDS_DIR) + "/"
     escaped = glob_literal(root)
     if escaped == root:

@@ -33,7 +33,8 @@ class SampleRecord:
     image_sha256: tuple[str, ...] = ()
     image_bytes: tuple[bytes, ...] | None = None  # None: the cache keeps no image bytes
     image_n_vision: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [n_images]
-    # the family's per-token model inputs, replayed by the student (empty when unused)
+    # the replayed columns (storage_schemas.REPLAYED_COLUMNS, one field each): the family's per-token
+    # model inputs and Qwen-VL's image grid, replayed by the student (empty when unused)
     token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [L] or [0]
     mm_token_type_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))  # int32 [L] or [0]
     image_grid_thw: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int32))     # int32 [3 * images] or [0]

@@ -283,9 +283,8 @@ def committed_shards(cache) -> list[CacheStore]:
     return [store.sub(f"{SHARDS_DIR}/{n}") for n in names if store.is_file(f"{SHARDS_DIR}/{n}/{SHARD_JSON}")]
 
 
-def read_shard_json(shard) -> dict:
+def read_shard_json(shard: CacheStore) -> dict:
     """A committed shard's shard.json, or a CacheFormatError naming it."""
-    shard = open_store(shard)
     try:
         doc = json.loads(shard.read_text(SHARD_JSON))
         if not isinstance(doc, dict):
@@ -312,9 +311,8 @@ def read_parquet(shard, name: str, columns=None):
         raise CacheFormatError(f"{path} cannot be read as Parquet ({detail}); run `alignkd cache verify`.") from None
 
 
-def load_cache_json(cache) -> dict:
+def load_cache_json(store: CacheStore) -> dict:
     """cache.json, refusing another format or schema version with a named error."""
-    store = open_store(cache)
     cache_json = store.name_of(CACHE_JSON)
     try:
         doc = json.loads(store.read_text(CACHE_JSON))

@@ -30,25 +30,25 @@ RAW_BYTES_SQL = {kind.name: kind.raw_bytes for kind in TARGET_KINDS if kind.raw_
 DISTINCT_IMAGES_SQL = "SELECT count(DISTINCT h) AS n FROM (SELECT unnest(image_sha256) AS h FROM samples)"
 
 
-def _disk_bytes_by_kind(cache) -> dict[str, int]:
+def _disk_bytes_by_kind(store: CacheStore) -> dict[str, int]:
     """Bytes per tensor kind (zarr arrays) and per Parquet file, summed over committed shards."""
     sizes: dict[str, int] = defaultdict(int)
-    for shard in committed_shards(cache):
+    for shard in committed_shards(store):
         for entry in read_shard_json(shard)["files"]:
             top = entry["path"].split("/")[0]
             sizes[top if top in ARRAY_KINDS else entry["path"]] += entry["bytes"]
     return dict(sizes)
 
 
-def _summary_sql(cache, sql: str):
+def _summary_sql(store: CacheStore, sql: str):
     """Our own summary queries: bounded in memory like any, but with no deadline, so a large
     cache (or one on object storage) is summarised however long it takes; Ctrl-C still stops it."""
-    return run_sql(cache, sql, SQLLimits(timeout_s=None))
+    return run_sql(store, sql, SQLLimits(timeout_s=None))
 
 
-def _one_row(cache, sql: str) -> dict:
+def _one_row(store: CacheStore, sql: str) -> dict:
     """The single result row, with DuckDB's DECIMAL sums turned into plain numbers."""
-    rows = _summary_sql(cache, sql).to_pylist()
+    rows = _summary_sql(store, sql).to_pylist()
     row = rows[0] if rows else {}
     return {k: (int(v) if type(v).__name__ == "Decimal" else v) for k, v in row.items()}
 
@@ -76,11 +76,11 @@ def build_footprint(cache) -> dict:
 
 
 def cache_stats(cache) -> dict:
-    path = open_store(cache)
-    meta = load_cache_json(path)
+    store = open_store(cache)  # once: every query below gets this store
+    meta = load_cache_json(store)
     raw_cols = ", ".join(f"coalesce(sum({expr}), 0) AS {kind}" for kind, expr in RAW_BYTES_SQL.items())
-    raw = _one_row(cache, f"SELECT {raw_cols} FROM samples")
-    counts = _one_row(cache, """
+    raw = _one_row(store, f"SELECT {raw_cols} FROM samples")
+    counts = _one_row(store, """
         SELECT count(*) AS samples, coalesce(sum(len(input_ids)), 0) AS tokens,
                coalesce(sum(list_sum(list_transform(label_mask, lambda x: x::INT))), 0) AS answer_tokens,
                coalesce(sum(n_text), 0) AS text_query_rows,
@@ -91,16 +91,16 @@ def cache_stats(cache) -> dict:
                count(*) FILTER (WHERE n_images > 1) AS multi_image,
                count(*) FILTER (WHERE vision_from <> '') AS vision_shared
         FROM samples""")
-    distinct = _one_row(cache, DISTINCT_IMAGES_SQL)
+    distinct = _one_row(store, DISTINCT_IMAGES_SQL)
     quantiles = {}
     for col in DISTRIBUTION_COLUMNS:
-        quantiles[col] = _one_row(cache, f"""
+        quantiles[col] = _one_row(store, f"""
             SELECT min({col}) AS min, quantile_cont({col}, 0.1) AS p10, median({col}) AS p50,
                    quantile_cont({col}, 0.9) AS p90, max({col}) AS max, avg({col}) AS mean
             FROM samples WHERE NOT isnan({col})""")
     rejects = {r["reason"]: r["n"] for r in _summary_sql(
-        cache, "SELECT reason, count(*) AS n FROM rejects GROUP BY reason ORDER BY n DESC").to_pylist()}
-    disk = _disk_bytes_by_kind(path)
+        store, "SELECT reason, count(*) AS n FROM rejects GROUP BY reason ORDER BY n DESC").to_pylist()}
+    disk = _disk_bytes_by_kind(store)
     recomputed = meta.get("storage", {}).get("attn_store") == "layer0"
     if recomputed:  # no rows stored, none a per-sample dump would need: the kit recomputes them
         raw["attn"] = 0
@@ -111,9 +111,9 @@ def cache_stats(cache) -> dict:
     tensors_disk = sum(disk.get(k, 0) for k in ARRAY_KINDS)
     tensors_raw = sum(raw.get(k, 0) for k in ARRAY_KINDS)
     return {
-        "path": path.absolute(),
+        "path": store.absolute(),
         "format": meta["format"], "schema_version": meta["schema_version"],
-        "samples": counts.get("samples", 0), "shards": len(committed_shards(path)),
+        "samples": counts.get("samples", 0), "shards": len(committed_shards(store)),
         "rejects": rejects, "tokens": {k: counts.get(k, 0) for k in
                                        ("tokens", "answer_tokens", "text_query_rows", "logit_positions")},
         "images": {"images": counts.get("images", 0), "distinct_images": distinct.get("n", 0),
@@ -122,7 +122,7 @@ def cache_stats(cache) -> dict:
                    "samples_sharing_vision": counts.get("vision_shared", 0)},
         "bytes_on_disk": disk, "bytes_raw": {k: raw.get(k, 0) for k in ARRAY_KINDS},
         "bytes_per_sample": bytes_per_sample(disk, n), "attn_recomputed": recomputed, "skipped": skipped,
-        "layer0_kit_bytes": path.tree_bytes(LAYER0_KIT_DIR) if recomputed else 0,
+        "layer0_kit_bytes": store.tree_bytes(LAYER0_KIT_DIR) if recomputed else 0,
         "tensor_compression_ratio": tensors_raw / tensors_disk if tensors_disk else None,
         "teacher": meta.get("teacher", {}), "teacher_shapes": meta.get("teacher_shapes", {}),
         "build_options": meta.get("build_options", {}), "storage": meta.get("storage", {}),

@@ -125,9 +125,9 @@ def _per_sample_grids(samples, batch) -> list[np.ndarray]:
 def model_inputs_of(batch: dict, family) -> dict:
     """What the forward takes: the batch minus labels and the per-token inputs the family
     does not use (a tokenizer may emit token_type_ids that e.g. LLaVA would refuse)."""
-    from alignkd.data.images import TOKEN_INPUT_KEYS
+    from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS
 
-    drop = {"labels", *(k for k in TOKEN_INPUT_KEYS if k not in family.token_inputs)}
+    drop = {"labels", *(k for k in TOKEN_INPUT_COLUMNS if k not in family.token_inputs)}
     return {k: v for k, v in batch.items() if k not in drop}
 
 

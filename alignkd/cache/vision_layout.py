@@ -1,7 +1,8 @@
 """Where each cached vision token sits in its image, family by family: the picture `cache show` draws.
 
 The cache keeps one image's vision tokens in sequence order (the positions whose id is the
-image token), and every family orders them its own way:
+image token), and every family orders them its own way; its row in alignkd/models/families.py
+names the layout kind (`vision_layout`), and `LAYOUT_KINDS` below maps each kind to its code:
 
 - **merged patch grid** (Qwen2/2.5/3-VL): one token per merge x merge patches, raster over
   the grid `image_grid_thw` gives in patches divided by the merge size. The merge size
@@ -36,17 +37,10 @@ from pathlib import Path
 
 import numpy as np
 
+from alignkd.models.families import FAMILIES  # plain data: no torch comes with it
 from alignkd.storage_schemas import PROCESSOR_FILES
 
 FULL_IMAGE = (0.0, 0.0, 1.0, 1.0)
-LAYOUTS = {
-    "qwen2_vl": "merged", "qwen2_5_vl": "merged", "qwen3_vl": "merged",
-    "mistral3": "rows",
-    "idefics3": "named_tiles", "smolvlm": "named_tiles",
-    "internvl": "thumbnail_tiles",
-    "llava_next": "anyres", "llava_onevision": "anyres",
-    "llava": "square", "gemma3": "square", "paligemma": "square",
-}
 TILE_NAME = re.compile(r"<row_(\d+)_col_(\d+)>")
 
 
@@ -83,15 +77,21 @@ def layout_image(values, grid: ImageGrid, family: str) -> ImageLayout:
     """`values` (one per vision token of the image, e.g. its text focus) laid out as `family` lays
     out the image's tokens; the tokens in sequence order when the cache cannot say more."""
     values = np.asarray(values, dtype=np.float64)
-    kind = LAYOUTS.get(family)
+    kind = layout_kind(family)
     if kind is None:
         return _in_order(values, f"no layout is known for model type {family!r}")
     if len(values) != grid.end - grid.start:
         raise ValueError(f"{len(values)} values for an image of {grid.end - grid.start} vision tokens")
     try:
-        return _KINDS[kind](values, grid, family)
+        return LAYOUT_KINDS[kind](values, grid, family)
     except _Unfit as why:
         return _in_order(values, str(why))
+
+
+def layout_kind(model_type: str) -> str | None:
+    """The family row's `vision_layout`, None for a model type alignkd has no row for."""
+    row = FAMILIES.get(model_type)
+    return None if row is None else row.vision_layout
 
 
 def image_grids(sample, family: str, *, token_name=None, image_sizes=(), settings: dict | None = None
@@ -108,7 +108,7 @@ def image_grids(sample, family: str, *, token_name=None, image_sizes=(), setting
     for k, (start, end) in enumerate(spans):
         positions = np.asarray(sample.vision_positions[start:end], dtype=np.int64)
         labels = ()
-        if token_name is not None and LAYOUTS.get(family) == "named_tiles":
+        if token_name is not None and layout_kind(family) == "named_tiles":
             labels = tuple(token_name(int(sample.input_ids[p - 1])) if p > 0 else "" for p in _run_starts(positions))
         grids.append(ImageGrid(
             start=start, end=end, positions=positions,
@@ -250,8 +250,9 @@ def _in_order(values, why: str) -> ImageLayout:
                        note=f"tokens in sequence order ({why})")
 
 
-_KINDS = {"merged": _merged, "rows": _rows, "named_tiles": _named_tiles, "thumbnail_tiles": _thumbnail_tiles,
-          "anyres": _anyres, "square": _square}
+# a family row's `vision_layout` -> how its tokens are laid out (the module docstring describes each)
+LAYOUT_KINDS = {"merged": _merged, "rows": _rows, "named_tiles": _named_tiles, "thumbnail_tiles": _thumbnail_tiles,
+                "anyres": _anyres, "square": _square}
 
 
 # ---------------------------------------------------------------- helpers

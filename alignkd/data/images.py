@@ -15,14 +15,14 @@ from pathlib import Path
 
 from alignkd.data.errors import SampleError
 from alignkd.data.sample import LoadedImage
+from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS
 
 # Keys of a processor's output that are per-token, not per-image. Of these, the
-# TOKEN_INPUT_KEYS are model inputs some families need (Qwen-VL's mm_token_type_ids,
-# Gemma3's token_type_ids); the family row says which ones its forward takes.
-TOKEN_INPUT_KEYS = ("token_type_ids", "mm_token_type_ids")
+# TOKEN_INPUT_COLUMNS are model inputs some families need (Qwen-VL's mm_token_type_ids,
+# Gemma3's token_type_ids), which the cache keeps; the family row says which ones its forward takes.
 # ("labels": PaliGemma's processor adds them whenever it returns token_type_ids)
 TOKEN_KEYS = frozenset({"input_ids", "attention_mask", "offset_mapping", "text_replacement_offsets", "labels",
-                        *TOKEN_INPUT_KEYS})
+                        *TOKEN_INPUT_COLUMNS})
 
 
 def load_image(images_root: str | Path | None, ref, sample_id: str, row: int | None) -> LoadedImage:

@@ -22,9 +22,10 @@ import torch
 
 from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
-from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, image_refusals_as_rejects, load_image
+from alignkd.data.images import image_inputs_of, image_refusals_as_rejects, load_image
 from alignkd.data.manifest import ManifestRecord
 from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
+from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS
 
 SUFFIX_TYPE = 1  # token_type_ids value of the causal suffix
 
@@ -59,7 +60,7 @@ def render_prefix_lm(record: ManifestRecord, processor, images_root: str | Path 
     return RenderedSample(
         sample_id=sid, row=row, input_ids=ids, attention_mask=mask, labels=labels,
         image_inputs=image_inputs_of(out),
-        token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_KEYS if k in out},
+        token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_COLUMNS if k in out},
         images=(loaded,), image_token_counts=(len(image_pos),), truncated=truncated,
     )
 

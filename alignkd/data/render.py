@@ -37,9 +37,10 @@ import torch
 
 from alignkd.data.conversation import to_messages
 from alignkd.data.errors import ProcessorError, SampleError
-from alignkd.data.images import TOKEN_INPUT_KEYS, image_inputs_of, image_refusals_as_rejects, load_image
+from alignkd.data.images import image_inputs_of, image_refusals_as_rejects, load_image
 from alignkd.data.manifest import ManifestRecord
 from alignkd.data.sample import IGNORE_INDEX, RenderedSample, truncate
+from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS
 
 
 # How each assistant turn's labels end; cache.json's build_options records it.
@@ -89,7 +90,7 @@ def render_sample(record: ManifestRecord, processor, images_root: str | Path | N
     return RenderedSample(
         sample_id=sid, row=row, input_ids=ids, attention_mask=mask, labels=labels,
         image_inputs=image_inputs_of(out) if loaded else {},
-        token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_KEYS if k in out},
+        token_inputs={k: out[k][0][: len(ids)].long() for k in TOKEN_INPUT_COLUMNS if k in out},
         images=tuple(loaded), image_token_counts=per_image, truncated=truncated,
     )
 

@@ -61,7 +61,7 @@ def check_token_ids(tokenizer, reader, student_dir: str) -> None:
             )
 
 
-def check_cache_integrity(cache: str) -> None:
+def check_cache_integrity(cache) -> None:
     """Run `cache verify` before training, so a corrupt shard is named before step one."""
     from alignkd.cache.verify import verify_cache
 

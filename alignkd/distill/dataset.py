@@ -18,6 +18,7 @@ from torch.utils.data import Dataset
 
 from alignkd.errors import AlignKDError
 from alignkd.storage_schemas import SCALE_OF
+from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS as TOKEN_INPUTS  # replayed per-token model inputs
 from alignkd.storage_schemas.kinds import TARGET_KINDS, TARGET_POSITIONS, kinds_where, scaled_kinds
 
 # Processed images kept per dataset (per worker), keyed by the image's sha256: LLaVA-style
@@ -26,7 +27,6 @@ from alignkd.storage_schemas.kinds import TARGET_KINDS, TARGET_POSITIONS, kinds_
 # holds ~190 LLaVA images at 336 px (fp32) but every one of a small world's 48 px images,
 # which then never go through the processor twice in a run of many epochs.
 IMAGE_CACHE_BYTES = 256 * 2**20
-TOKEN_INPUTS = ("token_type_ids", "mm_token_type_ids")  # replayed per-token model inputs
 
 
 class CachedDistillDataset(Dataset):

@@ -85,7 +85,7 @@ def left_pad(seqs: list[torch.Tensor], pad_id: int) -> tuple[torch.Tensor, torch
 def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], float, int, list[dict]]:
     """Exact-match hits, summed answer CE, answer-token count and each sample's prediction for one batch."""
     from alignkd.data import collate
-    from alignkd.data.images import TOKEN_INPUT_KEYS
+    from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS
 
     batch = collate(samples, pad_token_id=tok.pad_token_id)
     with torch.no_grad():
@@ -96,7 +96,7 @@ def _score_batch(model, tok, samples, max_new_tokens: int) -> tuple[list[int], f
     spans = [_last_answer_span(s.labels) for s in samples]
     ids, mask = left_pad([s.input_ids[:start] for s, (start, _) in zip(samples, spans)], tok.pad_token_id)
     images = {k: v for k, v in batch.items() if k not in ("input_ids", "attention_mask", "labels")}
-    for key in set(images) & set(TOKEN_INPUT_KEYS):  # per-token inputs (Qwen, Gemma3, PaliGemma): the prompt's part
+    for key in set(images) & set(TOKEN_INPUT_COLUMNS):  # per-token inputs (Qwen, Gemma3, PaliGemma): the prompt's part
         images[key] = left_pad([s.token_inputs[key][:start] for s, (start, _) in zip(samples, spans)], 0)[0]
     with torch.no_grad():
         gen = model.generate(input_ids=ids, attention_mask=mask, do_sample=False, max_new_tokens=max_new_tokens,

@@ -98,11 +98,12 @@ class AlignKDObjective(nn.Module):
         """[B, T, H, Nv] teacher rows of a layer0 cache's batch: one layer-0 forward of the kit on
         the batch's device, under no_grad, from the teacher's ids, columns and vision tokens."""
         from alignkd.cache.layer0_store import kit_inputs
+        from alignkd.storage_schemas import TOKEN_INPUT_COLUMNS
 
         if self.layer0_kit is None:
             raise RuntimeError("the batch carries no teacher attention rows and no layer-0 kit was given")
         kit = self.layer0_kit(batch["input_ids"].device)
-        columns = {k: batch.get(k) for k in ("token_type_ids", "mm_token_type_ids")}
+        columns = {k: batch.get(k) for k in TOKEN_INPUT_COLUMNS}
         columns["image_grid_thw"] = batch.get("t_image_grid_thw")
         inputs = kit_inputs(batch["input_ids"], batch["attention_mask"], columns)
         return kit.text_vision_rows(inputs, batch["t_vision"], batch["t_text_positions"])

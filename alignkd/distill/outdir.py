@@ -38,11 +38,11 @@ def run_inputs(cfg) -> dict[str, str]:
 
 
 def _absolute(value: str) -> str:
-    from alignkd.cache.storage import open_store
+    from alignkd.cache.storage import is_object_url
     from alignkd.hub import is_local
 
-    local = open_store(value).local_path() is not None  # a URL names no directory here
-    return str(Path(value).resolve()) if local and is_local(value) else str(value)
+    # a URL names no directory here
+    return str(Path(value).resolve()) if not is_object_url(value) and is_local(value) else str(value)
 
 
 def run_record(cfg, cache_meta: dict) -> dict:
@@ -97,13 +97,13 @@ def check_out(cfg) -> None:
 
 
 def _check_not_an_input(cfg) -> None:
-    from alignkd.cache.storage import open_store
+    from alignkd.cache.storage import is_object_url
 
     out = Path(cfg.out).resolve()
     inputs = {"--student": cfg.student, "--cache": cfg.cache, "--images": cfg.images,
               "cache's teacher": _cache_teacher(cfg.cache)}
     for option, value in inputs.items():
-        if value is None or open_store(value).local_path() is None or not Path(value).exists():
+        if value is None or is_object_url(value) or not Path(value).exists():
             continue  # a hub id or a URL is not a directory --out could land in
         path = Path(value).resolve()
         relation = ("is" if path == out else "is inside" if path in out.parents

@@ -204,6 +204,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     from transformers import TrainingArguments
 
     from alignkd.cache.reader import open_cache
+    from alignkd.cache.storage import open_store
     from alignkd.distill.checks import check_cache_integrity, check_student_fits_cache, weights_for_cache
     from alignkd.distill.dataset import CachedDistillDataset
     from alignkd.distill.engine import AlignKDTrainer, build_callbacks
@@ -215,13 +216,14 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
 
     start = time.perf_counter()
     torch.manual_seed(cfg.seed)
-    reader = open_cache(cfg.cache)  # refuses another format or version by name
+    store = open_store(cfg.cache)  # once: the reader, verify and the dataset all read through it
+    reader = open_cache(store)  # refuses another format or version by name
     if len(reader) == 0:
         raise AlignKDError(f"cache {cfg.cache} holds no samples (every row was rejected or none was "
                            "built yet); there is nothing to distil.")
     weights, notes = weights_for_cache(cfg, reader.skipped)  # before any work: refuses a term the cache lacks
     if cfg.verify:
-        check_cache_integrity(cfg.cache)
+        check_cache_integrity(store)
     vlm = load_vlm(resolve_model(cfg.student, "--student").path, dtype="float32")
     check_student_fits_cache(vlm, reader)
     meta = reader.meta
@@ -247,7 +249,7 @@ def distill(cfg: DistillConfig, callbacks: list | None = None, wrap_objective=No
     if reader.attn_store == "layer0":  # rows recomputed each step on the training device
         objective.layer0_kit = reader.layer0_kit
     order = parse_order(cfg.shuffle)
-    dataset = CachedDistillDataset(cfg.cache, vlm.processor, images_root=cfg.images,
+    dataset = CachedDistillDataset(store, vlm.processor, images_root=cfg.images,
                                    image_token_id=vlm.family.get_image_token_id(student.config),
                                    vocab_size=int(student.config.get_text_config().vocab_size),
                                    check_crc=not cfg.verify, prefetch_shards=order.kind == "window")

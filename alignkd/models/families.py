@@ -2,15 +2,21 @@
 
 The capture code never names a model class. It asks this table where the text config
 lives, which module receives `inputs_embeds` (the decoder), where layer 0's attention
-module sits, which token id marks an image, and which of a family's quirks apply. A
-new family is a new row here (docs/families.md says how), not an edit to the stages.
+module sits, which token id marks an image, and which of a family's quirks apply; `cache
+show` asks it how the family lays out an image's vision tokens. A new family is a new row
+here (docs/design.md, "How to add a family"), not an edit to the stages. This module is
+plain data (no torch), so the cache side reads it too.
 
 Quirks a row can declare:
 - `token_inputs`: per-token model inputs the processor makes besides `input_ids` and
   `attention_mask` that change the forward (Qwen-VL's `mm_token_type_ids` feed its 3-D
   rope positions; Gemma3's and PaliGemma's `token_type_ids` make the image block, or the
   prefix, bidirectional). The cache stores them so the student replays exactly the
-  teacher's inputs.
+  teacher's inputs; each is one of the cache's columns `TOKEN_INPUT_COLUMNS`
+  (alignkd/storage_schemas), and a new one is a new column there (a format change).
+- `vision_layout`: where each vision token sits in its image, for `cache show`: one of
+  `alignkd.cache.vision_layout.LAYOUT_KINDS` ("square", "merged", "rows", "named_tiles",
+  "thumbnail_tiles", "anyres"; that module describes each).
 - `prompt_format`: how a LLaVA-style record becomes text. "chat_template" (the
   processor's own template) for every family except PaliGemma, whose checkpoints ship
   no template and which is trained as a prefix-LM: "prefix_lm" renders the prompt as a
@@ -49,6 +55,7 @@ class VLMFamily:
     prompt_format: str = "chat_template"  # or "prefix_lm"
     eager_text_models: tuple[str, ...] = ()
     multi_image: bool = False
+    vision_layout: str = "square"
 
     def render_rules(self, config):
         """The facts the data layer's renderer needs (it does not import this module)."""
@@ -81,21 +88,23 @@ class VLMFamily:
         return "eager" if text_type in self.eager_text_models else "sdpa"
 
 
-_QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual", "multi_image": True}
+_QWEN = {"token_inputs": ("mm_token_type_ids",), "vision_tower": "model.visual", "multi_image": True,
+         "vision_layout": "merged"}
+_IDEFICS = {"decoder": "model.text_model", "vision_tower": "model.vision_model", "multi_image": True,
+            "vision_layout": "named_tiles"}
 
 FAMILIES: dict[str, VLMFamily] = {
     "llava": VLMFamily("llava", multi_image=True),
-    "llava_next": VLMFamily("llava_next", multi_image=True),
-    "llava_onevision": VLMFamily("llava_onevision", multi_image=True),
+    "llava_next": VLMFamily("llava_next", multi_image=True, vision_layout="anyres"),
+    "llava_onevision": VLMFamily("llava_onevision", multi_image=True, vision_layout="anyres"),
     "qwen2_vl": VLMFamily("qwen2_vl", **_QWEN),
     "qwen2_5_vl": VLMFamily("qwen2_5_vl", **_QWEN),
     "qwen3_vl": VLMFamily("qwen3_vl", **_QWEN),
     "gemma3": VLMFamily("gemma3", token_inputs=("token_type_ids",), multi_image=True),
-    "idefics3": VLMFamily("idefics3", decoder="model.text_model", vision_tower="model.vision_model",
-                          multi_image=True),
-    "smolvlm": VLMFamily("smolvlm", decoder="model.text_model", vision_tower="model.vision_model", multi_image=True),
-    "internvl": VLMFamily("internvl", multi_image=True),
-    "mistral3": VLMFamily("mistral3", multi_image=True),
+    "idefics3": VLMFamily("idefics3", **_IDEFICS),
+    "smolvlm": VLMFamily("smolvlm", **_IDEFICS),
+    "internvl": VLMFamily("internvl", multi_image=True, vision_layout="thumbnail_tiles"),
+    "mistral3": VLMFamily("mistral3", multi_image=True, vision_layout="rows"),
     # PaliGemma (Gemma LM) and PaliGemma2 (Gemma2 LM) share the model_type
     "paligemma": VLMFamily("paligemma", token_inputs=("token_type_ids",), prompt_format="prefix_lm",
                            eager_text_models=("gemma2",)),

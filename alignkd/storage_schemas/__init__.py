@@ -162,6 +162,14 @@ ENCODING_ATTR = "alignkd_encoding"
 # ---------------------------------------------------------------- parquet rows
 _i32_list = pa.list_(pa.int32())
 
+# Per-token model inputs a family's forward may take besides input_ids and attention_mask
+# (its row's `token_inputs`, alignkd/models/families.py, names which): each is a column
+# ([L], or [] when the family has none) that the student replays. A new one is a new
+# column, so a format change (SCHEMA_VERSION). With Qwen-VL's image grid (t, h, w per image,
+# flattened; [] otherwise) they are the columns replayed beside input_ids.
+TOKEN_INPUT_COLUMNS = ("token_type_ids", "mm_token_type_ids")
+REPLAYED_COLUMNS = (*TOKEN_INPUT_COLUMNS, "image_grid_thw")
+
 SAMPLE_SCHEMA = pa.schema([
     # the sample's unique key: the record's id, or "ID#k" for the k-th record with that id
     # (LLaVA-665K repeats image ids across conversations); record_id is the id as written
@@ -174,11 +182,7 @@ SAMPLE_SCHEMA = pa.schema([
     ("vision_positions", _i32_list),
     ("text_positions", _i32_list),
     ("logit_positions", _i32_list),
-    # the family's per-token model inputs ([L], or [] when the family has none) and Qwen-VL's
-    # image grid (t, h, w per image, flattened; [] otherwise): the student replays them
-    ("token_type_ids", _i32_list),
-    ("mm_token_type_ids", _i32_list),
-    ("image_grid_thw", _i32_list),
+    *[(name, _i32_list) for name in REPLAYED_COLUMNS],  # see REPLAYED_COLUMNS
     # per-sample shapes (n_vision varies per sample in dynamic-resolution families): attn [n_text, n_heads, n_vision], vision [n_vision, vision_dim],
     # logits [n_logit_positions, logit_k] with logit_entries valid entries in total
     ("n_text", pa.int32()),
@@ -211,8 +215,6 @@ SAMPLE_SCHEMA = pa.schema([
     ("image_n_vision", _i32_list),
     ("image_bytes", pa.list_(pa.binary())),
 ])
-# list columns the student replays as model inputs, beside input_ids
-REPLAYED_COLUMNS = ("token_type_ids", "mm_token_type_ids", "image_grid_thw")
 
 # image bytes are read per sample; small row groups keep one random read to ~32 images
 SAMPLES_ROW_GROUP = 32

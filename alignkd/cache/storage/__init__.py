@@ -44,17 +44,26 @@ from alignkd.cache.storage.local import LocalFile, LocalStore, fsync_dir, write_
 from alignkd.cache.storage.objects import READ_CACHE_ENV, ObjectFile, ObjectStore
 
 __all__ = ["CacheStore", "LocalFile", "LocalStore", "ObjectFile", "ObjectStore", "OutsideCacheError", "READ_CACHE_ENV",
-           "check_local_dir", "fsync_dir", "open_store", "write_durable"]
+           "check_local_dir", "fsync_dir", "is_object_url", "open_store", "write_durable"]
+
+
+def is_object_url(location) -> bool:
+    """Whether a location names object storage (an fsspec URL other than file://), not a local path."""
+    text = os.fspath(location) if isinstance(location, os.PathLike) else str(location)
+    return "://" in text and not text.startswith("file://")
 
 
 def open_store(location) -> "CacheStore":
     """The store of a cache location: a local path (or file:// URL), or any other fsspec URL.
-    A store is returned as it is, so every function may take either."""
+
+    A command opens its cache once and hands the store down: the entry points (`CacheWriter`,
+    `open_cache`, `run_sql`, `verify_cache`, `cache_stats`, `rebuild_catalog`, ...) take a
+    location or a store (a store is returned as it is), the functions below them a store."""
     if isinstance(location, CacheStore):
         return location
+    if is_object_url(location):
+        return ObjectStore(str(location))
     text = os.fspath(location) if isinstance(location, os.PathLike) else str(location)
-    if "://" in text and not text.startswith("file://"):
-        return ObjectStore(text)
     return LocalStore(Path(text.removeprefix("file://")))
 
 
@@ -63,5 +72,5 @@ def check_local_dir(location, what: str) -> None:
     checked when it is opened, since listing a bucket is not free."""
     from alignkd.errors import check_dir
 
-    if open_store(location).local_path() is not None:
+    if not is_object_url(location):
         check_dir(str(location).removeprefix("file://"), what)
