@@ -11,7 +11,7 @@ import sys
 import click
 
 from alignkd import __version__
-from alignkd.distill.trainer import DistillConfig
+from alignkd.distill.run import DistillConfig
 from alignkd.errors import AlignKDError, describe_os_error
 from alignkd.settings import config_from_options, options_from
 
@@ -281,7 +281,7 @@ def distill(no_progress: bool, **opts) -> None:
       alignkd distill --student student/ --cache cache/ --out run/ --max-steps 200
       torchrun --nproc-per-node 8 --no-python alignkd distill --student student/ --cache cache/ --out run/ --bf16 --fsdp "full_shard auto_wrap"
     """
-    from alignkd.distill.trainer import distill as run_distill
+    from alignkd.distill.run import distill as run_distill
     from alignkd.distributed import dist_info
 
     _hide_progress(no_progress)

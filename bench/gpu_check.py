@@ -333,7 +333,7 @@ def fsdp_worker(args) -> dict:
     import torch
     from transformers import TrainingArguments
 
-    from alignkd.distill.engine import AlignKDTrainer
+    from alignkd.distill.trainer import AlignKDTrainer
     from alignkd.distill.export import export_student
     from alignkd.distill.objective import AlignKDObjective, LossWeights
     from alignkd.distill.sharding import fsdp_arguments, gather_state_dict, wrap_classes

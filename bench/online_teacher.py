@@ -63,7 +63,7 @@ class OnlineTargets(nn.Module):
 
 def train(world: Path, cache: str, out: Path, seed: int, recipe: dict, online: bool) -> Path:
     from alignkd.cache.reader import open_cache
-    from alignkd.distill.trainer import DistillConfig, distill
+    from alignkd.distill.run import DistillConfig, distill
 
     if (out / "distill_run.json").exists():
         return out

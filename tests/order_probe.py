@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import TrainingArguments
 
-from alignkd.distill.engine import AlignKDTrainer
+from alignkd.distill.trainer import AlignKDTrainer
 from alignkd.distill.sampling import parse_order
 
 N, SHARD, BATCH, EPOCHS = 48, 8, 4, 3

@@ -25,7 +25,7 @@ from alignkd.cli import main
 from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
 from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record
 from alignkd.distill.objective import AlignKDObjective, LossWeights
-from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.distill.run import DistillConfig, distill
 from alignkd.errors import AlignKDError
 
 from tests.support.world import make_image, write_manifest
@@ -291,7 +291,7 @@ def test_bad_options_are_one_sentence(world, tmp_path, tiny_student_dir):
 KILL_MID_CHECKPOINT = """
 import os, signal, sys
 from transformers import Trainer
-from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.distill.run import DistillConfig, distill
 
 save_rng_state = Trainer._save_rng_state
 
@@ -337,7 +337,7 @@ def test_killed_mid_checkpoint_resumes_to_the_same_losses_without_repeated_steps
 KILL_MID_EXPORT = """
 import os, signal, sys
 from alignkd.distill import export
-from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.distill.run import DistillConfig, distill
 
 replace = os.replace
 

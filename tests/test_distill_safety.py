@@ -25,7 +25,7 @@ from safetensors.torch import load_file, save_file
 
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cli import main
-from alignkd.distill.trainer import DistillConfig
+from alignkd.distill.run import DistillConfig
 from alignkd.errors import ConfigError
 
 from tests.support.limits import in_child_with_file_size_limit, invoke_cli_with_file_size_limit

@@ -23,7 +23,7 @@ from alignkd.cache.reader import open_cache
 from alignkd.cache.teacher_pass import model_inputs_of
 from alignkd.cache.verify import verify_cache
 from alignkd.data import collate, read_manifest, render_sample
-from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.distill.run import DistillConfig, distill
 from alignkd.models import capture_forward, load_vlm
 from tests.support.world import make_image, write_manifest
 from families_tiny import FAMILY_NAMES, MODEL_TYPES, RAGGED, build_family

@@ -158,7 +158,7 @@ def test_family_quirk_is_in_force(caches):
 
 
 def test_distill_from_layer0_matches_maps(tiny_llava_dir, tiny_student_dir, small_dataset, tmp_path):
-    from alignkd.distill.trainer import DistillConfig, distill
+    from alignkd.distill.run import DistillConfig, distill
 
     manifest, images = small_dataset
     steps = {}
@@ -192,7 +192,7 @@ def _assert_layer0_stores_no_rows(maps_cache, layer0_cache) -> None:
 
 def test_damaged_kit_named_by_verify_and_refused_by_distill(tiny_llava_dir, tiny_student_dir, small_dataset,
                                                              tmp_path):
-    from alignkd.distill.trainer import DistillConfig, distill
+    from alignkd.distill.run import DistillConfig, distill
 
     manifest, images = small_dataset
     cache = tmp_path / "layer0"

@@ -107,7 +107,7 @@ def test_resume_after_a_kill_on_s3(s3, tmp_path):
 
 
 def test_distill_from_s3_cache(s3, tmp_path, tiny_llava_dir, tiny_student_dir, monkeypatch):
-    from alignkd.distill.trainer import DistillConfig, distill
+    from alignkd.distill.run import DistillConfig, distill
 
     data, images = make_dataset(tmp_path, 4)
     url = s3["url"]("distill")

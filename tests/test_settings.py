@@ -8,7 +8,7 @@ import click
 from click.testing import CliRunner
 
 from alignkd.cli import main
-from alignkd.distill.trainer import DistillConfig
+from alignkd.distill.run import DistillConfig
 from alignkd.settings import choices_of, config_from_options, options_from, setting
 
 

@@ -20,7 +20,7 @@ from alignkd.cache.reader import open_cache
 from alignkd.cache.stats import cache_stats
 from alignkd.cache.verify import verify_cache
 from alignkd.cli import main
-from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.distill.run import DistillConfig, distill
 from alignkd.errors import ConfigError
 from alignkd.storage_schemas import ABSENT, SHARDS_DIR
 from alignkd.storage_schemas.kinds import kinds_of

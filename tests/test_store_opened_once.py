@@ -16,7 +16,7 @@ import pytest
 from alignkd.cache.build import BuildConfig, build_cache
 from alignkd.cache.reader import open_cache
 from alignkd.cache.storage import LocalStore
-from alignkd.distill.trainer import DistillConfig, distill
+from alignkd.distill.run import DistillConfig, distill
 from tests.support.world import make_image, write_manifest
 
 CONV = [{"from": "human", "value": "<image>\nwhat is the colour of this image ?"}, {"from": "gpt", "value": "red"}]

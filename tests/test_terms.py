@@ -10,7 +10,7 @@ from click.testing import CliRunner
 
 from alignkd.cli import main
 from alignkd.distill.terms import LOSS_TERMS, PRESETS, LossTerm, LossWeights, TermSpec, faded, preset_weights
-from alignkd.distill.trainer import DistillConfig
+from alignkd.distill.run import DistillConfig
 from alignkd.errors import ConfigError
 
 

@@ -189,7 +189,7 @@ def write_report(out: Path, cfg: DemoConfig, table: str, summary: dict, cache: P
         shutil.copy(curves, out / "loss_curves.png")
     gap = summary["gap_closed"]
     from alignkd.cache.build import BuildConfig
-    from alignkd.distill.trainer import DistillConfig
+    from alignkd.distill.run import DistillConfig
 
     # the defaults the rows ran with, read from the configs so the report cannot go stale
     objective = f"--loss-scale {DistillConfig.loss_scale}, --logit-positions {BuildConfig.logit_positions}"
