@@ -359,7 +359,8 @@ def arm_distill(kill: Kill) -> None:
     """Make this (distill) process die at `kill`'s moment."""
     from transformers import Trainer, TrainerCallback
 
-    from alignkd.distill import engine, export, saving
+    from alignkd.distill import export, saving
+    from alignkd.distill import trainer as hf_trainer
 
     if kill.point == "dtime":
         threading.Timer(kill.delay, _die).start()
@@ -369,8 +370,8 @@ def arm_distill(kill: Kill) -> None:
                 if state.global_step == kill.n:
                     _die()
 
-        build = engine.build_callbacks
-        engine.build_callbacks = lambda out: build(out) + [DieAtStep()]
+        build = hf_trainer.build_callbacks
+        hf_trainer.build_callbacks = lambda out: build(out) + [DieAtStep()]
     elif kill.point == "checkpoint":
         _after_nth(Trainer, "_save_optimizer_and_scheduler", 1,
                    when=lambda self, output_dir: output_dir.endswith(f"checkpoint-{kill.n}"))

@@ -14,7 +14,7 @@ from pathlib import Path
 from transformers import TrainerCallback
 
 from alignkd.cache import shard_commit
-from alignkd.distill import engine
+from alignkd.distill import trainer as hf_trainer
 
 
 def hold() -> None:
@@ -49,8 +49,8 @@ def arm() -> None:
         extra.append(Hold())
     if os.environ.get("ALIGNKD_START_STEP"):
         extra.append(RecordStart())
-    build = engine.build_callbacks
-    engine.build_callbacks = lambda out: build(out) + extra
+    build = hf_trainer.build_callbacks
+    hf_trainer.build_callbacks = lambda out: build(out) + extra
 
 
 if __name__ == "__main__":
