@@ -145,7 +145,7 @@ def cache_build(no_progress: bool, **opts) -> None:
       alignkd cache build --teacher teacher/ --data train.json --images imgs/ --out cache/
       alignkd cache build --teacher big/ --device-map auto --dtype bfloat16 --data train.json --images imgs/ --out cache/
     """
-    from alignkd.cache.build import BuildConfig, build_cache
+    from alignkd.cache.teacher.build import BuildConfig, build_cache
 
     from alignkd.distributed import dist_info
 
@@ -177,7 +177,7 @@ def _placement_words(placement: dict) -> str:
 
 def _footprint_words(summary) -> str:
     """Bytes as `cache stats` counts them: the shards per sample, what the cache holds once, images shared."""
-    from alignkd.cache.stats import kilobytes
+    from alignkd.cache.inspection.stats import kilobytes
 
     return (f"{kilobytes(summary.bytes_per_sample)} per sample in shards + {kilobytes(sum(summary.fixed.values()))} "
             f"once ({', '.join(summary.fixed)}); {summary.images:,} images, {summary.distinct_images:,} distinct")
@@ -201,7 +201,7 @@ def cache_sql(cache_dir: str, query: str, fmt: str, memory_limit: str, timeout_s
     """
     from alignkd.cache.catalog import run_sql
     from alignkd.cache.sql_limits import SQLLimits
-    from alignkd.cache.tables import format_table
+    from alignkd.cache.inspection.tables import format_table
 
     limits = SQLLimits(memory=memory_limit, timeout_s=timeout_s)
     click.echo(format_table(run_sql(cache_dir, query, limits), fmt))
@@ -244,7 +244,7 @@ def cache_stats(cache_dir: str, as_json: bool) -> None:
     """
     import json
 
-    from alignkd.cache.stats import cache_stats as compute, render_stats
+    from alignkd.cache.inspection.stats import cache_stats as compute, render_stats
 
     stats = compute(cache_dir)
     click.echo(json.dumps(stats, indent=2) if as_json else render_stats(stats))
@@ -263,7 +263,7 @@ def cache_show(cache_dir: str, sample_id: str, out: str, images: str | None) -> 
     Example:
       alignkd cache show cache/ s0 --out s0.png
     """
-    from alignkd.cache.show import MAX_TOKEN_PANELS, show_pages
+    from alignkd.cache.inspection.show import MAX_TOKEN_PANELS, show_pages
 
     pages = show_pages(cache_dir, sample_id, out, images_root=images)
     click.echo(f"wrote {pages[0]}" if len(pages) == 1 else

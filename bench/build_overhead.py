@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
 from tests.support.world import image_records, turns, write_manifest
 

@@ -42,8 +42,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from alignkd.cache.build import BuildConfig, build_cache
-from alignkd.cache.teacher_pass import records_from_capture
+from alignkd.cache.teacher.build import BuildConfig, build_cache
+from alignkd.cache.teacher.teacher_pass import records_from_capture
 from alignkd.data import collate, read_manifest, render_sample
 from alignkd.demo.tiny_models import BASE_WORDS, TinyLlavaSpec, build_tiny_llava
 from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record

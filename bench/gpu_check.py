@@ -123,7 +123,7 @@ def timed(fn, repeats: int, device) -> float:
 
 
 def records_for(batch, cap):
-    from alignkd.cache.teacher_pass import batch_samples, records_from_capture
+    from alignkd.cache.teacher.teacher_pass import batch_samples, records_from_capture
 
     return records_from_capture(batch_samples(batch, cap), batch, cap, logit_mode="topk", logit_k=16,
                                 logit_samples=64, positions_policy="response", seed=0, store_images=False)

@@ -33,7 +33,7 @@ import time
 
 import torch
 
-from alignkd.cache.sparse_logits import (
+from alignkd.cache.teacher.sparse_logits import (
     bytes_per_token,
     encode_sampled,
     encode_topk,

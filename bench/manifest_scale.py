@@ -1,6 +1,6 @@
 """The scale check of issue 25: LLaVA-665K and a LLaVA-OneVision-style mixture as they are.
 
-1. Planning under 2-rank torchrun: each rank runs `alignkd.cache.build.plan_rows`, the very
+1. Planning under 2-rank torchrun: each rank runs `alignkd.cache.teacher.build.plan_rows`, the very
    function `cache build` runs before its teacher loads (every source's ids streamed, the
    sampling, the unique keys, the rank's share), over the LLaVA-665K-shaped JSON list
    (bench/llava_mix.py) at each --scales value, and over the six-source mixture at the
@@ -49,7 +49,7 @@ def free_port() -> int:
 
 def probe(data: str, teacher: str, out: str, limit: int | None) -> None:
     """One rank's planning, under torchrun: prints one JSON line."""
-    from alignkd.cache.build import BuildConfig, plan_rows
+    from alignkd.cache.teacher.build import BuildConfig, plan_rows
     from alignkd.distributed import init_process_group
 
     import ijson  # noqa: F401 - the readers' modules, loaded before "before" so that what

@@ -47,7 +47,7 @@ class OnlineTargets(nn.Module):
 
     @torch.no_grad()
     def live_targets(self, batch: dict) -> dict:
-        from alignkd.cache.teacher_pass import batch_samples, model_inputs_of, records_from_capture
+        from alignkd.cache.teacher.teacher_pass import batch_samples, model_inputs_of, records_from_capture
         from alignkd.distill.dataset import collate_distill, item_from_record
         from alignkd.models import capture_forward
 

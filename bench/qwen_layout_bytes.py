@@ -63,7 +63,7 @@ def manifest(root: Path, n_images: int) -> tuple[Path, Path]:
 
 
 def tensor_bytes(cache: Path) -> tuple[float, dict]:
-    from alignkd.cache.stats import cache_stats
+    from alignkd.cache.inspection.stats import cache_stats
     from alignkd.storage_schemas import ARRAY_KINDS
 
     s = cache_stats(cache)
@@ -80,7 +80,7 @@ def main() -> None:
     args = parser.parse_args()
     from tests.families_tiny import build_family
 
-    from alignkd.cache.build import BuildConfig, build_cache
+    from alignkd.cache.teacher.build import BuildConfig, build_cache
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)

@@ -127,7 +127,7 @@ def run_until_killed(body, what: str) -> str:
 def build_until_killed(cfg, kill: Kill | None) -> str:
     """Run build_cache(cfg) in a forked child armed with `kill`: 'killed', 'finished' or 'failed'."""
     def body() -> int:
-        from alignkd.cache.build import build_cache
+        from alignkd.cache.teacher.build import build_cache
 
         if kill is not None:
             arm(kill)
@@ -264,7 +264,7 @@ def prepare_overwrite_case(case: str, ref_cfg, out: Path, elsewhere: Path, rng: 
 
 def overwrite_outcome(cfg) -> str:
     """`cache build --overwrite` in this process: 'rebuilt', or the one sentence it refused with."""
-    from alignkd.cache.build import build_cache
+    from alignkd.cache.teacher.build import build_cache
     from alignkd.errors import AlignKDError
 
     try:
@@ -312,7 +312,7 @@ def make_world(root: Path, n_samples: int) -> dict:
 
 
 def reference_build(world: dict, root: Path, **opts):
-    from alignkd.cache.build import BuildConfig
+    from alignkd.cache.teacher.build import BuildConfig
 
     cfg = BuildConfig(teacher=str(world["teacher"]), data=str(world["data"]), images=str(world["images"]),
                       out=str(root / "reference"), batch_size=1, progress=False, **opts)
@@ -509,7 +509,7 @@ def distill_once(world: dict, out: Path, steps: int, save_steps: int, kill: Kill
 
 def distill_world(root: Path, samples: int = 8) -> dict:
     """make_world's teacher and manifest, its cache, and a smaller student with the same tokenizer."""
-    from alignkd.cache.build import BuildConfig
+    from alignkd.cache.teacher.build import BuildConfig
 
     world = make_world(root, samples)
     cfg = BuildConfig(teacher=str(world["teacher"]), data=str(world["data"]), images=str(world["images"]),

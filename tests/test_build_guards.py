@@ -108,7 +108,7 @@ def test_max_memory_in_bits_is_refused(small, size):
 ])
 def test_build_config_refuses_what_the_cli_refuses(small, field, value, words):
     """The library says the same sentence as the CLI, before any teacher loads."""
-    from alignkd.cache.build import BuildConfig
+    from alignkd.cache.teacher.build import BuildConfig
     from alignkd.errors import ConfigError
 
     args, root = small

@@ -22,11 +22,11 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.targets import sample_seed
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
-from alignkd.cache.sparse_logits import encode_sampled
+from alignkd.cache.teacher.sparse_logits import encode_sampled
 from alignkd.cache.verify import verify_cache
 from alignkd.cli import main
 from alignkd.data import collate, read_manifest, render_sample
@@ -240,7 +240,7 @@ def assert_closing_line(output: str, out: Path, head: str, images: int, distinct
     what the cache holds once (everything beside shards/), and its images against distinct ones."""
     import re
 
-    from alignkd.cache.stats import kilobytes
+    from alignkd.cache.inspection.stats import kilobytes
 
     stats = json.loads(cli("cache", "stats", out, "--json").output)
     per_sample = kilobytes(stats["bytes_per_sample"])

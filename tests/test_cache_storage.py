@@ -177,7 +177,7 @@ def test_repeated_images_store_their_vision_tokens_once(tmp_path, vision_dtype):
                     for name in ("shared", "plain")}
     assert vision_bytes["shared"] < vision_bytes["plain"] * 5 / 7
     assert verify_cache(tmp_path / "shared") == []
-    from alignkd.cache.stats import cache_stats
+    from alignkd.cache.inspection.stats import cache_stats
     assert cache_stats(tmp_path / "shared")["images"]["samples_sharing_vision"] == 3
 
 

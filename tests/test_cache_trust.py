@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.lock import CacheLock, build_in_progress
 from alignkd.cache.reader import open_cache
 from alignkd.cache.storage import OutsideCacheError
@@ -90,7 +90,7 @@ def test_overwrite_of_a_cache_deletes_only_what_alignkd_wrote(world, tmp_path):
     assert cli("cache", "verify", out).exit_code == 0
     # what the cache holds once is alignkd's own entries, never the user's files beside them
     assert "thesis" not in result.output and "src" not in result.output.split("once (")[1]
-    from alignkd.cache.stats import build_footprint
+    from alignkd.cache.inspection.stats import build_footprint
 
     assert set(build_footprint(out)["fixed"]) == {"cache.json", "catalog.duckdb", "tokenizer"}
 

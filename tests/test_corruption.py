@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cli import main
 from tests.support.world import make_image, write_manifest
 

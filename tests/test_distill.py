@@ -20,7 +20,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cli import main
 from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
 from alignkd.distill.dataset import CachedDistillDataset, collate_distill, item_from_record
@@ -77,7 +77,7 @@ def _objective(student_dir, teacher_dir, mode, **kw):
 
 def _live_batch(cfg, student_processor):
     """The same batch built from a live teacher forward, without touching the cache."""
-    from alignkd.cache.teacher_pass import records_from_capture
+    from alignkd.cache.teacher.teacher_pass import records_from_capture
     from alignkd.data import collate, read_manifest, render_sample
     from alignkd.models import capture_forward, load_vlm
 

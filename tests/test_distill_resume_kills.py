@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 
 from bench import torture
 from tests.support.world import make_image, write_manifest

@@ -23,7 +23,7 @@ import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cli import main
 from alignkd.distill.run import DistillConfig
 from alignkd.errors import ConfigError

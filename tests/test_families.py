@@ -17,10 +17,10 @@ import numpy as np
 import pytest
 import torch
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
-from alignkd.cache.teacher_pass import model_inputs_of
+from alignkd.cache.teacher.teacher_pass import model_inputs_of
 from alignkd.cache.verify import verify_cache
 from alignkd.data import collate, read_manifest, render_sample
 from alignkd.distill.run import DistillConfig, distill

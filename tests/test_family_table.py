@@ -13,7 +13,7 @@ import sys
 import numpy as np
 
 from alignkd.cache.record import SampleRecord
-from alignkd.cache.vision_layout import LAYOUT_KINDS, ImageGrid, layout_image
+from alignkd.cache.inspection.vision_layout import LAYOUT_KINDS, ImageGrid, layout_image
 from alignkd.models.families import FAMILIES, VLMFamily
 from alignkd.storage_schemas import REPLAYED_COLUMNS, SAMPLE_SCHEMA, TOKEN_INPUT_COLUMNS
 
@@ -51,7 +51,7 @@ def test_a_new_row_is_drawn_by_the_layout_it_names(monkeypatch):
 def test_the_family_table_and_vision_layouts_load_without_torch():
     code = ("import sys\n"
             "import numpy as np\n"
-            "from alignkd.cache.vision_layout import ImageGrid, layout_image\n"
+            "from alignkd.cache.inspection.vision_layout import ImageGrid, layout_image\n"
             "from alignkd.models.families import FAMILIES\n"
             "layout_image(np.ones(4), ImageGrid(0, 4, np.arange(4)), 'llava')\n"
             "print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))\n")

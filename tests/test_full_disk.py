@@ -54,7 +54,7 @@ def test_full_disk_is_one_sentence_and_resume_completes(tmp_path, tiny_llava_dir
     resumed = CliRunner().invoke(main, args)  # the space is back
     assert resumed.exit_code == 0, resumed.output
     assert "cached 4 samples (4 rows already done)" in resumed.output
-    from alignkd.cache.build import BuildConfig
+    from alignkd.cache.teacher.build import BuildConfig
 
     ref = BuildConfig(teacher=str(tiny_llava_dir), data=str(data), images=str(images), out=str(tmp_path / "ref"),
                       batch_size=1, shard_size=4, progress=False)

@@ -162,7 +162,7 @@ def _png() -> bytes:
 
 # ---------------------------------------------------------------- rows = samples + rejects
 def test_build_over_fuzzed_manifest_accounts_for_every_row(tmp_path, image_root, tiny_llava_dir, small_bomb_limit):
-    from alignkd.cache.build import BuildConfig, build_cache
+    from alignkd.cache.teacher.build import BuildConfig, build_cache
     from alignkd.cache.catalog import run_sql
 
     good = [{"from": "human", "value": "<image>\nwhat colour ?"}, {"from": "gpt", "value": "red"}]

@@ -24,7 +24,7 @@ from tests.support.world import make_image
 @pytest.fixture(scope="module")
 def live(tiny_llava_dir, tiny_student_dir, tmp_path_factory):
     """fp32 teacher records of six samples, and a student objective with its processor."""
-    from alignkd.cache.teacher_pass import records_from_capture
+    from alignkd.cache.teacher.teacher_pass import records_from_capture
     from alignkd.data import collate, render_sample
     from alignkd.data.manifest import ImageRef, ManifestRecord
     from alignkd.models import capture_forward, load_vlm

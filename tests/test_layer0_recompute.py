@@ -21,10 +21,10 @@ import numpy as np
 import pytest
 import torch
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.layer0_store import kit_inputs
 from alignkd.cache.reader import open_cache
-from alignkd.cache.stats import cache_stats
+from alignkd.cache.inspection.stats import cache_stats
 from alignkd.cache.verify import verify_cache
 from alignkd.errors import AlignKDError, ConfigError
 from alignkd.storage_schemas import REPLAYED_COLUMNS
@@ -222,7 +222,7 @@ def test_build_refuses_a_kit_that_does_not_reproduce_the_teacher(tiny_llava_dir,
     """The build's guard: the first batch's live attention against the kit's. Here the kit comes
     from another teacher (seed 2) of the same family, which no exact recompute can match."""
     from alignkd.cache.layer0_store import check_recompute
-    from alignkd.cache.teacher_pass import model_inputs_of
+    from alignkd.cache.teacher.teacher_pass import model_inputs_of
     from alignkd.data import collate, read_manifest, render_sample
     from alignkd.demo.tiny_models import TinyLlavaSpec, build_tiny_llava
     from alignkd.models import capture_forward, load_vlm
@@ -243,7 +243,7 @@ def test_build_refuses_a_kit_that_does_not_reproduce_the_teacher(tiny_llava_dir,
 def test_stats_count_layer0_attention_as_recomputed(tiny_llava_dir, small_dataset, tmp_path):
     """`cache stats` of a layer0 cache: no raw attention bytes (the tensor ratio is of what is
     stored), the kit among what the cache holds once, and no unused attention dtype."""
-    from alignkd.cache.stats import kilobytes, render_stats
+    from alignkd.cache.inspection.stats import kilobytes, render_stats
 
     manifest, images = small_dataset
     cache = tmp_path / "layer0"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkd.cache.sparse_logits import encode_topk
+from alignkd.cache.teacher.sparse_logits import encode_topk
 from alignkd.distill.losses import (
     HeadAdapter,
     ProjectorAdapter,

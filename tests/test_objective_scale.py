@@ -13,7 +13,7 @@ import json
 import pytest
 import torch
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.reader import open_cache
 from alignkd.distill.dataset import CachedDistillDataset
 from alignkd.distill.losses import StudentToTeacherAdapter, default_vision_topk, normalized_vision_loss

@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from alignkd.cache.teacher_pass import model_inputs_of
+from alignkd.cache.teacher.teacher_pass import model_inputs_of
 from alignkd.data import IGNORE_INDEX, SampleError, collate, render_sample
 from alignkd.data.manifest import ImageRef, ManifestRecord
 from alignkd.models import capture_forward, load_vlm

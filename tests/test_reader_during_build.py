@@ -14,7 +14,7 @@ import os
 
 import numpy as np
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.catalog import run_sql
 from alignkd.cache.reader import open_cache
 from alignkd.cache.shard_format import committed_shards

@@ -209,7 +209,7 @@ def test_a_student_distils_from_every_source(caches, world, tiny_student_dir, so
 
 def test_two_image_record_equals_the_live_teacher(caches, world, tiny_llava_dir):
     """Each image's vision tokens and the attention rows over both images, against a live forward."""
-    from alignkd.cache.teacher_pass import model_inputs_of
+    from alignkd.cache.teacher.teacher_pass import model_inputs_of
     from alignkd.data import collate, open_source, render_sample
     from alignkd.models import capture_forward, load_vlm
 

@@ -80,7 +80,7 @@ def test_show_on_s3_draws_the_same_picture_as_local(s3, tmp_path, tiny_llava_dir
     from PIL import Image
 
     from alignkd.cache.reader import open_cache
-    from alignkd.cache.show import _token_labels
+    from alignkd.cache.inspection.show import _token_labels
 
     data, images = make_dataset(tmp_path, 2)
     url = s3["url"]("show")

@@ -1,4 +1,4 @@
-"""`cache show` draws each family's real vision-token layout (alignkd/cache/vision_layout.py).
+"""`cache show` draws each family's real vision-token layout (alignkd/cache/inspection/vision_layout.py).
 
 Each layout is fed a known pattern (all the mass on one token) and must put it on the right
 image cell. Where the order comes from a processor or a model function, the test takes the
@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignkd.cache.vision_layout import ImageGrid, image_grids, layout_image, read_settings
+from alignkd.cache.inspection.vision_layout import ImageGrid, image_grids, layout_image, read_settings
 from families_tiny import BUILDERS, ROLES
 
 
@@ -248,7 +248,7 @@ def test_show_draws_qwen_grid_from_the_cache_alone(tmp_path):
     from PIL import Image
 
     from alignkd.cache.reader import open_cache
-    from alignkd.cache.show import sample_figure
+    from alignkd.cache.inspection.show import sample_figure
     from families_tiny import build_family
     from test_cache_build import cli
     from test_families import _data

@@ -9,7 +9,7 @@ from __future__ import annotations
 import pytest
 from PIL import Image
 
-from alignkd.cache.show import sample_figure, token_texts
+from alignkd.cache.inspection.show import sample_figure, token_texts
 from tests.support.world import make_image, write_manifest
 from test_cache_build import cli
 

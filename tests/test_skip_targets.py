@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.reader import open_cache
-from alignkd.cache.stats import cache_stats
+from alignkd.cache.inspection.stats import cache_stats
 from alignkd.cache.verify import verify_cache
 from alignkd.cli import main
 from alignkd.distill.run import DistillConfig, distill

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from alignkd.cache.sparse_logits import (
+from alignkd.cache.teacher.sparse_logits import (
     SparseTarget,
     bytes_per_token,
     encode_sampled,

@@ -21,7 +21,7 @@ import pytest
 from alignkd.cache.catalog import SQLRefusedError, run_sql
 from alignkd.cache.encodings import decode, encode
 from alignkd.cache.reader import SampleNotFoundError, open_cache
-from alignkd.cache.stats import cache_stats
+from alignkd.cache.inspection.stats import cache_stats
 from alignkd.cache.storage import open_store
 from alignkd.cache.verify import verify_cache
 from test_cache_build import cli

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from alignkd.cache.build import BuildConfig, build_cache
+from alignkd.cache.teacher.build import BuildConfig, build_cache
 from alignkd.cache.reader import open_cache
 from alignkd.cache.storage import LocalStore
 from alignkd.distill.run import DistillConfig, distill

@@ -1,6 +1,6 @@
 """The cache stage: teacher outputs on disk, queryable, verifiable and fast to read.
 
-Storage API (imported lazily so `import alignkd.cache.build` stays light):
+Storage API (imported lazily, so importing a submodule stays light):
 `CacheWriter`, `SampleRecord` (writer), `open_cache`, `CacheReader`, `CachedSample`
 (reader), `run_sql`, `rebuild_catalog` (catalog), `verify_cache`, `Problem` (verify),
 `open_store` (storage: the one seam between the cache and local disk or object storage).

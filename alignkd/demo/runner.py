@@ -179,8 +179,8 @@ def ablation_table(rows: dict[str, list[dict]], teacher: dict) -> tuple[str, dic
 
 
 def write_report(out: Path, cfg: DemoConfig, table: str, summary: dict, cache: Path, seconds: float) -> Path:
-    from alignkd.cache.show import show_sample
-    from alignkd.cache.stats import cache_stats, render_stats
+    from alignkd.cache.inspection.show import show_sample
+    from alignkd.cache.inspection.stats import cache_stats, render_stats
     from alignkd.cache.reader import open_cache
 
     heatmap = show_sample(str(cache), open_cache(cache).sample_ids[0], str(out / "attention.png"))
@@ -188,7 +188,7 @@ def write_report(out: Path, cfg: DemoConfig, table: str, summary: dict, cache: P
     if curves.exists():
         shutil.copy(curves, out / "loss_curves.png")
     gap = summary["gap_closed"]
-    from alignkd.cache.build import BuildConfig
+    from alignkd.cache.teacher.build import BuildConfig
     from alignkd.distill.run import DistillConfig
 
     # the defaults the rows ran with, read from the configs so the report cannot go stale

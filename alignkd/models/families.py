@@ -15,7 +15,7 @@ Quirks a row can declare:
   teacher's inputs; each is one of the cache's columns `TOKEN_INPUT_COLUMNS`
   (alignkd/storage_schemas), and a new one is a new column there (a format change).
 - `vision_layout`: where each vision token sits in its image, for `cache show`: one of
-  `alignkd.cache.vision_layout.LAYOUT_KINDS` ("square", "merged", "rows", "named_tiles",
+  `alignkd.cache.inspection.vision_layout.LAYOUT_KINDS` ("square", "merged", "rows", "named_tiles",
   "thumbnail_tiles", "anyres"; that module describes each).
 - `prompt_format`: how a LLaVA-style record becomes text. "chat_template" (the
   processor's own template) for every family except PaliGemma, whose checkpoints ship

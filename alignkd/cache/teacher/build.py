@@ -260,9 +260,9 @@ def build_cache(cfg: BuildConfig) -> BuildSummary:
 
     from alignkd.cache.catalog import rebuild_catalog
     from alignkd.cache.layer0_store import kit_record, save_kit
-    from alignkd.cache.stats import build_footprint
+    from alignkd.cache.inspection.stats import build_footprint
     from alignkd.cache.storage import open_store
-    from alignkd.cache.teacher_pass import TeacherPass
+    from alignkd.cache.teacher.teacher_pass import TeacherPass
     from alignkd.cache.writer import CacheWriter
     from alignkd.data import REASONS
     from alignkd.data.render import ANSWER_END

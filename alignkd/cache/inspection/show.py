@@ -3,7 +3,7 @@
 One row of panels per image: the text focus (Σ over text queries of the head-mean layer-0
 attention to each vision token) over the image, then the head-mean attention row of each
 answer token. The vision tokens are laid out as the teacher's family lays them out
-(alignkd/cache/vision_layout.py): Qwen's merged-patch grid, Pixtral's rows, tiles with their
+(alignkd/cache/inspection/vision_layout.py): Qwen's merged-patch grid, Pixtral's rows, tiles with their
 global view, LLaVA-NeXT's any-res canvas without its newline tokens, a square elsewhere.
 
 A sample with more than MAX_TOKEN_PANELS answer tokens is drawn on several pages: OUT.png
@@ -91,7 +91,7 @@ def sample_figure(cache_path: str, sample_id: str, images_root: str | None = Non
 
 def load_view(cache_path: str, sample_id: str, images_root: str | None = None) -> SampleView:
     from alignkd.cache.reader import open_cache
-    from alignkd.cache.vision_layout import image_grids
+    from alignkd.cache.inspection.vision_layout import image_grids
 
     reader = open_cache(cache_path, check_crc=True)  # a damaged sample is refused, never drawn
     try:
@@ -130,7 +130,7 @@ def page_figure(view: SampleView, page: int = 0):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from alignkd.cache.vision_layout import layout_image
+    from alignkd.cache.inspection.vision_layout import layout_image
 
     first = page * MAX_TOKEN_PANELS
     rows, names = view.rows[first:first + MAX_TOKEN_PANELS], view.names[first:first + MAX_TOKEN_PANELS]
@@ -210,7 +210,7 @@ def _load_image(sample, k: int, data: bytes | None, images_root: str | None):
 def kept_tokenizer_and_settings(reader) -> tuple[object | None, dict]:
     """The tokenizer and processor settings kept in the cache (copied down from object
     storage), else the teacher directory's if it is still there; never from the network."""
-    from alignkd.cache.vision_layout import read_settings
+    from alignkd.cache.inspection.vision_layout import read_settings
     from alignkd.storage_schemas import TOKENIZER_DIR
 
     teacher = reader.meta.get("teacher", {}).get("path")

@@ -41,7 +41,7 @@ def records_from_capture(samples, batch, cap, *, logit_mode: str, logit_k: int, 
     record keeps only its own Nv_b vision columns (every image's, in order), and the
     family's `token_inputs`. A text-only sample has no vision tokens and no attention rows.
     """
-    from alignkd.cache.sparse_logits import encode_sampled, encode_topk, teacher_stats
+    from alignkd.cache.teacher.sparse_logits import encode_sampled, encode_topk, teacher_stats
     from alignkd.cache.record import SampleRecord
     from alignkd.targets import sample_seed, select_positions, text_focus
 
