@@ -1,6 +1,7 @@
 """Command-line wiring: each command gathers options, builds a config, calls one function.
 
-Over 300 lines on purpose: every command's options and its one call, so the whole command line reads in one place.
+Over 300 lines on purpose: every command's options and its one call, so the whole command
+line reads in one place.
 
 Heavy imports (torch, transformers) live inside the command bodies so that
 `alignkd --help` stays instant.

@@ -1,6 +1,7 @@
 """The few torch.distributed facts both stages need under `torchrun`.
 
-Over 300 lines on purpose: the ranks' meeting, waiting and error protocol is one piece; split, each side of it would lose sight of the other.
+Over 300 lines on purpose: the ranks' meeting, waiting and error protocol is one piece;
+split, each side of it would lose sight of the other.
 
 The cache build shards the manifest by rank; distillation leaves process groups to
 the HF Trainer. Nothing here starts a process group unless torchrun set WORLD_SIZE > 1.

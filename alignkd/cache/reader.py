@@ -1,6 +1,7 @@
 """Random access to a cache by sample index: `open_cache(path)[i] -> CachedSample`.
 
-Over 300 lines on purpose: opening and random access share the flat columns built at open; split, one sample read would cross modules.
+Over 300 lines on purpose: opening and random access share the flat columns built at open;
+split, one sample read would cross modules.
 
 Opening reads cache.json (refusing another format or version) and every shard's
 samples.parquet once, minus the image bytes, into flat numpy columns: offsets, shapes,

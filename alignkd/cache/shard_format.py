@@ -1,6 +1,7 @@
 """The byte level of a shard: tensor encodings, and one Zarr v3 sharded array file.
 
-Over 300 lines on purpose: one byte format, written and read in one module so the two sides cannot drift.
+Over 300 lines on purpose: one byte format, written and read in one module so the two sides
+cannot drift.
 
 The writer produces, and the reader consumes, the sharding codec's on-disk layout
 directly instead of going through zarr-python:

@@ -1,6 +1,7 @@
 """Where each cached vision token sits in its image, family by family: the picture `cache show` draws.
 
-Over 300 lines on purpose: one small function per layout kind, twelve families' worth, read as one table.
+Over 300 lines on purpose: one small function per layout kind, twelve families' worth, read
+as one table.
 
 The cache keeps one image's vision tokens in sequence order (the positions whose id is the
 image token), and every family orders them its own way; its row in alignkd/models/families.py

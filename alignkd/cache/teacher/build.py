@@ -1,6 +1,7 @@
 """`alignkd cache build`: run the teacher once over a manifest and feed the cache writer.
 
-Over 300 lines on purpose: the build's plan, guards and loop, which need each other in view; the teacher forward, the writer and the guards' checks live elsewhere.
+Over 300 lines on purpose: the build's plan, guards and loop, which need each other in view;
+the teacher forward, the writer and the guards' checks live elsewhere.
 
 The teacher forward runs in this thread; the writer compresses and writes shards on a
 background thread, so I/O overlaps the next batch. Rows already committed (samples or
