@@ -321,9 +321,11 @@ def _free_port() -> int:
 
 @dataclass(frozen=True)
 class CheckRun:
-    """Stands for DistillConfig in the export's distill_run.json."""
+    """Stands for DistillConfig in the export's distill_run.json: the fields the run record reads."""
 
     run: str = "bench/gpu_check.py section 6: one FSDP step"
+    student: str = "in-memory-student"  # built in code, no directory
+    cache: str = "no-cache"             # the targets are captured in the step
 
 
 def fsdp_worker(args) -> dict:
