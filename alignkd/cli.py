@@ -14,6 +14,7 @@ import sys
 import click
 
 from alignkd import __version__
+from alignkd.distill.eval_config import EvalConfig
 from alignkd.distill.run import DistillConfig
 from alignkd.errors import AlignKDError, describe_os_error
 from alignkd.settings import config_from_options, options_from
@@ -297,17 +298,8 @@ def distill(no_progress: bool, **opts) -> None:
 
 
 @main.command(name="eval")
-@click.option("--model", required=True,
-              help="Any saved student or teacher directory, or a hub id org/name[@revision].")
-@click.option("--data", required=True, help="Held-out records: JSON/JSONL manifest or Parquet file/directory.")
-@click.option("--images", default=None, help="Image root for the records' image paths.")
-@click.option("--max-length", default=2048, show_default=True)
-@click.option("--max-new-tokens", default=16, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, help="Records answered per generate call.")
-@click.option("--limit", type=int, default=None)
+@options_from(EvalConfig)
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--predictions", default=None,
-              help="Write each scored record's greedy answer as JSON lines (id, prediction, answer, correct).")
 @click.option("--no-progress", is_flag=True)
 def eval_(as_json: bool, no_progress: bool, **opts) -> None:
     """Greedy-answer accuracy (normalised exact match) and answer CE on a manifest.
@@ -319,10 +311,10 @@ def eval_(as_json: bool, no_progress: bool, **opts) -> None:
     import json
     from dataclasses import asdict
 
-    from alignkd.distill.evaluate import EvalConfig, evaluate
+    from alignkd.distill.evaluate import evaluate
 
     _hide_progress(no_progress)
-    result = evaluate(EvalConfig(progress=not no_progress, **opts))
+    result = evaluate(config_from_options(EvalConfig, opts, progress=not no_progress))
     if as_json:
         click.echo(json.dumps(asdict(result), indent=2))
         return

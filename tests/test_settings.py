@@ -5,17 +5,19 @@ from __future__ import annotations
 import dataclasses
 
 import click
+import pytest
 from click.testing import CliRunner
 
 from alignkd.cli import main
+from alignkd.distill.eval_config import EvalConfig
 from alignkd.distill.run import DistillConfig
 from alignkd.settings import choices_of, config_from_options, options_from, setting
 
 
-def test_every_distill_field_is_an_option_with_the_fields_default_and_choices():
-    command = main.commands["distill"]
-    options = {p.name: p for p in command.params}
-    for field in dataclasses.fields(DistillConfig):
+@pytest.mark.parametrize("command,config", [("distill", DistillConfig), ("eval", EvalConfig)])
+def test_every_field_is_an_option_with_the_fields_default_and_choices(command, config):
+    options = {p.name: p for p in main.commands[command].params}
+    for field in dataclasses.fields(config):
         if field.name == "progress":  # set from the command's own --no-progress
             assert field.name not in options
             continue
@@ -29,7 +31,7 @@ def test_every_distill_field_is_an_option_with_the_fields_default_and_choices():
             assert option.default == ",".join(field.default)
         else:
             assert option.default == field.default, field.name
-    for name, allowed in choices_of(DistillConfig).items():
+    for name, allowed in choices_of(config).items():
         assert tuple(options[name].type.choices) == allowed
 
 

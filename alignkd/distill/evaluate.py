@@ -16,39 +16,15 @@ from pathlib import Path
 
 import torch
 
-from alignkd.errors import AlignKDError, ConfigError, check_at_least_one
-from alignkd.hub import check_model_arg, resolve_model
+from alignkd.distill.eval_config import EvalConfig  # noqa: F401  (the command's settings)
+from alignkd.errors import AlignKDError
+from alignkd.hub import resolve_model
 
 _PUNCT = re.compile(f"[{re.escape(string.punctuation)}]")
 
 
 def normalise_answer(text: str) -> str:
     return " ".join(_PUNCT.sub(" ", text.lower()).split())
-
-
-@dataclass(frozen=True)
-class EvalConfig:
-    model: str
-    data: str
-    images: str | None = None
-    max_length: int = 2048
-    max_new_tokens: int = 16
-    batch_size: int = 64
-    limit: int | None = None
-    progress: bool = True
-    predictions: str | None = None  # JSONL: each scored record's id, greedy answer, reference and hit
-
-    def __post_init__(self) -> None:
-        check_at_least_one(self, ("max_length", "max_new_tokens", "batch_size"))
-        if self.limit is not None and self.limit < 1:
-            raise ConfigError(f"--limit must be at least 1, not {self.limit}.")
-        check_model_arg(self.model, "--model", "model directory")
-        if not Path(self.data).exists():
-            raise ConfigError(f"manifest {self.data} does not exist.")
-        if self.images is not None and not Path(self.images).is_dir():
-            raise ConfigError(f"images directory {self.images} does not exist.")
-        if self.predictions is not None and not Path(self.predictions).parent.is_dir():
-            raise ConfigError(f"--predictions {self.predictions}: its directory does not exist.")
 
 
 @dataclass
