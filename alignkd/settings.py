@@ -31,12 +31,11 @@ from typing import Any, Callable
 
 def setting(default: Any = MISSING, *, help: str = "", choices: tuple | Callable[[], tuple] | None = None,
             type: Any = None, flag: bool = False, negatable: bool = False, comma: bool = False,
-            show_default: bool | str = True, cli: bool = True, param: str | None = None):
+            show_default: bool | str = True, cli: bool = True):
     """A dataclass field with what its command-line option needs. `choices` may be a callable
-    (read when the options are built). `param`: the Python name the command receives, where
-    it differs from the field's."""
+    (read when the options are built)."""
     meta = {"help": help, "choices": choices, "type": type, "flag": flag, "negatable": negatable,
-            "comma": comma, "show_default": show_default, "cli": cli, "param": param}
+            "comma": comma, "show_default": show_default, "cli": cli}
     if isinstance(default, (list, dict, set)):
         raise TypeError("setting(): a mutable default; use a tuple")
     return dataclasses.field(default=default, metadata={"alignkd": meta})
@@ -56,19 +55,12 @@ def choices_of(config_cls) -> dict[str, tuple]:
     return {f.name: _choices(_meta(f)) for f in dataclasses.fields(config_cls) if _choices(_meta(f))}
 
 
-def option_default(config_cls, name: str):
-    """A field's default, as its command-line option shows it."""
-    return config_cls.__dataclass_fields__[name].default
-
-
 def _option(field: dataclasses.Field):
     import click
 
     meta = _meta(field)
     flag = "--" + field.name.replace("_", "-")
     names = [f"{flag}/--no-{field.name.replace('_', '-')}" if meta["negatable"] else flag, field.name]
-    if meta["param"]:
-        names[1] = meta["param"]
     kwargs: dict[str, Any] = {"help": meta["help"] or None}
     if field.default is MISSING:
         kwargs["required"] = True
@@ -88,9 +80,9 @@ def _option(field: dataclasses.Field):
     return click.option(*names, **kwargs)
 
 
-def options_from(config_cls, *, skip: tuple[str, ...] = ()):
+def options_from(config_cls):
     """A decorator adding one click option per command-line field of `config_cls`, in field order."""
-    fields = [f for f in dataclasses.fields(config_cls) if _meta(f)["cli"] and f.name not in skip]
+    fields = [f for f in dataclasses.fields(config_cls) if _meta(f)["cli"]]
 
     def decorate(command):
         for field in reversed(fields):  # click lists options in decoration order
@@ -101,15 +93,14 @@ def options_from(config_cls, *, skip: tuple[str, ...] = ()):
 
 
 def config_from_options(config_cls, opts: dict, **extra):
-    """`config_cls` from a command's keyword arguments: comma lists split into tuples, renamed
-    parameters mapped back to their fields; `extra` fields given by the command's own code."""
+    """`config_cls` from a command's keyword arguments, comma lists split into tuples; `extra`:
+    fields given by the command's own code."""
     values = dict(extra)
     for field in dataclasses.fields(config_cls):
         meta = _meta(field)
-        key = meta.get("param") or field.name
-        if not meta["cli"] or key not in opts:
+        if not meta["cli"] or field.name not in opts:
             continue
-        value = opts[key]
+        value = opts[field.name]
         if meta["comma"] and isinstance(value, str):
             value = tuple(part.strip() for part in value.split(",") if part.strip())
         values[field.name] = value

@@ -137,17 +137,14 @@ def evaluate(cfg: EvalConfig, model=None, processor=None) -> EvalResult:
 
 
 def _write_predictions(path: Path, rows: list[dict]) -> None:
-    """One JSON line per scored record, written whole or not at all (a temporary file renamed)."""
+    """One JSON line per scored record, written whole or not at all."""
     import json
-    import os
 
-    tmp = path.with_name(path.name + ".tmp")
+    from alignkd.distill.outdir import write_text_atomically
+
     try:
-        with open(tmp, "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        os.replace(tmp, path)
+        write_text_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise AlignKDError(f"--predictions {path}: cannot write it ({err.strerror}).") from None
 
 

@@ -163,8 +163,18 @@ def remove_run_files(out: Path) -> None:
             path.unlink()
 
 
+def write_text_atomically(path: Path, text: str) -> None:
+    """`text` at `path`, whole or not at all: written under a temporary name, then renamed; a
+    failed write leaves no temporary file behind."""
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json_atomically(path: Path, doc: dict) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2))
-    os.replace(tmp, path)
+    write_text_atomically(path, json.dumps(doc, indent=2))

@@ -98,7 +98,7 @@ class DistillConfig:
     @property
     def given_weights(self) -> frozenset:
         """The w_NAME options set explicitly, not filled in from the preset."""
-        return self.__dict__.get("_given_weights", frozenset())
+        return self._given_weights
 
     @property
     def resolved_attn_loss(self) -> str:

@@ -207,9 +207,9 @@ def keep_metrics_until(path: Path, step: int) -> None:
             continue
         if record.get("step", 0) <= step and "train_runtime" not in record:
             kept.append(line + "\n")
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(kept))
-    os.replace(tmp, path)
+    from alignkd.distill.outdir import write_text_atomically
+
+    write_text_atomically(path, "".join(kept))
 
 
 def build_callbacks(out: Path) -> list[TrainerCallback]:
